@@ -1,0 +1,126 @@
+//! Node settings: embedded defaults, overridden by a TOML config file, overridden by `SHOAL_*`
+//! environment variables and command-line flags (clap reads both).
+//!
+//! ```toml
+//! # ~/.config/shoal/config.toml
+//! data_dir = "/var/lib/shoal"
+//! listen = "127.0.0.1:5000"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the registry API listens unless told otherwise: the port docker users expect.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+
+/// A node's resolved settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The data directory (blobs, journal, index, uploads).
+    pub data_dir: PathBuf,
+    /// Address of the registry HTTP API.
+    pub listen: SocketAddr,
+}
+
+/// The config file's contents; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`Config::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`Config::listen`].
+    pub listen: Option<SocketAddr>,
+}
+
+/// Why settings could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The config file is not valid.
+    #[error("parsing config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: toml::de::Error,
+    },
+    /// No data directory could be chosen.
+    #[error("no data directory: pass --data-dir or set SHOAL_DATA_DIR")]
+    NoDataDir,
+}
+
+/// The default config file, `$XDG_CONFIG_HOME/shoal/config.toml`.
+pub fn default_config_path() -> Option<PathBuf> {
+    dirs::config_dir().map(|d| d.join("shoal").join("config.toml"))
+}
+
+/// The default data directory, `$XDG_DATA_HOME/shoal`.
+pub fn default_data_dir() -> Option<PathBuf> {
+    dirs::data_dir().map(|d| d.join("shoal"))
+}
+
+/// Reads a config file. A missing file is an error only when it was named explicitly.
+pub fn read_file(path: &Path, explicit: bool) -> Result<FileConfig, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            Ok(FileConfig::default())
+        }
+        Err(source) => Err(ConfigError::Read {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+impl Config {
+    /// Resolves settings: `flags` (command line or environment) over `file` over defaults.
+    pub fn resolve(flags: FileConfig, file: FileConfig) -> Result<Config, ConfigError> {
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .or_else(default_data_dir)
+            .ok_or(ConfigError::NoDataDir)?;
+        let listen = flags.listen.or(file.listen).unwrap_or_else(default_listen);
+        Ok(Config { data_dir, listen })
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence() {
+        let file: FileConfig =
+            toml::from_str("data_dir = \"/f\"\nlisten = \"127.0.0.1:7000\"").unwrap();
+        let flags = FileConfig {
+            data_dir: Some("/c".into()),
+            listen: None,
+        };
+        let c = Config::resolve(flags, file).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/c"));
+        assert_eq!(c.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(
+            DEFAULT_LISTEN.parse::<SocketAddr>().unwrap(),
+            default_listen()
+        );
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! Blob endpoints: `GET`, `HEAD` and `DELETE /v2/<name>/blobs/<digest>`.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use shoal_protocol::{Digest, RepoName};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::error::RegistryError;
+use super::{Registry, Result, empty};
+use crate::store::Event;
+
+/// Read buffer for serving blob files.
+const SERVE_BUFFER_BYTES: usize = 256 * 1024;
+
+/// A single byte range, inclusive, resolved against a blob's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ByteRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Parses a `Range` header against a blob of `size` bytes.
+///
+/// `Ok(None)` means serve the whole blob: no header, a header this server ignores (several
+/// ranges or another unit, which RFC 9110 allows a server to ignore) or a malformed one.
+/// `Err(())` means the range cannot be satisfied (416).
+pub(crate) fn parse_range(value: &str, size: u64) -> std::result::Result<Option<ByteRange>, ()> {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let range = match (a.is_empty(), b.is_empty()) {
+        (true, true) => return Ok(None),
+        // bytes=-N: the last N bytes.
+        (true, false) => {
+            let Ok(n) = b.parse::<u64>() else {
+                return Ok(None);
+            };
+            if n == 0 || size == 0 {
+                return Err(());
+            }
+            ByteRange {
+                start: size.saturating_sub(n),
+                end: size - 1,
+            }
+        }
+        (false, _) => {
+            let Ok(start) = a.parse::<u64>() else {
+                return Ok(None);
+            };
+            let end = if b.is_empty() {
+                u64::MAX
+            } else {
+                match b.parse::<u64>() {
+                    Ok(e) if e >= start => e,
+                    _ => return Ok(None),
+                }
+            };
+            if start >= size {
+                return Err(());
+            }
+            ByteRange {
+                start,
+                end: end.min(size - 1),
+            }
+        }
+    };
+    Ok(Some(range))
+}
+
+/// Whether the repository may serve the blob: it links it, or it is one of its manifests.
+pub(super) async fn visible(r: &Registry, name: &RepoName, digest: &Digest) -> Result<bool> {
+    let (n, d) = (name.clone(), digest.clone());
+    Ok(r.store
+        .read(move |i| Ok(i.is_linked(&n, &d)? || i.manifest(&n, &d)?.is_some()))
+        .await?)
+}
+
+/// GET and HEAD /v2/<name>/blobs/<digest>
+pub(super) async fn get(
+    r: &Registry,
+    name: &RepoName,
+    digest: &Digest,
+    headers: &HeaderMap,
+    with_body: bool,
+) -> Result<Response> {
+    if !visible(r, name, digest).await? {
+        return Err(RegistryError::BlobUnknown);
+    }
+    let Some((mut file, size)) = r.store.open_blob(digest).await? else {
+        return Err(RegistryError::BlobUnknown);
+    };
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(v) => parse_range(v, size).map_err(|()| RegistryError::RangeNotSatisfiable {
+            header: ("content-range", format!("bytes */{size}")),
+        })?,
+    };
+    let d = digest.to_string();
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("docker-content-digest", d.as_str())
+        .header(header::ETAG, format!("\"{d}\""))
+        .header(header::CACHE_CONTROL, "max-age=31536000");
+    let (start, len) = match range {
+        Some(ByteRange { start, end }) => {
+            builder = builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"));
+            (start, end - start + 1)
+        }
+        None => (0, size),
+    };
+    builder = builder.header(header::CONTENT_LENGTH, len);
+    let body = if with_body {
+        if start > 0 {
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(crate::store::StoreError::from)?;
+        }
+        let reader = file.take(len);
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            reader,
+            SERVE_BUFFER_BYTES,
+        ))
+    } else {
+        Body::empty()
+    };
+    builder
+        .body(body)
+        .map_err(|e| RegistryError::Internal(crate::store::StoreError::Task(e.to_string())))
+}
+
+/// DELETE /v2/<name>/blobs/<digest>
+///
+/// Removes the blob from the repository. The file stays while other repositories link it;
+/// garbage collection removes unreferenced files.
+pub(super) async fn delete(r: &Registry, name: &RepoName, digest: &Digest) -> Result<Response> {
+    let (n, d) = (name.clone(), digest.clone());
+    if !r.store.read(move |i| i.is_linked(&n, &d)).await? {
+        return Err(RegistryError::BlobUnknown);
+    }
+    r.store
+        .commit(vec![Event::Unlink {
+            repo: name.clone(),
+            digest: digest.clone(),
+        }])
+        .await?;
+    empty(
+        StatusCode::ACCEPTED,
+        &[("docker-content-digest", digest.to_string())],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ranges() {
+        let r = |s, z| parse_range(s, z);
+        assert_eq!(
+            r("bytes=0-9", 100),
+            Ok(Some(ByteRange { start: 0, end: 9 }))
+        );
+        assert_eq!(
+            r("bytes=10-", 100),
+            Ok(Some(ByteRange { start: 10, end: 99 }))
+        );
+        assert_eq!(
+            r("bytes=-10", 100),
+            Ok(Some(ByteRange { start: 90, end: 99 }))
+        );
+        assert_eq!(
+            r("bytes=-1000", 100),
+            Ok(Some(ByteRange { start: 0, end: 99 }))
+        );
+        assert_eq!(
+            r("bytes=50-1000", 100),
+            Ok(Some(ByteRange { start: 50, end: 99 }))
+        );
+        assert_eq!(r("bytes=100-", 100), Err(()));
+        assert_eq!(r("bytes=-0", 100), Err(()));
+        assert_eq!(r("bytes=0-0", 0), Err(()));
+        assert_eq!(r("bytes=0-1,5-6", 100), Ok(None));
+        assert_eq!(r("items=0-1", 100), Ok(None));
+        assert_eq!(r("bytes=9-1", 100), Ok(None));
+        assert_eq!(r("bytes=x-1", 100), Ok(None));
+    }
+
+    proptest! {
+        #[test]
+        fn any_range_is_within_the_blob(s in "(bytes=)?[0-9-]{0,25}", size in 0u64..10_000) {
+            if let Ok(Some(ByteRange { start, end })) = parse_range(&s, size) {
+                prop_assert!(start <= end && end < size);
+            }
+        }
+
+        #[test]
+        fn any_text_never_panics(s in "\\PC{0,60}", size in any::<u64>()) {
+            let _ = parse_range(&s, size);
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! The sled index: the only code that touches sled.
+//!
+//! The index is a cache of the journal and the upload directories, shaped for the registry's
+//! reads. Trees (keys joined with a NUL byte, which no name, tag or digest contains):
+//!
+//! | tree           | key                               | value                    |
+//! |----------------|-----------------------------------|--------------------------|
+//! | `repos.v1`     | repo                              | empty                    |
+//! | `links.v1`     | repo, digest                      | empty                    |
+//! | `manifests.v1` | repo, digest                      | JSON `ManifestInfo`      |
+//! | `tags.v1`      | repo, tag                         | digest                   |
+//! | `referrers.v1` | repo, subject digest, referrer    | empty                    |
+//! | `uploads.v1`   | upload id                         | JSON `UploadMeta`        |
+//! | `meta.v1`      | `journal_applied`                 | u64 BE offset            |
+//!
+//! Only the journal thread writes the journal-derived trees, one event at a time, and writes the
+//! applied offset after the event's changes; applying an event twice gives the same state, so a
+//! crash between the two is repaired by replaying from the recorded offset.
+
+use std::path::Path;
+
+use shoal_protocol::{Digest, RepoName, Tag};
+
+use super::StoreError;
+use super::journal::Event;
+use super::upload::UploadMeta;
+use crate::manifest::ManifestInfo;
+
+const SEP: u8 = 0;
+const APPLIED_KEY: &[u8] = b"journal_applied";
+/// Names of the trees derived from the journal, in the order `fsck` compares them.
+pub const JOURNAL_TREES: [&str; 5] = [
+    "repos.v1",
+    "links.v1",
+    "manifests.v1",
+    "tags.v1",
+    "referrers.v1",
+];
+
+/// Handle to the index (cheap to clone; sled is internally shared).
+#[derive(Clone)]
+pub struct Index {
+    db: sled::Db,
+    repos: sled::Tree,
+    links: sled::Tree,
+    manifests: sled::Tree,
+    tags: sled::Tree,
+    referrers: sled::Tree,
+    uploads: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn key(parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(SEP);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn prefix(repo: &RepoName) -> Vec<u8> {
+    let mut k = repo.as_str().as_bytes().to_vec();
+    k.push(SEP);
+    k
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, StoreError> {
+    std::str::from_utf8(bytes).map_err(|_| StoreError::Corrupt("index key is not UTF-8".into()))
+}
+
+fn parse<T: std::str::FromStr>(bytes: &[u8]) -> Result<T, StoreError> {
+    utf8(bytes)?
+        .parse()
+        .map_err(|_| StoreError::Corrupt("index holds an invalid name".into()))
+}
+
+impl Index {
+    /// Opens (or creates) the index in `dir`.
+    pub fn open(dir: &Path) -> Result<Index, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        Index::from_db(db)
+    }
+
+    /// A throwaway in-memory index, used by `fsck` to rebuild and compare.
+    pub fn temporary() -> Result<Index, StoreError> {
+        Index::from_db(sled::Config::new().temporary(true).open()?)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Index, StoreError> {
+        Ok(Index {
+            repos: db.open_tree("repos.v1")?,
+            links: db.open_tree("links.v1")?,
+            manifests: db.open_tree("manifests.v1")?,
+            tags: db.open_tree("tags.v1")?,
+            referrers: db.open_tree("referrers.v1")?,
+            uploads: db.open_tree("uploads.v1")?,
+            meta: db.open_tree("meta.v1")?,
+            db,
+        })
+    }
+
+    /// Drops everything derived from the journal, so that it can be replayed from the start.
+    pub fn clear_journal_state(&self) -> Result<(), StoreError> {
+        for tree in [
+            &self.repos,
+            &self.links,
+            &self.manifests,
+            &self.tags,
+            &self.referrers,
+        ] {
+            tree.clear()?;
+        }
+        self.meta.remove(APPLIED_KEY)?;
+        Ok(())
+    }
+
+    /// Writes the index to disk.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Journal offset up to which events are applied.
+    pub fn applied_offset(&self) -> Result<u64, StoreError> {
+        match self.meta.get(APPLIED_KEY)? {
+            None => Ok(0),
+            Some(v) => {
+                let bytes: [u8; 8] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("bad journal offset".into()))?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+        }
+    }
+
+    /// Applies one journal event that ends at journal offset `end`.
+    pub fn apply(&self, event: &Event, end: u64) -> Result<(), StoreError> {
+        match event {
+            Event::Link { repo, digest } => {
+                self.repos.insert(repo.as_str(), &[])?;
+                self.links.insert(
+                    key(&[repo.as_str().as_bytes(), digest.to_string().as_bytes()]),
+                    &[],
+                )?;
+            }
+            Event::Unlink { repo, digest } => {
+                self.links.remove(key(&[
+                    repo.as_str().as_bytes(),
+                    digest.to_string().as_bytes(),
+                ]))?;
+            }
+            Event::Manifest { repo, digest, info } => {
+                self.repos.insert(repo.as_str(), &[])?;
+                let d = digest.to_string();
+                let json =
+                    serde_json::to_vec(info).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                self.manifests
+                    .insert(key(&[repo.as_str().as_bytes(), d.as_bytes()]), json)?;
+                if let Some(subject) = &info.subject {
+                    let s = subject.to_string();
+                    self.referrers.insert(
+                        key(&[repo.as_str().as_bytes(), s.as_bytes(), d.as_bytes()]),
+                        &[],
+                    )?;
+                }
+            }
+            Event::DeleteManifest { repo, digest } => {
+                let d = digest.to_string();
+                let mkey = key(&[repo.as_str().as_bytes(), d.as_bytes()]);
+                if let Some(old) = self.manifests.remove(&mkey)? {
+                    let info: ManifestInfo = serde_json::from_slice(&old)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    if let Some(subject) = info.subject {
+                        let s = subject.to_string();
+                        self.referrers.remove(key(&[
+                            repo.as_str().as_bytes(),
+                            s.as_bytes(),
+                            d.as_bytes(),
+                        ]))?;
+                    }
+                }
+                for entry in self.tags.scan_prefix(prefix(repo)) {
+                    let (k, v) = entry?;
+                    if v.as_ref() == d.as_bytes() {
+                        self.tags.remove(k)?;
+                    }
+                }
+            }
+            Event::Tag { repo, tag, digest } => {
+                self.repos.insert(repo.as_str(), &[])?;
+                self.tags.insert(
+                    key(&[repo.as_str().as_bytes(), tag.as_str().as_bytes()]),
+                    digest.to_string().as_bytes(),
+                )?;
+            }
+            Event::Untag { repo, tag } => {
+                self.tags
+                    .remove(key(&[repo.as_str().as_bytes(), tag.as_str().as_bytes()]))?;
+            }
+        }
+        self.meta.insert(APPLIED_KEY, &end.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Whether the repository exists (anything was ever pushed to it).
+    pub fn repo_exists(&self, repo: &RepoName) -> Result<bool, StoreError> {
+        Ok(self.repos.contains_key(repo.as_str())?)
+    }
+
+    /// Repositories in order, after `last`, at most `n`.
+    pub fn repos(&self, last: Option<&str>, n: usize) -> Result<Vec<RepoName>, StoreError> {
+        let iter = match last {
+            Some(l) => self.repos.range::<&[u8], _>((
+                std::ops::Bound::Excluded(l.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.repos.iter(),
+        };
+        iter.take(n).map(|e| parse(&e?.0)).collect()
+    }
+
+    /// Whether the repository links the blob.
+    pub fn is_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool, StoreError> {
+        let k = key(&[repo.as_str().as_bytes(), digest.to_string().as_bytes()]);
+        Ok(self.links.contains_key(k)?)
+    }
+
+    /// The manifest `digest` in `repo`, if it is there.
+    pub fn manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<ManifestInfo>, StoreError> {
+        let k = key(&[repo.as_str().as_bytes(), digest.to_string().as_bytes()]);
+        match self.manifests.get(k)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(e.to_string())),
+        }
+    }
+
+    /// What the tag names.
+    pub fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>, StoreError> {
+        let k = key(&[repo.as_str().as_bytes(), tag.as_str().as_bytes()]);
+        self.tags.get(k)?.map(|v| parse(&v)).transpose()
+    }
+
+    /// Tags of the repository in order, after `last`, at most `n`.
+    pub fn tags(
+        &self,
+        repo: &RepoName,
+        last: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<Tag>, StoreError> {
+        let p = prefix(repo);
+        let start = match last {
+            Some(l) => {
+                let mut k = p.clone();
+                k.extend_from_slice(l.as_bytes());
+                std::ops::Bound::Excluded(k)
+            }
+            None => std::ops::Bound::Included(p.clone()),
+        };
+        let mut out = Vec::new();
+        for entry in self.tags.range((start, std::ops::Bound::Unbounded)) {
+            let (k, _) = entry?;
+            let Some(tag) = k.strip_prefix(p.as_slice()) else {
+                break;
+            };
+            if out.len() >= n {
+                break;
+            }
+            out.push(parse(tag)?);
+        }
+        Ok(out)
+    }
+
+    /// Manifests in `repo` whose subject is `subject`.
+    pub fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<Vec<(Digest, ManifestInfo)>, StoreError> {
+        let mut p = prefix(repo);
+        p.extend_from_slice(subject.to_string().as_bytes());
+        p.push(SEP);
+        let mut out = Vec::new();
+        for entry in self.referrers.scan_prefix(&p) {
+            let (k, _) = entry?;
+            let digest: Digest = parse(&k[p.len()..])?;
+            if let Some(info) = self.manifest(repo, &digest)? {
+                out.push((digest, info));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records an upload session.
+    pub fn put_upload(&self, id: &str, meta: &UploadMeta) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(meta).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.uploads.insert(id, json)?;
+        Ok(())
+    }
+
+    /// An upload session.
+    pub fn upload(&self, id: &str) -> Result<Option<UploadMeta>, StoreError> {
+        match self.uploads.get(id)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(e.to_string())),
+        }
+    }
+
+    /// Forgets an upload session.
+    pub fn remove_upload(&self, id: &str) -> Result<(), StoreError> {
+        self.uploads.remove(id)?;
+        Ok(())
+    }
+
+    /// Ids of every upload session.
+    pub fn upload_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.uploads
+            .iter()
+            .keys()
+            .map(|k| Ok(utf8(&k?)?.to_owned()))
+            .collect()
+    }
+
+    /// Every (key, value) of a journal-derived tree, for `fsck` to compare two indexes.
+    pub fn dump(&self, tree: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let t = match tree {
+            "repos.v1" => &self.repos,
+            "links.v1" => &self.links,
+            "manifests.v1" => &self.manifests,
+            "tags.v1" => &self.tags,
+            "referrers.v1" => &self.referrers,
+            _ => return Err(StoreError::Corrupt(format!("no tree {tree}"))),
+        };
+        t.iter()
+            .map(|e| e.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into))
+            .collect()
+    }
+
+    /// Every blob any repository links or names as a manifest, with the repository.
+    pub fn referenced_blobs(&self) -> Result<Vec<(RepoName, Digest)>, StoreError> {
+        let mut out = Vec::new();
+        for tree in [&self.links, &self.manifests] {
+            for entry in tree.iter() {
+                let (k, _) = entry?;
+                let mut parts = k.splitn(2, |b| *b == SEP);
+                let (Some(r), Some(d)) = (parts.next(), parts.next()) else {
+                    return Err(StoreError::Corrupt("malformed index key".into()));
+                };
+                out.push((parse(r)?, parse(d)?));
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,398 @@
+//! The store: the only owner of the data directory.
+//!
+//! Layout of a data directory:
+//!
+//! ```text
+//! blobs/<alg>/<2 hex>/<hex>   complete, verified blobs (layers, configs and manifests alike)
+//! tmp/                        blobs being written; anything here at start-up is garbage
+//! uploads/<id>/{repo,data}    resumable upload sessions (the registry's POST/PATCH/PUT)
+//! journal.v1.log              the records log: what each repository links, tags and indexes
+//! index/                      sled: the index, rebuilt from the above by `shoal fsck --repair`
+//! ```
+//!
+//! Guarantees:
+//! - A file under `blobs/` is always complete and its content matches its name: blobs are
+//!   streamed to `tmp/`, hashed while written, fsynced, and renamed into place only when the
+//!   digest matches.
+//! - A change is acknowledged only after its journal record is fsynced; the index is a cache of
+//!   the journal and of `uploads/`, so losing it loses nothing.
+//! - Never a whole blob in memory: writes go through a [`sink::Sink`] with two 1 MiB buffers.
+
+mod fsck;
+pub mod index;
+pub mod journal;
+pub mod sink;
+pub mod upload;
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use shoal_protocol::{Algorithm, Digest, DigestHasher};
+
+pub use fsck::{FsckReport, fsck};
+pub use index::Index;
+pub use journal::{Event, Journal};
+pub use upload::{Upload, UploadMeta};
+
+use sink::Sink;
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Disk I/O failed.
+    #[error("I/O: {0}")]
+    Io(#[from] Arc<std::io::Error>),
+    /// The sled index failed.
+    #[error("index: {0}")]
+    Index(String),
+    /// Something on disk is not what the store wrote.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    /// A blocking task failed.
+    #[error("background task: {0}")]
+    Task(String),
+    /// The store is shutting down.
+    #[error("the store is closed")]
+    Closed,
+    /// The bytes do not hash to the digest they were sent under.
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// What the client said.
+        expected: Digest,
+        /// What the bytes hash to.
+        actual: Digest,
+    },
+    /// No such upload session in this repository.
+    #[error("upload session unknown")]
+    UploadUnknown,
+    /// An upload chunk does not start where the session ends.
+    #[error("chunk starts at {got}, upload is at {offset}")]
+    UploadOffset {
+        /// Bytes the session holds.
+        offset: u64,
+        /// Where the chunk said it starts.
+        got: u64,
+    },
+    /// A chunk's length does not match its declared range.
+    #[error("chunk is {got} bytes, its range says {declared}")]
+    ChunkLength {
+        /// From `Content-Range`.
+        declared: u64,
+        /// Received.
+        got: u64,
+    },
+    /// The other side closed the byte stream early.
+    #[error("client stream failed: {0}")]
+    Stream(String),
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Io(Arc::new(e))
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Index(e.to_string())
+    }
+}
+
+/// Paths inside a data directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// The layout rooted at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Layout {
+        Layout { root: root.into() }
+    }
+
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob `digest` lives.
+    pub fn blob(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().as_str())
+            .join(hex.get(..2).unwrap_or("00"))
+            .join(hex)
+    }
+
+    /// Directory of all blobs.
+    pub fn blobs(&self) -> PathBuf {
+        self.root.join("blobs")
+    }
+
+    /// Scratch directory for blobs being written.
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Directory of upload sessions.
+    pub fn uploads(&self) -> PathBuf {
+        self.root.join("uploads")
+    }
+
+    /// The records log.
+    pub fn journal(&self) -> PathBuf {
+        self.root.join("journal.v1.log")
+    }
+
+    /// The sled index.
+    pub fn index(&self) -> PathBuf {
+        self.root.join("index")
+    }
+}
+
+struct Inner {
+    layout: Layout,
+    index: Index,
+    journal: Journal,
+    uploads: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<Upload>>>>,
+}
+
+/// Handle to a node's store (cheap to clone).
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+/// fsyncs a directory so that a rename or create inside it survives a crash.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Store {
+    /// Opens the data directory at `root`, creating it if needed. Blocking: call it from a
+    /// blocking context. Replays the journal into the index and reconciles upload sessions.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let layout = Layout::new(root);
+        for dir in [layout.blobs(), layout.tmp(), layout.uploads()] {
+            fs::create_dir_all(&dir)?;
+        }
+        // Nothing in tmp/ was ever acknowledged.
+        for entry in fs::read_dir(layout.tmp())? {
+            let path = entry?.path();
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "removing a stale temp file");
+            }
+        }
+        let index = Index::open(&layout.index())?;
+        // The journal thread lives until the last handle to the store is dropped, then flushes
+        // the index and ends.
+        let (journal, _thread) = Journal::open(&layout.journal(), index.clone())?;
+        upload::reconcile(&layout, &index)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                layout,
+                index,
+                journal,
+                uploads: Mutex::new(Default::default()),
+            }),
+        })
+    }
+
+    /// Paths of the data directory.
+    pub fn layout(&self) -> &Layout {
+        &self.inner.layout
+    }
+
+    /// Runs a read of the index on the blocking pool.
+    pub async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Index) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let index = self.inner.index.clone();
+        tokio::task::spawn_blocking(move || f(&index))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Appends events to the journal durably and applies them to the index.
+    ///
+    /// Cancel-safe in the sense that matters: once queued, a batch is written whole or not at all.
+    pub async fn commit(&self, events: Vec<Event>) -> Result<(), StoreError> {
+        self.inner.journal.commit(events).await
+    }
+
+    /// Size of the blob if the store holds it.
+    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        match tokio::fs::metadata(self.inner.layout.blob(digest)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Opens the blob for reading, with its size.
+    pub async fn open_blob(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<(tokio::fs::File, u64)>, StoreError> {
+        match tokio::fs::File::open(self.inner.layout.blob(digest)).await {
+            Ok(f) => {
+                let len = f.metadata().await?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads a whole small blob (a manifest) into memory, at most `limit` bytes.
+    pub async fn read_small_blob(
+        &self,
+        digest: &Digest,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.inner.layout.blob(digest);
+        tokio::task::spawn_blocking(move || {
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, limit + 1), &mut bytes)?;
+            if bytes.len() as u64 > limit {
+                return Err(StoreError::Corrupt(format!(
+                    "blob {} is larger than expected",
+                    path.display()
+                )));
+            }
+            Ok(Some(bytes))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Starts writing a new blob that will be hashed with `algorithm`.
+    pub async fn blob_writer(&self, algorithm: Algorithm) -> Result<BlobWriter, StoreError> {
+        let path = self
+            .inner
+            .layout
+            .tmp()
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        let p = path.clone();
+        let file = tokio::task::spawn_blocking(move || {
+            OpenOptions::new().write(true).create_new(true).open(&p)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+        Ok(BlobWriter {
+            store: self.clone(),
+            sink: Some(Sink::new(file, Some(DigestHasher::new(algorithm)), 0)),
+            tmp: TempFile(Some(path)),
+        })
+    }
+
+    /// Moves a complete, verified, fsynced file into place as the blob `digest`.
+    /// If the blob is already there the file is dropped.
+    pub(crate) async fn install(&self, from: PathBuf, digest: &Digest) -> Result<(), StoreError> {
+        let to = self.inner.layout.blob(digest);
+        tokio::task::spawn_blocking(move || {
+            let dir = to
+                .parent()
+                .ok_or_else(|| StoreError::Corrupt("blob path has no parent".into()))?;
+            if to.exists() {
+                fs::remove_file(&from)?;
+                return Ok(());
+            }
+            let new_dir = !dir.exists();
+            fs::create_dir_all(dir)?;
+            fs::rename(&from, &to)?;
+            sync_dir(dir)?;
+            if new_dir {
+                if let Some(parent) = dir.parent() {
+                    sync_dir(parent)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Flushes the index to disk (the last step of a clean shutdown). Nothing is lost without
+    /// it, since the journal is the truth, but the next start replays less.
+    pub fn flush(&self) {
+        if let Err(e) = self.inner.index.flush() {
+            tracing::error!(error = %e, "flushing the index");
+        }
+    }
+}
+
+/// A temp file that is removed when dropped, unless taken.
+struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    fn take(&mut self) -> Option<PathBuf> {
+        self.0.take()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// A blob being written. Dropping it before [`BlobWriter::finish`] removes the temp file.
+pub struct BlobWriter {
+    store: Store,
+    sink: Option<Sink>,
+    tmp: TempFile,
+}
+
+impl BlobWriter {
+    /// Appends bytes.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        match self.sink.as_mut() {
+            Some(s) => s.write(data).await,
+            None => Err(StoreError::Closed),
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.sink.as_ref().map_or(0, Sink::len)
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks the bytes hash to `expected` and makes them the blob. On a mismatch nothing is
+    /// stored. Returns the blob's size.
+    pub async fn finish(mut self, expected: &Digest) -> Result<u64, StoreError> {
+        let sink = self.sink.take().ok_or(StoreError::Closed)?;
+        let len = sink.len();
+        let (_file, actual) = sink.finish().await?;
+        let actual = actual
+            .ok_or_else(|| StoreError::Task("blob writer lost its hasher".into()))?
+            .finish();
+        if &actual != expected {
+            return Err(StoreError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        let tmp = self.tmp.take().ok_or(StoreError::Closed)?;
+        let result = self.store.install(tmp.clone(), expected).await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result.map(|()| len)
+    }
+}

@@ -1,0 +1,113 @@
+//! Streaming a byte stream into a file while hashing it, off the async threads.
+//!
+//! Bytes are gathered into a buffer of [`SINK_BUFFER_BYTES`]; a full buffer is written and hashed
+//! on the blocking pool while the next one fills (double buffering), so receiving, writing and
+//! hashing overlap and a transfer holds at most two buffers however large the blob.
+
+use std::fs::File;
+use std::io::Write;
+
+use shoal_protocol::DigestHasher;
+use tokio::task::JoinHandle;
+
+use super::StoreError;
+
+/// Size of each of the two buffers a sink holds.
+pub const SINK_BUFFER_BYTES: usize = 1 << 20;
+
+type Parts = (File, Option<DigestHasher>, Vec<u8>);
+
+/// A file being appended to, with the hash of everything written through the sink.
+pub struct Sink {
+    /// The file and hasher, when no write is in flight.
+    idle: Option<(File, Option<DigestHasher>)>,
+    in_flight: Option<JoinHandle<std::io::Result<Parts>>>,
+    buf: Vec<u8>,
+    spare: Vec<u8>,
+    written: u64,
+}
+
+impl Sink {
+    /// A sink appending to `file`, which already holds `written` bytes. With `hasher`, every
+    /// byte passing through is hashed (the hasher must already cover the first `written`).
+    pub fn new(file: File, hasher: Option<DigestHasher>, written: u64) -> Sink {
+        Sink {
+            idle: Some((file, hasher)),
+            in_flight: None,
+            buf: Vec::with_capacity(SINK_BUFFER_BYTES),
+            spare: Vec::new(),
+            written,
+        }
+    }
+
+    /// Bytes in the file once everything buffered is written.
+    pub fn len(&self) -> u64 {
+        self.written
+    }
+
+    /// Whether nothing was written at all.
+    pub fn is_empty(&self) -> bool {
+        self.written == 0
+    }
+
+    /// Appends `data`.
+    pub async fn write(&mut self, mut data: &[u8]) -> Result<(), StoreError> {
+        while !data.is_empty() {
+            let room = SINK_BUFFER_BYTES - self.buf.len();
+            let take = room.min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            self.written += take as u64;
+            data = &data[take..];
+            if self.buf.len() >= SINK_BUFFER_BYTES {
+                self.start_write().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> Result<(), StoreError> {
+        if let Some(job) = self.in_flight.take() {
+            let (file, hasher, mut buf) =
+                job.await.map_err(|e| StoreError::Task(e.to_string()))??;
+            buf.clear();
+            self.spare = buf;
+            self.idle = Some((file, hasher));
+        }
+        Ok(())
+    }
+
+    async fn start_write(&mut self) -> Result<(), StoreError> {
+        self.wait().await?;
+        let Some((mut file, mut hasher)) = self.idle.take() else {
+            return Err(StoreError::Task("sink used after a failed write".into()));
+        };
+        let mut next = std::mem::take(&mut self.spare);
+        if next.capacity() == 0 {
+            next.reserve(SINK_BUFFER_BYTES);
+        }
+        let buf = std::mem::replace(&mut self.buf, next);
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            file.write_all(&buf)?;
+            if let Some(h) = hasher.as_mut() {
+                h.update(&buf);
+            }
+            Ok((file, hasher, buf))
+        }));
+        Ok(())
+    }
+
+    /// Writes what is buffered, fsyncs, and returns the file and the hasher (if hashing).
+    pub async fn finish(mut self) -> Result<(File, Option<DigestHasher>), StoreError> {
+        if !self.buf.is_empty() {
+            self.start_write().await?;
+        }
+        self.wait().await?;
+        let Some((file, hasher)) = self.idle.take() else {
+            return Err(StoreError::Task("sink used after a failed write".into()));
+        };
+        let file = tokio::task::spawn_blocking(move || file.sync_data().map(|()| file))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        Ok((file, hasher))
+    }
+}

@@ -1,0 +1,355 @@
+//! Resumable upload sessions (the registry's `POST`, `PATCH` and `PUT` on `blobs/uploads/`).
+//!
+//! A session is a directory `uploads/<id>/` holding `repo` (the repository it belongs to) and
+//! `data` (the bytes received so far). Every acknowledged chunk is fsynced before the `202`, so a
+//! session survives a restart; the index's `uploads.v1` tree is rebuilt from the directories at
+//! start-up. The running SHA-256 is kept in memory only; after a restart, an interrupted chunk or
+//! a digest of another algorithm, the file is hashed once more when the upload finishes.
+//!
+//! A chunk that fails or is cancelled part-way leaves the session at its previous offset: the
+//! file is truncated back to the last acknowledged length before the next chunk is appended.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use shoal_protocol::{Algorithm, Digest, DigestHasher, RepoName};
+
+use super::sink::Sink;
+use super::{Event, Index, Layout, Store, StoreError, sync_dir};
+
+/// What the index keeps about an upload session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadMeta {
+    /// The repository the session belongs to.
+    pub repo: RepoName,
+    /// When it was started, seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+/// One upload session, locked while a chunk is being received.
+#[derive(Debug)]
+pub struct Upload {
+    id: String,
+    repo: RepoName,
+    dir: PathBuf,
+    offset: u64,
+    /// SHA-256 of the first `offset` bytes, while it is known.
+    hasher: Option<DigestHasher>,
+    /// Set once the upload finished or was cancelled; later holders see an unknown upload.
+    closed: bool,
+}
+
+impl Upload {
+    /// The session id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Bytes received and acknowledged.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Appends a chunk. `start`, from `Content-Range`, must equal the current offset; `len`, if
+    /// declared, must equal the bytes received. Returns the new offset once the chunk is on disk.
+    pub async fn append<S, E>(
+        &mut self,
+        body: S,
+        start: Option<u64>,
+        len: Option<u64>,
+    ) -> Result<u64, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        if self.closed {
+            return Err(StoreError::UploadUnknown);
+        }
+        if let Some(got) = start {
+            if got != self.offset {
+                return Err(StoreError::UploadOffset {
+                    offset: self.offset,
+                    got,
+                });
+            }
+        }
+        let path = self.data();
+        let offset = self.offset;
+        let file = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
+            let file = OpenOptions::new().append(true).open(&path)?;
+            // Drop bytes of a chunk that never completed.
+            if file.metadata()?.len() != offset {
+                file.set_len(offset)?;
+            }
+            Ok(file)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+        // Until this chunk is complete the in-memory hash is not trusted (cancellation).
+        let mut sink = Sink::new(file, self.hasher.take(), offset);
+        let mut body = body;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| StoreError::Stream(e.to_string()))?;
+            sink.write(&chunk).await?;
+        }
+        let got = sink.len() - offset;
+        if let Some(declared) = len {
+            if declared != got {
+                return Err(StoreError::ChunkLength { declared, got });
+            }
+        }
+        let new_offset = sink.len();
+        let (_file, hasher) = sink.finish().await?;
+        self.offset = new_offset;
+        self.hasher = hasher;
+        Ok(new_offset)
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether `id` is a session id the store could have made (and so is safe as a path).
+fn valid_id(id: &str) -> bool {
+    uuid::Uuid::try_parse(id).is_ok_and(|u| u.hyphenated().to_string() == id)
+}
+
+/// Brings the index's `uploads.v1` in line with the `uploads/` directories. Blocking.
+pub(super) fn reconcile(layout: &Layout, index: &Index) -> Result<(), StoreError> {
+    let mut on_disk = std::collections::HashSet::new();
+    for entry in fs::read_dir(layout.uploads())? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let dir = entry.path();
+        let repo = fs::read_to_string(dir.join("repo"))
+            .ok()
+            .and_then(|r| r.trim().parse::<RepoName>().ok());
+        match repo {
+            Some(repo) if valid_id(&name) && dir.join("data").is_file() => {
+                if index.upload(&name)?.is_none() {
+                    let created_unix = entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or_else(now_unix, |d| d.as_secs());
+                    index.put_upload(&name, &UploadMeta { repo, created_unix })?;
+                }
+                on_disk.insert(name);
+            }
+            _ => {
+                // A session that finished (its data was moved into blobs/) or was never set up.
+                tracing::debug!(dir = %dir.display(), "removing an incomplete upload directory");
+                let _ = fs::remove_dir_all(&dir);
+            }
+        }
+    }
+    for id in index.upload_ids()? {
+        if !on_disk.contains(&id) {
+            index.remove_upload(&id)?;
+        }
+    }
+    Ok(())
+}
+
+fn hash_file(path: &Path, algorithm: Algorithm) -> Result<Digest, StoreError> {
+    let mut file = File::open(path)?;
+    let mut hasher = DigestHasher::new(algorithm);
+    let mut buf = vec![0u8; super::sink::SINK_BUFFER_BYTES];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hasher.finish());
+        }
+        hasher.update(buf.get(..n).unwrap_or_default());
+    }
+}
+
+impl Store {
+    /// Starts an upload session in `repo` and returns its id.
+    pub async fn create_upload(&self, repo: &RepoName) -> Result<String, StoreError> {
+        let id = uuid::Uuid::new_v4().hyphenated().to_string();
+        let dir = self.layout().uploads().join(&id);
+        let meta = UploadMeta {
+            repo: repo.clone(),
+            created_unix: now_unix(),
+        };
+        let index = self.inner.index.clone();
+        let uploads = self.layout().uploads();
+        let id2 = id.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            fs::create_dir(&dir)?;
+            File::create(dir.join("data"))?;
+            let mut f = File::create(dir.join("repo"))?;
+            std::io::Write::write_all(&mut f, meta.repo.as_str().as_bytes())?;
+            f.sync_all()?;
+            sync_dir(&dir)?;
+            sync_dir(&uploads)?;
+            index.put_upload(&id2, &meta)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+        let upload = Upload {
+            id: id.clone(),
+            repo: repo.clone(),
+            dir: self.layout().uploads().join(&id),
+            offset: 0,
+            hasher: Some(DigestHasher::new(Algorithm::Sha256)),
+            closed: false,
+        };
+        self.sessions()
+            .insert(id.clone(), Arc::new(tokio::sync::Mutex::new(upload)));
+        Ok(id)
+    }
+
+    fn sessions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Arc<tokio::sync::Mutex<Upload>>>>
+    {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts
+        // and removes), so a poisoned lock is still usable.
+        self.inner
+            .uploads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The session `id` of `repo`, loaded from disk after a restart.
+    pub async fn upload(
+        &self,
+        repo: &RepoName,
+        id: &str,
+    ) -> Result<Arc<tokio::sync::Mutex<Upload>>, StoreError> {
+        if !valid_id(id) {
+            return Err(StoreError::UploadUnknown);
+        }
+        let cached = self.sessions().get(id).cloned();
+        if let Some(u) = cached {
+            if &u.lock().await.repo != repo {
+                return Err(StoreError::UploadUnknown);
+            }
+            return Ok(u);
+        }
+        let id2 = id.to_owned();
+        let meta = self
+            .read(move |i| i.upload(&id2))
+            .await?
+            .ok_or(StoreError::UploadUnknown)?;
+        if &meta.repo != repo {
+            return Err(StoreError::UploadUnknown);
+        }
+        let dir = self.layout().uploads().join(id);
+        let offset = match tokio::fs::metadata(dir.join("data")).await {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::UploadUnknown);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let upload = Upload {
+            id: id.to_owned(),
+            repo: repo.clone(),
+            dir,
+            offset,
+            hasher: None,
+            closed: false,
+        };
+        let mut sessions = self.sessions();
+        let entry = sessions.entry(id.to_owned());
+        Ok(entry
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(upload)))
+            .clone())
+    }
+
+    /// Finishes an upload: appends `last` (the PUT body), checks the digest, makes the blob and
+    /// links it into the repository. On a digest mismatch nothing is stored and the session
+    /// stays as it was before `last`.
+    pub async fn finish_upload<S, E>(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        last: S,
+    ) -> Result<u64, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let session = self.upload(repo, id).await?;
+        let mut upload = session.lock().await;
+        let before = upload.offset;
+        upload.append(last, None, None).await?;
+        let data = upload.data();
+        let actual = match upload.hasher.clone() {
+            Some(h) if digest.algorithm() == Algorithm::Sha256 => h.finish(),
+            _ => {
+                let (p, alg) = (data.clone(), digest.algorithm());
+                tokio::task::spawn_blocking(move || hash_file(&p, alg))
+                    .await
+                    .map_err(|e| StoreError::Task(e.to_string()))??
+            }
+        };
+        if &actual != digest {
+            // Roll the session back to before this request's bytes.
+            upload.offset = before;
+            upload.hasher = None;
+            return Err(StoreError::DigestMismatch {
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        let size = upload.offset;
+        self.install(data, digest).await?;
+        self.commit(vec![Event::Link {
+            repo: repo.clone(),
+            digest: digest.clone(),
+        }])
+        .await?;
+        upload.closed = true;
+        self.drop_session(&upload).await;
+        Ok(size)
+    }
+
+    /// Cancels an upload and removes its bytes.
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<(), StoreError> {
+        let session = self.upload(repo, id).await?;
+        let mut upload = session.lock().await;
+        if upload.closed {
+            return Err(StoreError::UploadUnknown);
+        }
+        upload.closed = true;
+        self.drop_session(&upload).await;
+        Ok(())
+    }
+
+    async fn drop_session(&self, upload: &Upload) {
+        self.sessions().remove(&upload.id);
+        let (dir, id, index) = (
+            upload.dir.clone(),
+            upload.id.clone(),
+            self.inner.index.clone(),
+        );
+        let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            index.remove_upload(&id)?;
+            fs::remove_dir_all(&dir)?;
+            Ok(())
+        })
+        .await;
+        if !matches!(result, Ok(Ok(()))) {
+            // Start-up reconciliation removes what is left.
+            tracing::warn!(upload = %upload.id, "could not remove a finished upload session");
+        }
+    }
+}
