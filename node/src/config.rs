@@ -5,12 +5,20 @@
 //! # ~/.config/shoal/config.toml
 //! data_dir = "/var/lib/shoal"
 //! listen = "127.0.0.1:5000"
+//! p2p_listen = ["/ip4/0.0.0.0/udp/4001/quic-v1", "/ip4/0.0.0.0/tcp/4001"]
+//! peers = ["/ip4/198.18.1.2/udp/4001/quic-v1"]
+//! mdns = true
+//! trust = ["ed25519:3b6a27bc…=team/*"]
 //! ```
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use libp2p::Multiaddr;
 use serde::Deserialize;
+
+use crate::net::NetConfig;
+use crate::trust::TrustRule;
 
 /// Where the registry API listens unless told otherwise: the port docker users expect.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
@@ -22,6 +30,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Address of the registry HTTP API.
     pub listen: SocketAddr,
+    /// Peer-to-peer settings.
+    pub net: NetConfig,
+    /// Publishers trusted for repositories, besides this node.
+    pub trust: Vec<TrustRule>,
 }
 
 /// The config file's contents; every key is optional.
@@ -32,6 +44,14 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// See [`Config::listen`].
     pub listen: Option<SocketAddr>,
+    /// Peer-to-peer listen addresses.
+    pub p2p_listen: Option<Vec<Multiaddr>>,
+    /// Bootstrap peers.
+    pub peers: Option<Vec<Multiaddr>>,
+    /// Whether mDNS finds LAN peers.
+    pub mdns: Option<bool>,
+    /// Trust rules, `KEY=PATTERN`.
+    pub trust: Option<Vec<TrustRule>>,
 }
 
 /// Why settings could not be resolved.
@@ -94,7 +114,24 @@ impl Config {
             .or_else(default_data_dir)
             .ok_or(ConfigError::NoDataDir)?;
         let listen = flags.listen.or(file.listen).unwrap_or_else(default_listen);
-        Ok(Config { data_dir, listen })
+        let defaults = NetConfig::default();
+        let net = NetConfig {
+            listen: flags
+                .p2p_listen
+                .or(file.p2p_listen)
+                .unwrap_or(defaults.listen),
+            bootstrap: flags.peers.or(file.peers).unwrap_or_default(),
+            mdns: flags.mdns.or(file.mdns).unwrap_or(defaults.mdns),
+        };
+        // Trust rules add up: the config file's and the command line's.
+        let mut trust = file.trust.unwrap_or_default();
+        trust.extend(flags.trust.unwrap_or_default());
+        Ok(Config {
+            data_dir,
+            listen,
+            net,
+            trust,
+        })
     }
 }
 
@@ -117,6 +154,8 @@ mod tests {
         let c = Config::resolve(flags, file).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/c"));
         assert_eq!(c.listen, "127.0.0.1:7000".parse().unwrap());
+        assert!(!c.net.mdns);
+        assert_eq!(c.net.listen, NetConfig::default().listen);
         assert_eq!(
             DEFAULT_LISTEN.parse::<SocketAddr>().unwrap(),
             default_listen()

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use shoal_node::config::{self, Config, FileConfig};
+use shoal_node::identity::Identity;
+use shoal_node::trust::{self, TrustRule};
 use shoal_node::{Node, store};
 
 /// Shoal: a peer-to-peer container image store with a standard registry API.
@@ -35,6 +37,39 @@ enum Command {
         /// Address of the registry API [default: 127.0.0.1:5000]
         #[arg(long, env = "SHOAL_LISTEN")]
         listen: Option<std::net::SocketAddr>,
+        /// Peer-to-peer listen address (repeatable)
+        /// [default: /ip4/0.0.0.0/udp/4001/quic-v1 and /ip4/0.0.0.0/tcp/4001]
+        #[arg(long = "p2p-listen", env = "SHOAL_P2P_LISTEN", value_delimiter = ',')]
+        p2p_listen: Vec<libp2p::Multiaddr>,
+        /// Bootstrap peer address (repeatable)
+        #[arg(long = "peer", env = "SHOAL_PEERS", value_delimiter = ',')]
+        peers: Vec<libp2p::Multiaddr>,
+        /// Do not look for peers on the LAN with mDNS
+        #[arg(long, env = "SHOAL_NO_MDNS")]
+        no_mdns: bool,
+        /// Trust a publisher key for repositories: KEY=PATTERN, e.g. ed25519:ab..=team/* (repeatable)
+        #[arg(long, env = "SHOAL_TRUST", value_delimiter = ',')]
+        trust: Vec<TrustRule>,
+    },
+    /// Show this node's keys.
+    Keys {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Manage which publishers are trusted for which repositories (takes effect at next start).
+    Trust {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: TrustCommand,
+    },
+    /// List the peers a running node is connected to.
+    Peers {
+        /// Registry address of the running node
+        #[arg(long, env = "SHOAL_LISTEN", default_value = config::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
     },
     /// Check the data directory: hash every blob, compare the index with the records log.
     Fsck {
@@ -46,7 +81,33 @@ enum Command {
     },
 }
 
-fn resolve(common: Common, listen: Option<std::net::SocketAddr>) -> anyhow::Result<Config> {
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print the peer id and the publisher key (created on first use).
+    Show,
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Trust KEY for repositories matching PATTERN ('*', 'team/*' or a name).
+    Add {
+        /// Publisher key, as `shoal keys show` prints it
+        key: String,
+        /// Repository pattern
+        pattern: String,
+    },
+    /// List trust rules.
+    List,
+    /// Remove every rule for KEY (or only the one for PATTERN).
+    Rm {
+        /// Publisher key
+        key: String,
+        /// Repository pattern
+        pattern: Option<String>,
+    },
+}
+
+fn resolve(common: Common, flags: FileConfig) -> anyhow::Result<Config> {
     let (path, explicit) = match common.config {
         Some(p) => (Some(p), true),
         None => (config::default_config_path(), false),
@@ -58,7 +119,7 @@ fn resolve(common: Common, listen: Option<std::net::SocketAddr>) -> anyhow::Resu
     Ok(Config::resolve(
         FileConfig {
             data_dir: common.data_dir,
-            listen,
+            ..flags
         },
         file,
     )?)
@@ -83,14 +144,29 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Node { common, listen } => {
-            let config = resolve(common, listen)?;
+        Command::Node {
+            common,
+            listen,
+            p2p_listen,
+            peers,
+            no_mdns,
+            trust,
+        } => {
+            let flags = FileConfig {
+                data_dir: None,
+                listen,
+                p2p_listen: (!p2p_listen.is_empty()).then_some(p2p_listen),
+                peers: (!peers.is_empty()).then_some(peers),
+                mdns: no_mdns.then_some(false),
+                trust: Some(trust),
+            };
+            let config = resolve(common, flags)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(run_node(config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Fsck { common, repair } => {
-            let config = resolve(common, None)?;
+            let config = resolve(common, FileConfig::default())?;
             let report = store::fsck(&config.data_dir, repair)?;
             println!(
                 "checked {} blobs ({} bytes) and {} records in {}",
@@ -112,11 +188,113 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
+        Command::Keys {
+            common,
+            command: KeysCommand::Show,
+        } => {
+            let config = resolve(common, FileConfig::default())?;
+            let id = Identity::load_or_create(&config.data_dir)?;
+            println!("peer id:       {}", id.peer_id());
+            println!("publisher key: {}", id.publisher());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Trust { common, command } => {
+            let config = resolve(common, FileConfig::default())?;
+            let mut rules = trust::read_file(&config.data_dir)?;
+            match command {
+                TrustCommand::Add { key, pattern } => {
+                    let rule: TrustRule = format!("{key}={pattern}").parse()?;
+                    if !rules.contains(&rule) {
+                        rules.push(rule.clone());
+                    }
+                    trust::write_file(&config.data_dir, &rules)?;
+                    println!("trusted {rule}");
+                }
+                TrustCommand::List => {
+                    for rule in &rules {
+                        println!("{rule}");
+                    }
+                }
+                TrustCommand::Rm { key, pattern } => {
+                    let before = rules.len();
+                    rules.retain(|r| {
+                        !(r.key.to_string() == key
+                            && pattern.as_ref().is_none_or(|p| *p == r.pattern))
+                    });
+                    trust::write_file(&config.data_dir, &rules)?;
+                    println!("removed {} rule(s)", before - rules.len());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Peers { listen } => {
+            let body = http_get(listen, "/_shoal/v1/peers")?;
+            let v: serde_json::Value =
+                serde_json::from_str(&body).context("the node's answer is not JSON")?;
+            let peers = v["peers"].as_array().cloned().unwrap_or_default();
+            if peers.is_empty() {
+                println!("no peers connected");
+            }
+            for p in peers {
+                let addrs: Vec<String> = p["addresses"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "{} {}",
+                    p["peer_id"].as_str().unwrap_or("?"),
+                    addrs.join(" ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// A minimal HTTP/1.1 GET to the node's own admin API on loopback.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("connecting to the node at {addr}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "the node answered: {}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(body.to_owned())
 }
 
 async fn run_node(config: Config) -> anyhow::Result<()> {
     let node = Node::start(config).await?;
+    let mut addrs = Vec::new();
+    for _ in 0..50 {
+        addrs = node.network().listen_addrs().await.unwrap_or_default();
+        if !addrs.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    println!(
+        "shoal p2p: peer id {} listening on {}",
+        node.network().peer_id(),
+        addrs.join(" ")
+    );
+    println!("shoal publisher key: {}", node.identity().publisher());
     println!(
         "shoal ready: registry listening on http://{}",
         node.registry_addr()

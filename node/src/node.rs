@@ -11,8 +11,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::registry::Registry;
+use crate::fetch::Fetcher;
+use crate::identity::{Identity, IdentityError};
+use crate::net::{NetError, Network};
+use crate::registry::{Fleet, Registry};
 use crate::store::{Store, StoreError};
+use crate::tags::Tags;
+use crate::trust::{self, Trust};
 
 /// How long in-flight requests may run after shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -28,6 +33,15 @@ pub enum NodeError {
         /// The cause.
         source: StoreError,
     },
+    /// The node key could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The trust file could not be read.
+    #[error(transparent)]
+    Trust(#[from] trust::TrustError),
+    /// The network could not start.
+    #[error("starting the network: {0}")]
+    Net(#[from] NetError),
     /// The registry address could not be bound.
     #[error("listening on {addr}: {source}")]
     Listen {
@@ -41,6 +55,9 @@ pub enum NodeError {
 /// A running node.
 pub struct Node {
     store: Store,
+    identity: Identity,
+    network: Network,
+    tags: Tags,
     registry_addr: SocketAddr,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -58,6 +75,32 @@ impl Node {
                 dir: config.data_dir.clone(),
                 source,
             })?;
+        let dir = config.data_dir.clone();
+        let identity = tokio::task::spawn_blocking(move || Identity::load_or_create(&dir))
+            .await
+            .map_err(|e| NodeError::Store {
+                dir: config.data_dir.clone(),
+                source: StoreError::Task(e.to_string()),
+            })??;
+        let mut rules = trust::read_file(&config.data_dir)?;
+        rules.extend(config.trust.iter().cloned());
+        let tags = Tags::new(
+            store.clone(),
+            identity.signing_key(),
+            Trust::new(identity.publisher(), rules),
+        );
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let network = Network::start(
+            identity.keypair(),
+            config.net.clone(),
+            store.clone(),
+            tags.clone(),
+            cancel.child_token(),
+            &tasks,
+        )
+        .await?;
+        announce_all(&store, &network).await;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| NodeError::Listen {
@@ -68,9 +111,11 @@ impl Node {
             addr: config.listen,
             source,
         })?;
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let router = Registry::new(store.clone()).router();
+        let fleet = Fleet {
+            network: network.clone(),
+            fetcher: Fetcher::new(store.clone(), network.clone()),
+        };
+        let router = Registry::with_fleet(store.clone(), tags.clone(), Some(fleet)).router();
         let stop = cancel.clone();
         tasks.spawn(async move {
             let serve =
@@ -83,6 +128,9 @@ impl Node {
         tracing::info!(addr = %registry_addr, data_dir = %config.data_dir.display(), "registry listening");
         Ok(Node {
             store,
+            identity,
+            network,
+            tags,
             registry_addr,
             cancel,
             tasks,
@@ -92,6 +140,21 @@ impl Node {
     /// Where the registry API listens.
     pub fn registry_addr(&self) -> SocketAddr {
         self.registry_addr
+    }
+
+    /// The node's network handle.
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// The node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The node's tag state.
+    pub fn tags(&self) -> &Tags {
+        &self.tags
     }
 
     /// The node's store.
@@ -111,5 +174,22 @@ impl Node {
         }
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+    }
+}
+
+/// Announces every blob the node holds on the DHT, so peers find it after a restart.
+async fn announce_all(store: &Store, network: &Network) {
+    let blobs = match store.read(|i| i.referenced_blobs()).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing blobs to announce");
+            return;
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (_, digest) in blobs {
+        if seen.insert(digest.clone()) {
+            let _ = network.provide(digest).await;
+        }
     }
 }

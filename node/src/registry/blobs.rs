@@ -83,6 +83,21 @@ pub(super) async fn visible(r: &Registry, name: &RepoName, digest: &Digest) -> R
         .await?)
 }
 
+/// Fetches a blob that a trusted record of the repository names but this node lacks.
+async fn fetch_from_fleet(r: &Registry, name: &RepoName, digest: &Digest) -> Result<()> {
+    let Some(fleet) = &r.fleet else {
+        return Err(RegistryError::BlobUnknown);
+    };
+    let (n, d) = (name.clone(), digest.clone());
+    let Some(blob) = r.store.read(move |i| i.record_blob(&n, &d)).await? else {
+        return Err(RegistryError::BlobUnknown);
+    };
+    fleet.fetcher.blob(name, &blob).await.map_err(|e| {
+        tracing::warn!(error = %e, %digest, "blob named by a record could not be fetched");
+        RegistryError::BlobUnknown
+    })
+}
+
 /// GET and HEAD /v2/<name>/blobs/<digest>
 pub(super) async fn get(
     r: &Registry,
@@ -92,7 +107,7 @@ pub(super) async fn get(
     with_body: bool,
 ) -> Result<Response> {
     if !visible(r, name, digest).await? {
-        return Err(RegistryError::BlobUnknown);
+        fetch_from_fleet(r, name, digest).await?;
     }
     let Some((mut file, size)) = r.store.open_blob(digest).await? else {
         return Err(RegistryError::BlobUnknown);

@@ -12,25 +12,64 @@ use crate::manifest::{self, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, ManifestIn
 use crate::store::{Event, StoreError};
 
 /// The manifest digest a reference names in the repository, with what the index knows of it.
+/// A manifest that a trusted record names but this node lacks is fetched from the fleet.
 async fn resolve(
     r: &Registry,
     name: &RepoName,
     reference: &Reference,
 ) -> Result<(Digest, ManifestInfo)> {
-    let (n, reference) = (name.clone(), reference.clone());
-    r.store
+    let (n, rf) = (name.clone(), reference.clone());
+    let (digest, info, fleet_size) = r
+        .store
         .read(move |i| {
-            let digest = match reference {
-                Reference::Digest(d) => d,
-                Reference::Tag(t) => match i.tag(&n, &t)? {
-                    Some(d) => d,
+            let (digest, size) = match rf {
+                Reference::Digest(d) => {
+                    let size = i.record_blob(&n, &d)?.map(|b| b.size);
+                    (d, size)
+                }
+                Reference::Tag(t) => match i.record(&n, &t)? {
+                    Some(rec) => match &rec.record().target {
+                        Some(target) => (target.manifest.clone(), Some(target.size)),
+                        None => return Ok(None),
+                    },
                     None => return Ok(None),
                 },
             };
-            Ok(i.manifest(&n, &digest)?.map(|info| (digest, info)))
+            let info = i.manifest(&n, &digest)?;
+            Ok(Some((digest, info, size)))
         })
         .await?
-        .ok_or(RegistryError::ManifestUnknown)
+        .ok_or(RegistryError::ManifestUnknown)?;
+    if let Some(info) = info {
+        return Ok((digest, info));
+    }
+    let (Some(fleet), Some(size)) = (&r.fleet, fleet_size) else {
+        return Err(RegistryError::ManifestUnknown);
+    };
+    fleet
+        .fetcher
+        .manifest(name, &digest, size)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, %digest, "manifest named by a record could not be fetched");
+            RegistryError::ManifestUnknown
+        })?;
+    let (n, d) = (name.clone(), digest.clone());
+    let info = r
+        .store
+        .read(move |i| i.manifest(&n, &d))
+        .await?
+        .ok_or(RegistryError::ManifestUnknown)?;
+    Ok((digest, info))
+}
+
+/// Gossips a record (no-op without a fleet).
+async fn gossip(r: &Registry, record: &shoal_protocol::VerifiedTagRecord) {
+    if let Some(f) = &r.fleet {
+        if let Err(e) = f.network.publish(record.signed()).await {
+            tracing::warn!(error = %e, "could not gossip a tag record");
+        }
+    }
 }
 
 /// Whether a client that sent `headers` accepts `media_type`.
@@ -130,19 +169,27 @@ pub(super) async fn put(
     writer.write(&bytes).await?;
     writer.finish(&digest).await?;
     let subject = info.subject.clone();
-    let mut events = vec![Event::Manifest {
-        repo: name.clone(),
-        digest: digest.clone(),
-        info,
-    }];
-    if let Reference::Tag(tag) = reference {
-        events.push(Event::Tag {
-            repo: name.clone(),
-            tag: tag.clone(),
-            digest: digest.clone(),
-        });
+    match reference {
+        Reference::Tag(tag) => {
+            let target = r.tags.target_for(name, &digest, &info).await?;
+            let event = Event::Manifest {
+                repo: name.clone(),
+                digest: digest.clone(),
+                info,
+            };
+            let record = r.tags.publish(name, tag, Some(target), vec![event]).await?;
+            gossip(r, &record).await;
+        }
+        Reference::Digest(_) => {
+            let event = Event::Manifest {
+                repo: name.clone(),
+                digest: digest.clone(),
+                info,
+            };
+            r.store.commit(vec![event]).await?;
+        }
     }
-    r.store.commit(events).await?;
+    r.announce(&digest).await;
 
     let mut headers = vec![
         ("location", format!("/v2/{name}/manifests/{digest}")),
@@ -156,29 +203,34 @@ pub(super) async fn put(
 
 /// Refuses a manifest that names blobs (or, for an index, manifests) the repository lacks.
 async fn check_references(r: &Registry, name: &RepoName, info: &ManifestInfo) -> Result<()> {
-    let (n, blobs, children) = (name.clone(), info.blobs.clone(), info.manifests.clone());
-    let missing = r
-        .store
-        .read(move |i| {
-            for b in &blobs {
-                if !i.is_linked(&n, b)? && i.manifest(&n, b)?.is_none() {
-                    return Ok(Some(b.clone()));
-                }
-            }
-            for m in &children {
-                if i.manifest(&n, m)?.is_none() {
-                    return Ok(Some(m.clone()));
-                }
-            }
-            Ok(None)
-        })
-        .await?;
-    if let Some(m) = missing {
-        return Err(RegistryError::ManifestBlobUnknown(m.to_string()));
-    }
     for b in &info.blobs {
-        if r.store.blob_size(b).await?.is_none() {
-            return Err(RegistryError::ManifestBlobUnknown(b.to_string()));
+        let (n, d) = (name.clone(), b.clone());
+        let (present, known) = r
+            .store
+            .read(move |i| {
+                Ok((
+                    i.is_linked(&n, &d)? || i.manifest(&n, &d)?.is_some(),
+                    i.record_blob(&n, &d)?,
+                ))
+            })
+            .await?;
+        if present && r.store.blob_size(b).await?.is_some() {
+            continue;
+        }
+        // The client may have skipped a blob the fleet has (HEAD said it exists): fetch it.
+        match (&r.fleet, known) {
+            (Some(f), Some(blob)) => f
+                .fetcher
+                .blob(name, &blob)
+                .await
+                .map_err(|_| RegistryError::ManifestBlobUnknown(b.to_string()))?,
+            _ => return Err(RegistryError::ManifestBlobUnknown(b.to_string())),
+        }
+    }
+    for m in &info.manifests {
+        let reference = Reference::Digest(m.clone());
+        if resolve(r, name, &reference).await.is_err() {
+            return Err(RegistryError::ManifestBlobUnknown(m.to_string()));
         }
     }
     Ok(())
@@ -193,17 +245,30 @@ pub(super) async fn delete(
     reference: &Reference,
 ) -> Result<Response> {
     let (digest, _) = resolve(r, name, reference).await?;
-    let event = match reference {
-        Reference::Digest(_) => Event::DeleteManifest {
-            repo: name.clone(),
-            digest,
-        },
-        Reference::Tag(tag) => Event::Untag {
-            repo: name.clone(),
-            tag: tag.clone(),
-        },
-    };
-    r.store.commit(vec![event]).await?;
+    match reference {
+        Reference::Digest(_) => {
+            let (n, d) = (name.clone(), digest.clone());
+            let tags = r.store.read(move |i| i.tags_naming(&n, &d)).await?;
+            let mut before = vec![Event::DeleteManifest {
+                repo: name.clone(),
+                digest,
+            }];
+            for tag in tags {
+                let record = r
+                    .tags
+                    .publish(name, &tag, None, std::mem::take(&mut before))
+                    .await?;
+                gossip(r, &record).await;
+            }
+            if !before.is_empty() {
+                r.store.commit(before).await?;
+            }
+        }
+        Reference::Tag(tag) => {
+            let record = r.tags.publish(name, tag, None, Vec::new()).await?;
+            gossip(r, &record).await;
+        }
+    }
     empty(StatusCode::ACCEPTED, &[])
 }
 

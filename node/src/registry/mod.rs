@@ -6,6 +6,7 @@
 //! way a failure becomes a response. Handlers stream blob bodies in both directions; only
 //! manifests (at most 4 MiB) are ever held in memory whole.
 
+mod admin;
 mod blobs;
 pub mod error;
 mod listing;
@@ -19,23 +20,58 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::fetch::Fetcher;
+use crate::net::Network;
 use crate::store::Store;
+use crate::tags::Tags;
+use crate::trust::Trust;
 use error::RegistryError;
 use path::Route;
+use shoal_protocol::{Digest, SigningKey};
+
+/// The fleet a registry can reach: where misses are fetched from and records are gossiped to.
+#[derive(Clone)]
+pub struct Fleet {
+    /// The libp2p network.
+    pub network: Network,
+    /// Fetches content from peers.
+    pub fetcher: Fetcher,
+}
 
 /// Shared state of the HTTP handlers (cheap to clone).
 #[derive(Clone)]
 pub struct Registry {
     store: Store,
+    tags: Tags,
+    fleet: Option<Fleet>,
 }
 
 /// The result type of handlers.
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
 impl Registry {
-    /// A registry serving `store`.
+    /// A registry serving `store` alone, signing its tag records with a throwaway key.
     pub fn new(store: Store) -> Registry {
-        Registry { store }
+        let key = SigningKey::from_seed(rand::random());
+        let trust = Trust::new(key.public(), Vec::new());
+        let tags = Tags::new(store.clone(), key, trust);
+        Registry {
+            store,
+            tags,
+            fleet: None,
+        }
+    }
+
+    /// A registry serving `store`, with tag state `tags`, reaching `fleet` if any.
+    pub fn with_fleet(store: Store, tags: Tags, fleet: Option<Fleet>) -> Registry {
+        Registry { store, tags, fleet }
+    }
+
+    /// Tells the fleet this node holds a blob (no-op without a fleet).
+    async fn announce(&self, digest: &Digest) {
+        if let Some(f) = &self.fleet {
+            let _ = f.network.provide(digest.clone()).await;
+        }
     }
 
     /// The axum router for the whole API.
@@ -44,6 +80,8 @@ impl Registry {
             .route("/v2", axum::routing::any(dispatch))
             .route("/v2/", axum::routing::any(dispatch))
             .route("/v2/{*rest}", axum::routing::any(dispatch))
+            .route("/_shoal/v1/peers", axum::routing::get(admin::peers))
+            .route("/_shoal/v1/status", axum::routing::get(admin::status))
             .fallback(|| async { RegistryError::NotFound })
             .layer(axum::middleware::map_response(api_version_header))
             .with_state(self)

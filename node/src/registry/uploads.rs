@@ -97,6 +97,7 @@ pub(super) async fn start(
                 digest: digest.clone(),
             }])
             .await?;
+        r.announce(&digest).await;
         return created(name, &digest);
     }
     let id = r.store.create_upload(name).await?;
@@ -164,6 +165,7 @@ pub(super) async fn put(
     r.store
         .finish_upload(name, id, &digest, body.into_data_stream())
         .await?;
+    r.announce(&digest).await;
     created(name, &digest)
 }
 

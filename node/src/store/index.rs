@@ -8,10 +8,16 @@
 //! | `repos.v1`     | repo                              | empty                    |
 //! | `links.v1`     | repo, digest                      | empty                    |
 //! | `manifests.v1` | repo, digest                      | JSON `ManifestInfo`      |
-//! | `tags.v1`      | repo, tag                         | digest                   |
+//! | `tags.v1`      | repo, tag                         | manifest digest          |
+//! | `records.v1`   | repo, tag                         | current signed record    |
+//! | `record_blobs.v1` | repo, digest                   | `BlobRef` from a record  |
 //! | `referrers.v1` | repo, subject digest, referrer    | empty                    |
+//! | `blob_indexes.v1` | digest                         | `BlobIndex` (codec)      |
 //! | `uploads.v1`   | upload id                         | JSON `UploadMeta`        |
 //! | `meta.v1`      | `journal_applied`                 | u64 BE offset            |
+//!
+//! `tags.v1` and `record_blobs.v1` are derived from `records.v1`: a tag names what its current
+//! record names. `blob_indexes.v1` is derived from the blob files.
 //!
 //! Only the journal thread writes the journal-derived trees, one event at a time, and writes the
 //! applied offset after the event's changes; applying an event twice gives the same state, so a
@@ -19,7 +25,9 @@
 
 use std::path::Path;
 
-use shoal_protocol::{Digest, RepoName, Tag};
+use shoal_protocol::{
+    BlobIndex, BlobRef, Digest, RepoName, SignedTagRecord, Tag, VerifiedTagRecord, codec,
+};
 
 use super::StoreError;
 use super::journal::Event;
@@ -45,7 +53,10 @@ pub struct Index {
     links: sled::Tree,
     manifests: sled::Tree,
     tags: sled::Tree,
+    records: sled::Tree,
+    record_blobs: sled::Tree,
     referrers: sled::Tree,
+    blob_indexes: sled::Tree,
     uploads: sled::Tree,
     meta: sled::Tree,
 }
@@ -95,7 +106,10 @@ impl Index {
             links: db.open_tree("links.v1")?,
             manifests: db.open_tree("manifests.v1")?,
             tags: db.open_tree("tags.v1")?,
+            records: db.open_tree("records.v1")?,
+            record_blobs: db.open_tree("record_blobs.v1")?,
             referrers: db.open_tree("referrers.v1")?,
+            blob_indexes: db.open_tree("blob_indexes.v1")?,
             uploads: db.open_tree("uploads.v1")?,
             meta: db.open_tree("meta.v1")?,
             db,
@@ -104,17 +118,23 @@ impl Index {
 
     /// Drops everything derived from the journal, so that it can be replayed from the start.
     pub fn clear_journal_state(&self) -> Result<(), StoreError> {
-        for tree in [
-            &self.repos,
-            &self.links,
-            &self.manifests,
-            &self.tags,
-            &self.referrers,
-        ] {
+        for tree in self.journal_trees() {
             tree.clear()?;
         }
         self.meta.remove(APPLIED_KEY)?;
         Ok(())
+    }
+
+    fn journal_trees(&self) -> [&sled::Tree; 7] {
+        [
+            &self.repos,
+            &self.links,
+            &self.manifests,
+            &self.tags,
+            &self.records,
+            &self.record_blobs,
+            &self.referrers,
+        ]
     }
 
     /// Writes the index to disk.
@@ -183,27 +203,154 @@ impl Index {
                         ]))?;
                     }
                 }
-                for entry in self.tags.scan_prefix(prefix(repo)) {
-                    let (k, v) = entry?;
-                    if v.as_ref() == d.as_bytes() {
-                        self.tags.remove(k)?;
-                    }
-                }
             }
-            Event::Tag { repo, tag, digest } => {
-                self.repos.insert(repo.as_str(), &[])?;
-                self.tags.insert(
-                    key(&[repo.as_str().as_bytes(), tag.as_str().as_bytes()]),
-                    digest.to_string().as_bytes(),
-                )?;
-            }
-            Event::Untag { repo, tag } => {
-                self.tags
-                    .remove(key(&[repo.as_str().as_bytes(), tag.as_str().as_bytes()]))?;
-            }
+            Event::Record { record } => self.apply_record(record)?,
         }
         self.meta.insert(APPLIED_KEY, &end.to_be_bytes())?;
         Ok(())
+    }
+
+    fn apply_record(&self, signed: &SignedTagRecord) -> Result<(), StoreError> {
+        // Records are verified before they are journaled; checking again on replay costs little
+        // and keeps a damaged journal from planting a record.
+        let Ok(verified) = signed.verify() else {
+            tracing::error!("journal holds a record that does not verify; skipped");
+            return Ok(());
+        };
+        let rec = verified.record();
+        let k = key(&[rec.repo.as_str().as_bytes(), rec.tag.as_str().as_bytes()]);
+        if let Some(current) = self.record_at(&k)? {
+            if rec.order_key() <= current.record().order_key() {
+                return Ok(());
+            }
+        }
+        let bytes = codec::encode(signed).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.records.insert(&k, bytes)?;
+        self.repos.insert(rec.repo.as_str(), &[])?;
+        match &rec.target {
+            Some(target) => {
+                self.tags
+                    .insert(&k, target.manifest.to_string().as_bytes())?;
+                for b in &target.blobs {
+                    let bk = key(&[
+                        rec.repo.as_str().as_bytes(),
+                        b.digest.to_string().as_bytes(),
+                    ]);
+                    let v = codec::encode(b).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    self.record_blobs.insert(bk, v)?;
+                }
+            }
+            None => {
+                self.tags.remove(&k)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record_at(&self, k: &[u8]) -> Result<Option<VerifiedTagRecord>, StoreError> {
+        let Some(v) = self.records.get(k)? else {
+            return Ok(None);
+        };
+        let signed: SignedTagRecord =
+            codec::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        signed
+            .verify()
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// The current record of a tag (a tombstone if the tag was deleted).
+    pub fn record(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<VerifiedTagRecord>, StoreError> {
+        self.record_at(&key(&[repo.as_str().as_bytes(), tag.as_str().as_bytes()]))
+    }
+
+    /// Current records in (repo, tag) order after `after`, at most `limit`; and whether more follow.
+    pub fn records_page(
+        &self,
+        after: Option<(&RepoName, &Tag)>,
+        limit: usize,
+    ) -> Result<(Vec<SignedTagRecord>, bool), StoreError> {
+        let iter = match after {
+            Some((r, t)) => self.records.range::<Vec<u8>, _>((
+                std::ops::Bound::Excluded(key(&[r.as_str().as_bytes(), t.as_str().as_bytes()])),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.records.iter(),
+        };
+        let mut out = Vec::new();
+        for entry in iter {
+            let (_, v) = entry?;
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(codec::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok((out, false))
+    }
+
+    /// Number of current records and a hash over all of them: two nodes with the same summary
+    /// hold the same records.
+    pub fn records_summary(&self) -> Result<(u64, [u8; 32]), StoreError> {
+        let mut hasher = blake3::Hasher::new_derive_key("shoal records summary v1");
+        let mut n = 0u64;
+        for entry in self.records.iter() {
+            let (k, v) = entry?;
+            hasher.update(&(k.len() as u64).to_be_bytes());
+            hasher.update(&k);
+            hasher.update(blake3::hash(&v).as_bytes());
+            n += 1;
+        }
+        Ok((n, *hasher.finalize().as_bytes()))
+    }
+
+    /// What a current record of `repo` says about the blob, if any record names it.
+    pub fn record_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<BlobRef>, StoreError> {
+        let k = key(&[repo.as_str().as_bytes(), digest.to_string().as_bytes()]);
+        match self.record_blobs.get(k)? {
+            None => Ok(None),
+            Some(v) => codec::decode(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(e.to_string())),
+        }
+    }
+
+    /// The recorded `BlobIndex` of a blob.
+    pub fn blob_index(&self, digest: &Digest) -> Result<Option<BlobIndex>, StoreError> {
+        match self.blob_indexes.get(digest.to_string())? {
+            None => Ok(None),
+            Some(v) => codec::decode(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(e.to_string())),
+        }
+    }
+
+    /// Records a blob's `BlobIndex`.
+    pub fn put_blob_index(&self, index: &BlobIndex) -> Result<(), StoreError> {
+        let v = codec::encode(index).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.blob_indexes.insert(index.digest().to_string(), v)?;
+        Ok(())
+    }
+
+    /// Tags of `repo` that currently name `digest`.
+    pub fn tags_naming(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<Tag>, StoreError> {
+        let p = prefix(repo);
+        let d = digest.to_string();
+        let mut out = Vec::new();
+        for entry in self.tags.scan_prefix(&p) {
+            let (k, v) = entry?;
+            if v.as_ref() == d.as_bytes() {
+                out.push(parse(&k[p.len()..])?);
+            }
+        }
+        Ok(out)
     }
 
     /// Whether the repository exists (anything was ever pushed to it).
@@ -339,6 +486,8 @@ impl Index {
             "links.v1" => &self.links,
             "manifests.v1" => &self.manifests,
             "tags.v1" => &self.tags,
+            "records.v1" => &self.records,
+            "record_blobs.v1" => &self.record_blobs,
             "referrers.v1" => &self.referrers,
             _ => return Err(StoreError::Corrupt(format!("no tree {tree}"))),
         };

@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use shoal_protocol::{Digest, RepoName, Tag};
+use shoal_protocol::{Digest, RepoName, SignedTagRecord};
 use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
@@ -62,22 +62,31 @@ pub enum Event {
         /// Manifest digest.
         digest: Digest,
     },
-    /// The tag now names the manifest.
-    Tag {
-        /// Repository.
-        repo: RepoName,
-        /// Tag.
-        tag: Tag,
-        /// Manifest digest.
-        digest: Digest,
+    /// A verified, trusted tag record (or tombstone). It becomes the tag's current record if
+    /// it is newer than the one held, by (timestamp, sequence, publisher).
+    Record {
+        /// The record, as signed.
+        #[serde(with = "record_hex")]
+        record: SignedTagRecord,
     },
-    /// The tag was deleted.
-    Untag {
-        /// Repository.
-        repo: RepoName,
-        /// Tag.
-        tag: Tag,
-    },
+}
+
+/// Signed records are kept in the journal in their exact signed encoding, hex-encoded, so the
+/// signature still verifies when the journal is replayed.
+mod record_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use shoal_protocol::{SignedTagRecord, codec};
+
+    pub fn serialize<S: Serializer>(r: &SignedTagRecord, s: S) -> Result<S::Ok, S::Error> {
+        let bytes = codec::encode(r).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SignedTagRecord, D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = hex::decode(text).map_err(serde::de::Error::custom)?;
+        codec::decode(&bytes).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Encodes one event as a journal line.

@@ -28,14 +28,14 @@ use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use shoal_protocol::{Algorithm, Digest, DigestHasher};
+use shoal_protocol::{Algorithm, BlobIndex, BlobIndexer, DEFAULT_CHUNK_SIZE_BYTES, Digest};
 
 pub use fsck::{FsckReport, fsck};
 pub use index::Index;
 pub use journal::{Event, Journal};
 pub use upload::{Upload, UploadMeta};
 
-use sink::Sink;
+use sink::{Hashing, Sink};
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -289,7 +289,7 @@ impl Store {
         .map_err(|e| StoreError::Task(e.to_string()))??;
         Ok(BlobWriter {
             store: self.clone(),
-            sink: Some(Sink::new(file, Some(DigestHasher::new(algorithm)), 0)),
+            sink: Some(Sink::new(file, Some(Hashing::new(algorithm)), 0)),
             tmp: TempFile(Some(path)),
         })
     }
@@ -316,6 +316,57 @@ impl Store {
                 }
             }
             Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Records the `BlobIndex` computed while a blob was written. A failure only costs a
+    /// recomputation later, so it is logged, not returned.
+    pub(crate) async fn keep_blob_index(&self, indexer: BlobIndexer, digest: &Digest) {
+        let index = self.inner.index.clone();
+        let digest = digest.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let bi = indexer
+                .finish(digest)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            index.put_blob_index(&bi)
+        })
+        .await;
+        if !matches!(result, Ok(Ok(()))) {
+            tracing::warn!("could not record a blob index; it will be recomputed when needed");
+        }
+    }
+
+    /// The `BlobIndex` of a blob the store holds, computed from the file (and kept) if it was
+    /// not recorded when the blob was written. `None` if the blob is not here.
+    pub async fn blob_index(&self, digest: &Digest) -> Result<Option<BlobIndex>, StoreError> {
+        let index = self.inner.index.clone();
+        let path = self.inner.layout.blob(digest);
+        let digest = digest.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(bi) = index.blob_index(&digest)? {
+                return Ok(Some(bi));
+            }
+            let mut file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let mut indexer = BlobIndexer::new(DEFAULT_CHUNK_SIZE_BYTES);
+            let mut buf = vec![0u8; sink::SINK_BUFFER_BYTES];
+            loop {
+                let n = std::io::Read::read(&mut file, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                indexer.update(buf.get(..n).unwrap_or_default());
+            }
+            let bi = indexer
+                .finish(digest)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            index.put_blob_index(&bi)?;
+            Ok(Some(bi))
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -378,10 +429,10 @@ impl BlobWriter {
     pub async fn finish(mut self, expected: &Digest) -> Result<u64, StoreError> {
         let sink = self.sink.take().ok_or(StoreError::Closed)?;
         let len = sink.len();
-        let (_file, actual) = sink.finish().await?;
-        let actual = actual
-            .ok_or_else(|| StoreError::Task("blob writer lost its hasher".into()))?
-            .finish();
+        let (_file, hashing) = sink.finish().await?;
+        let hashing =
+            hashing.ok_or_else(|| StoreError::Task("blob writer lost its hasher".into()))?;
+        let actual = hashing.digest.finish();
         if &actual != expected {
             return Err(StoreError::DigestMismatch {
                 expected: expected.clone(),
@@ -393,6 +444,8 @@ impl BlobWriter {
         if result.is_err() {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
-        result.map(|()| len)
+        result?;
+        self.store.keep_blob_index(hashing.index, expected).await;
+        Ok(len)
     }
 }

@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io::Write;
 
-use shoal_protocol::DigestHasher;
+use shoal_protocol::{BlobIndexer, DigestHasher};
 use tokio::task::JoinHandle;
 
 use super::StoreError;
@@ -15,12 +15,42 @@ use super::StoreError;
 /// Size of each of the two buffers a sink holds.
 pub const SINK_BUFFER_BYTES: usize = 1 << 20;
 
-type Parts = (File, Option<DigestHasher>, Vec<u8>);
+/// What a sink computes over the bytes passing through: the content digest and the chunk
+/// hashes of the blob's `BlobIndex`, in the same pass as the write.
+pub struct Hashing {
+    /// The content digest.
+    pub digest: DigestHasher,
+    /// The chunk hashes.
+    pub index: BlobIndexer,
+}
+
+impl std::fmt::Debug for Hashing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hashing")
+    }
+}
+
+impl Hashing {
+    /// Fresh hashers: `algorithm` for the digest, the default chunk size for the index.
+    pub fn new(algorithm: shoal_protocol::Algorithm) -> Hashing {
+        Hashing {
+            digest: DigestHasher::new(algorithm),
+            index: BlobIndexer::new(shoal_protocol::DEFAULT_CHUNK_SIZE_BYTES),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        self.digest.update(bytes);
+        self.index.update(bytes);
+    }
+}
+
+type Parts = (File, Option<Hashing>, Vec<u8>);
 
 /// A file being appended to, with the hash of everything written through the sink.
 pub struct Sink {
     /// The file and hasher, when no write is in flight.
-    idle: Option<(File, Option<DigestHasher>)>,
+    idle: Option<(File, Option<Hashing>)>,
     in_flight: Option<JoinHandle<std::io::Result<Parts>>>,
     buf: Vec<u8>,
     spare: Vec<u8>,
@@ -30,7 +60,7 @@ pub struct Sink {
 impl Sink {
     /// A sink appending to `file`, which already holds `written` bytes. With `hasher`, every
     /// byte passing through is hashed (the hasher must already cover the first `written`).
-    pub fn new(file: File, hasher: Option<DigestHasher>, written: u64) -> Sink {
+    pub fn new(file: File, hasher: Option<Hashing>, written: u64) -> Sink {
         Sink {
             idle: Some((file, hasher)),
             in_flight: None,
@@ -97,7 +127,7 @@ impl Sink {
     }
 
     /// Writes what is buffered, fsyncs, and returns the file and the hasher (if hashing).
-    pub async fn finish(mut self) -> Result<(File, Option<DigestHasher>), StoreError> {
+    pub async fn finish(mut self) -> Result<(File, Option<Hashing>), StoreError> {
         if !self.buf.is_empty() {
             self.start_write().await?;
         }

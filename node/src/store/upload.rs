@@ -19,7 +19,7 @@ use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use shoal_protocol::{Algorithm, Digest, DigestHasher, RepoName};
 
-use super::sink::Sink;
+use super::sink::{Hashing, Sink};
 use super::{Event, Index, Layout, Store, StoreError, sync_dir};
 
 /// What the index keeps about an upload session.
@@ -38,8 +38,8 @@ pub struct Upload {
     repo: RepoName,
     dir: PathBuf,
     offset: u64,
-    /// SHA-256 of the first `offset` bytes, while it is known.
-    hasher: Option<DigestHasher>,
+    /// SHA-256 and chunk hashes of the first `offset` bytes, while they are known.
+    hasher: Option<Hashing>,
     /// Set once the upload finished or was cancelled; later holders see an unknown upload.
     closed: bool,
 }
@@ -206,7 +206,7 @@ impl Store {
             repo: repo.clone(),
             dir: self.layout().uploads().join(&id),
             offset: 0,
-            hasher: Some(DigestHasher::new(Algorithm::Sha256)),
+            hasher: Some(Hashing::new(Algorithm::Sha256)),
             closed: false,
         };
         self.sessions()
@@ -292,13 +292,16 @@ impl Store {
         let before = upload.offset;
         upload.append(last, None, None).await?;
         let data = upload.data();
-        let actual = match upload.hasher.clone() {
-            Some(h) if digest.algorithm() == Algorithm::Sha256 => h.finish(),
+        let (actual, indexer) = match upload.hasher.take() {
+            Some(h) if digest.algorithm() == Algorithm::Sha256 => {
+                (h.digest.finish(), Some(h.index))
+            }
             _ => {
                 let (p, alg) = (data.clone(), digest.algorithm());
-                tokio::task::spawn_blocking(move || hash_file(&p, alg))
+                let d = tokio::task::spawn_blocking(move || hash_file(&p, alg))
                     .await
-                    .map_err(|e| StoreError::Task(e.to_string()))??
+                    .map_err(|e| StoreError::Task(e.to_string()))??;
+                (d, None)
             }
         };
         if &actual != digest {
@@ -312,6 +315,9 @@ impl Store {
         }
         let size = upload.offset;
         self.install(data, digest).await?;
+        if let Some(indexer) = indexer {
+            self.keep_blob_index(indexer, digest).await;
+        }
         self.commit(vec![Event::Link {
             repo: repo.clone(),
             digest: digest.clone(),

@@ -1,0 +1,194 @@
+//! The `/shoal/chunk/1` stream protocol: raw blob bytes between peers.
+//!
+//! A requester opens a stream and sends `ChunkRequest` frames one after another; for each, the
+//! server answers with a `ChunkResponse` frame and, on `Ok { length }`, exactly `length` raw
+//! bytes. Streams come from `libp2p-stream`, so bytes go from file to socket without being held
+//! as whole messages. The server limits concurrent streams; past the limit a stream is refused,
+//! and the requester tries another peer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use shoal_protocol::Digest;
+use shoal_protocol::codec;
+use shoal_protocol::message::{CHUNK_PROTOCOL, ChunkRequest, ChunkResponse};
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt};
+use tokio::sync::Semaphore;
+
+use super::NetError;
+use super::sync::{read_frame, write_frame};
+use crate::store::Store;
+
+/// Most chunk streams served at once.
+pub const MAX_INBOUND_CHUNK_STREAMS: usize = 64;
+/// How long a served stream may sit idle between requests.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one chunk may take to arrive before the requester gives up on the peer.
+pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Copy buffer for serving.
+const COPY_BUFFER_BYTES: usize = 256 * 1024;
+
+/// The protocol id.
+pub fn protocol() -> StreamProtocol {
+    StreamProtocol::new(CHUNK_PROTOCOL)
+}
+
+/// Accepts and serves chunk streams until `cancel` fires.
+pub async fn serve(
+    mut control: libp2p_stream::Control,
+    store: Store,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut incoming = match control.accept(protocol()) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot accept chunk streams");
+            return;
+        }
+    };
+    let limit = Arc::new(Semaphore::new(MAX_INBOUND_CHUNK_STREAMS));
+    loop {
+        let next = tokio::select! {
+            () = cancel.cancelled() => return,
+            next = incoming.next() => next,
+        };
+        let Some((peer, stream)) = next else { return };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "refusing a chunk stream: too many in flight");
+            continue;
+        };
+        let store = store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_stream(&store, stream).await {
+                tracing::debug!(%peer, error = %e, "chunk stream ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_stream(store: &Store, mut stream: Stream) -> Result<(), NetError> {
+    loop {
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut stream)).await {
+            Err(_) => return Ok(()),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(r) => r?,
+        };
+        let request: ChunkRequest = match codec::decode(&frame) {
+            Ok(r) => r,
+            Err(e) => {
+                let answer = ChunkResponse::Invalid(format!("bad request: {e}"));
+                write_frame(&mut stream, &codec::encode(&answer)?).await?;
+                return Ok(());
+            }
+        };
+        if let Err(e) = request.validate() {
+            write_frame(
+                &mut stream,
+                &codec::encode(&ChunkResponse::Invalid(e.to_string()))?,
+            )
+            .await?;
+            continue;
+        }
+        let Some((mut file, size)) = store.open_blob(&request.digest).await? else {
+            write_frame(&mut stream, &codec::encode(&ChunkResponse::NotFound)?).await?;
+            continue;
+        };
+        let end = request.offset.saturating_add(request.length);
+        if end > size {
+            let answer =
+                ChunkResponse::Invalid(format!("range ends at {end}, blob is {size} bytes"));
+            write_frame(&mut stream, &codec::encode(&answer)?).await?;
+            continue;
+        }
+        write_frame(
+            &mut stream,
+            &codec::encode(&ChunkResponse::Ok {
+                length: request.length,
+            })?,
+        )
+        .await?;
+        file.seek(std::io::SeekFrom::Start(request.offset)).await?;
+        let mut left = request.length;
+        let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+        while left > 0 {
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            let n = file.read(&mut buf[..want]).await?;
+            if n == 0 {
+                return Err(NetError::Protocol("blob file shorter than its size".into()));
+            }
+            stream.write_all(&buf[..n]).await?;
+            left -= n as u64;
+        }
+        stream.flush().await?;
+    }
+}
+
+/// A chunk stream to one peer, for sequential requests.
+pub struct ChunkClient {
+    peer: PeerId,
+    stream: Stream,
+}
+
+impl ChunkClient {
+    /// Opens a chunk stream to `peer`.
+    pub async fn open(
+        control: &mut libp2p_stream::Control,
+        peer: PeerId,
+    ) -> Result<ChunkClient, NetError> {
+        let stream = tokio::time::timeout(CHUNK_TIMEOUT, control.open_stream(peer, protocol()))
+            .await
+            .map_err(|_| NetError::Timeout)?
+            .map_err(|e| NetError::Stream(e.to_string()))?;
+        Ok(ChunkClient { peer, stream })
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Asks for `length` bytes at `offset` of `digest` and reads them into `buf` (cleared
+    /// first). `Ok(false)` means the peer does not have the blob. The caller bounds `length`.
+    pub async fn fetch(
+        &mut self,
+        digest: &Digest,
+        offset: u64,
+        length: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<bool, NetError> {
+        let request = ChunkRequest {
+            digest: digest.clone(),
+            offset,
+            length,
+        };
+        request
+            .validate()
+            .map_err(|e| NetError::Protocol(e.to_string()))?;
+        let work = async {
+            write_frame(&mut self.stream, &codec::encode(&request)?).await?;
+            let response: ChunkResponse = codec::decode(&read_frame(&mut self.stream).await?)?;
+            match response {
+                ChunkResponse::Ok { length: l } if l == length => {}
+                ChunkResponse::Ok { length: l } => {
+                    return Err(NetError::Protocol(format!(
+                        "peer offered {l} bytes, asked for {length}"
+                    )));
+                }
+                ChunkResponse::NotFound => return Ok(false),
+                ChunkResponse::Busy => return Err(NetError::Busy),
+                ChunkResponse::Invalid(why) => return Err(NetError::Protocol(why)),
+            }
+            let len = usize::try_from(length).map_err(|_| NetError::Protocol("length".into()))?;
+            buf.clear();
+            buf.resize(len, 0);
+            self.stream.read_exact(buf).await?;
+            Ok(true)
+        };
+        tokio::time::timeout(CHUNK_TIMEOUT, work)
+            .await
+            .map_err(|_| NetError::Timeout)?
+    }
+}

@@ -1,0 +1,752 @@
+//! The libp2p side of a node.
+//!
+//! One [`EventLoop`] task owns the `Swarm`; everything else talks to it through a [`Network`]
+//! handle (cheap to clone) over a bounded command channel, or opens chunk streams directly with
+//! the `libp2p-stream` control the handle carries.
+//!
+//! Behaviours: identify and ping; Kademlia (`/shoal/kad/1`) for provider records, one per blob a
+//! node holds; gossipsub on `shoal/tags/1` for signed tag records; mDNS for peers on the LAN;
+//! request-response `/shoal/sync/1` for anti-entropy and `BlobIndex` look-ups; raw streams
+//! `/shoal/chunk/1` for blob bytes. Transports: QUIC, TCP with noise and yamux, and the in-memory
+//! transport (used by in-process tests).
+//!
+//! Anti-entropy: when two nodes connect, each asks the other for a summary of its current
+//! records and, when the summaries differ, pages through the other's records and ingests them,
+//! so a node that was offline catches up without waiting for new gossip.
+
+pub mod chunk;
+pub mod sync;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::transport::MemoryTransport;
+use libp2p::core::upgrade::Version;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, Transport, gossipsub, identify, mdns, noise, ping,
+    tcp, yamux,
+};
+use serde::Serialize;
+use shoal_protocol::message::{
+    Gossip, MAX_GOSSIP_BYTES, MAX_SYNC_RECORDS, SYNC_PROTOCOL, SyncRequest, SyncResponse,
+    TAGS_TOPIC,
+};
+use shoal_protocol::{Digest, SignedTagRecord, codec};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Store, StoreError};
+use crate::tags::{Ingest, Tags};
+
+/// Capacity of the command channel into the event loop.
+const COMMAND_CAPACITY: usize = 256;
+/// Most inbound requests and gossip messages processed at once; past that, gossip is dropped
+/// (anti-entropy repairs it) and sync requests are answered with an error.
+const MAX_INBOUND_WORK: usize = 64;
+/// Most anti-entropy exchanges at once.
+const MAX_CONCURRENT_SYNCS: usize = 8;
+/// Timeout of one sync request.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a provider look-up may take.
+const PROVIDER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often Kademlia refreshes its routing table.
+const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Why a network operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The event loop is gone (shutdown).
+    #[error("the network is shut down")]
+    Closed,
+    /// The peer did not answer in time.
+    #[error("timed out")]
+    Timeout,
+    /// The peer is busy.
+    #[error("peer is busy")]
+    Busy,
+    /// The peer broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// A request failed.
+    #[error("request failed: {0}")]
+    Request(String),
+    /// A stream could not be opened.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// I/O on a stream failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// Encoding or decoding failed.
+    #[error("codec: {0}")]
+    Codec(#[from] shoal_protocol::CodecError),
+    /// The local store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The swarm could not be built or could not listen.
+    #[error("setting up libp2p: {0}")]
+    Setup(String),
+}
+
+/// Network settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Whether to find peers on the LAN with mDNS.
+    pub mdns: bool,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            listen: vec![
+                "/ip4/0.0.0.0/udp/4001/quic-v1"
+                    .parse()
+                    .unwrap_or_else(|_| Multiaddr::empty()),
+                "/ip4/0.0.0.0/tcp/4001"
+                    .parse()
+                    .unwrap_or_else(|_| Multiaddr::empty()),
+            ],
+            bootstrap: Vec::new(),
+            mdns: true,
+        }
+    }
+}
+
+/// A connected peer, as `shoal peers` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The peer id.
+    pub peer_id: String,
+    /// Addresses of the open connections.
+    pub addresses: Vec<String>,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    gossipsub: gossipsub::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    sync: request_response::Behaviour<sync::SyncCodec>,
+    stream: libp2p_stream::Behaviour,
+}
+
+enum Command {
+    Publish(Vec<u8>),
+    Provide(Digest),
+    FindProviders(Digest, oneshot::Sender<Vec<PeerId>>),
+    Sync(
+        PeerId,
+        SyncRequest,
+        oneshot::Sender<Result<SyncResponse, NetError>>,
+    ),
+    Respond(ResponseChannel<SyncResponse>, SyncResponse),
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Dial(Multiaddr),
+    Disconnect(PeerId),
+}
+
+/// Handle to the network (cheap to clone).
+#[derive(Clone)]
+pub struct Network {
+    commands: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+    peer_id: PeerId,
+}
+
+impl Network {
+    /// Builds the swarm, starts listening and dialling, and spawns the event loop and the chunk
+    /// server on `tasks`. Both stop when `cancel` fires.
+    pub async fn start(
+        keypair: libp2p::identity::Keypair,
+        config: NetConfig,
+        store: Store,
+        tags: Tags,
+        cancel: CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Result<Network, NetError> {
+        let peer_id = keypair.public().to_peer_id();
+        let mut swarm = build_swarm(keypair, config.mdns)?;
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NetError::Setup(format!("listen on {addr}: {e}")))?;
+        }
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&gossipsub::IdentTopic::new(TAGS_TOPIC))
+            .map_err(|e| NetError::Setup(e.to_string()))?;
+        for addr in &config.bootstrap {
+            if let Err(e) = swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+            }
+        }
+        let control = swarm.behaviour().stream.new_control();
+        let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
+        let network = Network {
+            commands: tx,
+            control: control.clone(),
+            peer_id,
+        };
+        let event_loop = EventLoop {
+            swarm,
+            commands: rx,
+            pending_syncs: HashMap::new(),
+            pending_providers: HashMap::new(),
+            network: network.clone(),
+            store: store.clone(),
+            tags,
+            inbound: Arc::new(Semaphore::new(MAX_INBOUND_WORK)),
+            syncs: Arc::new(Semaphore::new(MAX_CONCURRENT_SYNCS)),
+        };
+        tasks.spawn(event_loop.run(cancel.clone()));
+        tasks.spawn(chunk::serve(control, store, cancel));
+        Ok(network)
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// A control for opening chunk streams.
+    pub fn control(&self) -> libp2p_stream::Control {
+        self.control.clone()
+    }
+
+    async fn send(&self, c: Command) -> Result<(), NetError> {
+        self.commands.send(c).await.map_err(|_| NetError::Closed)
+    }
+
+    /// Gossips a record to the fleet. Peers that miss it get it by anti-entropy.
+    pub async fn publish(&self, record: &SignedTagRecord) -> Result<(), NetError> {
+        let bytes = codec::encode(&Gossip::Record(record.clone()))?;
+        self.send(Command::Publish(bytes)).await
+    }
+
+    /// Announces on the DHT that this node holds the blob.
+    pub async fn provide(&self, digest: Digest) -> Result<(), NetError> {
+        self.send(Command::Provide(digest)).await
+    }
+
+    /// Peers that provide the blob, from the DHT.
+    pub async fn find_providers(&self, digest: Digest) -> Result<Vec<PeerId>, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::FindProviders(digest, tx)).await?;
+        match tokio::time::timeout(PROVIDER_LOOKUP_TIMEOUT, rx).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(NetError::Closed),
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Sends a sync request to a peer.
+    pub async fn sync(&self, peer: PeerId, request: SyncRequest) -> Result<SyncResponse, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Sync(peer, request, tx)).await?;
+        tokio::time::timeout(SYNC_TIMEOUT, rx)
+            .await
+            .map_err(|_| NetError::Timeout)?
+            .map_err(|_| NetError::Closed)?
+    }
+
+    /// Connected peers.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Peers(tx)).await?;
+        rx.await.map_err(|_| NetError::Closed)
+    }
+
+    /// Addresses this node listens on.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::ListenAddrs(tx)).await?;
+        rx.await.map_err(|_| NetError::Closed)
+    }
+
+    /// Dials a peer.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.send(Command::Dial(addr)).await
+    }
+
+    /// Drops every connection to a peer that misbehaved.
+    pub async fn disconnect(&self, peer: PeerId) -> Result<(), NetError> {
+        self.send(Command::Disconnect(peer)).await
+    }
+}
+
+fn build_swarm(
+    keypair: libp2p::identity::Keypair,
+    with_mdns: bool,
+) -> Result<Swarm<Behaviour>, NetError> {
+    let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| setup(&e))?
+        .with_quic()
+        .with_other_transport(|key| {
+            let noise: Box<dyn std::error::Error + Send + Sync> = match noise::Config::new(key) {
+                Ok(n) => {
+                    return Ok(MemoryTransport::default()
+                        .upgrade(Version::V1)
+                        .authenticate(n)
+                        .multiplex(yamux::Config::default()));
+                }
+                Err(e) => Box::new(e),
+            };
+            Err(noise)
+        })
+        .map_err(|e| setup(&e))?
+        .with_behaviour(
+            |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                let peer_id = key.public().to_peer_id();
+                let gossip_config = gossipsub::ConfigBuilder::default()
+                    .max_transmit_size(MAX_GOSSIP_BYTES)
+                    .validation_mode(gossipsub::ValidationMode::Strict)
+                    .validate_messages()
+                    .message_id_fn(|m: &gossipsub::Message| {
+                        gossipsub::MessageId::from(blake3::hash(&m.data).to_hex().to_string())
+                    })
+                    .build()?;
+                let gossipsub = gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gossip_config,
+                )?;
+                let mut kad_config = kad::Config::new(StreamProtocol::new("/shoal/kad/1"));
+                kad_config.set_query_timeout(PROVIDER_LOOKUP_TIMEOUT);
+                let mut kad =
+                    kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+                kad.set_mode(Some(kad::Mode::Server));
+                let mdns = if with_mdns {
+                    Some(mdns::tokio::Behaviour::new(
+                        mdns::Config::default(),
+                        peer_id,
+                    )?)
+                } else {
+                    None
+                };
+                Ok(Behaviour {
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/shoal/id/1".into(),
+                        key.public(),
+                    )),
+                    ping: ping::Behaviour::default(),
+                    kad,
+                    gossipsub,
+                    mdns: Toggle::from(mdns),
+                    sync: request_response::Behaviour::with_codec(
+                        sync::SyncCodec,
+                        [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
+                        request_response::Config::default().with_request_timeout(SYNC_TIMEOUT),
+                    ),
+                    stream: libp2p_stream::Behaviour::new(),
+                })
+            },
+        )
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+    Ok(swarm)
+}
+
+/// The task that owns the swarm.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    pending_syncs: HashMap<OutboundRequestId, oneshot::Sender<Result<SyncResponse, NetError>>>,
+    pending_providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
+    network: Network,
+    store: Store,
+    tags: Tags,
+    inbound: Arc<Semaphore>,
+    syncs: Arc<Semaphore>,
+}
+
+impl EventLoop {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut bootstrap = tokio::time::interval(KAD_BOOTSTRAP_INTERVAL);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                _ = bootstrap.tick() => {
+                    // Fails only when the routing table is empty, which is fine.
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+        }
+        tracing::debug!("network event loop stopped");
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let b = self.swarm.behaviour_mut();
+        match command {
+            Command::Publish(bytes) => {
+                if let Err(e) = b
+                    .gossipsub
+                    .publish(gossipsub::IdentTopic::new(TAGS_TOPIC), bytes)
+                {
+                    // No subscribed peer yet, or a duplicate: anti-entropy delivers it later.
+                    tracing::debug!(error = %e, "gossip publish");
+                }
+            }
+            Command::Provide(digest) => {
+                if let Err(e) = b
+                    .kad
+                    .start_providing(kad::RecordKey::new(&digest.to_string()))
+                {
+                    tracing::warn!(error = %e, %digest, "cannot announce a blob on the DHT");
+                }
+            }
+            Command::FindProviders(digest, reply) => {
+                let id = b
+                    .kad
+                    .get_providers(kad::RecordKey::new(&digest.to_string()));
+                self.pending_providers.insert(id, (HashSet::new(), reply));
+            }
+            Command::Sync(peer, request, reply) => {
+                let id = b.sync.send_request(&peer, request);
+                self.pending_syncs.insert(id, reply);
+            }
+            Command::Respond(channel, response) => {
+                // Fails when the requester went away; nothing to do then.
+                let _ = b.sync.send_response(channel, response);
+            }
+            Command::Peers(reply) => {
+                let mut peers: HashMap<PeerId, Vec<String>> = HashMap::new();
+                for peer in self.swarm.connected_peers() {
+                    peers.entry(*peer).or_default();
+                }
+                let _ = reply.send(
+                    peers
+                        .into_keys()
+                        .map(|p| PeerInfo {
+                            peer_id: p.to_string(),
+                            addresses: self.addresses_of(&p),
+                        })
+                        .collect(),
+                );
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Dial(addr) => {
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    tracing::warn!(%addr, error = %e, "dial failed");
+                }
+            }
+            Command::Disconnect(peer) => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
+    fn addresses_of(&mut self, peer: &PeerId) -> Vec<String> {
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .flat_map(|b| {
+                b.iter()
+                    .filter(|e| e.node.key.preimage() == peer)
+                    .flat_map(|e| e.node.value.iter().map(ToString::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "p2p listening");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let addr = endpoint.get_remote_address().clone();
+                tracing::info!(peer = %peer_id, %addr, "peer connected");
+                if endpoint.is_dialer() {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+                if num_established.get() == 1 {
+                    self.spawn_anti_entropy(peer_id);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                tracing::info!(peer = %peer_id, "peer disconnected");
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    if !self.swarm.is_connected(&peer) {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer, addr.clone());
+                        if let Err(e) = self.swarm.dial(addr) {
+                            tracing::debug!(%peer, error = %e, "dialing an mDNS peer");
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                self.on_gossip(propagation_source, message_id, message.data);
+            }
+            BehaviourEvent::Sync(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => self.on_sync_request(peer, request, channel),
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some(reply) = self.pending_syncs.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Sync(request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some(reply) = self.pending_syncs.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request(error.to_string())));
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            }) => {
+                if let kad::QueryResult::GetProviders(result) = result {
+                    if let Some((found, _)) = self.pending_providers.get_mut(&id) {
+                        if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+                            found.extend(providers);
+                        }
+                    }
+                    if step.last {
+                        if let Some((found, reply)) = self.pending_providers.remove(&id) {
+                            let _ = reply.send(found.into_iter().collect());
+                        }
+                    } else if self
+                        .pending_providers
+                        .get(&id)
+                        .is_some_and(|(f, _)| !f.is_empty())
+                    {
+                        // The first providers are enough to start; finish the query early.
+                        if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                            q.finish();
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, data: Vec<u8>) {
+        let decoded: Result<Gossip, _> = codec::decode(&data);
+        let Ok(Gossip::Record(record)) = decoded else {
+            tracing::warn!(peer = %source, "rejected a malformed gossip message");
+            self.tags
+                .stats()
+                .invalid
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.report(&id, &source, gossipsub::MessageAcceptance::Reject);
+            return;
+        };
+        // A record that verifies is forwarded even if this node does not trust its publisher:
+        // others may. A bad signature is rejected, which scores the sender down.
+        let acceptance = if record.verify().is_ok() {
+            gossipsub::MessageAcceptance::Accept
+        } else {
+            gossipsub::MessageAcceptance::Reject
+        };
+        self.report(&id, &source, acceptance);
+        let Ok(permit) = self.inbound.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "dropping a gossiped record: too much inbound work (anti-entropy will repair)"
+            );
+            return;
+        };
+        let tags = self.tags.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tags.ingest(record).await {
+                tracing::error!(error = %e, "storing a gossiped record");
+            }
+            drop(permit);
+        });
+    }
+
+    fn report(
+        &mut self,
+        id: &gossipsub::MessageId,
+        source: &PeerId,
+        acceptance: gossipsub::MessageAcceptance,
+    ) {
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(id, source, acceptance);
+    }
+
+    fn on_sync_request(
+        &mut self,
+        peer: PeerId,
+        request: SyncRequest,
+        channel: ResponseChannel<SyncResponse>,
+    ) {
+        let Ok(permit) = self.inbound.clone().try_acquire_owned() else {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .sync
+                .send_response(channel, SyncResponse::Error("busy".into()));
+            return;
+        };
+        let (store, network) = (self.store.clone(), self.network.clone());
+        tokio::spawn(async move {
+            let response = answer(&store, request).await.unwrap_or_else(|e| {
+                tracing::warn!(%peer, error = %e, "answering a sync request");
+                SyncResponse::Error("internal error".into())
+            });
+            let _ = network.send(Command::Respond(channel, response)).await;
+            drop(permit);
+        });
+    }
+
+    fn spawn_anti_entropy(&self, peer: PeerId) {
+        let (network, store, tags, syncs) = (
+            self.network.clone(),
+            self.store.clone(),
+            self.tags.clone(),
+            self.syncs.clone(),
+        );
+        tokio::spawn(async move {
+            let Ok(_permit) = syncs.acquire_owned().await else {
+                return;
+            };
+            match anti_entropy(&network, &store, &tags, peer).await {
+                Ok(n) if n > 0 => tracing::info!(%peer, accepted = n, "caught up with a peer"),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%peer, error = %e, "anti-entropy"),
+            }
+        });
+    }
+}
+
+async fn answer(store: &Store, request: SyncRequest) -> Result<SyncResponse, NetError> {
+    Ok(match request {
+        SyncRequest::Summary => {
+            let (records, hash) = store.read(|i| i.records_summary()).await?;
+            SyncResponse::Summary { records, hash }
+        }
+        SyncRequest::Records { after, limit } => {
+            let limit = usize::try_from(limit)
+                .unwrap_or(MAX_SYNC_RECORDS)
+                .min(MAX_SYNC_RECORDS);
+            let (records, more) = store
+                .read(move |i| i.records_page(after.as_ref().map(|(r, t)| (r, t)), limit))
+                .await?;
+            SyncResponse::Records { records, more }
+        }
+        SyncRequest::BlobIndex { digest } => {
+            SyncResponse::BlobIndex(store.blob_index(&digest).await?)
+        }
+    })
+}
+
+/// Pulls every record `peer` holds that this node lacks. Returns how many were accepted.
+async fn anti_entropy(
+    network: &Network,
+    store: &Store,
+    tags: &Tags,
+    peer: PeerId,
+) -> Result<u64, NetError> {
+    let theirs = network.sync(peer, SyncRequest::Summary).await?;
+    let ours = store.read(|i| i.records_summary()).await?;
+    match theirs {
+        SyncResponse::Summary { records, hash } if (records, hash) == ours => return Ok(0),
+        SyncResponse::Summary { .. } => {}
+        other => {
+            return Err(NetError::Protocol(format!(
+                "unexpected answer to Summary: {other:?}"
+            )));
+        }
+    }
+    let mut after = None;
+    let mut accepted = 0;
+    loop {
+        let request = SyncRequest::Records {
+            after: after.clone(),
+            limit: MAX_SYNC_RECORDS as u32,
+        };
+        let SyncResponse::Records { records, more } = network.sync(peer, request).await? else {
+            return Err(NetError::Protocol("unexpected answer to Records".into()));
+        };
+        let Some(last) = records.last() else { break };
+        // The page cursor comes from the peer's data; a peer that does not advance is cut off.
+        let next = last
+            .verify()
+            .ok()
+            .map(|v| (v.record().repo.clone(), v.record().tag.clone()));
+        if next.is_none() || next == after {
+            return Err(NetError::Protocol("records page did not advance".into()));
+        }
+        after = next;
+        for record in records {
+            if tags.ingest(record).await? == Ingest::Accepted {
+                accepted += 1;
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+    Ok(accepted)
+}

@@ -1,0 +1,210 @@
+//! Many nodes in one process over libp2p's memory transport: records gossip and converge, late
+//! nodes catch up, untrusted, forged and replayed records change nothing, and content is fetched
+//! from peers with bad providers detected.
+
+mod testnet;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use shoal_protocol::{SignedTagRecord, SigningKey, TagRecord, TagTarget, codec};
+use testnet::{TestNet, image, wait_until};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn push_on_one_node_pull_byte_identical_on_another() {
+    let net = TestNet::start(3).await;
+    net.wait_connected(2).await;
+    // Two layers span several 4 MiB chunks.
+    let img = image(1, &[9 * 1024 * 1024 + 17, 1000]);
+    net.nodes[0].push("team/app", "1", &img).await;
+    let c = &net.nodes[2];
+    wait_until(WAIT, "the record to reach node C", || async {
+        c.has_record("team/app", "1").await.then_some(())
+    })
+    .await;
+    c.pull_and_check("team/app", "1", &img).await;
+    let tags = c.get("/v2/team/app/tags/list").await;
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&tags.body).unwrap()["tags"],
+        serde_json::json!(["1"])
+    );
+    let catalog = net.nodes[1].get("/v2/_catalog").await;
+    assert!(String::from_utf8_lossy(&catalog.body).contains("team/app"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_started_after_the_push_catches_up_by_anti_entropy() {
+    let mut net = TestNet::with_identities(3);
+    net.start_next().await;
+    net.start_next().await;
+    net.wait_connected(1).await;
+    let img = image(2, &[5000]);
+    net.nodes[0].push("team/late", "v1", &img).await;
+    // The third node starts after the push: no gossip will ever carry the record to it.
+    net.start_next().await;
+    let late = &net.nodes[2];
+    wait_until(WAIT, "the late node to catch up", || async {
+        late.has_record("team/late", "v1").await.then_some(())
+    })
+    .await;
+    late.pull_and_check("team/late", "v1", &img).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_pushes_of_one_tag_converge_to_one_winner() {
+    let net = TestNet::start(4).await;
+    net.wait_connected(3).await;
+    let (a, b) = (image(3, &[100]), image(4, &[200]));
+    tokio::join!(
+        net.nodes[0].push("team/race", "latest", &a),
+        net.nodes[1].push("team/race", "latest", &b)
+    );
+    let want = [a.digest.to_string(), b.digest.to_string()];
+    let winner = wait_until(WAIT, "all nodes to agree", || async {
+        let mut seen = Vec::new();
+        for n in &net.nodes {
+            seen.push(n.tag_digest("team/race", "latest").await?);
+        }
+        (seen.iter().all(|d| d == &seen[0])).then(|| seen[0].clone())
+    })
+    .await;
+    assert!(want.contains(&winner), "winner {winner} is neither push");
+    // And it stays agreed (nothing flips later).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in &net.nodes {
+        assert_eq!(
+            n.tag_digest("team/race", "latest").await.as_deref(),
+            Some(winner.as_str())
+        );
+    }
+}
+
+fn record(
+    key: &SigningKey,
+    repo: &str,
+    tag: &str,
+    target: Option<TagTarget>,
+    ts: u64,
+) -> SignedTagRecord {
+    let r = TagRecord {
+        repo: repo.parse().unwrap(),
+        tag: tag.parse().unwrap(),
+        target,
+        timestamp_ms: ts,
+        sequence: 0,
+        publisher: key.public(),
+    };
+    SignedTagRecord::sign(&r, key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn untrusted_forged_and_replayed_records_change_nothing() {
+    let net = TestNet::start(2).await;
+    net.wait_connected(1).await;
+    let (a, b) = (&net.nodes[0], &net.nodes[1]);
+    let img = image(5, &[300]);
+    a.push("team/safe", "1", &img).await;
+    wait_until(WAIT, "the record to reach B", || async {
+        b.tag_digest("team/safe", "1").await
+    })
+    .await;
+    let before = b.tag_digest("team/safe", "1").await;
+    let stats = b.node().tags().stats();
+    let (untrusted0, invalid0, stale0) = (
+        stats.untrusted.load(Ordering::Relaxed),
+        stats.invalid.load(Ordering::Relaxed),
+        stats.stale.load(Ordering::Relaxed),
+    );
+    let far_future = u64::MAX / 2;
+
+    // 1. A record from a key nobody trusts, claiming the tag with a newer timestamp.
+    let stranger = SigningKey::from_seed([99; 32]);
+    let tombstone = record(&stranger, "team/safe", "1", None, far_future);
+    a.node().network().publish(&tombstone).await.unwrap();
+
+    // 2. A forged record: A's own key named as publisher, but signed by the stranger.
+    let a_key = a.identity.signing_key();
+    let genuine = record(&a_key, "team/safe", "1", None, far_future);
+    let mut bytes = codec::encode(&genuine).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55; // the signature is the last field
+    let forged: SignedTagRecord = codec::decode(&bytes).unwrap();
+    assert!(forged.verify().is_err());
+    a.node().network().publish(&forged).await.unwrap();
+
+    // 3. A replay of an old, genuine record: A tagged "1" long ago (timestamp 1).
+    let old = record(&a_key, "team/safe", "1", None, 1);
+    a.node().network().publish(&old).await.unwrap();
+
+    wait_until(WAIT, "B to see and reject all three", || async {
+        let s = b.node().tags().stats();
+        (s.untrusted.load(Ordering::Relaxed) > untrusted0
+            && s.invalid.load(Ordering::Relaxed) > invalid0
+            && s.stale.load(Ordering::Relaxed) > stale0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        b.tag_digest("team/safe", "1").await,
+        before,
+        "the tag changed"
+    );
+    b.pull_and_check("team/safe", "1", &img).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_serving_corrupt_bytes_is_detected_and_another_is_used() {
+    let net = TestNet::start(3).await;
+    net.wait_connected(2).await;
+    let (a, b, c) = (&net.nodes[0], &net.nodes[1], &net.nodes[2]);
+    let img = image(6, &[6 * 1024 * 1024]);
+    a.push("team/bad", "1", &img).await;
+    wait_until(WAIT, "B to have the record", || async {
+        b.has_record("team/bad", "1").await.then_some(())
+    })
+    .await;
+    b.pull_and_check("team/bad", "1", &img).await;
+    // Corrupt A's copy of the big layer in place (same length, so only hashes can tell).
+    let layer = shoal_protocol::Digest::sha256(&img.blobs[1]);
+    let path = shoal_node::store::Layout::new(a.dir.path()).blob(&layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[5 * 1024 * 1024] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+
+    wait_until(WAIT, "C to have the record", || async {
+        c.has_record("team/bad", "1").await.then_some(())
+    })
+    .await;
+    // Whichever provider C tries first, it ends with the right bytes.
+    c.pull_and_check("team/bad", "1", &img).await;
+
+    // With the good provider gone, the only provider left is the corrupt one: the fetch fails
+    // and nothing is stored.
+    let mut net = net;
+    net.nodes[1].stop().await;
+    let d = &net.nodes;
+    let img2 = image(7, &[5 * 1024 * 1024]);
+    d[0].push("team/bad", "2", &img2).await;
+    let layer2 = shoal_protocol::Digest::sha256(&img2.blobs[1]);
+    let path2 = shoal_node::store::Layout::new(d[0].dir.path()).blob(&layer2);
+    let mut bytes2 = std::fs::read(&path2).unwrap();
+    bytes2[100] ^= 0xff;
+    std::fs::write(&path2, &bytes2).unwrap();
+    wait_until(WAIT, "C to have record 2", || async {
+        d[2].has_record("team/bad", "2").await.then_some(())
+    })
+    .await;
+    let r = d[2].get(&format!("/v2/team/bad/blobs/{layer2}")).await;
+    assert_eq!(
+        r.status, 404,
+        "a blob only a corrupt peer holds must not be served"
+    );
+    assert!(
+        !shoal_node::store::Layout::new(d[2].dir.path())
+            .blob(&layer2)
+            .exists(),
+        "corrupt bytes were stored"
+    );
+}

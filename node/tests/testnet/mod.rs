@@ -1,0 +1,393 @@
+//! `TestNet`: real Shoal nodes in one process, joined over libp2p's memory transport, each with
+//! its own temp data directory and its registry API on a loopback port.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use shoal_node::Node;
+use shoal_node::config::Config;
+use shoal_node::identity::Identity;
+use shoal_node::net::NetConfig;
+use shoal_node::trust::TrustRule;
+use shoal_protocol::Digest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 client: one request per connection.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    s.write_all(body).await.expect("write body");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        })
+        .collect();
+    if headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 2 + n + 2..];
+    }
+}
+
+/// A pushed image: its blobs and manifest.
+pub struct Image {
+    pub blobs: Vec<Vec<u8>>,
+    pub manifest: Vec<u8>,
+    pub digest: Digest,
+}
+
+/// Builds an OCI image with a config and layers of the given sizes (seeded content).
+pub fn image(seed: u64, layer_sizes: &[usize]) -> Image {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let config =
+        format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}").into_bytes();
+    let mut blobs = vec![config];
+    for &n in layer_sizes {
+        let mut layer = vec![0u8; n];
+        rng.fill_bytes(&mut layer);
+        blobs.push(layer);
+    }
+    let desc = |b: &Vec<u8>, t: &str| serde_json::json!({"mediaType": t, "digest": Digest::sha256(b).to_string(), "size": b.len()});
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": desc(&blobs[0], "application/vnd.oci.image.config.v1+json"),
+        "layers": blobs[1..].iter().map(|b| desc(b, "application/vnd.oci.image.layer.v1.tar")).collect::<Vec<_>>(),
+    }))
+    .expect("json");
+    let digest = Digest::sha256(&manifest);
+    Image {
+        blobs,
+        manifest,
+        digest,
+    }
+}
+
+/// One node of the net.
+pub struct TestNode {
+    pub node: Option<Node>,
+    pub dir: tempfile::TempDir,
+    pub identity: Identity,
+    pub memory: Multiaddr,
+}
+
+impl TestNode {
+    pub fn node(&self) -> &Node {
+        self.node.as_ref().expect("node is running")
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.node().registry_addr()
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        http(self.http_addr(), "GET", path, &[("Accept", "*/*")], b"").await
+    }
+
+    /// Pushes an image (monolithic blob uploads, then the manifest by tag).
+    pub async fn push(&self, repo: &str, tag: &str, image: &Image) {
+        for b in &image.blobs {
+            let d = Digest::sha256(b);
+            let r = http(
+                self.http_addr(),
+                "POST",
+                &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
+                &[],
+                b,
+            )
+            .await;
+            assert_eq!(
+                r.status,
+                201,
+                "blob upload: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+        let r = http(
+            self.http_addr(),
+            "PUT",
+            &format!("/v2/{repo}/manifests/{tag}"),
+            &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+            &image.manifest,
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            201,
+            "manifest push: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+
+    /// Pulls an image by tag and checks every byte.
+    pub async fn pull_and_check(&self, repo: &str, tag: &str, image: &Image) {
+        let r = self.get(&format!("/v2/{repo}/manifests/{tag}")).await;
+        assert_eq!(
+            r.status,
+            200,
+            "manifest pull: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.body, image.manifest, "manifest bytes differ");
+        for b in &image.blobs {
+            let d = Digest::sha256(b);
+            let r = self.get(&format!("/v2/{repo}/blobs/{d}")).await;
+            assert_eq!(
+                r.status,
+                200,
+                "blob {d}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+            assert_eq!(Digest::sha256(&r.body), d, "blob bytes differ");
+        }
+    }
+
+    /// The digest the tag resolves to on this node, if any.
+    pub async fn tag_digest(&self, repo: &str, tag: &str) -> Option<String> {
+        let r = http(
+            self.http_addr(),
+            "HEAD",
+            &format!("/v2/{repo}/manifests/{tag}"),
+            &[],
+            b"",
+        )
+        .await;
+        (r.status == 200).then(|| {
+            r.header("docker-content-digest")
+                .unwrap_or_default()
+                .to_owned()
+        })
+    }
+
+    /// Whether the node's index holds a current record for the tag (no fetching involved).
+    pub async fn has_record(&self, repo: &str, tag: &str) -> bool {
+        let (repo, tag) = (repo.parse().expect("repo"), tag.parse().expect("tag"));
+        self.node()
+            .store()
+            .read(move |i| Ok(i.record(&repo, &tag)?.is_some()))
+            .await
+            .expect("read")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(n) = self.node.take() {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// A set of nodes that trust each other.
+pub struct TestNet {
+    pub nodes: Vec<TestNode>,
+    pub seeds: Vec<[u8; 32]>,
+    pub extra_trust: Vec<TrustRule>,
+}
+
+fn memory_addr() -> Multiaddr {
+    format!("/memory/{}", rand::random::<u64>() >> 1)
+        .parse()
+        .expect("memory addr")
+}
+
+impl TestNet {
+    /// Seeds for `n` node identities, so trust can be configured before any node starts.
+    pub fn with_identities(n: usize) -> TestNet {
+        let seeds = (0..n).map(|i| {
+            let mut s = [0u8; 32];
+            s[0] = i as u8 + 1;
+            s[1] = rand::random();
+            s
+        });
+        TestNet {
+            nodes: Vec::new(),
+            seeds: seeds.collect(),
+            extra_trust: Vec::new(),
+        }
+    }
+
+    /// Starts `n` nodes, all trusting each other for every repository.
+    pub async fn start(n: usize) -> TestNet {
+        let mut net = TestNet::with_identities(n);
+        for _ in 0..n {
+            net.start_next().await;
+        }
+        net
+    }
+
+    fn trust(&self) -> Vec<TrustRule> {
+        let mut rules: Vec<TrustRule> = self
+            .seeds
+            .iter()
+            .map(|s| {
+                format!("{}=*", Identity::from_seed(*s).publisher())
+                    .parse()
+                    .expect("rule")
+            })
+            .collect();
+        rules.extend(self.extra_trust.iter().cloned());
+        rules
+    }
+
+    /// Starts the next node (by index into `seeds`), bootstrapped to every running node.
+    pub async fn start_next(&mut self) -> usize {
+        let i = self.nodes.len();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = Identity::from_seed(self.seeds[i]);
+        std::fs::write(
+            dir.path().join(shoal_node::identity::KEY_FILE),
+            self.seeds[i],
+        )
+        .expect("key");
+        let memory = memory_addr();
+        let bootstrap = self
+            .nodes
+            .iter()
+            .filter(|n| n.node.is_some())
+            .map(|n| n.memory.clone())
+            .collect();
+        let node = start_node(dir.path(), memory.clone(), bootstrap, self.trust()).await;
+        self.nodes.push(TestNode {
+            node: Some(node),
+            dir,
+            identity,
+            memory,
+        });
+        i
+    }
+
+    /// Restarts a stopped node on its data directory and memory address.
+    pub async fn restart(&mut self, i: usize) {
+        let bootstrap = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, n)| *j != i && n.node.is_some())
+            .map(|(_, n)| n.memory.clone())
+            .collect();
+        let trust = self.trust();
+        let n = &mut self.nodes[i];
+        n.node = Some(start_node(n.dir.path(), n.memory.clone(), bootstrap, trust).await);
+    }
+
+    /// Waits until every running node has at least `k` peers.
+    pub async fn wait_connected(&self, k: usize) {
+        for (i, n) in self.nodes.iter().enumerate() {
+            let Some(node) = &n.node else { continue };
+            wait_until(
+                Duration::from_secs(20),
+                &format!("node {i} to have {k} peers"),
+                || async { (node.network().peers().await.ok()?.len() >= k).then_some(()) },
+            )
+            .await;
+        }
+    }
+}
+
+async fn start_node(
+    dir: &std::path::Path,
+    memory: Multiaddr,
+    bootstrap: Vec<Multiaddr>,
+    trust: Vec<TrustRule>,
+) -> Node {
+    let config = Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        net: NetConfig {
+            listen: vec![memory],
+            bootstrap,
+            mdns: false,
+        },
+        trust,
+    };
+    Node::start(config).await.expect("node starts")
+}
