@@ -178,10 +178,29 @@ impl Network {
     ) -> Result<Network, NetError> {
         let peer_id = keypair.public().to_peer_id();
         let mut swarm = build_swarm(keypair, config.mdns)?;
+        let defaults = NetConfig::default().listen;
         for addr in &config.listen {
-            swarm
-                .listen_on(addr.clone())
-                .map_err(|e| NetError::Setup(format!("listen on {addr}: {e}")))?;
+            // libp2p's TCP listeners set SO_REUSEPORT, so a second node on this machine would
+            // silently share the port (and its inbound connections). Probe the default first.
+            let addr = &match (defaults.contains(addr), tcp_port_taken(addr)) {
+                (true, true) => with_port_zero(addr).unwrap_or_else(|| addr.clone()),
+                _ => addr.clone(),
+            };
+            if let Err(e) = swarm.listen_on(addr.clone()) {
+                // The default port may be taken by another node on this machine: then take any
+                // free port rather than fail a zero-config start. A chosen address must work.
+                let fallback = defaults
+                    .contains(addr)
+                    .then(|| with_port_zero(addr))
+                    .flatten();
+                let Some(fallback) = fallback else {
+                    return Err(NetError::Setup(format!("listen on {addr}: {e}")));
+                };
+                tracing::warn!(%addr, error = %e, "default p2p port unavailable; using a free port");
+                swarm
+                    .listen_on(fallback)
+                    .map_err(|e| NetError::Setup(format!("listen on {addr}: {e}")))?;
+            }
         }
         swarm
             .behaviour_mut()
@@ -285,6 +304,46 @@ impl Network {
     pub async fn disconnect(&self, peer: PeerId) -> Result<(), NetError> {
         self.send(Command::Disconnect(peer)).await
     }
+}
+
+/// Whether `addr` is a TCP address whose port another socket already holds.
+fn tcp_port_taken(addr: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    let mut ip = None;
+    let mut port = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(p) if p != 0 => port = Some(p),
+            _ => {}
+        }
+    }
+    match (ip, port) {
+        (Some(ip), Some(port)) => std::net::TcpListener::bind((ip, port)).is_err(),
+        _ => false,
+    }
+}
+
+/// The same address with its TCP or UDP port set to 0.
+fn with_port_zero(addr: &Multiaddr) -> Option<Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    let mut changed = false;
+    let out = addr
+        .iter()
+        .map(|p| match p {
+            Protocol::Tcp(_) => {
+                changed = true;
+                Protocol::Tcp(0)
+            }
+            Protocol::Udp(_) => {
+                changed = true;
+                Protocol::Udp(0)
+            }
+            other => other,
+        })
+        .collect();
+    changed.then_some(out)
 }
 
 fn build_swarm(
