@@ -149,7 +149,8 @@ mod tests {
             toml::from_str("data_dir = \"/f\"\nlisten = \"127.0.0.1:7000\"").unwrap();
         let flags = FileConfig {
             data_dir: Some("/c".into()),
-            listen: None,
+            mdns: Some(false),
+            ..Default::default()
         };
         let c = Config::resolve(flags, file).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/c"));

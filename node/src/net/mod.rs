@@ -619,9 +619,12 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
             }) => {
-                if let kad::QueryResult::GetProviders(result) = result {
+                {
                     if let Some((found, _)) = self.pending_providers.get_mut(&id) {
                         if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
                             found.extend(providers);

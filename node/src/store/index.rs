@@ -45,6 +45,9 @@ pub const JOURNAL_TREES: [&str; 5] = [
     "referrers.v1",
 ];
 
+/// A raw key and value, as `fsck` compares them.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Handle to the index (cheap to clone; sled is internally shared).
 #[derive(Clone)]
 pub struct Index {
@@ -480,7 +483,7 @@ impl Index {
     }
 
     /// Every (key, value) of a journal-derived tree, for `fsck` to compare two indexes.
-    pub fn dump(&self, tree: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn dump(&self, tree: &str) -> Result<Vec<KeyValue>, StoreError> {
         let t = match tree {
             "repos.v1" => &self.repos,
             "links.v1" => &self.links,
