@@ -138,13 +138,14 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 ///
 /// Fails if `payload` is longer than [`MAX_FRAME_BYTES`].
 pub fn frame(payload: &[u8]) -> Result<Vec<u8>, CodecError> {
-    let len = u32::try_from(payload.len())
-        .ok()
-        .filter(|_| payload.len() <= MAX_FRAME_BYTES)
-        .ok_or(CodecError::FrameTooLarge {
-            len: payload.len(),
-            max: MAX_FRAME_BYTES,
-        })?;
+    let too_large = CodecError::FrameTooLarge {
+        len: payload.len(),
+        max: MAX_FRAME_BYTES,
+    };
+    if payload.len() > MAX_FRAME_BYTES {
+        return Err(too_large);
+    }
+    let len = u32::try_from(payload.len()).map_err(|_| too_large)?;
     let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(payload);

@@ -1,7 +1,7 @@
 //! Peer-to-peer messages: what nodes say to each other, under which protocol, within which
 //! limits.
 //!
-//! Every message is encoded with the [codec](crate::codec) (big-endian, fixed-width bincode) and
+//! Every message is encoded with the [codec] (big-endian, fixed-width bincode) and
 //! every limit below is checked when a message is decoded, so a node never acts on, or allocates
 //! for, a message outside them. Protocol ids carry a version; a breaking change to a message
 //! ships under a new id (see the codec docs on versioning).

@@ -6,7 +6,7 @@
 //! the publisher's key; among records for one tag the highest [`TagRecord::order_key`] wins.
 //!
 //! A publisher signs a record with its ed25519 key. What is signed is exact bytes: the signing
-//! domain [`RECORD_SIGNING_DOMAIN`] followed by the record's [codec](crate::codec) encoding (the
+//! domain [`RECORD_SIGNING_DOMAIN`] followed by the record's [codec] encoding (the
 //! payload). A [`SignedTagRecord`] carries the payload as bytes, so a verifier checks the
 //! signature over exactly what the publisher signed before it decodes anything, and never
 //! re-encodes a record to check a signature.

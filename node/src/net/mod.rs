@@ -744,18 +744,11 @@ impl EventLoop {
 
 async fn answer(store: &Store, request: SyncRequest) -> Result<SyncResponse, NetError> {
     Ok(match request {
-        SyncRequest::Summary => {
-            let (records, hash) = store.read(|i| i.records_summary()).await?;
-            SyncResponse::Summary { records, hash }
-        }
+        SyncRequest::Summary => store.read(|i| i.records_summary()).await?,
         SyncRequest::Records { after, limit } => {
-            let limit = usize::try_from(limit)
-                .unwrap_or(MAX_SYNC_RECORDS)
-                .min(MAX_SYNC_RECORDS);
-            let (records, more) = store
+            store
                 .read(move |i| i.records_page(after.as_ref().map(|(r, t)| (r, t)), limit))
-                .await?;
-            SyncResponse::Records { records, more }
+                .await?
         }
         SyncRequest::BlobIndex { digest } => {
             SyncResponse::BlobIndex(store.blob_index(&digest).await?)
@@ -773,7 +766,7 @@ async fn anti_entropy(
     let theirs = network.sync(peer, SyncRequest::Summary).await?;
     let ours = store.read(|i| i.records_summary()).await?;
     match theirs {
-        SyncResponse::Summary { records, hash } if (records, hash) == ours => return Ok(0),
+        SyncResponse::Summary { .. } if theirs == ours => return Ok(0),
         SyncResponse::Summary { .. } => {}
         other => {
             return Err(NetError::Protocol(format!(

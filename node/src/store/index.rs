@@ -25,6 +25,7 @@
 
 use std::path::Path;
 
+use shoal_protocol::message::{RecordsPage, SummaryHasher, SyncResponse};
 use shoal_protocol::{
     BlobIndex, BlobRef, Digest, RepoName, SignedTagRecord, Tag, VerifiedTagRecord, codec,
 };
@@ -271,12 +272,13 @@ impl Index {
         self.record_at(&key(&[repo.as_str().as_bytes(), tag.as_str().as_bytes()]))
     }
 
-    /// Current records in (repo, tag) order after `after`, at most `limit`; and whether more follow.
+    /// A page of current records in (repo, tag) order after `after`, filled by count and by
+    /// encoded size so that it always fits one frame.
     pub fn records_page(
         &self,
         after: Option<(&RepoName, &Tag)>,
-        limit: usize,
-    ) -> Result<(Vec<SignedTagRecord>, bool), StoreError> {
+        limit: u32,
+    ) -> Result<SyncResponse, StoreError> {
         let iter = match after {
             Some((r, t)) => self.records.range::<Vec<u8>, _>((
                 std::ops::Bound::Excluded(key(&[r.as_str().as_bytes(), t.as_str().as_bytes()])),
@@ -284,30 +286,28 @@ impl Index {
             )),
             None => self.records.iter(),
         };
-        let mut out = Vec::new();
+        let mut page = RecordsPage::new(limit);
         for entry in iter {
             let (_, v) = entry?;
-            if out.len() == limit {
-                return Ok((out, true));
+            let record = codec::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if !page.push(record) {
+                return Ok(page.finish(true));
             }
-            out.push(codec::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
-        Ok((out, false))
+        Ok(page.finish(false))
     }
 
-    /// Number of current records and a hash over all of them: two nodes with the same summary
-    /// hold the same records.
-    pub fn records_summary(&self) -> Result<(u64, [u8; 32]), StoreError> {
-        let mut hasher = blake3::Hasher::new_derive_key("shoal records summary v1");
-        let mut n = 0u64;
+    /// The summary of all current records (`SyncResponse::Summary`): two nodes with the same
+    /// summary hold the same records.
+    pub fn records_summary(&self) -> Result<SyncResponse, StoreError> {
+        let mut hasher = SummaryHasher::new();
         for entry in self.records.iter() {
-            let (k, v) = entry?;
-            hasher.update(&(k.len() as u64).to_be_bytes());
-            hasher.update(&k);
-            hasher.update(blake3::hash(&v).as_bytes());
-            n += 1;
+            let (_, v) = entry?;
+            let record: SignedTagRecord =
+                codec::decode(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            hasher.add(&record);
         }
-        Ok((n, *hasher.finalize().as_bytes()))
+        Ok(hasher.finish())
     }
 
     /// What a current record of `repo` says about the blob, if any record names it.
