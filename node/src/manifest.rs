@@ -21,8 +21,6 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Docker manifest list.
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-/// The OCI empty descriptor's config media type, which means "use artifactType".
-const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
 /// Every manifest media type the registry stores.
 pub const MANIFEST_MEDIA_TYPES: [&str; 4] = [
@@ -155,7 +153,9 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ManifestInfo, M
                 }
                 blobs.push(layer.digest.clone());
             }
-            let config_type = config.media_type.filter(|t| t != OCI_EMPTY);
+            // Without `artifactType`, the referrers API reports the config's media type,
+            // even the empty one.
+            let config_type = config.media_type;
             Ok(ManifestInfo {
                 media_type,
                 size,

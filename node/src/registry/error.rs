@@ -47,6 +47,9 @@ pub enum RegistryError {
     /// The body is larger than the endpoint accepts.
     #[error("payload too large: {0}")]
     TooLarge(String),
+    /// The `n` of a paginated listing is not a number.
+    #[error("invalid number of results requested: {0}")]
+    PaginationInvalid(String),
     /// A tag breaks the grammar.
     #[error("manifest tag did not match URI")]
     TagInvalid,
@@ -59,9 +62,9 @@ pub enum RegistryError {
     /// The operation or media type is not supported.
     #[error("the operation is unsupported: {0}")]
     Unsupported(String),
-    /// The method is not allowed on this endpoint.
+    /// The method is not allowed on this endpoint; the value lists the allowed ones.
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed(&'static str),
     /// No endpoint at this path.
     #[error("not found")]
     NotFound,
@@ -85,12 +88,13 @@ impl RegistryError {
             E::NameUnknown => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
             E::SizeInvalid(_) => (StatusCode::BAD_REQUEST, "SIZE_INVALID"),
             E::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
+            E::PaginationInvalid(_) => (StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID"),
             E::TagInvalid => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
             E::RangeNotSatisfiable { .. } => {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UPLOAD_INVALID")
             }
             E::Unsupported(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED"),
-            E::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+            E::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             E::NotFound => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }
@@ -118,11 +122,10 @@ impl IntoResponse for RegistryError {
                 response.headers_mut().insert(*name, v);
             }
         }
-        if status == StatusCode::METHOD_NOT_ALLOWED {
-            response.headers_mut().insert(
-                header::ALLOW,
-                HeaderValue::from_static("GET, HEAD, PUT, PATCH, POST, DELETE"),
-            );
+        if let RegistryError::MethodNotAllowed(allowed) = &self {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allowed));
         }
         response
     }

@@ -18,7 +18,7 @@ fn page(q: &[(String, String)]) -> Result<(usize, Option<String>)> {
         None => MAX_PAGE_ENTRIES,
         Some(v) => v
             .parse::<usize>()
-            .map_err(|_| RegistryError::Unsupported(format!("n={v:?} is not a number")))?
+            .map_err(|_| RegistryError::PaginationInvalid(format!("n={v:?} is not a number")))?
             .min(MAX_PAGE_ENTRIES),
     };
     Ok((n, param(q, "last").map(str::to_owned)))

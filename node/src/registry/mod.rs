@@ -160,7 +160,9 @@ async fn route_request(
         (Route::Upload(name, id), Method::PATCH) => {
             uploads::patch(r, &name, &id, headers, body).await
         }
-        (Route::Upload(name, id), Method::PUT) => uploads::put(r, &name, &id, &q, body).await,
+        (Route::Upload(name, id), Method::PUT) => {
+            uploads::put(r, &name, &id, &q, headers, body).await
+        }
         (Route::Upload(name, id), Method::GET) => uploads::status(r, &name, &id).await,
         (Route::Upload(name, id), Method::DELETE) => uploads::cancel(r, &name, &id).await,
         (Route::Manifest(name, reference), Method::GET) => {
@@ -175,7 +177,19 @@ async fn route_request(
         (Route::Manifest(name, reference), Method::DELETE) => {
             manifests::delete(r, &name, &reference).await
         }
-        _ => Err(RegistryError::MethodNotAllowed),
+        (route, _) => Err(RegistryError::MethodNotAllowed(allowed(&route))),
+    }
+}
+
+/// The methods a route supports, for `Allow`.
+fn allowed(route: &Route) -> &'static str {
+    match route {
+        Route::Base => "GET, HEAD",
+        Route::Catalog | Route::Tags(_) | Route::Referrers(..) => "GET",
+        Route::Blob(..) => "GET, HEAD, DELETE",
+        Route::UploadStart(_) => "POST",
+        Route::Upload(..) => "GET, PATCH, PUT, DELETE",
+        Route::Manifest(..) => "GET, HEAD, PUT, DELETE",
     }
 }
 

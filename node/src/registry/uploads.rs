@@ -156,14 +156,16 @@ pub(super) async fn put(
     name: &RepoName,
     id: &str,
     q: &[(String, String)],
+    headers: &HeaderMap,
     body: Body,
 ) -> Result<Response> {
     let digest =
         parse_digest(param(q, "digest").ok_or_else(|| {
             RegistryError::DigestInvalid("the digest parameter is required".into())
         })?)?;
+    let range = content_range(headers)?;
     r.store
-        .finish_upload(name, id, &digest, body.into_data_stream())
+        .finish_upload(name, id, &digest, body.into_data_stream(), range)
         .await?;
     r.announce(&digest).await;
     created(name, &digest)

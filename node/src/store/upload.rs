@@ -282,6 +282,7 @@ impl Store {
         id: &str,
         digest: &Digest,
         last: S,
+        range: Option<(u64, u64)>,
     ) -> Result<u64, StoreError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -290,7 +291,9 @@ impl Store {
         let session = self.upload(repo, id).await?;
         let mut upload = session.lock().await;
         let before = upload.offset;
-        upload.append(last, None, None).await?;
+        upload
+            .append(last, range.map(|(s, _)| s), range.map(|(_, l)| l))
+            .await?;
         let data = upload.data();
         let (actual, indexer) = match upload.hasher.take() {
             Some(h) if digest.algorithm() == Algorithm::Sha256 => {
