@@ -52,6 +52,8 @@ pub struct FileConfig {
     pub mdns: Option<bool>,
     /// Trust rules, `KEY=PATTERN`.
     pub trust: Option<Vec<TrustRule>>,
+    /// Cap on bytes per second sent to peers.
+    pub upload_limit_bytes_per_sec: Option<u64>,
 }
 
 /// Why settings could not be resolved.
@@ -122,6 +124,9 @@ impl Config {
                 .unwrap_or(defaults.listen),
             bootstrap: flags.peers.or(file.peers).unwrap_or_default(),
             mdns: flags.mdns.or(file.mdns).unwrap_or(defaults.mdns),
+            upload_limit_bytes_per_sec: flags
+                .upload_limit_bytes_per_sec
+                .or(file.upload_limit_bytes_per_sec),
         };
         // Trust rules add up: the config file's and the command line's.
         let mut trust = file.trust.unwrap_or_default();

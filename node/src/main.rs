@@ -50,6 +50,9 @@ enum Command {
         /// Trust a publisher key for repositories: KEY=PATTERN, e.g. ed25519:ab..=team/* (repeatable)
         #[arg(long, env = "SHOAL_TRUST", value_delimiter = ',')]
         trust: Vec<TrustRule>,
+        /// Cap on bytes per second sent to peers (for metered or slow links)
+        #[arg(long, env = "SHOAL_UPLOAD_LIMIT")]
+        upload_limit_bytes_per_sec: Option<u64>,
     },
     /// Show this node's keys.
     Keys {
@@ -151,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             peers,
             no_mdns,
             trust,
+            upload_limit_bytes_per_sec,
         } => {
             let flags = FileConfig {
                 data_dir: None,
@@ -159,6 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 peers: (!peers.is_empty()).then_some(peers),
                 mdns: no_mdns.then_some(false),
                 trust: Some(trust),
+                upload_limit_bytes_per_sec,
             };
             let config = resolve(common, flags)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

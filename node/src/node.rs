@@ -111,9 +111,15 @@ impl Node {
             addr: config.listen,
             source,
         })?;
+        let fetcher = Fetcher::new(
+            store.clone(),
+            network.clone(),
+            cancel.child_token(),
+            tasks.clone(),
+        );
         let fleet = Fleet {
             network: network.clone(),
-            fetcher: Fetcher::new(store.clone(), network.clone()),
+            fetcher,
         };
         let router = Registry::with_fleet(store.clone(), tags.clone(), Some(fleet)).router();
         let stop = cancel.clone();

@@ -88,6 +88,9 @@ pub enum MessageError {
     /// A reason string is too long.
     #[error("reason longer than {MAX_REASON_BYTES} bytes")]
     ReasonTooLong,
+    /// A `HaveChunks` bitfield has the wrong length or too many chunks.
+    #[error("malformed chunk bitfield")]
+    BadBitfield,
 }
 
 /// A message on the [`TAGS_TOPIC`] gossip topic.
@@ -139,6 +142,41 @@ pub enum SyncRequest {
         /// The blob's digest.
         digest: Digest,
     },
+    /// Which chunks of a blob the peer holds (all of them, part of a download, or none).
+    Have {
+        /// The blob's digest.
+        digest: Digest,
+    },
+}
+
+/// Which chunks of a blob a peer holds: one bit per chunk, chunk 0 in the lowest bit of the
+/// first byte.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaveChunks {
+    /// Number of chunks of the blob.
+    pub chunk_count: u32,
+    /// `ceil(chunk_count / 8)` bytes.
+    pub bits: Vec<u8>,
+}
+
+impl HaveChunks {
+    /// Checks the shape: at most `MAX_CHUNKS` chunks and exactly enough bytes for them.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        let count = usize::try_from(self.chunk_count).unwrap_or(usize::MAX);
+        if count > crate::blob_index::MAX_CHUNKS || self.bits.len() != count.div_ceil(8) {
+            return Err(MessageError::BadBitfield);
+        }
+        Ok(())
+    }
+
+    /// Whether chunk `i` is held.
+    pub fn has(&self, i: u32) -> bool {
+        i < self.chunk_count
+            && self
+                .bits
+                .get((i / 8) as usize)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
 }
 
 /// A response on [`SYNC_PROTOCOL`].
@@ -163,6 +201,8 @@ pub enum SyncResponse {
     BlobIndex(Option<BlobIndex>),
     /// The request could not be served.
     Error(String),
+    /// Answer to [`SyncRequest::Have`]; `None` if the peer holds no chunk of the blob.
+    Have(Option<HaveChunks>),
 }
 
 /// The unvalidated wire shape of [`SyncResponse`]; variants in the same order.
@@ -178,6 +218,7 @@ enum RawSyncResponse {
     },
     BlobIndex(Option<BlobIndex>),
     Error(String),
+    Have(Option<HaveChunks>),
 }
 
 impl TryFrom<RawSyncResponse> for SyncResponse {
@@ -189,6 +230,7 @@ impl TryFrom<RawSyncResponse> for SyncResponse {
             RawSyncResponse::Records { records, more } => SyncResponse::Records { records, more },
             RawSyncResponse::BlobIndex(index) => SyncResponse::BlobIndex(index),
             RawSyncResponse::Error(reason) => SyncResponse::Error(reason),
+            RawSyncResponse::Have(have) => SyncResponse::Have(have),
         };
         response.validate()?;
         Ok(response)
@@ -208,9 +250,11 @@ impl SyncResponse {
             SyncResponse::Error(reason) if reason.len() > MAX_REASON_BYTES => {
                 Err(MessageError::ReasonTooLong)
             }
+            SyncResponse::Have(Some(have)) => have.validate(),
             SyncResponse::Summary { .. }
             | SyncResponse::Records { .. }
             | SyncResponse::BlobIndex(_)
+            | SyncResponse::Have(None)
             | SyncResponse::Error(_) => Ok(()),
         }
     }
@@ -554,6 +598,18 @@ mod tests {
             crate::BlobIndex::of(&[5; 100_000], crate::blob_index::MIN_CHUNK_SIZE_BYTES).unwrap(),
         )));
         round_trip(&SyncResponse::Error("no".into()));
+        let have = HaveChunks {
+            chunk_count: 10,
+            bits: vec![0b0000_0101, 0b10],
+        };
+        assert!(have.has(0) && !have.has(1) && have.has(2) && have.has(9) && !have.has(10));
+        round_trip(&SyncResponse::Have(Some(have)));
+        round_trip(&SyncResponse::Have(None));
+        let bad = SyncResponse::Have(Some(HaveChunks {
+            chunk_count: 10,
+            bits: vec![0],
+        }));
+        assert!(decode::<SyncResponse>(&encode(&bad).unwrap()).is_err());
         round_trip(&ChunkRequest {
             digest: Digest::sha256(b""),
             offset: 0,
@@ -764,6 +820,7 @@ mod tests {
             (proptest::option::of((repo(), tag())), any::<u32>())
                 .prop_map(|(after, limit)| SyncRequest::Records { after, limit }),
             digest().prop_map(|digest| SyncRequest::BlobIndex { digest }),
+            digest().prop_map(|digest| SyncRequest::Have { digest }),
         ]
     }
 

@@ -18,7 +18,10 @@ use tokio::sync::watch;
 
 use crate::manifest::{self, MAX_MANIFEST_BYTES};
 use crate::net::chunk::ChunkClient;
-use crate::net::{NetError, Network};
+
+pub mod plan;
+pub mod swarm;
+use crate::net::Network;
 use crate::store::{Event, Store, StoreError};
 
 /// Why content could not be fetched.
@@ -35,7 +38,8 @@ pub enum FetchError {
     Invalid(String),
 }
 
-type Outcome = Option<Result<(), FetchError>>;
+/// The outcome of a fetch, `None` while it runs.
+pub type Outcome = Option<Result<(), FetchError>>;
 
 /// Fetches blobs and manifests from peers (cheap to clone).
 #[derive(Clone)]
@@ -43,76 +47,79 @@ pub struct Fetcher {
     store: Store,
     network: Network,
     inflight: Arc<Mutex<HashMap<Digest, watch::Receiver<Outcome>>>>,
-}
-
-/// Why one peer failed to supply content.
-enum PeerFailure {
-    /// It does not have it (or is busy, or went away): try the next.
-    Missing,
-    /// It sent bad data: disconnect it.
-    Bad(String),
-}
-
-impl From<NetError> for PeerFailure {
-    fn from(e: NetError) -> Self {
-        match e {
-            NetError::Protocol(why) => PeerFailure::Bad(why),
-            _ => PeerFailure::Missing,
-        }
-    }
+    bad_peers: Arc<std::sync::atomic::AtomicU64>,
+    cancel: tokio_util::sync::CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Fetcher {
-    /// A fetcher that stores into `store` and asks peers through `network`.
-    pub fn new(store: Store, network: Network) -> Fetcher {
+    /// A fetcher that stores into `store` and asks peers through `network`. Its fetches run on
+    /// `tasks` and stop when `cancel` fires (a partial download stays on disk to be resumed).
+    pub fn new(
+        store: Store,
+        network: Network,
+        cancel: tokio_util::sync::CancellationToken,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Fetcher {
         Fetcher {
             store,
             network,
             inflight: Arc::default(),
+            bad_peers: Arc::default(),
+            cancel,
+            tasks,
         }
     }
 
-    /// Runs `work` once per digest however many callers ask at the same time.
-    async fn once<F>(&self, digest: &Digest, work: F) -> Result<(), FetchError>
+    /// Runs `work` once per key however many callers ask at the same time, in its own task (a
+    /// client hanging up does not cancel it for the others). Returns the outcome to wait on.
+    fn start<F>(&self, key: &Digest, work: F) -> watch::Receiver<Outcome>
     where
         F: std::future::Future<Output = Result<(), FetchError>> + Send + 'static,
     {
-        let (mut rx, leader) = {
-            let mut map = self
-                .inflight
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match map.get(digest) {
-                Some(rx) => (rx.clone(), None),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    map.insert(digest.clone(), rx.clone());
-                    (rx, Some(tx))
-                }
-            }
-        };
-        if let Some(tx) = leader {
-            // The fetch runs in its own task so that a client hanging up does not cancel it for
-            // the others waiting on it.
-            let inflight = self.inflight.clone();
-            let d = digest.clone();
-            tokio::spawn(async move {
-                let result = work.await;
-                inflight
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove(&d);
-                let _ = tx.send(Some(result));
-            });
+        let mut map = self
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(rx) = map.get(key) {
+            return rx.clone();
         }
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.clone(), rx.clone());
+        let inflight = self.inflight.clone();
+        let k = key.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            let result = tokio::select! {
+                () = cancel.cancelled() => Err(FetchError::Unavailable(k.clone())),
+                r = work => r,
+            };
+            inflight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&k);
+            let _ = tx.send(Some(result));
+        });
+        rx
+    }
+
+    /// Waits for an outcome from [`Fetcher::start`].
+    pub async fn wait(mut rx: watch::Receiver<Outcome>, key: &Digest) -> Result<(), FetchError> {
         loop {
             if let Some(result) = rx.borrow_and_update().clone() {
                 return result;
             }
             if rx.changed().await.is_err() {
-                return Err(FetchError::Unavailable(digest.clone()));
+                return Err(FetchError::Unavailable(key.clone()));
             }
         }
+    }
+
+    async fn once<F>(&self, key: &Digest, work: F) -> Result<(), FetchError>
+    where
+        F: std::future::Future<Output = Result<(), FetchError>> + Send + 'static,
+    {
+        Fetcher::wait(self.start(key, work), key).await
     }
 
     /// Candidate peers for a digest: DHT providers first, then every connected peer (a peer that
@@ -161,74 +168,86 @@ impl Fetcher {
         if self.store.blob_size(&blob.digest).await?.is_some() {
             return Ok(());
         }
-        for peer in self.candidates(&blob.digest).await {
-            match self.blob_from(peer, blob).await {
-                Ok(()) => {
-                    let _ = self.network.provide(blob.digest.clone()).await;
-                    tracing::info!(digest = %blob.digest, %peer, "fetched blob");
-                    return Ok(());
+        let candidates = self.candidates(&blob.digest).await;
+        let index = self.blob_index(blob, &candidates).await?;
+        let partial = self.store.partial(index).await?;
+        // Announce at once: peers that come later take the chunks this node already holds.
+        let _ = self.network.provide(blob.digest.clone()).await;
+        let this = self.clone();
+        let digest = blob.digest.clone();
+        let refresh = move || -> futures::future::BoxFuture<'static, Vec<PeerId>> {
+            let (this, digest) = (this.clone(), digest.clone());
+            Box::pin(async move { this.candidates(&digest).await })
+        };
+        let started = std::time::Instant::now();
+        match swarm::download(
+            &self.store,
+            &self.network,
+            blob,
+            partial,
+            candidates,
+            refresh,
+            &self.bad_peers,
+        )
+        .await
+        {
+            Ok(()) => {
+                tracing::info!(digest = %blob.digest, size = blob.size, elapsed_ms = started.elapsed().as_millis() as u64, "fetched blob");
+                Ok(())
+            }
+            Err(swarm::SwarmError::Stalled) => Err(FetchError::Unavailable(blob.digest.clone())),
+            Err(swarm::SwarmError::Store(e)) => Err(e.into()),
+        }
+    }
+
+    /// The blob's `BlobIndex` from the first candidate whose copy matches the signed record.
+    async fn blob_index(
+        &self,
+        blob: &BlobRef,
+        candidates: &[PeerId],
+    ) -> Result<BlobIndex, FetchError> {
+        for &peer in candidates {
+            let request = SyncRequest::BlobIndex {
+                digest: blob.digest.clone(),
+            };
+            // A peer without the index, or unreachable, is simply skipped.
+            if let Ok(SyncResponse::BlobIndex(Some(index))) = self.network.sync(peer, request).await
+            {
+                if index.id() == blob.index
+                    && index.digest() == &blob.digest
+                    && index.size() == blob.size
+                {
+                    return Ok(index);
                 }
-                Err(PeerFailure::Missing) => {}
-                Err(PeerFailure::Bad(why)) => {
-                    tracing::warn!(%peer, digest = %blob.digest, why, "peer sent bad data; disconnecting it");
-                    let _ = self.network.disconnect(peer).await;
-                }
+                tracing::warn!(%peer, digest = %blob.digest, "peer sent a BlobIndex that does not match the signed record; disconnecting it");
+                self.bad_peers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = self.network.disconnect(peer).await;
             }
         }
         Err(FetchError::Unavailable(blob.digest.clone()))
     }
 
-    async fn blob_from(&self, peer: PeerId, blob: &BlobRef) -> Result<(), PeerFailure> {
-        let response = self
-            .network
-            .sync(
-                peer,
-                SyncRequest::BlobIndex {
-                    digest: blob.digest.clone(),
-                },
-            )
-            .await?;
-        let index: BlobIndex = match response {
-            SyncResponse::BlobIndex(Some(i)) => i,
-            SyncResponse::BlobIndex(None) | SyncResponse::Error(_) => {
-                return Err(PeerFailure::Missing);
-            }
-            _ => return Err(PeerFailure::Bad("unexpected answer to BlobIndex".into())),
-        };
-        if index.id() != blob.index || index.digest() != &blob.digest || index.size() != blob.size {
-            return Err(PeerFailure::Bad(
-                "BlobIndex does not match the signed record".into(),
-            ));
-        }
-        let mut client = ChunkClient::open(&mut self.network.control(), peer).await?;
-        let mut writer = self
-            .store
-            .blob_writer(blob.digest.algorithm())
-            .await
-            .map_err(|_| PeerFailure::Missing)?;
-        let mut buf = Vec::new();
-        for i in 0..index.chunk_count() {
-            let Some(range) = index.chunk_range(i) else {
-                return Err(PeerFailure::Bad("chunk out of range".into()));
-            };
-            if !client
-                .fetch(&blob.digest, range.start, range.end - range.start, &mut buf)
-                .await?
-            {
-                return Err(PeerFailure::Missing);
-            }
-            if !index.verify_chunk(i, &buf) {
-                return Err(PeerFailure::Bad(format!("chunk {i} fails its BLAKE3 hash")));
-            }
-            writer.write(&buf).await.map_err(|_| PeerFailure::Missing)?;
-        }
-        match writer.finish(&blob.digest).await {
-            Ok(_) => Ok(()),
-            Err(StoreError::DigestMismatch { .. }) => {
-                Err(PeerFailure::Bad("blob fails its digest".into()))
-            }
-            Err(_) => Err(PeerFailure::Missing),
-        }
+    /// Starts fetching a blob (or joins the fetch under way) without waiting for it; the
+    /// repository is linked when it completes. Returns the outcome to wait on.
+    pub fn start_blob(&self, repo: &RepoName, blob: &BlobRef) -> watch::Receiver<Outcome> {
+        let this = self.clone();
+        let (r, b) = (repo.clone(), blob.clone());
+        self.start(&blob.digest, async move {
+            this.fetch_blob(&b).await?;
+            this.store
+                .commit(vec![Event::Link {
+                    repo: r,
+                    digest: b.digest.clone(),
+                }])
+                .await?;
+            Ok(())
+        })
+    }
+
+    /// Peers that sent bad data so far.
+    pub fn bad_peers(&self) -> u64 {
+        self.bad_peers.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes the manifest `digest` (of `size` bytes, as a record says) present in `repo`.

@@ -35,10 +35,67 @@ pub fn protocol() -> StreamProtocol {
     StreamProtocol::new(CHUNK_PROTOCOL)
 }
 
+/// What the chunk server did, and how fast it may do it.
+#[derive(Debug, Default)]
+pub struct Uploads {
+    /// Bytes of blobs sent to peers.
+    pub served_bytes: std::sync::atomic::AtomicU64,
+    limit: Option<RateLimit>,
+}
+
+impl Uploads {
+    /// Upload accounting, limited to `bytes_per_sec` if given.
+    pub fn new(bytes_per_sec: Option<u64>) -> Uploads {
+        Uploads {
+            served_bytes: Default::default(),
+            limit: bytes_per_sec.filter(|r| *r > 0).map(RateLimit::new),
+        }
+    }
+
+    async fn spend(&self, bytes: usize) {
+        if let Some(l) = &self.limit {
+            l.acquire(bytes as u64).await;
+        }
+        self.served_bytes
+            .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A token bucket shared by every upload stream of the node (one second of burst).
+#[derive(Debug)]
+struct RateLimit {
+    bytes_per_sec: u64,
+    state: tokio::sync::Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl RateLimit {
+    fn new(bytes_per_sec: u64) -> RateLimit {
+        RateLimit {
+            bytes_per_sec,
+            state: tokio::sync::Mutex::new((bytes_per_sec as f64, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Waits until `n` bytes may be sent. Holding the lock while waiting queues senders fairly.
+    async fn acquire(&self, n: u64) {
+        let rate = self.bytes_per_sec as f64;
+        let mut state = self.state.lock().await;
+        let now = tokio::time::Instant::now();
+        let (tokens, last) = *state;
+        let mut tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
+        tokens -= n as f64;
+        if tokens < 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(-tokens / rate)).await;
+        }
+        *state = (tokens, now);
+    }
+}
+
 /// Accepts and serves chunk streams until `cancel` fires.
 pub async fn serve(
     mut control: libp2p_stream::Control,
     store: Store,
+    uploads: Arc<Uploads>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let mut incoming = match control.accept(protocol()) {
@@ -59,9 +116,9 @@ pub async fn serve(
             tracing::debug!(%peer, "refusing a chunk stream: too many in flight");
             continue;
         };
-        let store = store.clone();
+        let (store, uploads) = (store.clone(), uploads.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(&store, stream).await {
+            if let Err(e) = serve_stream(&store, &uploads, stream).await {
                 tracing::debug!(%peer, error = %e, "chunk stream ended with an error");
             }
             drop(permit);
@@ -69,7 +126,11 @@ pub async fn serve(
     }
 }
 
-async fn serve_stream(store: &Store, mut stream: Stream) -> Result<(), NetError> {
+async fn serve_stream(
+    store: &Store,
+    uploads: &Uploads,
+    mut stream: Stream,
+) -> Result<(), NetError> {
     loop {
         let frame = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut stream)).await {
             Err(_) => return Ok(()),
@@ -93,7 +154,30 @@ async fn serve_stream(store: &Store, mut stream: Stream) -> Result<(), NetError>
             continue;
         }
         let Some((mut file, size)) = store.open_blob(&request.digest).await? else {
-            write_frame(&mut stream, &codec::encode(&ChunkResponse::NotFound)?).await?;
+            // A download in progress serves the chunks it already holds.
+            let answer = match store.partial_in_progress(&request.digest) {
+                Some(p) if request.length <= u64::from(p.index().chunk_size()) => {
+                    let (offset, length) = (request.offset, request.length);
+                    tokio::task::spawn_blocking(move || p.read(offset, length))
+                        .await
+                        .map_err(|e| NetError::Protocol(e.to_string()))??
+                }
+                _ => None,
+            };
+            match answer {
+                Some(bytes) => {
+                    let ok = ChunkResponse::Ok {
+                        length: bytes.len() as u64,
+                    };
+                    write_frame(&mut stream, &codec::encode(&ok)?).await?;
+                    for piece in bytes.chunks(COPY_BUFFER_BYTES) {
+                        uploads.spend(piece.len()).await;
+                        stream.write_all(piece).await?;
+                    }
+                    stream.flush().await?;
+                }
+                None => write_frame(&mut stream, &codec::encode(&ChunkResponse::NotFound)?).await?,
+            }
             continue;
         };
         let end = request.offset.saturating_add(request.length);
@@ -119,6 +203,7 @@ async fn serve_stream(store: &Store, mut stream: Stream) -> Result<(), NetError>
             if n == 0 {
                 return Err(NetError::Protocol("blob file shorter than its size".into()));
             }
+            uploads.spend(n).await;
             stream.write_all(&buf[..n]).await?;
             left -= n as u64;
         }

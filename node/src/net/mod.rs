@@ -34,8 +34,8 @@ use libp2p::{
 };
 use serde::Serialize;
 use shoal_protocol::message::{
-    Gossip, MAX_GOSSIP_BYTES, MAX_SYNC_RECORDS, SYNC_PROTOCOL, SyncRequest, SyncResponse,
-    TAGS_TOPIC,
+    Gossip, HaveChunks, MAX_GOSSIP_BYTES, MAX_SYNC_RECORDS, SYNC_PROTOCOL, SyncRequest,
+    SyncResponse, TAGS_TOPIC,
 };
 use shoal_protocol::{Digest, SignedTagRecord, codec};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -102,6 +102,8 @@ pub struct NetConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Whether to find peers on the LAN with mDNS.
     pub mdns: bool,
+    /// Cap on the bytes per second this node sends to peers (for metered or slow links).
+    pub upload_limit_bytes_per_sec: Option<u64>,
 }
 
 impl Default for NetConfig {
@@ -117,6 +119,7 @@ impl Default for NetConfig {
             ],
             bootstrap: Vec::new(),
             mdns: true,
+            upload_limit_bytes_per_sec: None,
         }
     }
 }
@@ -163,6 +166,7 @@ pub struct Network {
     commands: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
     peer_id: PeerId,
+    uploads: Arc<chunk::Uploads>,
 }
 
 impl Network {
@@ -213,11 +217,13 @@ impl Network {
             }
         }
         let control = swarm.behaviour().stream.new_control();
+        let uploads = Arc::new(chunk::Uploads::new(config.upload_limit_bytes_per_sec));
         let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
         let network = Network {
             commands: tx,
             control: control.clone(),
             peer_id,
+            uploads: uploads.clone(),
         };
         let event_loop = EventLoop {
             swarm,
@@ -231,13 +237,20 @@ impl Network {
             syncs: Arc::new(Semaphore::new(MAX_CONCURRENT_SYNCS)),
         };
         tasks.spawn(event_loop.run(cancel.clone()));
-        tasks.spawn(chunk::serve(control, store, cancel));
+        tasks.spawn(chunk::serve(control, store, uploads, cancel));
         Ok(network)
     }
 
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Bytes of blobs this node has sent to peers.
+    pub fn served_bytes(&self) -> u64 {
+        self.uploads
+            .served_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A control for opening chunk streams.
@@ -750,10 +763,32 @@ async fn answer(store: &Store, request: SyncRequest) -> Result<SyncResponse, Net
                 .read(move |i| i.records_page(after.as_ref().map(|(r, t)| (r, t)), limit))
                 .await?
         }
+        SyncRequest::Have { digest } => SyncResponse::Have(have(store, &digest).await?),
         SyncRequest::BlobIndex { digest } => {
             SyncResponse::BlobIndex(store.blob_index(&digest).await?)
         }
     })
+}
+
+/// Which chunks of a blob this node holds: all of a stored blob, some of a download.
+async fn have(store: &Store, digest: &Digest) -> Result<Option<HaveChunks>, NetError> {
+    if store.blob_size(digest).await?.is_some() {
+        let Some(index) = store.blob_index(digest).await? else {
+            return Ok(None);
+        };
+        let count = index.chunk_count();
+        let mut bits = vec![0xffu8; (count as usize).div_ceil(8)];
+        if let Some(last) = bits.last_mut() {
+            if count % 8 != 0 {
+                *last = (1u8 << (count % 8)) - 1;
+            }
+        }
+        return Ok(Some(HaveChunks {
+            chunk_count: count,
+            bits,
+        }));
+    }
+    Ok(store.partial_in_progress(digest).map(|p| p.have()))
 }
 
 /// Pulls every record `peer` holds that this node lacks. Returns how many were accepted.

@@ -23,6 +23,7 @@ pub(super) async fn peers(State(r): State<Registry>) -> Response {
 /// GET /_shoal/v1/status
 pub(super) async fn status(State(r): State<Registry>) -> Response {
     let stats = r.tags.stats();
+    let bad_peers = r.fleet.as_ref().map_or(0, |f| f.fetcher.bad_peers());
     let (peer_id, listen) = match &r.fleet {
         Some(f) => (
             Some(f.network.peer_id().to_string()),
@@ -39,6 +40,8 @@ pub(super) async fn status(State(r): State<Registry>) -> Response {
     axum::Json(serde_json::json!({
         "peer_id": peer_id,
         "p2p_listen": listen,
+        "bad_peers": bad_peers,
+        "served_bytes": r.fleet.as_ref().map_or(0, |f| f.network.served_bytes()),
         "records": {
             "accepted": stats.accepted.load(Ordering::Relaxed),
             "stale": stats.stale.load(Ordering::Relaxed),

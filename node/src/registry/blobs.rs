@@ -4,7 +4,14 @@ use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use shoal_protocol::{Digest, RepoName};
+use std::sync::Arc;
+use std::time::Duration;
+
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::watch;
+
+use crate::fetch::Outcome;
+use crate::store::partial::Partial;
 
 use super::error::RegistryError;
 use super::{Registry, Result, empty};
@@ -86,8 +93,22 @@ pub(super) async fn visible(r: &Registry, name: &RepoName, digest: &Digest) -> R
         .await?)
 }
 
-/// Fetches a blob that a trusted record of the repository names but this node lacks.
-async fn fetch_from_fleet(r: &Registry, name: &RepoName, digest: &Digest) -> Result<()> {
+/// Where a blob's bytes come from.
+enum Source {
+    /// A complete blob file.
+    File(tokio::fs::File, u64),
+    /// A download in progress, streamed as its chunks arrive.
+    Partial(Arc<Partial>, watch::Receiver<Outcome>),
+}
+
+/// Finds the blob for `name`: on disk, or (if a trusted record of the repository names it)
+/// from the fleet, as soon as the download has started.
+async fn source(r: &Registry, name: &RepoName, digest: &Digest) -> Result<Source> {
+    if visible(r, name, digest).await? {
+        if let Some((file, size)) = r.store.open_blob(digest).await? {
+            return Ok(Source::File(file, size));
+        }
+    }
     let Some(fleet) = &r.fleet else {
         return Err(RegistryError::BlobUnknown);
     };
@@ -95,10 +116,75 @@ async fn fetch_from_fleet(r: &Registry, name: &RepoName, digest: &Digest) -> Res
     let Some(blob) = r.store.read(move |i| i.record_blob(&n, &d)).await? else {
         return Err(RegistryError::BlobUnknown);
     };
-    fleet.fetcher.blob(name, &blob).await.map_err(|e| {
-        tracing::warn!(error = %e, %digest, "blob named by a record could not be fetched");
-        RegistryError::BlobUnknown
-    })
+    let mut outcome = fleet.fetcher.start_blob(name, &blob);
+    loop {
+        if let Some((file, size)) = r.store.open_blob(digest).await? {
+            return Ok(Source::File(file, size));
+        }
+        if let Some(p) = r.store.partial_in_progress(digest) {
+            return Ok(Source::Partial(p, outcome));
+        }
+        if let Some(Err(e)) = outcome.borrow_and_update().clone() {
+            tracing::warn!(error = %e, %digest, "blob named by a record could not be fetched");
+            return Err(RegistryError::BlobUnknown);
+        }
+        // Poll: the partial appears once the download has its BlobIndex.
+        let _ = tokio::time::timeout(Duration::from_millis(20), outcome.changed()).await;
+    }
+}
+
+/// Streams `[start, start + len)` of a download in progress, each chunk as soon as it is held
+/// (and so verified). Ends with an error if the download fails.
+fn stream_partial(
+    partial: Arc<Partial>,
+    outcome: watch::Receiver<Outcome>,
+    start: u64,
+    len: u64,
+) -> impl futures_util::Stream<Item = std::result::Result<bytes::Bytes, std::io::Error>> {
+    let end = start + len;
+    let progress = partial.progress();
+    futures_util::stream::unfold(
+        (partial, outcome, progress, start),
+        move |(partial, mut outcome, mut progress, pos)| async move {
+            if pos >= end {
+                return None;
+            }
+            let chunk_size = u64::from(partial.index().chunk_size());
+            let chunk = (pos / chunk_size) as u32;
+            loop {
+                if partial.has(chunk) {
+                    break;
+                }
+                let state = outcome.borrow_and_update().clone();
+                if let Some(Err(e)) = state {
+                    let err = std::io::Error::other(format!("download failed: {e}"));
+                    return Some((Err(err), (partial, outcome, progress, end)));
+                }
+                tokio::select! {
+                    r = progress.changed() => { if r.is_err() { return None; } }
+                    r = outcome.changed() => { if r.is_err() && !partial.has(chunk) { return None; } }
+                }
+            }
+            let upto = ((u64::from(chunk) + 1) * chunk_size).min(end);
+            let n = usize::try_from(upto - pos).unwrap_or(0);
+            let p = partial.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; n];
+                p.read_held(pos, &mut buf).map(|()| buf)
+            })
+            .await;
+            match read {
+                Ok(Ok(buf)) => Some((
+                    Ok(bytes::Bytes::from(buf)),
+                    (partial, outcome, progress, upto),
+                )),
+                _ => Some((
+                    Err(std::io::Error::other("reading a partial blob")),
+                    (partial, outcome, progress, end),
+                )),
+            }
+        },
+    )
 }
 
 /// GET and HEAD /v2/<name>/blobs/<digest>
@@ -109,11 +195,10 @@ pub(super) async fn get(
     headers: &HeaderMap,
     with_body: bool,
 ) -> Result<Response> {
-    if !visible(r, name, digest).await? {
-        fetch_from_fleet(r, name, digest).await?;
-    }
-    let Some((mut file, size)) = r.store.open_blob(digest).await? else {
-        return Err(RegistryError::BlobUnknown);
+    let source = source(r, name, digest).await?;
+    let size = match &source {
+        Source::File(_, size) => *size,
+        Source::Partial(p, _) => p.index().size(),
     };
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         None => None,
@@ -138,19 +223,21 @@ pub(super) async fn get(
         None => (0, size),
     };
     builder = builder.header(header::CONTENT_LENGTH, len);
-    let body = if with_body {
-        if start > 0 {
-            file.seek(std::io::SeekFrom::Start(start))
-                .await
-                .map_err(crate::store::StoreError::from)?;
+    let body = match source {
+        _ if !with_body => Body::empty(),
+        Source::File(mut file, _) => {
+            if start > 0 {
+                file.seek(std::io::SeekFrom::Start(start))
+                    .await
+                    .map_err(crate::store::StoreError::from)?;
+            }
+            let reader = file.take(len);
+            Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+                reader,
+                SERVE_BUFFER_BYTES,
+            ))
         }
-        let reader = file.take(len);
-        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-            reader,
-            SERVE_BUFFER_BYTES,
-        ))
-    } else {
-        Body::empty()
+        Source::Partial(p, outcome) => Body::from_stream(stream_partial(p, outcome, start, len)),
     };
     builder
         .body(body)

@@ -6,6 +6,7 @@
 //! blobs/<alg>/<2 hex>/<hex>   complete, verified blobs (layers, configs and manifests alike)
 //! tmp/                        blobs being written; anything here at start-up is garbage
 //! uploads/<id>/{repo,data}    resumable upload sessions (the registry's POST/PATCH/PUT)
+//! partial/<alg>/<hex>/        downloads from peers in progress, resumable (see `partial`)
 //! journal.v1.log              the records log: what each repository links, tags and indexes
 //! index/                      sled: the index, rebuilt from the above by `shoal fsck --repair`
 //! ```
@@ -21,6 +22,7 @@
 mod fsck;
 pub mod index;
 pub mod journal;
+pub mod partial;
 pub mod sink;
 pub mod upload;
 
@@ -157,6 +159,7 @@ struct Inner {
     index: Index,
     journal: Journal,
     uploads: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<Upload>>>>,
+    partials: Mutex<std::collections::HashMap<Digest, Arc<partial::Partial>>>,
 }
 
 /// Handle to a node's store (cheap to clone).
@@ -196,6 +199,7 @@ impl Store {
                 index,
                 journal,
                 uploads: Mutex::new(Default::default()),
+                partials: Mutex::new(Default::default()),
             }),
         })
     }

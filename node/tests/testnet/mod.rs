@@ -271,6 +271,8 @@ pub struct TestNet {
     pub nodes: Vec<TestNode>,
     pub seeds: Vec<[u8; 32]>,
     pub extra_trust: Vec<TrustRule>,
+    /// Upload limits (bytes per second) by node index.
+    pub upload_limits: std::collections::HashMap<usize, u64>,
 }
 
 fn memory_addr() -> Multiaddr {
@@ -292,6 +294,7 @@ impl TestNet {
             nodes: Vec::new(),
             seeds: seeds.collect(),
             extra_trust: Vec::new(),
+            upload_limits: Default::default(),
         }
     }
 
@@ -335,7 +338,8 @@ impl TestNet {
             .filter(|n| n.node.is_some())
             .map(|n| n.memory.clone())
             .collect();
-        let node = start_node(dir.path(), memory.clone(), bootstrap, self.trust()).await;
+        let limit = self.upload_limits.get(&i).copied();
+        let node = start_node(dir.path(), memory.clone(), bootstrap, self.trust(), limit).await;
         self.nodes.push(TestNode {
             node: Some(node),
             dir,
@@ -345,7 +349,7 @@ impl TestNet {
         i
     }
 
-    /// Restarts a stopped node on its data directory and memory address.
+    /// Restarts a stopped node on its data directory.
     pub async fn restart(&mut self, i: usize) {
         let bootstrap = self
             .nodes
@@ -355,8 +359,12 @@ impl TestNet {
             .map(|(_, n)| n.memory.clone())
             .collect();
         let trust = self.trust();
+        let limit = self.upload_limits.get(&i).copied();
         let n = &mut self.nodes[i];
-        n.node = Some(start_node(n.dir.path(), n.memory.clone(), bootstrap, trust).await);
+        // libp2p's memory transport never frees a listening port, so a restarted node gets a
+        // new address (as a real node may after a reboot); it dials the others itself.
+        n.memory = memory_addr();
+        n.node = Some(start_node(n.dir.path(), n.memory.clone(), bootstrap, trust, limit).await);
     }
 
     /// Waits until every running node has at least `k` peers.
@@ -378,6 +386,7 @@ async fn start_node(
     memory: Multiaddr,
     bootstrap: Vec<Multiaddr>,
     trust: Vec<TrustRule>,
+    upload_limit: Option<u64>,
 ) -> Node {
     let config = Config {
         data_dir: dir.to_path_buf(),
@@ -386,8 +395,20 @@ async fn start_node(
             listen: vec![memory],
             bootstrap,
             mdns: false,
+            upload_limit_bytes_per_sec: upload_limit,
         },
         trust,
     };
-    Node::start(config).await.expect("node starts")
+    // A node just stopped on this directory may hold sled's lock for a moment longer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match Node::start(config.clone()).await {
+            Ok(node) => return node,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("node did not start: {e}"),
+        }
+    }
 }

@@ -1,0 +1,2201 @@
+//! The download plan for one blob: which chunk to ask which peer for, and when to give up on a
+//! request or on a peer.
+//!
+//! [`Plan`] is sans-IO. It does no I/O, reads no clock, spawns nothing and draws no randomness
+//! except from [`PlanConfig::seed`], so the real fetcher and the fleet simulator drive the same
+//! code and a simulation replays exactly. The driver feeds [`Event`]s in with [`Plan::handle`]
+//! (a peer's bitfield or a new chunk it has, a chunk that arrived and verified, a chunk that was
+//! bad, a request that failed, a peer that went away) and takes [`Action`]s out with
+//! [`Plan::next_actions`] (request a chunk from a peer, cancel a request, ban a peer). Time is
+//! passed in as a [`Duration`] since any origin the driver likes; the plan only compares and
+//! subtracts instants. [`Plan::next_deadline`] says when to call `next_actions` again if no event
+//! comes first, so that requests that timed out are expired.
+//!
+//! The plan trusts the driver on one thing: `ChunkDone` means the chunk's BLAKE3 hash was checked
+//! and the chunk is stored. What a peer says (bitfields, chunk numbers) is bounds-checked and can
+//! neither panic the plan nor make it allocate more than one bitfield per peer.
+//!
+//! # Policy, and why
+//!
+//! The ideas are BitTorrent's, as described in Bram Cohen's *Incentives Build Robustness in
+//! BitTorrent* (2003) and measured in Legout, Urvoy-Keller and Michiardi's *Rarest First and
+//! Choke Algorithms Are Enough* (2006); Kraken and Dragonfly schedule pieces in the same spirit.
+//!
+//! - **Rarest first.** Among the missing chunks not in flight, the plan asks first for those held
+//!   by the fewest usable peers. A chunk few peers hold is the one most likely to vanish (its
+//!   holders leave, or get banned), and once this node holds it, the copy it serves is worth the
+//!   most to the rest of the fleet; common chunks can be had from anyone later. Equally rare chunks
+//!   are ordered by a permutation drawn from the seed, so a thousand nodes started together do not
+//!   all queue for chunk 0 on the same seeder.
+//! - **Priority window.** A client reading a blob in order (a `docker pull` being streamed) needs
+//!   the next chunks, not the rarest ones. [`Plan::set_priority_window`] puts a range of chunks
+//!   ahead of rarity, in index order, like a streaming torrent client's playback head; the driver
+//!   moves it as the reader advances. There is none by default.
+//! - **Which peer.** A chunk goes to the holder with a free slot that is expected to deliver it
+//!   soonest: the least `(requests in flight + 1) / measured rate`, a peer with no measurement yet
+//!   counting as the median. A peer that already failed or timed out on that chunk is chosen only
+//!   if no other holder has room.
+//! - **Pipelining, more for faster peers.** Each usable peer may have
+//!   [`PlanConfig::max_in_flight_per_peer`] requests outstanding, so a link never idles for a round
+//!   trip between chunks (BitTorrent keeps several requests queued per connection for the same
+//!   reason). A peer measured faster than the median gets proportionally more, up to four times as
+//!   many: `limit = base * rate / median`, clamped to `[base, 4 * base]`. A peer's rate is the
+//!   verified bytes it delivered divided by the time during which it had at least one request
+//!   outstanding from us. It is deliberately not bytes over each request's own latency: with `d`
+//!   requests queued at a peer that serves them one after another, each waits for the ones before
+//!   it, so per-request latency shows `bandwidth / d`, and a peer given more slots would look slower
+//!   and lose them again. Busy time is independent of the queue depth. Time spent on requests that
+//!   fail or time out counts as busy time with no bytes, so an unreliable peer looks slow. The
+//!   median is the lower median of the positive rates of the usable peers. Rates, limits and
+//!   comparisons are integers, so runs replay the same on every platform.
+//! - **Endgame.** When every missing chunk that some usable peer holds is in flight, spare slots
+//!   go to asking other holders for the chunks already in flight (up to
+//!   [`PlanConfig::endgame_duplicates`] requests per chunk, the oldest request first); the first
+//!   verified copy wins and the other requests are cancelled. Without it the last chunks of a blob
+//!   wait for whichever peer happens to be slowest, which is the tail BitTorrent's endgame mode
+//!   removes. It costs at most a few duplicate chunk transfers, only at the tail.
+//! - **Caps.** [`Plan::in_flight`] counts requests, duplicates included. It never exceeds
+//!   [`PlanConfig::max_in_flight`], and no peer ever has more than its limit.
+//! - **Timeouts and strikes.** A request older than [`PlanConfig::request_timeout`] when
+//!   `next_actions` is called is cancelled and its chunk re-planned; the peer gets a strike (one
+//!   per call however many of its requests expired at once: they are one stall, not several).
+//!   [`Event::ChunkFailed`] is a strike too. [`PlanConfig::max_strikes`] strikes in a row make the
+//!   peer unusable: its other requests are cancelled and it is asked for nothing more. A verified
+//!   delivery clears the count. The strikes are consecutive, not lifetime totals, because "busy" is
+//!   a normal answer from a popular peer, and counting those over a whole download would make every
+//!   downloader in a datacenter rollout drop the best seeder. An unusable peer becomes usable again
+//!   only by reconnecting ([`Event::PeerGone`], then a bitfield or a have), which starts a new
+//!   session with no strikes.
+//! - **Bans.** A peer that sent a chunk failing verification ([`Event::ChunkBad`]) is banned for
+//!   the life of the plan, reconnect or not: one [`Action::Ban`] is emitted, its requests are
+//!   forgotten (the driver disconnects it, so no cancel is sent) and their chunks re-planned.
+//! - **Departures.** [`Event::PeerGone`] forgets the peer's requests and re-plans their chunks.
+//! - **Resume and duplicates.** Chunks held at [`Plan::new`] are never requested. A `ChunkDone` for
+//!   a chunk already held (a late endgame loser, a request that timed out but arrived after all) is
+//!   counted in the peer's statistics and is otherwise harmless.
+//! - **Stalls.** [`Plan::is_stalled`] is true when the blob is incomplete, nothing is in flight and
+//!   no usable peer holds a missing chunk: the driver should find more providers or give up. A plan
+//!   that has heard of no peer yet is stalled too.
+//!
+//! Invariants, for every [`Action::Request`]: the chunk is not held, the peer is connected, not
+//! banned, not struck out, said it has the chunk, has no request for it already, and the peer and
+//! global caps hold.
+//!
+//! Not here: choking and upload policy (what this node serves is another module's business),
+//! requests for parts of a chunk, and bandwidth shaping.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::{self, Debug};
+use std::hash::Hash;
+use std::time::Duration;
+
+/// The highest multiple of [`PlanConfig::max_in_flight_per_peer`] a fast peer may be given.
+const MAX_SPEEDUP: u128 = 4;
+
+/// The rate assumed for a peer with no measurement when no peer has one yet (1 MiB/s). Only its
+/// order relative to measured rates matters: it is above the floor given to peers measured at zero.
+const NOMINAL_RATE_BYTES_PER_SEC: u64 = 1 << 20;
+
+/// The increment of SplitMix64, used to derive independent values from the seed.
+const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Separates the stream of peer tie-breakers from the stream of chunk ranks.
+const PEER_SALT: u64 = 0x5045_4552_5341_4c54;
+
+/// SplitMix64's output function: a fixed, well-mixed function of its input. Used instead of a
+/// `rand` generator, whose algorithm may change between versions, so a seed replays forever.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn words_for(len: u32) -> usize {
+    len.div_ceil(64) as usize
+}
+
+/// One bit per chunk of a blob: which chunks a peer (or this node) holds.
+///
+/// The wire form ([`Bitfield::to_bytes`], [`Bitfield::from_bytes`]) is BitTorrent's: chunk 0 is
+/// the high bit of the first byte, and the spare bits of the last byte are zero.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Bitfield {
+    /// Bit `i` is bit `i % 64` of word `i / 64`; bits at and beyond `len` are always zero.
+    words: Vec<u64>,
+    len: u32,
+}
+
+impl Bitfield {
+    /// A bitfield of `len` chunks, none held.
+    pub fn new(len: u32) -> Self {
+        Bitfield {
+            words: vec![0; words_for(len)],
+            len,
+        }
+    }
+
+    /// A bitfield of `len` chunks, all held.
+    pub fn full(len: u32) -> Self {
+        let mut bits = Bitfield {
+            words: vec![u64::MAX; words_for(len)],
+            len,
+        };
+        let spare = len % 64;
+        if let Some(last) = bits.words.last_mut().filter(|_| spare != 0) {
+            *last &= (1u64 << spare) - 1;
+        }
+        bits
+    }
+
+    /// The number of chunks it describes.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Whether it describes no chunks at all (a zero-length blob), not whether no bit is set.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether chunk `i` is held; `false` for an `i` out of range.
+    pub fn get(&self, i: u32) -> bool {
+        i < self.len
+            && self
+                .words
+                .get((i / 64) as usize)
+                .is_some_and(|w| (w >> (i % 64)) & 1 == 1)
+    }
+
+    /// Marks chunk `i` held. Returns whether it was not held before; an `i` out of range is
+    /// ignored and returns `false`.
+    pub fn set(&mut self, i: u32) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        match self.words.get_mut((i / 64) as usize) {
+            Some(w) => {
+                let mask = 1u64 << (i % 64);
+                let was = *w & mask != 0;
+                *w |= mask;
+                !was
+            }
+            None => false,
+        }
+    }
+
+    /// Marks chunk `i` not held. Returns whether it was held; an `i` out of range is ignored.
+    pub fn clear(&mut self, i: u32) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        match self.words.get_mut((i / 64) as usize) {
+            Some(w) => {
+                let mask = 1u64 << (i % 64);
+                let was = *w & mask != 0;
+                *w &= !mask;
+                was
+            }
+            None => false,
+        }
+    }
+
+    /// How many chunks are held.
+    pub fn count_ones(&self) -> u32 {
+        self.words.iter().map(|w| w.count_ones()).sum()
+    }
+
+    /// Whether every chunk is held (true for a zero-length bitfield).
+    pub fn is_full(&self) -> bool {
+        self.count_ones() == self.len
+    }
+
+    /// Parses the wire form of a bitfield of `len` chunks. `None` unless `bytes` is exactly
+    /// `ceil(len / 8)` bytes long with the spare bits of the last byte zero. Allocates only after
+    /// the length matched, so a peer cannot choose the allocation.
+    pub fn from_bytes(bytes: &[u8], len: u32) -> Option<Bitfield> {
+        if bytes.len() != len.div_ceil(8) as usize {
+            return None;
+        }
+        let mut bits = Bitfield::new(len);
+        for (k, &byte) in bytes.iter().enumerate() {
+            for j in 0..8u32 {
+                if byte & (0x80 >> j) != 0 {
+                    let i = u32::try_from(k).ok()?.checked_mul(8)?.checked_add(j)?;
+                    if i >= len {
+                        return None;
+                    }
+                    bits.set(i);
+                }
+            }
+        }
+        Some(bits)
+    }
+
+    /// The wire form: `ceil(len / 8)` bytes, chunk 0 in the high bit of the first byte.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.len.div_ceil(8) as usize];
+        for i in self.iter_ones() {
+            if let Some(byte) = out.get_mut((i / 8) as usize) {
+                *byte |= 0x80 >> (i % 8);
+            }
+        }
+        out
+    }
+
+    /// The held chunks, in increasing order.
+    pub fn iter_ones(&self) -> impl Iterator<Item = u32> + '_ {
+        self.words.iter().enumerate().flat_map(|(k, &word)| Ones {
+            word,
+            base: (k as u32).wrapping_mul(64),
+        })
+    }
+
+    /// The chunks not held, in increasing order.
+    fn iter_zeros(&self) -> impl Iterator<Item = u32> + '_ {
+        let len = self.len;
+        self.words
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &word)| Ones {
+                word: !word,
+                base: (k as u32).wrapping_mul(64),
+            })
+            .take_while(move |&i| i < len)
+    }
+
+    /// Whether some chunk held here is not held in `other`.
+    fn has_any_not_in(&self, other: &Bitfield) -> bool {
+        self.words
+            .iter()
+            .enumerate()
+            .any(|(k, &w)| w & !other.words.get(k).copied().unwrap_or(0) != 0)
+    }
+
+    /// The same chunks, described as a bitfield of `len` chunks (chunks beyond `len` dropped).
+    fn resized(&self, len: u32) -> Bitfield {
+        let mut bits = Bitfield::new(len);
+        for i in self.iter_ones().take_while(|&i| i < len) {
+            bits.set(i);
+        }
+        bits
+    }
+}
+
+impl Debug for Bitfield {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.len <= 128 {
+            let bits: String = (0..self.len)
+                .map(|i| if self.get(i) { '1' } else { '0' })
+                .collect();
+            write!(f, "Bitfield({bits})")
+        } else {
+            write!(f, "Bitfield({}/{} held)", self.count_ones(), self.len)
+        }
+    }
+}
+
+/// The set bits of one word, offset by `base`.
+struct Ones {
+    word: u64,
+    base: u32,
+}
+
+impl Iterator for Ones {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        if self.word == 0 {
+            return None;
+        }
+        let bit = self.word.trailing_zeros();
+        self.word &= self.word - 1;
+        Some(self.base.wrapping_add(bit))
+    }
+}
+
+/// How a [`Plan`] schedules. Values of zero for the caps, duplicates or strikes are raised to one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanConfig {
+    /// Requests a peer may have outstanding before its rate is known, and the base its rate scales
+    /// (a peer faster than the median gets up to four times this). Default 4.
+    pub max_in_flight_per_peer: usize,
+    /// Requests outstanding at once for this blob, over all peers, duplicates included. Default 64.
+    pub max_in_flight: usize,
+    /// A request older than this is cancelled and its peer gets a strike. It should be well above
+    /// the time one chunk takes on a slow link. Default 20 s.
+    pub request_timeout: Duration,
+    /// In endgame, how many peers a missing chunk may be requested from at once. 1 turns endgame
+    /// off. Default 2.
+    pub endgame_duplicates: usize,
+    /// Consecutive timeouts or failures after which a peer is no longer used. Default 3.
+    pub max_strikes: u32,
+    /// Breaks ties between equally rare chunks and between equally good peers.
+    pub seed: u64,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            max_in_flight_per_peer: 4,
+            max_in_flight: 64,
+            request_timeout: Duration::from_secs(20),
+            endgame_duplicates: 2,
+            max_strikes: 3,
+            seed: 0,
+        }
+    }
+}
+
+/// Something that happened, fed to [`Plan::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event<P> {
+    /// A peer's whole bitfield, on connect or refreshed. A bitfield of another length than the
+    /// blob's chunk count is taken as "has nothing".
+    PeerHas {
+        /// The peer.
+        peer: P,
+        /// The chunks it holds.
+        have: Bitfield,
+    },
+    /// A peer now holds one more chunk.
+    PeerHasChunk {
+        /// The peer.
+        peer: P,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// A peer disconnected or stopped serving this blob.
+    PeerGone {
+        /// The peer.
+        peer: P,
+    },
+    /// A chunk arrived from a peer, its BLAKE3 hash verified, and it is stored.
+    ChunkDone {
+        /// The peer that sent it.
+        peer: P,
+        /// The chunk.
+        chunk: u32,
+        /// Its length, for the peer's measured rate.
+        bytes: u64,
+    },
+    /// A chunk arrived from a peer and failed verification: the peer is banned.
+    ChunkBad {
+        /// The peer that sent it.
+        peer: P,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// A request failed (transport error, not found, busy): the peer gets a strike.
+    ChunkFailed {
+        /// The peer asked.
+        peer: P,
+        /// The chunk.
+        chunk: u32,
+    },
+}
+
+/// Something the driver should do, returned by [`Plan::next_actions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<P> {
+    /// Ask `peer` for `chunk`.
+    Request {
+        /// The peer to ask.
+        peer: P,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// Abandon the request for `chunk` to `peer`: another peer delivered it first, the request
+    /// timed out, or the peer struck out. A delivery that still arrives is harmless.
+    Cancel {
+        /// The peer asked.
+        peer: P,
+        /// The chunk.
+        chunk: u32,
+    },
+    /// `peer` sent bad data: disconnect it. The plan never uses it again. Emitted once per peer.
+    Ban {
+        /// The peer.
+        peer: P,
+    },
+}
+
+/// What the plan knows about one peer, from [`Plan::peer_stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Verified bytes received from it, late and duplicate deliveries included.
+    pub bytes_delivered: u64,
+    /// Verified chunks received from it, late and duplicate deliveries included.
+    pub chunks_delivered: u64,
+    /// Consecutive timeouts and failures since its last verified delivery or reconnect.
+    pub strikes: u32,
+    /// Whether it sent bad data (it is then never used again).
+    pub banned: bool,
+    /// Whether it is connected (it said what it has, and has not gone since).
+    pub connected: bool,
+    /// Whether requests may be sent to it: connected, not banned and not struck out.
+    pub usable: bool,
+    /// Its requests outstanding.
+    pub in_flight: usize,
+    /// How many requests it may have outstanding now (0 if it is not usable).
+    pub in_flight_limit: usize,
+    /// Its measured rate: verified bytes per second of the time it had requests outstanding.
+    /// `None` until one of its requests has ended.
+    pub rate_bytes_per_sec: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct PeerState {
+    /// What it holds; `chunk_count` bits long. Cleared when it goes.
+    have: Bitfield,
+    connected: bool,
+    banned: bool,
+    strikes: u32,
+    /// Chunk requested from it → when.
+    in_flight: BTreeMap<u32, Duration>,
+    /// Chunks it failed or timed out on in this session: asked again only as a last resort.
+    failed: BTreeSet<u32>,
+    bytes_delivered: u64,
+    chunks_delivered: u64,
+    /// Bytes delivered for requests that were outstanding: the numerator of its rate.
+    measured_bytes: u64,
+    /// Time it had requests outstanding, up to `busy_since`.
+    busy_total: Duration,
+    /// When its current run of outstanding requests began.
+    busy_since: Option<Duration>,
+    /// `measured_bytes` per second of busy time, as of its last request's end.
+    rate: Option<u64>,
+    /// Seeded tie-breaker between otherwise equal peers.
+    tiebreak: u64,
+}
+
+impl PeerState {
+    fn new(chunk_count: u32, tiebreak: u64) -> Self {
+        PeerState {
+            have: Bitfield::new(chunk_count),
+            connected: true,
+            banned: false,
+            strikes: 0,
+            in_flight: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            bytes_delivered: 0,
+            chunks_delivered: 0,
+            measured_bytes: 0,
+            busy_total: Duration::ZERO,
+            busy_since: None,
+            rate: None,
+            tiebreak,
+        }
+    }
+
+    fn usable(&self, max_strikes: u32) -> bool {
+        self.connected && !self.banned && self.strikes < max_strikes
+    }
+
+    fn update_rate(&mut self, now: Duration) {
+        let busy = self.busy_total
+            + self
+                .busy_since
+                .map_or(Duration::ZERO, |since| now.saturating_sub(since));
+        if let Some(rate) =
+            (u128::from(self.measured_bytes) * 1_000_000_000).checked_div(busy.as_nanos())
+        {
+            self.rate = Some(u64::try_from(rate).unwrap_or(u64::MAX));
+        }
+    }
+
+    fn end_busy(&mut self, now: Duration) {
+        if let Some(since) = self.busy_since.take() {
+            self.busy_total += now.saturating_sub(since);
+        }
+        self.update_rate(now);
+    }
+
+    /// The rate used to compare it with other peers: its measurement, the median for a peer not
+    /// measured yet, and 1 byte/s for a peer measured at zero (slowest, but still usable).
+    fn effective_rate(&self, median: Option<u64>) -> u64 {
+        match self.rate {
+            Some(rate) => rate.max(1),
+            None => median.unwrap_or(NOMINAL_RATE_BYTES_PER_SEC).max(1),
+        }
+    }
+
+    /// How many requests it may have outstanding: the base, scaled by its rate over the median.
+    fn limit(&self, base: usize, median: Option<u64>) -> usize {
+        match (self.rate, median) {
+            (Some(rate), Some(median)) if rate > 0 && median > 0 => {
+                let base = base as u128;
+                let scaled =
+                    (base * u128::from(rate) / u128::from(median)).clamp(base, base * MAX_SPEEDUP);
+                usize::try_from(scaled).unwrap_or(usize::MAX)
+            }
+            _ => base,
+        }
+    }
+}
+
+/// The download plan for one blob of `chunk_count` chunks from many peers. See the module
+/// documentation for the policy.
+///
+/// `P` is the peer's identity (a libp2p `PeerId` in the node, a small integer in simulations).
+/// Peers are kept ordered by `P`, so iteration, and therefore every decision, is deterministic.
+#[derive(Debug, Clone)]
+pub struct Plan<P> {
+    config: PlanConfig,
+    chunk_count: u32,
+    held: Bitfield,
+    /// Chunks not held.
+    missing: u32,
+    /// Chunk → how many usable peers hold it.
+    avail: Vec<u32>,
+    /// Chunk → how many requests for it are outstanding (only chunks with at least one).
+    requesters: BTreeMap<u32, u32>,
+    /// Requests outstanding, over all peers.
+    total_in_flight: usize,
+    peers: BTreeMap<P, PeerState>,
+    peers_seen: u64,
+    /// `[from, end)`, requested before everything else, in order.
+    window: Option<(u32, u32)>,
+    /// Cancels and bans decided while handling events, returned by the next `next_actions`.
+    pending: Vec<Action<P>>,
+}
+
+impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
+    /// A plan for a blob of `chunk_count` chunks, of which `held` are already on disk (resuming a
+    /// partial download; a `held` of another length is cut or padded with missing chunks).
+    pub fn new(chunk_count: u32, held: Bitfield, config: PlanConfig) -> Self {
+        let held = if held.len() == chunk_count {
+            held
+        } else {
+            held.resized(chunk_count)
+        };
+        let config = PlanConfig {
+            max_in_flight_per_peer: config.max_in_flight_per_peer.max(1),
+            max_in_flight: config.max_in_flight.max(1),
+            endgame_duplicates: config.endgame_duplicates.max(1),
+            max_strikes: config.max_strikes.max(1),
+            ..config
+        };
+        Plan {
+            missing: chunk_count.saturating_sub(held.count_ones()),
+            avail: vec![0; chunk_count as usize],
+            chunk_count,
+            held,
+            config,
+            requesters: BTreeMap::new(),
+            total_in_flight: 0,
+            peers: BTreeMap::new(),
+            peers_seen: 0,
+            window: None,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The configuration in use (after zeros were raised to one).
+    pub fn config(&self) -> &PlanConfig {
+        &self.config
+    }
+
+    /// The number of chunks in the blob.
+    pub fn chunk_count(&self) -> u32 {
+        self.chunk_count
+    }
+
+    /// The chunks held (verified and stored).
+    pub fn held(&self) -> &Bitfield {
+        &self.held
+    }
+
+    /// The number of chunks not held yet.
+    pub fn missing(&self) -> u32 {
+        self.missing
+    }
+
+    /// Whether every chunk is held.
+    pub fn is_complete(&self) -> bool {
+        self.missing == 0
+    }
+
+    /// Requests outstanding, over all peers, endgame duplicates included.
+    pub fn in_flight(&self) -> usize {
+        self.total_in_flight
+    }
+
+    /// Requests chunks `[from, from + len)` before any other, in index order, so a client reading
+    /// the blob sequentially is not starved by rarest-first order. Replaces the previous window;
+    /// `len == 0` removes it.
+    pub fn set_priority_window(&mut self, from: u32, len: u32) {
+        self.window = (len > 0 && from < self.chunk_count)
+            .then(|| (from, from.saturating_add(len).min(self.chunk_count)));
+    }
+
+    /// Applies one event. Cancels and bans it calls for are returned by the next
+    /// [`Plan::next_actions`].
+    pub fn handle(&mut self, event: Event<P>, now: Duration) {
+        match event {
+            Event::PeerHas { peer, have } => self.on_peer_has(peer, have),
+            Event::PeerHasChunk { peer, chunk } => self.on_peer_has_chunk(peer, chunk),
+            Event::PeerGone { peer } => self.on_peer_gone(&peer, now),
+            Event::ChunkDone { peer, chunk, bytes } => self.on_chunk_done(&peer, chunk, bytes, now),
+            Event::ChunkBad { peer, chunk: _ } => self.ban(peer, now),
+            Event::ChunkFailed { peer, chunk } => self.on_chunk_failed(&peer, chunk, now),
+        }
+    }
+
+    /// Expires the requests that timed out by `now`, then returns what to do: first the cancels
+    /// and bans decided since the last call, then the new requests. A cancel decided for a request
+    /// that ended before this call (its chunk arrived or failed, its peer went) is not returned.
+    /// Call it after every batch of events and at [`Plan::next_deadline`].
+    pub fn next_actions(&mut self, now: Duration) -> Vec<Action<P>> {
+        self.expire(now);
+        let mut out = std::mem::take(&mut self.pending);
+        self.schedule(now, &mut out);
+        out
+    }
+
+    /// Whether the download cannot progress: not complete, nothing in flight, and no usable peer
+    /// holds a missing chunk.
+    pub fn is_stalled(&self) -> bool {
+        !self.is_complete()
+            && self.total_in_flight == 0
+            && !self.peers.values().any(|peer| {
+                peer.usable(self.config.max_strikes) && peer.have.has_any_not_in(&self.held)
+            })
+    }
+
+    /// When the oldest outstanding request times out, if any is outstanding: call
+    /// [`Plan::next_actions`] then at the latest.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        self.peers
+            .values()
+            .flat_map(|peer| peer.in_flight.values())
+            .filter_map(|&issued| issued.checked_add(self.config.request_timeout))
+            .min()
+    }
+
+    /// What the plan knows about `peer`, if it has heard of it.
+    pub fn peer_stats(&self, peer: &P) -> Option<PeerStats> {
+        let state = self.peers.get(peer)?;
+        let usable = state.usable(self.config.max_strikes);
+        Some(PeerStats {
+            bytes_delivered: state.bytes_delivered,
+            chunks_delivered: state.chunks_delivered,
+            strikes: state.strikes,
+            banned: state.banned,
+            connected: state.connected,
+            usable,
+            in_flight: state.in_flight.len(),
+            in_flight_limit: if usable {
+                state.limit(self.config.max_in_flight_per_peer, self.median_rate())
+            } else {
+                0
+            },
+            rate_bytes_per_sec: state.rate,
+        })
+    }
+
+    // ---- events ----
+
+    fn entry(&mut self, peer: P) -> &mut PeerState {
+        let chunk_count = self.chunk_count;
+        let seed = self.config.seed;
+        let seen = &mut self.peers_seen;
+        self.peers.entry(peer).or_insert_with(|| {
+            *seen = seen.wrapping_add(1);
+            let tiebreak = mix((seed ^ PEER_SALT).wrapping_add(GOLDEN_GAMMA.wrapping_mul(*seen)));
+            PeerState::new(chunk_count, tiebreak)
+        })
+    }
+
+    /// Removes the peer's chunks from the availability counts, if it counts (it is usable).
+    /// Called before any change to its bitfield or usability, with `contribute` after it.
+    fn withdraw(&mut self, peer: &P) {
+        let Some(state) = self.peers.get(peer) else {
+            return;
+        };
+        if state.usable(self.config.max_strikes) {
+            for chunk in state.have.iter_ones() {
+                if let Some(count) = self.avail.get_mut(chunk as usize) {
+                    *count = count.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Adds the peer's chunks to the availability counts, if it counts.
+    fn contribute(&mut self, peer: &P) {
+        let Some(state) = self.peers.get(peer) else {
+            return;
+        };
+        if state.usable(self.config.max_strikes) {
+            for chunk in state.have.iter_ones() {
+                if let Some(count) = self.avail.get_mut(chunk as usize) {
+                    *count = count.saturating_add(1);
+                }
+            }
+        }
+    }
+
+    fn on_peer_has(&mut self, peer: P, have: Bitfield) {
+        let have = if have.len() == self.chunk_count {
+            have
+        } else {
+            Bitfield::new(self.chunk_count)
+        };
+        if self.entry(peer.clone()).banned {
+            return;
+        }
+        self.withdraw(&peer);
+        let state = self.entry(peer.clone());
+        if !state.connected {
+            reconnect(state);
+        }
+        state.have = have;
+        self.contribute(&peer);
+    }
+
+    fn on_peer_has_chunk(&mut self, peer: P, chunk: u32) {
+        if chunk >= self.chunk_count {
+            return;
+        }
+        let max_strikes = self.config.max_strikes;
+        let state = self.entry(peer.clone());
+        if state.banned {
+            return;
+        }
+        if !state.connected {
+            // A have from a peer that had gone: a new session (its bitfield was cleared).
+            reconnect(state);
+            state.have.set(chunk);
+            self.contribute(&peer);
+            return;
+        }
+        let counts = state.have.set(chunk) && state.usable(max_strikes);
+        if let Some(count) = self.avail.get_mut(chunk as usize).filter(|_| counts) {
+            *count = count.saturating_add(1);
+        }
+    }
+
+    fn on_peer_gone(&mut self, peer: &P, now: Duration) {
+        if !self.peers.contains_key(peer) {
+            return;
+        }
+        self.withdraw(peer);
+        self.drop_requests(peer, now, false);
+        self.forget_pending_cancel(peer, None);
+        if let Some(state) = self.peers.get_mut(peer) {
+            state.connected = false;
+            state.have = Bitfield::new(self.chunk_count);
+        }
+    }
+
+    fn on_chunk_done(&mut self, peer: &P, chunk: u32, bytes: u64, now: Duration) {
+        if chunk >= self.chunk_count {
+            return;
+        }
+        self.forget_pending_cancel(peer, Some(chunk));
+        if let Some(state) = self.peers.get_mut(peer) {
+            state.bytes_delivered = state.bytes_delivered.saturating_add(bytes);
+            state.chunks_delivered = state.chunks_delivered.saturating_add(1);
+            if state.in_flight.contains_key(&chunk) {
+                // Only a peer that is usable has requests outstanding, so clearing its strikes
+                // cannot revive a peer that struck out.
+                state.measured_bytes = state.measured_bytes.saturating_add(bytes);
+                state.strikes = 0;
+                state.failed.remove(&chunk);
+                self.remove_request(peer, chunk, now);
+            }
+        }
+        if self.held.set(chunk) {
+            self.missing = self.missing.saturating_sub(1);
+        }
+        if self.requesters.contains_key(&chunk) {
+            let losers: Vec<P> = self
+                .peers
+                .iter()
+                .filter(|(_, state)| state.in_flight.contains_key(&chunk))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for loser in losers {
+                self.remove_request(&loser, chunk, now);
+                self.pending.push(Action::Cancel { peer: loser, chunk });
+            }
+        }
+    }
+
+    fn on_chunk_failed(&mut self, peer: &P, chunk: u32, now: Duration) {
+        self.forget_pending_cancel(peer, Some(chunk));
+        // A failure for a request no longer outstanding (cancelled, timed out) was already dealt
+        // with: no second strike.
+        if self.remove_request(peer, chunk, now).is_none() {
+            return;
+        }
+        if let Some(state) = self.peers.get_mut(peer) {
+            state.failed.insert(chunk);
+        }
+        self.strike(peer, now);
+    }
+
+    fn ban(&mut self, peer: P, now: Duration) {
+        if self.entry(peer.clone()).banned {
+            return;
+        }
+        self.withdraw(&peer);
+        // The driver disconnects a banned peer, so its requests are forgotten, not cancelled.
+        self.drop_requests(&peer, now, false);
+        self.forget_pending_cancel(&peer, None);
+        let state = self.entry(peer.clone());
+        state.banned = true;
+        state.have = Bitfield::new(0);
+        state.failed.clear();
+        self.pending.push(Action::Ban { peer });
+    }
+
+    fn strike(&mut self, peer: &P, now: Duration) {
+        let max_strikes = self.config.max_strikes;
+        let Some(state) = self.peers.get(peer) else {
+            return;
+        };
+        if !state.usable(max_strikes) {
+            return;
+        }
+        let strikes_out = state.strikes.saturating_add(1) >= max_strikes;
+        if strikes_out {
+            self.withdraw(peer);
+        }
+        if let Some(state) = self.peers.get_mut(peer) {
+            state.strikes = state.strikes.saturating_add(1);
+        }
+        if strikes_out {
+            self.drop_requests(peer, now, true);
+        }
+    }
+
+    // ---- requests ----
+
+    fn add_request(&mut self, peer: &P, chunk: u32, now: Duration) {
+        let Some(state) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if state.in_flight.is_empty() {
+            state.busy_since = Some(now);
+        }
+        if state.in_flight.insert(chunk, now).is_none() {
+            *self.requesters.entry(chunk).or_insert(0) += 1;
+            self.total_in_flight += 1;
+        }
+    }
+
+    /// Forgets one outstanding request; returns when it was issued, if it was outstanding.
+    fn remove_request(&mut self, peer: &P, chunk: u32, now: Duration) -> Option<Duration> {
+        let state = self.peers.get_mut(peer)?;
+        let issued = state.in_flight.remove(&chunk)?;
+        if state.in_flight.is_empty() {
+            state.end_busy(now);
+        } else {
+            state.update_rate(now);
+        }
+        self.release(chunk);
+        Some(issued)
+    }
+
+    /// Forgets all the peer's outstanding requests, cancelling them if `cancel`.
+    fn drop_requests(&mut self, peer: &P, now: Duration, cancel: bool) {
+        let Some(state) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let chunks = std::mem::take(&mut state.in_flight);
+        state.end_busy(now);
+        for chunk in chunks.into_keys() {
+            self.release(chunk);
+            if cancel {
+                self.pending.push(Action::Cancel {
+                    peer: peer.clone(),
+                    chunk,
+                });
+            }
+        }
+    }
+
+    /// Drops the cancels not yet returned for requests to `peer` (for `chunk`, or all) that ended
+    /// meanwhile: the driver has nothing left to cancel.
+    fn forget_pending_cancel(&mut self, peer: &P, chunk: Option<u32>) {
+        self.pending.retain(|action| match action {
+            Action::Cancel { peer: p, chunk: c } => p != peer || chunk.is_some_and(|x| x != *c),
+            _ => true,
+        });
+    }
+
+    fn release(&mut self, chunk: u32) {
+        if let Some(count) = self.requesters.get_mut(&chunk) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.requesters.remove(&chunk);
+            }
+        }
+        self.total_in_flight = self.total_in_flight.saturating_sub(1);
+    }
+
+    fn expire(&mut self, now: Duration) {
+        let timeout = self.config.request_timeout;
+        let expired: Vec<(P, Vec<u32>)> = self
+            .peers
+            .iter()
+            .filter_map(|(peer, state)| {
+                let chunks: Vec<u32> = state
+                    .in_flight
+                    .iter()
+                    .filter(|&(_, &issued)| {
+                        issued
+                            .checked_add(timeout)
+                            .is_some_and(|deadline| now >= deadline)
+                    })
+                    .map(|(&chunk, _)| chunk)
+                    .collect();
+                (!chunks.is_empty()).then(|| (peer.clone(), chunks))
+            })
+            .collect();
+        for (peer, chunks) in expired {
+            for chunk in chunks {
+                if self.remove_request(&peer, chunk, now).is_some() {
+                    if let Some(state) = self.peers.get_mut(&peer) {
+                        state.failed.insert(chunk);
+                    }
+                    self.pending.push(Action::Cancel {
+                        peer: peer.clone(),
+                        chunk,
+                    });
+                }
+            }
+            self.strike(&peer, now);
+        }
+    }
+
+    // ---- scheduling ----
+
+    /// The lower median of the positive measured rates of usable peers.
+    fn median_rate(&self) -> Option<u64> {
+        let mut rates: Vec<u64> = self
+            .peers
+            .values()
+            .filter(|peer| peer.usable(self.config.max_strikes))
+            .filter_map(|peer| peer.rate)
+            .filter(|&rate| rate > 0)
+            .collect();
+        rates.sort_unstable();
+        rates.get(rates.len().saturating_sub(1) / 2).copied()
+    }
+
+    /// The seeded position of a chunk among equally rare ones.
+    fn rank(&self, chunk: u32) -> u64 {
+        mix(self
+            .config
+            .seed
+            .wrapping_add(GOLDEN_GAMMA.wrapping_mul(u64::from(chunk) + 1)))
+    }
+
+    /// Orders chunks in the priority window first, by index; all others after them.
+    fn window_key(&self, chunk: u32) -> u64 {
+        match self.window {
+            Some((from, end)) if (from..end).contains(&chunk) => u64::from(chunk - from),
+            _ => u64::MAX,
+        }
+    }
+
+    fn avail(&self, chunk: u32) -> u32 {
+        self.avail.get(chunk as usize).copied().unwrap_or(0)
+    }
+
+    /// The usable holder of `chunk` with a free slot and no request for it already that should
+    /// deliver it soonest.
+    fn pick_peer(&self, chunk: u32, spare: &BTreeMap<P, usize>, median: Option<u64>) -> Option<P> {
+        spare
+            .keys()
+            .filter_map(|peer| {
+                let state = self.peers.get(peer)?;
+                if !state.have.get(chunk) || state.in_flight.contains_key(&chunk) {
+                    return None;
+                }
+                let queued = state.in_flight.len() as u128 + 1;
+                let finish = (queued << 64) / u128::from(state.effective_rate(median));
+                Some((
+                    (state.failed.contains(&chunk), finish, state.tiebreak),
+                    peer,
+                ))
+            })
+            .min()
+            .map(|(_, peer)| peer.clone())
+    }
+
+    fn schedule(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
+        if self.missing == 0 {
+            return;
+        }
+        let mut global = self
+            .config
+            .max_in_flight
+            .saturating_sub(self.total_in_flight);
+        if global == 0 {
+            return;
+        }
+        let median = self.median_rate();
+        let base = self.config.max_in_flight_per_peer;
+        let max_strikes = self.config.max_strikes;
+        let mut spare: BTreeMap<P, usize> = self
+            .peers
+            .iter()
+            .filter(|(_, state)| state.usable(max_strikes))
+            .filter_map(|(peer, state)| {
+                let free = state
+                    .limit(base, median)
+                    .saturating_sub(state.in_flight.len());
+                (free > 0).then(|| (peer.clone(), free))
+            })
+            .collect();
+        if spare.is_empty() {
+            return;
+        }
+
+        // Fresh chunks: missing, not in flight, held by someone usable.
+        let mut fresh: Vec<u32> = self
+            .held
+            .iter_zeros()
+            .filter(|chunk| !self.requesters.contains_key(chunk) && self.avail(*chunk) > 0)
+            .collect();
+        fresh.sort_unstable_by_key(|&chunk| {
+            (
+                self.window_key(chunk),
+                self.avail(chunk),
+                self.rank(chunk),
+                chunk,
+            )
+        });
+        let mut all_requested = true;
+        for chunk in fresh {
+            if global == 0 || spare.is_empty() {
+                all_requested = false;
+                break;
+            }
+            match self.pick_peer(chunk, &spare, median) {
+                Some(peer) => self.assign(peer, chunk, now, &mut spare, &mut global, out),
+                None => all_requested = false,
+            }
+        }
+
+        // Endgame: every chunk that can be requested is in flight; duplicate the oldest.
+        let duplicates = self.config.endgame_duplicates;
+        if !all_requested || duplicates <= 1 || global == 0 || spare.is_empty() {
+            return;
+        }
+        let mut oldest: BTreeMap<u32, Duration> = BTreeMap::new();
+        for state in self.peers.values() {
+            for (&chunk, &issued) in &state.in_flight {
+                oldest
+                    .entry(chunk)
+                    .and_modify(|t| *t = (*t).min(issued))
+                    .or_insert(issued);
+            }
+        }
+        let mut tail: Vec<(u32, usize)> = self
+            .requesters
+            .iter()
+            .map(|(&chunk, &count)| (chunk, count as usize))
+            .filter(|&(_, count)| count < duplicates)
+            .collect();
+        tail.sort_unstable_by_key(|&(chunk, count)| {
+            (
+                self.window_key(chunk),
+                count,
+                oldest.get(&chunk).copied().unwrap_or(Duration::MAX),
+                self.rank(chunk),
+                chunk,
+            )
+        });
+        for (chunk, mut count) in tail {
+            while count < duplicates && global > 0 && !spare.is_empty() {
+                let Some(peer) = self.pick_peer(chunk, &spare, median) else {
+                    break;
+                };
+                self.assign(peer, chunk, now, &mut spare, &mut global, out);
+                count += 1;
+            }
+            if global == 0 || spare.is_empty() {
+                break;
+            }
+        }
+    }
+
+    fn assign(
+        &mut self,
+        peer: P,
+        chunk: u32,
+        now: Duration,
+        spare: &mut BTreeMap<P, usize>,
+        global: &mut usize,
+        out: &mut Vec<Action<P>>,
+    ) {
+        self.add_request(&peer, chunk, now);
+        *global = global.saturating_sub(1);
+        if let Some(free) = spare.get_mut(&peer) {
+            *free = free.saturating_sub(1);
+            if *free == 0 {
+                spare.remove(&peer);
+            }
+        }
+        out.push(Action::Request { peer, chunk });
+    }
+}
+
+/// A peer that had gone is back: a new session with no strikes.
+fn reconnect(state: &mut PeerState) {
+    state.connected = true;
+    state.strikes = 0;
+    state.failed.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CHUNK: u64 = 4 << 20;
+    const T0: Duration = Duration::ZERO;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    fn ms(m: u64) -> Duration {
+        Duration::from_millis(m)
+    }
+
+    fn config() -> PlanConfig {
+        PlanConfig {
+            seed: 7,
+            ..PlanConfig::default()
+        }
+    }
+
+    fn bits(len: u32, ones: impl IntoIterator<Item = u32>) -> Bitfield {
+        let mut b = Bitfield::new(len);
+        for i in ones {
+            b.set(i);
+        }
+        b
+    }
+
+    fn requests(actions: &[Action<u32>]) -> Vec<(u32, u32)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Request { peer, chunk } => Some((*peer, *chunk)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn has(plan: &mut Plan<u32>, peer: u32, have: Bitfield) {
+        plan.handle(Event::PeerHas { peer, have }, T0);
+    }
+
+    fn done(plan: &mut Plan<u32>, peer: u32, chunk: u32, now: Duration) {
+        plan.handle(
+            Event::ChunkDone {
+                peer,
+                chunk,
+                bytes: CHUNK,
+            },
+            now,
+        );
+    }
+
+    fn count_for(reqs: &[(u32, u32)], peer: u32) -> usize {
+        reqs.iter().filter(|(p, _)| *p == peer).count()
+    }
+
+    #[test]
+    fn bitfield_wire_form_round_trips_and_rejects_spare_bits() {
+        let b = bits(10, [0, 3, 9]);
+        assert_eq!(b.to_bytes(), vec![0b1001_0000, 0b0100_0000]);
+        assert_eq!(Bitfield::from_bytes(&b.to_bytes(), 10), Some(b.clone()));
+        assert_eq!(b.iter_ones().collect::<Vec<_>>(), vec![0, 3, 9]);
+        assert_eq!(b.iter_zeros().count(), 7);
+        assert_eq!(b.count_ones(), 3);
+        assert!(!b.is_full());
+        // A spare bit set, or the wrong number of bytes, is not a bitfield of 10 chunks.
+        assert_eq!(Bitfield::from_bytes(&[0, 0b0010_0000], 10), None);
+        assert_eq!(Bitfield::from_bytes(&[0], 10), None);
+        assert_eq!(Bitfield::from_bytes(&[0, 0, 0], 10), None);
+        // Out of range is ignored, never a panic.
+        let mut b = b;
+        assert!(!b.set(10));
+        assert!(!b.get(u32::MAX));
+        assert!(!b.clear(1_000));
+        assert!(b.clear(3));
+        assert!(!b.get(3));
+        let full = Bitfield::full(70);
+        assert!(full.is_full());
+        assert_eq!(full.count_ones(), 70);
+        assert_eq!(full.iter_zeros().count(), 0);
+        assert_eq!(Bitfield::from_bytes(&full.to_bytes(), 70), Some(full));
+        assert!(Bitfield::new(0).is_full());
+        assert_eq!(Bitfield::from_bytes(&[], 0), Some(Bitfield::new(0)));
+    }
+
+    proptest! {
+        #[test]
+        fn bitfield_from_any_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..20), len in 0u32..160) {
+            if let Some(b) = Bitfield::from_bytes(&bytes, len) {
+                prop_assert_eq!(b.to_bytes(), bytes);
+                prop_assert!(b.count_ones() <= len);
+            }
+        }
+    }
+
+    #[test]
+    fn rarest_chunks_are_requested_first() {
+        let config = PlanConfig {
+            max_in_flight: 1,
+            ..config()
+        };
+        let mut plan = Plan::new(12, Bitfield::new(12), config);
+        // Chunks 8..12 only peer 1 has; 4..8 two peers; 0..4 all three.
+        has(&mut plan, 1, Bitfield::full(12));
+        has(&mut plan, 2, bits(12, 0..8));
+        has(&mut plan, 3, bits(12, 0..4));
+        let mut order = Vec::new();
+        for step in 0..12 {
+            let reqs = requests(&plan.next_actions(secs(step)));
+            assert_eq!(reqs.len(), 1, "step {step}: {reqs:?}");
+            let (peer, chunk) = reqs[0];
+            order.push(chunk);
+            done(&mut plan, peer, chunk, secs(step));
+        }
+        assert!(order[..4].iter().all(|c| (8..12).contains(c)), "{order:?}");
+        assert!(order[4..8].iter().all(|c| (4..8).contains(c)), "{order:?}");
+        assert!(order[8..].iter().all(|c| (0..4).contains(c)), "{order:?}");
+        assert!(plan.is_complete());
+        assert!(!plan.is_stalled());
+    }
+
+    #[test]
+    fn a_chunk_only_one_peer_has_goes_before_common_ones() {
+        let config = PlanConfig {
+            max_in_flight: 2,
+            ..config()
+        };
+        let mut plan = Plan::new(50, Bitfield::new(50), config);
+        has(&mut plan, 1, Bitfield::full(50));
+        has(&mut plan, 2, bits(50, (0..50).filter(|&c| c != 37)));
+        let reqs = requests(&plan.next_actions(T0));
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(reqs[0], (1, 37));
+        assert_eq!(reqs[1].0, 2, "the other peer takes a common chunk");
+    }
+
+    #[test]
+    fn caps_per_peer_and_in_total_hold() {
+        let capped = PlanConfig {
+            max_in_flight_per_peer: 2,
+            max_in_flight: 5,
+            ..config()
+        };
+        let mut plan = Plan::new(100, Bitfield::new(100), capped);
+        for peer in 1..=3 {
+            has(&mut plan, peer, Bitfield::full(100));
+        }
+        let reqs = requests(&plan.next_actions(T0));
+        assert_eq!(reqs.len(), 5);
+        assert_eq!(plan.in_flight(), 5);
+        for peer in 1..=3 {
+            assert!(count_for(&reqs, peer) <= 2, "{reqs:?}");
+            assert!(plan.peer_stats(&peer).unwrap().in_flight <= 2);
+        }
+        assert!(plan.next_actions(ms(1)).is_empty(), "full: nothing more");
+        let (peer, chunk) = reqs[0];
+        done(&mut plan, peer, chunk, secs(1));
+        assert_eq!(requests(&plan.next_actions(secs(1))).len(), 1);
+        assert_eq!(plan.in_flight(), 5);
+
+        // With room in total, the per-peer cap is what binds: 3 peers x 2.
+        let config = PlanConfig {
+            max_in_flight_per_peer: 2,
+            ..config()
+        };
+        let mut plan = Plan::new(100, Bitfield::new(100), config);
+        for peer in 1..=3 {
+            has(&mut plan, peer, Bitfield::full(100));
+        }
+        let reqs = requests(&plan.next_actions(T0));
+        assert_eq!(reqs.len(), 6);
+        for peer in 1..=3 {
+            assert_eq!(count_for(&reqs, peer), 2);
+        }
+    }
+
+    #[test]
+    fn a_faster_peer_gets_more_requests() {
+        let mut plan = Plan::new(200, Bitfield::new(200), config());
+        has(&mut plan, 1, Bitfield::full(200));
+        has(&mut plan, 2, Bitfield::full(200));
+        let reqs = requests(&plan.next_actions(T0));
+        assert_eq!(count_for(&reqs, 1), 4);
+        assert_eq!(count_for(&reqs, 2), 4);
+        // In the first second peer 1 delivers four chunks, peer 2 one.
+        for &(peer, chunk) in reqs.iter().filter(|(p, _)| *p == 1) {
+            done(&mut plan, peer, chunk, secs(1));
+        }
+        let slow = reqs.iter().find(|(p, _)| *p == 2).unwrap().1;
+        done(&mut plan, 2, slow, secs(1));
+
+        let fast = plan.peer_stats(&1).unwrap();
+        let slow = plan.peer_stats(&2).unwrap();
+        assert_eq!(fast.rate_bytes_per_sec, Some(4 * CHUNK));
+        assert_eq!(slow.rate_bytes_per_sec, Some(CHUNK));
+        assert_eq!(fast.in_flight_limit, 16, "4 x the median, at the clamp");
+        assert_eq!(slow.in_flight_limit, 4);
+
+        let reqs = requests(&plan.next_actions(secs(1)));
+        assert_eq!(count_for(&reqs, 1), 16);
+        assert_eq!(count_for(&reqs, 2), 1);
+        assert_eq!(plan.peer_stats(&1).unwrap().in_flight, 16);
+        assert_eq!(plan.peer_stats(&2).unwrap().in_flight, 4);
+    }
+
+    #[test]
+    fn endgame_duplicates_the_tail_and_cancels_the_loser() {
+        let mut plan = Plan::new(3, Bitfield::new(3), config());
+        has(&mut plan, 1, Bitfield::full(3));
+        has(&mut plan, 2, Bitfield::full(3));
+        let reqs = requests(&plan.next_actions(T0));
+        assert_eq!(reqs.len(), 6, "every chunk from both peers: {reqs:?}");
+        for chunk in 0..3 {
+            let mut from: Vec<u32> = reqs
+                .iter()
+                .filter(|(_, c)| *c == chunk)
+                .map(|(p, _)| *p)
+                .collect();
+            from.sort();
+            assert_eq!(from, vec![1, 2]);
+        }
+        done(&mut plan, 2, 0, secs(1));
+        assert_eq!(
+            plan.next_actions(secs(1)),
+            vec![Action::Cancel { peer: 1, chunk: 0 }]
+        );
+        assert_eq!(plan.in_flight(), 4);
+        // The loser's copy arriving anyway changes nothing.
+        done(&mut plan, 1, 0, secs(2));
+        assert!(plan.next_actions(secs(2)).is_empty());
+        assert_eq!(plan.in_flight(), 4);
+        assert_eq!(plan.peer_stats(&1).unwrap().bytes_delivered, CHUNK);
+        done(&mut plan, 1, 1, secs(3));
+        done(&mut plan, 1, 2, secs(3));
+        let mut cancels = plan.next_actions(secs(3));
+        cancels.sort_by_key(|a| format!("{a:?}"));
+        assert_eq!(
+            cancels,
+            vec![
+                Action::Cancel { peer: 2, chunk: 1 },
+                Action::Cancel { peer: 2, chunk: 2 }
+            ]
+        );
+        assert!(plan.is_complete());
+        assert_eq!(plan.in_flight(), 0);
+    }
+
+    #[test]
+    fn endgame_waits_for_the_tail_and_can_be_turned_off() {
+        let mut plan = Plan::new(100, Bitfield::new(100), config());
+        has(&mut plan, 1, Bitfield::full(100));
+        has(&mut plan, 2, Bitfield::full(100));
+        let reqs = requests(&plan.next_actions(T0));
+        let mut chunks: Vec<u32> = reqs.iter().map(|(_, c)| *c).collect();
+        chunks.sort();
+        chunks.dedup();
+        assert_eq!(chunks.len(), reqs.len(), "no duplicates before the tail");
+
+        let config = PlanConfig {
+            endgame_duplicates: 1,
+            ..config()
+        };
+        let mut plan = Plan::new(3, Bitfield::new(3), config);
+        has(&mut plan, 1, Bitfield::full(3));
+        has(&mut plan, 2, Bitfield::full(3));
+        assert_eq!(requests(&plan.next_actions(T0)).len(), 3);
+    }
+
+    #[test]
+    fn a_bad_chunk_bans_the_peer_and_goes_elsewhere() {
+        let config = PlanConfig {
+            endgame_duplicates: 1,
+            ..config()
+        };
+        let mut plan = Plan::new(1, Bitfield::new(1), config);
+        has(&mut plan, 1, Bitfield::full(1));
+        has(&mut plan, 2, Bitfield::full(1));
+        let reqs = requests(&plan.next_actions(T0));
+        assert_eq!(reqs.len(), 1);
+        let liar = reqs[0].0;
+        let honest = 3 - liar;
+        plan.handle(
+            Event::ChunkBad {
+                peer: liar,
+                chunk: 0,
+            },
+            secs(1),
+        );
+        assert_eq!(
+            plan.next_actions(secs(1)),
+            vec![
+                Action::Ban { peer: liar },
+                Action::Request {
+                    peer: honest,
+                    chunk: 0
+                }
+            ]
+        );
+        // The liar reconnects and advertises again, and sends more bad data: no second ban, and it
+        // is never asked again, even when the honest peer fails.
+        plan.handle(Event::PeerGone { peer: liar }, secs(2));
+        has(&mut plan, liar, Bitfield::full(1));
+        plan.handle(
+            Event::PeerHasChunk {
+                peer: liar,
+                chunk: 0,
+            },
+            secs(2),
+        );
+        plan.handle(
+            Event::ChunkBad {
+                peer: liar,
+                chunk: 0,
+            },
+            secs(2),
+        );
+        plan.handle(
+            Event::ChunkFailed {
+                peer: honest,
+                chunk: 0,
+            },
+            secs(2),
+        );
+        assert_eq!(
+            plan.next_actions(secs(2)),
+            vec![Action::Request {
+                peer: honest,
+                chunk: 0
+            }]
+        );
+        let stats = plan.peer_stats(&liar).unwrap();
+        assert!(stats.banned && !stats.usable);
+        assert_eq!(stats.in_flight_limit, 0);
+        done(&mut plan, honest, 0, secs(3));
+        assert!(plan.is_complete());
+    }
+
+    #[test]
+    fn stalled_when_the_only_holder_is_banned() {
+        let mut plan = Plan::new(2, Bitfield::new(2), config());
+        assert!(plan.is_stalled(), "no peer yet");
+        has(&mut plan, 1, Bitfield::full(2));
+        assert!(!plan.is_stalled());
+        assert_eq!(requests(&plan.next_actions(T0)).len(), 2);
+        plan.handle(Event::ChunkBad { peer: 1, chunk: 0 }, secs(1));
+        assert_eq!(plan.next_actions(secs(1)), vec![Action::Ban { peer: 1 }]);
+        assert_eq!(plan.in_flight(), 0);
+        assert!(plan.is_stalled());
+        assert_eq!(plan.next_deadline(), None);
+        // A new provider un-stalls it.
+        has(&mut plan, 2, bits(2, [1]));
+        assert!(!plan.is_stalled());
+        assert_eq!(
+            plan.next_actions(secs(2)),
+            vec![Action::Request { peer: 2, chunk: 1 }]
+        );
+    }
+
+    #[test]
+    fn a_slow_peer_times_out_gets_a_strike_and_the_chunk_goes_elsewhere() {
+        let config = PlanConfig {
+            endgame_duplicates: 1,
+            ..config()
+        };
+        let mut plan = Plan::new(1, Bitfield::new(1), config);
+        has(&mut plan, 1, Bitfield::full(1));
+        has(&mut plan, 2, Bitfield::full(1));
+        let reqs = requests(&plan.next_actions(T0));
+        let slow = reqs[0].0;
+        let other = 3 - slow;
+        assert_eq!(plan.next_deadline(), Some(secs(20)));
+        assert!(plan.next_actions(secs(19)).is_empty());
+        assert_eq!(
+            plan.next_actions(secs(20)),
+            vec![
+                Action::Cancel {
+                    peer: slow,
+                    chunk: 0
+                },
+                Action::Request {
+                    peer: other,
+                    chunk: 0
+                }
+            ]
+        );
+        let stats = plan.peer_stats(&slow).unwrap();
+        assert_eq!(stats.strikes, 1);
+        assert!(stats.usable);
+        assert_eq!(stats.rate_bytes_per_sec, Some(0));
+        assert_eq!(plan.next_deadline(), Some(secs(40)));
+        // Its failure reply arriving after the timeout is not a second strike.
+        plan.handle(
+            Event::ChunkFailed {
+                peer: slow,
+                chunk: 0,
+            },
+            secs(21),
+        );
+        assert_eq!(plan.peer_stats(&slow).unwrap().strikes, 1);
+        done(&mut plan, other, 0, secs(22));
+        assert!(plan.is_complete());
+    }
+
+    #[test]
+    fn requests_expiring_together_are_one_strike() {
+        let mut plan = Plan::new(10, Bitfield::new(10), config());
+        has(&mut plan, 1, Bitfield::full(10));
+        assert_eq!(requests(&plan.next_actions(T0)).len(), 4);
+        let actions = plan.next_actions(secs(20));
+        let cancels = actions
+            .iter()
+            .filter(|a| matches!(a, Action::Cancel { .. }))
+            .count();
+        assert_eq!(cancels, 4);
+        assert_eq!(plan.peer_stats(&1).unwrap().strikes, 1);
+        // Asked again (it is the only holder), for other chunks first.
+        let reqs = requests(&actions);
+        assert_eq!(reqs.len(), 4);
+    }
+
+    #[test]
+    fn strikes_in_a_row_make_a_peer_unusable_until_it_reconnects() {
+        let config = PlanConfig {
+            max_in_flight_per_peer: 2,
+            ..config()
+        };
+        let mut plan = Plan::new(10, Bitfield::new(10), config);
+        has(&mut plan, 1, Bitfield::full(10));
+        let mut reqs = requests(&plan.next_actions(T0));
+        // A success between failures clears the count.
+        let (_, c) = reqs.remove(0);
+        plan.handle(Event::ChunkFailed { peer: 1, chunk: c }, secs(1));
+        assert_eq!(plan.peer_stats(&1).unwrap().strikes, 1);
+        let (_, c) = reqs.remove(0);
+        done(&mut plan, 1, c, secs(1));
+        assert_eq!(plan.peer_stats(&1).unwrap().strikes, 0);
+        // Three in a row.
+        for strike in 1..=3 {
+            let reqs = requests(&plan.next_actions(secs(strike)));
+            assert!(!reqs.is_empty());
+            let in_flight: Vec<u32> = (0..10)
+                .filter(|&c| plan.peers[&1].in_flight.contains_key(&c))
+                .collect();
+            plan.handle(
+                Event::ChunkFailed {
+                    peer: 1,
+                    chunk: in_flight[0],
+                },
+                secs(strike),
+            );
+        }
+        let stats = plan.peer_stats(&1).unwrap();
+        assert_eq!(stats.strikes, 3);
+        assert!(!stats.usable && !stats.banned && stats.connected);
+        // Its other request is cancelled; nothing more is asked of it.
+        let actions = plan.next_actions(secs(4));
+        assert!(
+            actions
+                .iter()
+                .all(|a| matches!(a, Action::Cancel { peer: 1, .. }))
+        );
+        assert_eq!(actions.len(), 1);
+        assert_eq!(plan.in_flight(), 0);
+        assert!(plan.is_stalled());
+        // A refreshed bitfield without reconnecting does not revive it; a reconnect does.
+        has(&mut plan, 1, Bitfield::full(10));
+        assert!(plan.next_actions(secs(5)).is_empty());
+        plan.handle(Event::PeerGone { peer: 1 }, secs(6));
+        has(&mut plan, 1, Bitfield::full(10));
+        assert_eq!(plan.peer_stats(&1).unwrap().strikes, 0);
+        assert_eq!(requests(&plan.next_actions(secs(6))).len(), 2);
+    }
+
+    #[test]
+    fn a_cancel_not_yet_returned_is_dropped_when_its_request_ends() {
+        // Found by the proptest: the driver must not be told to cancel a request it has just
+        // seen complete.
+        let config = PlanConfig {
+            max_in_flight_per_peer: 2,
+            max_strikes: 1,
+            ..config()
+        };
+        let mut plan = Plan::new(2, Bitfield::new(2), config);
+        has(&mut plan, 1, Bitfield::full(2));
+        assert_eq!(requests(&plan.next_actions(T0)).len(), 2);
+        // The failure strikes the peer out, which cancels its other request...
+        plan.handle(Event::ChunkFailed { peer: 1, chunk: 0 }, secs(1));
+        // ...but that request completes before the driver asks for actions.
+        done(&mut plan, 1, 1, secs(1));
+        assert!(plan.next_actions(secs(1)).is_empty());
+        assert!(plan.held().get(1));
+        assert!(plan.is_stalled());
+    }
+
+    #[test]
+    fn a_departed_peers_chunks_are_replanned() {
+        let config = PlanConfig {
+            max_in_flight_per_peer: 1,
+            endgame_duplicates: 1,
+            ..config()
+        };
+        let mut plan = Plan::new(4, Bitfield::new(4), config);
+        has(&mut plan, 1, Bitfield::full(4));
+        has(&mut plan, 2, Bitfield::full(4));
+        let reqs = requests(&plan.next_actions(T0));
+        assert_eq!(reqs.len(), 2);
+        let lost = reqs.iter().find(|(p, _)| *p == 1).unwrap().1;
+        plan.handle(Event::PeerGone { peer: 1 }, secs(1));
+        assert!(
+            plan.next_actions(secs(1)).is_empty(),
+            "no cancel to a peer that is gone"
+        );
+        assert_eq!(plan.in_flight(), 1);
+        assert!(!plan.peer_stats(&1).unwrap().connected);
+        let mut asked = vec![];
+        let mut now = secs(1);
+        let mut outstanding = reqs.iter().find(|(p, _)| *p == 2).unwrap().1;
+        while !plan.is_complete() {
+            now += secs(1);
+            done(&mut plan, 2, outstanding, now);
+            let reqs = requests(&plan.next_actions(now));
+            assert!(reqs.iter().all(|(p, _)| *p == 2), "{reqs:?}");
+            if let Some(&(_, c)) = reqs.first() {
+                asked.push(c);
+                outstanding = c;
+            }
+        }
+        assert!(asked.contains(&lost));
+    }
+
+    #[test]
+    fn resumed_chunks_are_never_requested() {
+        let held = bits(10, [0, 2, 4, 6, 8]);
+        let mut plan = Plan::new(10, held, config());
+        assert_eq!(plan.missing(), 5);
+        has(&mut plan, 1, Bitfield::full(10));
+        has(&mut plan, 2, Bitfield::full(10));
+        let mut now = T0;
+        let mut asked = BTreeSet::new();
+        while !plan.is_complete() {
+            let reqs = requests(&plan.next_actions(now));
+            for &(peer, chunk) in &reqs {
+                assert_eq!(chunk % 2, 1, "asked for held chunk {chunk}");
+                asked.insert(chunk);
+                done(&mut plan, peer, chunk, now + ms(10));
+            }
+            now += secs(1);
+        }
+        assert_eq!(asked, [1, 3, 5, 7, 9].into_iter().collect());
+
+        let mut plan = Plan::new(10, Bitfield::full(10), config());
+        has(&mut plan, 1, Bitfield::full(10));
+        assert!(plan.is_complete());
+        assert!(!plan.is_stalled());
+        assert!(plan.next_actions(T0).is_empty());
+        // A `held` of the wrong length is cut to the blob.
+        let plan: Plan<u32> = Plan::new(3, Bitfield::full(10), config());
+        assert!(plan.is_complete());
+        assert_eq!(plan.held().len(), 3);
+    }
+
+    #[test]
+    fn the_priority_window_goes_before_rarity() {
+        let config = PlanConfig {
+            max_in_flight: 1,
+            ..config()
+        };
+        let mut plan = Plan::new(10, Bitfield::new(10), config);
+        has(&mut plan, 1, Bitfield::full(10));
+        has(&mut plan, 2, bits(10, 0..5));
+        plan.set_priority_window(1, 3);
+        let mut order = Vec::new();
+        let mut now = T0;
+        for _ in 0..5 {
+            let reqs = requests(&plan.next_actions(now));
+            let (peer, chunk) = reqs[0];
+            order.push(chunk);
+            done(&mut plan, peer, chunk, now);
+            now += secs(1);
+        }
+        assert_eq!(&order[..3], &[1, 2, 3]);
+        assert!(order[3..].iter().all(|c| (5..10).contains(c)), "{order:?}");
+        // The reader moved back to the start: chunk 0 is next, though it is the most common.
+        plan.set_priority_window(0, 1);
+        assert_eq!(requests(&plan.next_actions(now))[0].1, 0);
+        // An empty window, or one past the end, is none.
+        plan.set_priority_window(0, 0);
+        plan.set_priority_window(u32::MAX, u32::MAX);
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Behaviour {
+        Serves { per_chunk: Duration },
+        Silent,
+        Lies { per_chunk: Duration },
+    }
+
+    struct SimRun {
+        log: Vec<(Duration, Action<u32>)>,
+        plan: Plan<u32>,
+        finished: Duration,
+    }
+
+    /// A discrete-event run: every peer has the whole blob and serves requests one after another
+    /// at its own speed (a cancelled request is still served: its late copy must be harmless).
+    fn simulate(chunks: u32, peers: &[Behaviour], config: PlanConfig) -> SimRun {
+        let per_peer_cap = config.max_in_flight_per_peer * 4;
+        let total_cap = config.max_in_flight;
+        let mut plan = Plan::new(chunks, Bitfield::new(chunks), config);
+        for peer in 0..peers.len() as u32 {
+            has(&mut plan, peer, Bitfield::full(chunks));
+        }
+        let mut now = T0;
+        let mut free_at = vec![T0; peers.len()];
+        let mut deliveries: BTreeMap<(Duration, u64), (u32, u32)> = BTreeMap::new();
+        let mut seq = 0u64;
+        let mut log = Vec::new();
+        for _ in 0..100_000 {
+            for action in plan.next_actions(now) {
+                log.push((now, action.clone()));
+                match action {
+                    Action::Request { peer, chunk } => match peers[peer as usize] {
+                        Behaviour::Serves { per_chunk } | Behaviour::Lies { per_chunk } => {
+                            let end = free_at[peer as usize].max(now) + per_chunk;
+                            free_at[peer as usize] = end;
+                            deliveries.insert((end, seq), (peer, chunk));
+                            seq += 1;
+                        }
+                        Behaviour::Silent => {}
+                    },
+                    Action::Cancel { .. } => {}
+                    Action::Ban { peer } => deliveries.retain(|_, (p, _)| *p != peer),
+                }
+            }
+            assert!(plan.in_flight() <= total_cap);
+            for peer in 0..peers.len() as u32 {
+                assert!(plan.peer_stats(&peer).unwrap().in_flight <= per_peer_cap);
+            }
+            if plan.is_complete() || plan.is_stalled() {
+                break;
+            }
+            let next_delivery = deliveries.keys().next().map(|(t, _)| *t);
+            now = match (next_delivery, plan.next_deadline()) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => a.or(b).expect("something is pending"),
+            };
+            while let Some(entry) = deliveries.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let (peer, chunk) = entry.remove();
+                let event = match peers[peer as usize] {
+                    Behaviour::Lies { .. } => Event::ChunkBad { peer, chunk },
+                    _ => Event::ChunkDone {
+                        peer,
+                        chunk,
+                        bytes: CHUNK,
+                    },
+                };
+                plan.handle(event, now);
+            }
+        }
+        SimRun {
+            log,
+            plan,
+            finished: now,
+        }
+    }
+
+    fn mixed_fleet() -> Vec<Behaviour> {
+        vec![
+            Behaviour::Serves { per_chunk: ms(50) },
+            Behaviour::Serves { per_chunk: ms(200) },
+            Behaviour::Serves { per_chunk: secs(1) },
+            Behaviour::Silent,
+            Behaviour::Lies { per_chunk: ms(100) },
+        ]
+    }
+
+    #[test]
+    fn mini_simulation_completes_despite_slow_silent_and_lying_peers() {
+        let run = simulate(64, &mixed_fleet(), config());
+        let plan = &run.plan;
+        assert!(plan.is_complete(), "stalled at {:?}", run.finished);
+        assert_eq!(plan.in_flight(), 0);
+        let stats = |p: u32| plan.peer_stats(&p).unwrap();
+        assert!(stats(4).banned);
+        let bans = run
+            .log
+            .iter()
+            .filter(|(_, a)| matches!(a, Action::Ban { .. }))
+            .count();
+        assert_eq!(bans, 1);
+        assert_eq!(stats(3).bytes_delivered, 0);
+        assert!(stats(0).bytes_delivered > stats(1).bytes_delivered);
+        assert!(stats(1).bytes_delivered > stats(2).bytes_delivered);
+        // The silent peer's chunks are rescued by endgame, not left to time out at 20 s.
+        assert!(run.finished < secs(20), "finished at {:?}", run.finished);
+        // Ideal: 64 chunks at 20 + 5 + 1 chunks/s is about 2.5 s.
+        assert!(run.finished < secs(5), "finished at {:?}", run.finished);
+    }
+
+    #[test]
+    fn mini_simulation_with_only_a_silent_peer_left_strikes_it_out() {
+        let peers = [Behaviour::Silent, Behaviour::Lies { per_chunk: ms(10) }];
+        let run = simulate(8, &peers, config());
+        assert!(run.plan.is_stalled());
+        let silent = run.plan.peer_stats(&0).unwrap();
+        assert_eq!(silent.strikes, 3);
+        assert!(!silent.usable);
+        assert_eq!(run.finished, secs(60));
+    }
+
+    #[test]
+    fn same_seed_same_events_same_actions() {
+        let a = simulate(64, &mixed_fleet(), config());
+        let b = simulate(64, &mixed_fleet(), config());
+        assert_eq!(a.log, b.log);
+        assert_eq!(a.finished, b.finished);
+        let c = simulate(
+            64,
+            &mixed_fleet(),
+            PlanConfig {
+                seed: 8,
+                ..config()
+            },
+        );
+        assert_ne!(a.log, c.log, "the seed breaks ties differently");
+        assert!(c.plan.is_complete());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Has {
+            peer: u32,
+            bits: Vec<bool>,
+            wrong_len: bool,
+        },
+        HasChunk {
+            peer: u32,
+            chunk: u32,
+        },
+        Gone {
+            peer: u32,
+        },
+        /// Completes the n-th outstanding request (modulo how many there are).
+        Done {
+            nth: usize,
+        },
+        /// A delivery from anyone for anything, asked or not.
+        DoneAny {
+            peer: u32,
+            chunk: u32,
+        },
+        Bad {
+            peer: u32,
+            chunk: u32,
+        },
+        /// Fails the n-th outstanding request.
+        Failed {
+            nth: usize,
+        },
+        FailedAny {
+            peer: u32,
+            chunk: u32,
+        },
+        Advance {
+            ms: u64,
+        },
+        Window {
+            from: u32,
+            len: u32,
+        },
+        Next,
+    }
+
+    fn op(chunks: u32) -> impl Strategy<Value = Op> {
+        let peer = 0u32..5;
+        let chunk = 0..chunks + 2;
+        prop_oneof![
+            2 => (peer.clone(), prop::collection::vec(any::<bool>(), chunks as usize), prop::bool::weighted(0.1))
+                .prop_map(|(peer, bits, wrong_len)| Op::Has { peer, bits, wrong_len }),
+            2 => (peer.clone(), chunk.clone()).prop_map(|(peer, chunk)| Op::HasChunk { peer, chunk }),
+            1 => peer.clone().prop_map(|peer| Op::Gone { peer }),
+            4 => any::<usize>().prop_map(|nth| Op::Done { nth }),
+            1 => (peer.clone(), chunk.clone()).prop_map(|(peer, chunk)| Op::DoneAny { peer, chunk }),
+            1 => (peer.clone(), chunk.clone()).prop_map(|(peer, chunk)| Op::Bad { peer, chunk }),
+            2 => any::<usize>().prop_map(|nth| Op::Failed { nth }),
+            1 => (peer.clone(), chunk.clone()).prop_map(|(peer, chunk)| Op::FailedAny { peer, chunk }),
+            2 => (0u64..8_000).prop_map(|ms| Op::Advance { ms }),
+            1 => (0..chunks + 2, 0u32..6).prop_map(|(from, len)| Op::Window { from, len }),
+            4 => Just(Op::Next),
+        ]
+    }
+
+    fn any_config() -> impl Strategy<Value = PlanConfig> {
+        (
+            0usize..4,
+            0usize..12,
+            1u64..6,
+            0usize..4,
+            0u32..4,
+            any::<u64>(),
+        )
+            .prop_map(
+                |(per_peer, total, timeout, duplicates, strikes, seed)| PlanConfig {
+                    max_in_flight_per_peer: per_peer,
+                    max_in_flight: total,
+                    request_timeout: secs(timeout),
+                    endgame_duplicates: duplicates,
+                    max_strikes: strikes,
+                    seed,
+                },
+            )
+    }
+
+    impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
+        /// Recomputes the incremental bookkeeping from scratch and compares.
+        fn assert_consistent(&self) {
+            let max_strikes = self.config.max_strikes;
+            let mut avail = vec![0u32; self.chunk_count as usize];
+            let mut requesters: BTreeMap<u32, u32> = BTreeMap::new();
+            for state in self.peers.values() {
+                if state.usable(max_strikes) {
+                    for c in state.have.iter_ones() {
+                        avail[c as usize] += 1;
+                    }
+                } else {
+                    assert!(state.in_flight.is_empty(), "unusable peer with requests");
+                }
+                assert_eq!(state.busy_since.is_some(), !state.in_flight.is_empty());
+                for &c in state.in_flight.keys() {
+                    assert!(!self.held.get(c), "request for held chunk {c}");
+                    *requesters.entry(c).or_default() += 1;
+                }
+            }
+            assert_eq!(avail, self.avail);
+            assert_eq!(requesters, self.requesters);
+            assert_eq!(
+                requesters.values().map(|&n| n as usize).sum::<usize>(),
+                self.total_in_flight
+            );
+            assert_eq!(self.missing, self.chunk_count - self.held.count_ones());
+        }
+    }
+
+    /// What the plan must respect, kept independently of it.
+    #[derive(Default)]
+    struct Model {
+        held: BTreeSet<u32>,
+        banned: BTreeSet<u32>,
+        bans_seen: BTreeSet<u32>,
+        connected: BTreeSet<u32>,
+        have: BTreeMap<u32, BTreeSet<u32>>,
+        in_flight: BTreeSet<(u32, u32)>,
+    }
+
+    /// Runs `ops` against a plan and the model, checking every action; returns every action.
+    fn check(
+        chunks: u32,
+        held: &[bool],
+        config: PlanConfig,
+        ops: &[Op],
+    ) -> Result<Vec<Action<u32>>, TestCaseError> {
+        let held = bits(
+            chunks,
+            (0..chunks).filter(|&c| held.get(c as usize) == Some(&true)),
+        );
+        let mut plan = Plan::new(chunks, held.clone(), config);
+        let config = plan.config().clone();
+        let mut model = Model {
+            held: held.iter_ones().collect(),
+            ..Model::default()
+        };
+        let mut now = T0;
+        let mut log = Vec::new();
+        let ops = ops.iter().chain(std::iter::once(&Op::Next));
+        for op in ops {
+            plan.assert_consistent();
+            match op.clone() {
+                Op::Has {
+                    peer,
+                    bits: b,
+                    wrong_len,
+                } => {
+                    let have = if wrong_len {
+                        Bitfield::full(chunks + 1)
+                    } else {
+                        bits(chunks, (0..chunks).filter(|&c| b[c as usize]))
+                    };
+                    if !model.banned.contains(&peer) {
+                        model.connected.insert(peer);
+                        let ones = if wrong_len {
+                            BTreeSet::new()
+                        } else {
+                            have.iter_ones().collect()
+                        };
+                        model.have.insert(peer, ones);
+                    }
+                    plan.handle(Event::PeerHas { peer, have }, now);
+                }
+                Op::HasChunk { peer, chunk } => {
+                    if !model.banned.contains(&peer) && chunk < chunks {
+                        model.connected.insert(peer);
+                        model.have.entry(peer).or_default().insert(chunk);
+                    }
+                    plan.handle(Event::PeerHasChunk { peer, chunk }, now);
+                }
+                Op::Gone { peer } => {
+                    model.connected.remove(&peer);
+                    model.have.remove(&peer);
+                    model.in_flight.retain(|(p, _)| *p != peer);
+                    plan.handle(Event::PeerGone { peer }, now);
+                }
+                Op::Done { nth } | Op::Failed { nth } => {
+                    if model.in_flight.is_empty() {
+                        continue;
+                    }
+                    let (peer, chunk) = *model
+                        .in_flight
+                        .iter()
+                        .nth(nth % model.in_flight.len())
+                        .unwrap();
+                    model.in_flight.remove(&(peer, chunk));
+                    if matches!(op, Op::Done { .. }) {
+                        model.held.insert(chunk);
+                        plan.handle(
+                            Event::ChunkDone {
+                                peer,
+                                chunk,
+                                bytes: CHUNK,
+                            },
+                            now,
+                        );
+                    } else {
+                        plan.handle(Event::ChunkFailed { peer, chunk }, now);
+                    }
+                }
+                Op::DoneAny { peer, chunk } => {
+                    if chunk < chunks {
+                        model.held.insert(chunk);
+                    }
+                    model.in_flight.remove(&(peer, chunk));
+                    plan.handle(
+                        Event::ChunkDone {
+                            peer,
+                            chunk,
+                            bytes: CHUNK,
+                        },
+                        now,
+                    );
+                }
+                Op::FailedAny { peer, chunk } => {
+                    model.in_flight.remove(&(peer, chunk));
+                    plan.handle(Event::ChunkFailed { peer, chunk }, now);
+                }
+                Op::Bad { peer, chunk } => {
+                    model.banned.insert(peer);
+                    model.connected.remove(&peer);
+                    model.have.remove(&peer);
+                    model.in_flight.retain(|(p, _)| *p != peer);
+                    plan.handle(Event::ChunkBad { peer, chunk }, now);
+                }
+                Op::Advance { ms: step } => now += ms(step),
+                Op::Window { from, len } => plan.set_priority_window(from, len),
+                Op::Next => {
+                    for action in plan.next_actions(now) {
+                        match &action {
+                            Action::Ban { peer } => {
+                                prop_assert!(model.banned.contains(peer));
+                                prop_assert!(model.bans_seen.insert(*peer), "banned twice");
+                            }
+                            Action::Cancel { peer, chunk } => {
+                                prop_assert!(
+                                    model.in_flight.remove(&(*peer, *chunk)),
+                                    "cancel of nothing: {:?}",
+                                    action
+                                );
+                            }
+                            Action::Request { peer, chunk } => {
+                                prop_assert!(*chunk < chunks);
+                                prop_assert!(!model.held.contains(chunk), "held: {:?}", action);
+                                prop_assert!(!model.banned.contains(peer), "banned: {:?}", action);
+                                prop_assert!(model.connected.contains(peer), "gone: {:?}", action);
+                                prop_assert!(
+                                    model.have.get(peer).is_some_and(|h| h.contains(chunk)),
+                                    "lacks: {:?}",
+                                    action
+                                );
+                                prop_assert!(
+                                    model.in_flight.insert((*peer, *chunk)),
+                                    "asked twice: {:?}",
+                                    action
+                                );
+                            }
+                        }
+                        log.push(action);
+                    }
+                    prop_assert_eq!(plan.in_flight(), model.in_flight.len());
+                    prop_assert!(plan.in_flight() <= config.max_in_flight);
+                    for peer in 0..5 {
+                        let outstanding =
+                            model.in_flight.iter().filter(|(p, _)| *p == peer).count();
+                        let reported = plan.peer_stats(&peer).map_or(0, |s| s.in_flight);
+                        prop_assert_eq!(outstanding, reported);
+                        prop_assert!(reported <= 4 * config.max_in_flight_per_peer);
+                    }
+                    prop_assert_eq!(
+                        plan.held().iter_ones().collect::<BTreeSet<_>>(),
+                        model.held.clone()
+                    );
+                    // Liveness: right after `next_actions`, an idle incomplete plan is stalled.
+                    prop_assert_eq!(
+                        plan.is_stalled(),
+                        !plan.is_complete() && plan.in_flight() == 0
+                    );
+                    if let Some(deadline) = plan.next_deadline() {
+                        prop_assert!(deadline > now);
+                    }
+                }
+            }
+        }
+        plan.assert_consistent();
+        Ok(log)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn random_events_never_break_the_invariants(
+            (chunks, held, config, ops) in (1u32..24).prop_flat_map(|chunks| (
+                Just(chunks),
+                prop::collection::vec(prop::bool::weighted(0.2), chunks as usize),
+                any_config(),
+                prop::collection::vec(op(chunks), 0..200),
+            ))
+        ) {
+            let first = check(chunks, &held, config.clone(), &ops)?;
+            let again = check(chunks, &held, config, &ops)?;
+            prop_assert_eq!(first, again, "same seed and events, same actions");
+        }
+    }
+}

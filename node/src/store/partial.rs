@@ -1,0 +1,346 @@
+//! Partial blobs: downloads in progress, chunk by chunk, from many peers at once.
+//!
+//! A partial blob lives in `partial/<alg>/<hex>/`: `index` (its `BlobIndex`, from a signed
+//! record), `data` (preallocated to the blob's size) and `chunks` (one bit per chunk held). A
+//! chunk is written at its offset and fsynced before its bit is set, so a bit never claims bytes
+//! that a crash could lose; on resume every claimed chunk is checked against its BLAKE3 hash
+//! once more. Held chunks can be served to other peers before the blob is complete.
+//!
+//! The blob's sha256 is computed in order as the contiguous prefix of held chunks grows (the
+//! same prefix a streaming HTTP client is sent), so completing a download costs no extra pass
+//! over the network and only page-cache reads for chunks that arrived out of order. A complete
+//! partial becomes a blob by rename only if that digest matches.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use shoal_protocol::message::HaveChunks;
+use shoal_protocol::{BlobIndex, Digest, DigestHasher, codec};
+use tokio::sync::watch;
+
+use super::{Layout, Store, StoreError, sync_dir};
+
+/// How far a partial blob has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Chunks held.
+    pub held: u32,
+    /// Chunks held from the start without a gap (the verified, in-order prefix).
+    pub contiguous: u32,
+    /// Whether the blob is complete and verified (it may already be a blob).
+    pub complete: bool,
+}
+
+struct State {
+    bits: Vec<u8>,
+    held: u32,
+    hasher: DigestHasher,
+    hashed: u32,
+}
+
+impl State {
+    fn has(&self, i: u32) -> bool {
+        self.bits
+            .get((i / 8) as usize)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+
+    fn set(&mut self, i: u32) {
+        if let Some(b) = self.bits.get_mut((i / 8) as usize) {
+            if *b & (1 << (i % 8)) == 0 {
+                *b |= 1 << (i % 8);
+                self.held += 1;
+            }
+        }
+    }
+}
+
+/// A blob being downloaded (shared by the downloader, the chunk server and streaming readers).
+pub struct Partial {
+    index: BlobIndex,
+    dir: PathBuf,
+    file: File,
+    state: Mutex<State>,
+    progress: watch::Sender<Progress>,
+}
+
+impl std::fmt::Debug for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Partial({})", self.index.digest())
+    }
+}
+
+fn dir_of(layout: &Layout, digest: &Digest) -> PathBuf {
+    layout
+        .root()
+        .join("partial")
+        .join(digest.algorithm().as_str())
+        .join(digest.hex())
+}
+
+impl Partial {
+    /// Opens the partial blob for `index`, resuming what a previous run left. Blocking.
+    fn open(layout: &Layout, index: BlobIndex) -> Result<Partial, StoreError> {
+        let dir = dir_of(layout, index.digest());
+        let count = index.chunk_count();
+        let bits_len = (count as usize).div_ceil(8);
+        let resumable = fs::read(dir.join("index"))
+            .ok()
+            .and_then(|b| codec::decode::<BlobIndex>(&b).ok())
+            .is_some_and(|old| old == index);
+        let (file, mut bits) = if resumable {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.join("data"))?;
+            let mut bits = fs::read(dir.join("chunks")).unwrap_or_default();
+            bits.resize(bits_len, 0);
+            (file, bits)
+        } else {
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir)?;
+            fs::write(
+                dir.join("index"),
+                codec::encode(&index).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            )?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.join("data"))?;
+            file.set_len(index.size())?;
+            fs::write(dir.join("chunks"), vec![0u8; bits_len])?;
+            sync_dir(&dir)?;
+            (file, vec![0u8; bits_len])
+        };
+        // Trust no claimed chunk from before a restart without checking it.
+        let mut held = 0;
+        let mut buf = Vec::new();
+        for i in 0..count {
+            let byte = (i / 8) as usize;
+            let claimed = bits.get(byte).is_some_and(|b| b & (1 << (i % 8)) != 0);
+            if !claimed {
+                continue;
+            }
+            let ok = read_range(&file, &index, i, &mut buf).is_ok() && index.verify_chunk(i, &buf);
+            match (ok, bits.get_mut(byte)) {
+                (true, _) => held += 1,
+                (false, Some(b)) => *b &= !(1 << (i % 8)),
+                (false, None) => {}
+            }
+        }
+        let state = State {
+            bits,
+            held,
+            hasher: DigestHasher::new(index.digest().algorithm()),
+            hashed: 0,
+        };
+        let (progress, _) = watch::channel(Progress::default());
+        let partial = Partial {
+            index,
+            dir,
+            file,
+            state: Mutex::new(state),
+            progress,
+        };
+        if held > 0 {
+            tracing::info!(digest = %partial.index.digest(), held, count, "resuming a partial download");
+        }
+        partial.advance_hash(None)?;
+        Ok(partial)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The blob's index.
+    pub fn index(&self) -> &BlobIndex {
+        &self.index
+    }
+
+    /// Which chunks are held.
+    pub fn have(&self) -> HaveChunks {
+        HaveChunks {
+            chunk_count: self.index.chunk_count(),
+            bits: self.lock().bits.clone(),
+        }
+    }
+
+    /// Whether chunk `i` is held.
+    pub fn has(&self, i: u32) -> bool {
+        self.lock().has(i)
+    }
+
+    /// Follows the download's progress.
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// Writes chunk `i` (already verified against the index by the caller), durably, and
+    /// marks it held. Blocking.
+    pub fn write_chunk(&self, i: u32, bytes: &[u8]) -> Result<(), StoreError> {
+        if self.has(i) {
+            return Ok(());
+        }
+        if !self.index.verify_chunk(i, bytes) {
+            return Err(StoreError::Corrupt(format!(
+                "chunk {i} does not match its hash"
+            )));
+        }
+        let range = self
+            .index
+            .chunk_range(i)
+            .ok_or_else(|| StoreError::Corrupt("chunk index".into()))?;
+        self.file.write_all_at(bytes, range.start)?;
+        self.file.sync_data()?;
+        let bits = {
+            let mut state = self.lock();
+            state.set(i);
+            state.bits.clone()
+        };
+        // Losing this write only costs a re-download of the chunk.
+        fs::write(self.dir.join("chunks"), bits)?;
+        self.advance_hash(Some((i, bytes)))
+    }
+
+    /// Hashes the contiguous prefix as far as it goes and publishes progress.
+    fn advance_hash(&self, just_written: Option<(u32, &[u8])>) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let mut buf = Vec::new();
+        while state.hashed < self.index.chunk_count() && state.has(state.hashed) {
+            let i = state.hashed;
+            match just_written {
+                Some((j, bytes)) if j == i => state.hasher.update(bytes),
+                _ => {
+                    read_range(&self.file, &self.index, i, &mut buf)?;
+                    state.hasher.update(&buf);
+                }
+            }
+            state.hashed += 1;
+        }
+        let progress = Progress {
+            held: state.held,
+            contiguous: state.hashed,
+            complete: state.hashed == self.index.chunk_count(),
+        };
+        self.progress.send_replace(progress);
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` if every chunk they touch is held. Blocking.
+    pub fn read(&self, offset: u64, len: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let end = offset.checked_add(len).filter(|e| *e <= self.index.size());
+        let Some(end) = end else { return Ok(None) };
+        let chunk = u64::from(self.index.chunk_size());
+        let (first, last) = (
+            (offset / chunk) as u32,
+            (end.saturating_sub(1) / chunk) as u32,
+        );
+        if len == 0 || !(first..=last).all(|i| self.has(i)) {
+            return Ok(None);
+        }
+        let mut buf =
+            vec![0u8; usize::try_from(len).map_err(|_| StoreError::Corrupt("length".into()))?];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(Some(buf))
+    }
+
+    /// Reads into `buf` the bytes `[offset, offset + buf.len())`, which the caller knows are
+    /// held (below the contiguous prefix). Blocking.
+    pub fn read_held(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.file.read_exact_at(buf, offset)?;
+        Ok(())
+    }
+
+    /// Whether every chunk is held and hashed.
+    pub fn is_complete(&self) -> bool {
+        self.progress.borrow().complete
+    }
+
+    fn digest_if_complete(&self) -> Option<Digest> {
+        let state = self.lock();
+        (state.hashed == self.index.chunk_count()).then(|| state.hasher.clone().finish())
+    }
+}
+
+fn read_range(file: &File, index: &BlobIndex, i: u32, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+    let range = index
+        .chunk_range(i)
+        .ok_or_else(|| StoreError::Corrupt("chunk index".into()))?;
+    buf.clear();
+    buf.resize(usize::try_from(range.end - range.start).unwrap_or(0), 0);
+    file.read_exact_at(buf, range.start)?;
+    Ok(())
+}
+
+impl Store {
+    /// The partial download of the blob `index` describes, resumed or started. One per blob:
+    /// every caller gets the same one while it is in progress.
+    pub async fn partial(&self, index: BlobIndex) -> Result<Arc<Partial>, StoreError> {
+        let digest = index.digest().clone();
+        if let Some(p) = self.partials().get(&digest) {
+            if p.index == index {
+                return Ok(p.clone());
+            }
+        }
+        let layout = self.layout().clone();
+        let p = tokio::task::spawn_blocking(move || Partial::open(&layout, index))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let mut map = self.partials();
+        Ok(map.entry(digest).or_insert_with(|| Arc::new(p)).clone())
+    }
+
+    /// A download in progress, if there is one (to serve its chunks to peers).
+    pub fn partial_in_progress(&self, digest: &Digest) -> Option<Arc<Partial>> {
+        self.partials().get(digest).cloned()
+    }
+
+    fn partials(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Digest, Arc<Partial>>> {
+        self.inner
+            .partials
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Turns a complete partial into a blob: checks its digest, fsyncs, renames it into place.
+    /// A partial whose bytes do not hash to its digest is discarded.
+    pub async fn finish_partial(&self, partial: &Arc<Partial>) -> Result<(), StoreError> {
+        let digest = partial.index.digest().clone();
+        let actual = partial
+            .digest_if_complete()
+            .ok_or_else(|| StoreError::Corrupt(format!("partial {digest} is not complete")))?;
+        let p = partial.clone();
+        if actual != digest {
+            self.partials().remove(&digest);
+            let _ = tokio::task::spawn_blocking(move || fs::remove_dir_all(&p.dir)).await;
+            return Err(StoreError::DigestMismatch {
+                expected: digest,
+                actual,
+            });
+        }
+        tokio::task::spawn_blocking(move || p.file.sync_all())
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        self.install(partial.dir.join("data"), &digest).await?;
+        let index = self.inner.index.clone();
+        let (bi, dir) = (partial.index.clone(), partial.dir.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            index.put_blob_index(&bi)?;
+            fs::remove_dir_all(&dir)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+        self.partials().remove(&digest);
+        Ok(())
+    }
+}

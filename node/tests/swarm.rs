@@ -1,0 +1,208 @@
+//! Swarm transfer in one process: many nodes fetch one multi-chunk blob at once and share the
+//! chunks they hold, so the publisher serves far less than every copy; a peer serving corrupt
+//! chunks is banned while the others finish; a peer killed mid-transfer stops no one; a
+//! restarted node resumes its partial download.
+
+mod testnet;
+
+use std::time::Duration;
+
+use shoal_protocol::Digest;
+use testnet::{TestNet, image, wait_until};
+
+const WAIT: Duration = Duration::from_secs(60);
+const MIB: usize = 1024 * 1024;
+
+async fn served(net: &TestNet, i: usize) -> u64 {
+    net.nodes[i].node().network().served_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn six_nodes_fetch_one_blob_at_once_and_share_chunks() {
+    let mut net = TestNet::with_identities(7);
+    // The publisher's uplink is the bottleneck, as in a real rollout.
+    net.upload_limits.insert(0, 24 * MIB as u64);
+    for _ in 0..7 {
+        net.start_next().await;
+    }
+    net.wait_connected(6).await;
+    let img = image(11, &[96 * MIB]);
+    let layer = Digest::sha256(&img.blobs[1]);
+    net.nodes[0].push("team/roll", "1", &img).await;
+    for n in &net.nodes[1..] {
+        wait_until(WAIT, "the record everywhere", || async {
+            n.has_record("team/roll", "1").await.then_some(())
+        })
+        .await;
+    }
+    let path = format!("/v2/team/roll/blobs/{layer}");
+    let pulls = net.nodes[1..].iter().map(|n| {
+        let (path, layer) = (path.clone(), layer.clone());
+        async move {
+            let r = n.get(&path).await;
+            assert_eq!(r.status, 200);
+            assert_eq!(Digest::sha256(&r.body), layer, "wrong bytes");
+        }
+    });
+    futures::future::join_all(pulls).await;
+    let size = img.blobs[1].len() as u64;
+    let publisher = served(&net, 0).await;
+    let others: u64 = {
+        let mut t = 0;
+        for i in 1..7 {
+            t += served(&net, i).await;
+        }
+        t
+    };
+    println!("publisher served {publisher} bytes, the others {others}, blob {size}");
+    assert!(
+        publisher < 3 * size,
+        "publisher served {publisher} bytes for 6 copies of {size}"
+    );
+    assert!(others > 0, "no downloader served a chunk to another");
+    for n in &net.nodes[1..] {
+        assert!(
+            shoal_node::store::Layout::new(n.dir.path())
+                .blob(&layer)
+                .exists()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_serving_corrupt_chunks_is_banned_and_the_download_completes() {
+    let mut net = TestNet::with_identities(3);
+    net.upload_limits.insert(0, 8 * MIB as u64);
+    for _ in 0..3 {
+        net.start_next().await;
+    }
+    net.wait_connected(2).await;
+    let img = image(12, &[24 * MIB]);
+    let layer = Digest::sha256(&img.blobs[1]);
+    net.nodes[0].push("team/evil", "1", &img).await;
+    // Node 1 gets a full copy, then its copy is corrupted in every chunk (same length).
+    let (evil, victim) = (&net.nodes[1], &net.nodes[2]);
+    wait_until(WAIT, "record on 1", || async {
+        evil.has_record("team/evil", "1").await.then_some(())
+    })
+    .await;
+    evil.pull_and_check("team/evil", "1", &img).await;
+    let path = shoal_node::store::Layout::new(evil.dir.path()).blob(&layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    for i in (0..bytes.len()).step_by(4 * MIB) {
+        bytes[i] ^= 0xff;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+
+    wait_until(WAIT, "record on 2", || async {
+        victim.has_record("team/evil", "1").await.then_some(())
+    })
+    .await;
+    victim.pull_and_check("team/evil", "1", &img).await;
+    let status = victim.get("/_shoal/v1/status").await;
+    let status: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
+    assert!(
+        status["bad_peers"].as_u64().unwrap() >= 1,
+        "the corrupt peer was not detected: {status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_killed_mid_transfer_does_not_stop_the_download() {
+    let mut net = TestNet::with_identities(3);
+    net.upload_limits.insert(0, 8 * MIB as u64);
+    net.upload_limits.insert(1, 8 * MIB as u64);
+    for _ in 0..3 {
+        net.start_next().await;
+    }
+    net.wait_connected(2).await;
+    let img = image(13, &[40 * MIB]);
+    let layer = Digest::sha256(&img.blobs[1]);
+    net.nodes[0].push("team/churn", "1", &img).await;
+    let seeder = &net.nodes[1];
+    wait_until(WAIT, "record on 1", || async {
+        seeder.has_record("team/churn", "1").await.then_some(())
+    })
+    .await;
+    seeder.pull_and_check("team/churn", "1", &img).await;
+    wait_until(WAIT, "record on 2", || async {
+        net.nodes[2]
+            .has_record("team/churn", "1")
+            .await
+            .then_some(())
+    })
+    .await;
+    let addr = net.nodes[2].http_addr();
+    let path = format!("/v2/team/churn/blobs/{layer}");
+    let pull = tokio::spawn(async move { testnet::http(addr, "GET", &path, &[], b"").await });
+    // Stop the seeder once the download is under way.
+    let store = net.nodes[2].node().store().clone();
+    wait_until(WAIT, "the download to start", || async {
+        let p = store.partial_in_progress(&layer)?;
+        (p.progress().borrow().held >= 1).then_some(())
+    })
+    .await;
+    net.nodes[1].stop().await;
+    let r = pull.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(Digest::sha256(&r.body), layer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_node_resumes_its_partial_download() {
+    let mut net = TestNet::with_identities(2);
+    net.upload_limits.insert(0, 6 * MIB as u64);
+    for _ in 0..2 {
+        net.start_next().await;
+    }
+    net.wait_connected(1).await;
+    let img = image(14, &[32 * MIB]);
+    let layer = Digest::sha256(&img.blobs[1]);
+    let size = img.blobs[1].len() as u64;
+    net.nodes[0].push("team/resume", "1", &img).await;
+    wait_until(WAIT, "record on 1", || async {
+        net.nodes[1]
+            .has_record("team/resume", "1")
+            .await
+            .then_some(())
+    })
+    .await;
+    let addr = net.nodes[1].http_addr();
+    let path = format!("/v2/team/resume/blobs/{layer}");
+    let first = tokio::spawn(async move { testnet::http(addr, "GET", &path, &[], b"").await });
+    let store = net.nodes[1].node().store().clone();
+    let held_before = wait_until(WAIT, "some chunks", || async {
+        let p = store.partial_in_progress(&layer)?;
+        let held = p.progress().borrow().held;
+        (held >= 3).then_some(held)
+    })
+    .await;
+    drop(store);
+    net.nodes[1].stop().await;
+    first.abort();
+    // Let requests already on the wire drain before counting.
+    let mut served_before_restart = served(&net, 0).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = served(&net, 0).await;
+        if now == served_before_restart {
+            break;
+        }
+        served_before_restart = now;
+    }
+    net.restart(1).await;
+    net.wait_connected(1).await;
+    let n = &net.nodes[1];
+    let r = n.get(&format!("/v2/team/resume/blobs/{layer}")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(Digest::sha256(&r.body), layer);
+    let after = served(&net, 0).await - served_before_restart;
+    let chunk = 4 * MIB as u64;
+    println!(
+        "held {held_before} chunks before the restart; publisher served {after} bytes after it"
+    );
+    assert!(
+        after <= size - u64::from(held_before) * chunk + chunk,
+        "the restarted node downloaded {after} bytes again; it held {held_before} chunks"
+    );
+}
