@@ -238,6 +238,8 @@ fn pump_lines(
 pub struct ShoalProcess {
     bin: PathBuf,
     dirs: ServerDirs,
+    /// Peer-to-peer and trust flags ([`LOOPBACK_P2P_ARGS`] unless started as a fleet node).
+    p2p_args: Vec<String>,
     child: Option<Child>,
     addr: SocketAddr,
     starts: u32,
@@ -257,10 +259,24 @@ impl ShoalProcess {
         Self::start_with(ServerDirs::with_data("shoal-test-", Some(data_dir))?)
     }
 
+    /// Starts a node of a fleet: `p2p_args` replace [`LOOPBACK_P2P_ARGS`] (give it loopback
+    /// `--p2p-listen` addresses, `--peer` and `--trust` flags).
+    pub fn start_fleet_node(p2p_args: &[String]) -> Result<Self> {
+        Self::start_full(ServerDirs::new("shoal-test-")?, p2p_args.to_vec())
+    }
+
     fn start_with(dirs: ServerDirs) -> Result<Self> {
+        Self::start_full(
+            dirs,
+            LOOPBACK_P2P_ARGS.iter().map(|s| (*s).to_owned()).collect(),
+        )
+    }
+
+    fn start_full(dirs: ServerDirs, p2p_args: Vec<String>) -> Result<Self> {
         let bin = shoal_binary()?;
         let mut process = Self {
             bin,
+            p2p_args,
             log: dirs.logs.join("shoal-0.log"),
             dirs,
             child: None,
@@ -280,7 +296,7 @@ impl ShoalProcess {
             .arg("--data-dir")
             .arg(&self.dirs.data)
             .args(["--listen", "127.0.0.1:0"])
-            .args(LOOPBACK_P2P_ARGS)
+            .args(&self.p2p_args)
             // No user config file may leak into a test node.
             .env("XDG_CONFIG_HOME", &self.dirs.root_path)
             .stdin(Stdio::null())
@@ -332,6 +348,28 @@ impl ShoalProcess {
     /// A client for the registry API.
     pub fn client(&self) -> RegistryClient {
         RegistryClient::new(self.addr)
+    }
+
+    /// What the node printed about itself: (peer id, p2p listen addresses, publisher key).
+    /// Read from the current run's log; `None` until the node has printed it.
+    pub fn p2p_identity(&self) -> Option<(String, Vec<String>, String)> {
+        let log = std::fs::read_to_string(&self.log).ok()?;
+        let mut peer = None;
+        let mut key = None;
+        for line in log.lines() {
+            let line = line.strip_prefix("[stdout] ").unwrap_or(line);
+            if let Some(rest) = line.strip_prefix("shoal p2p: peer id ") {
+                let mut words = rest.split_whitespace();
+                let id = words.next()?.to_owned();
+                let addrs: Vec<String> = words.skip(2).map(str::to_owned).collect();
+                peer = Some((id, addrs));
+            }
+            if let Some(k) = line.strip_prefix("shoal publisher key: ") {
+                key = Some(k.trim().to_owned());
+            }
+        }
+        let (id, addrs) = peer?;
+        Some((id, addrs, key?))
     }
 
     /// The store's data directory (survives restarts).
