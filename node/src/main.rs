@@ -172,7 +172,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Fsck { common, repair } => {
             let config = resolve(common, FileConfig::default())?;
-            let report = store::fsck(&config.data_dir, repair)?;
+            let report = match store::fsck(&config.data_dir, repair) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not a verdict on the store: it could not be checked at all.
+                    eprintln!(
+                        "shoal fsck: could not check {}: {e}",
+                        config.data_dir.display()
+                    );
+                    return Ok(ExitCode::from(2));
+                }
+            };
             println!(
                 "checked {} blobs ({} bytes) and {} records in {}",
                 report.blobs_checked,

@@ -26,7 +26,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// The store could not be opened.
-    #[error("opening the store in {dir}: {source}")]
+    #[error("opening the store in {dir}")]
     Store {
         /// The data directory.
         dir: std::path::PathBuf,
@@ -43,7 +43,7 @@ pub enum NodeError {
     #[error("starting the network: {0}")]
     Net(#[from] NetError),
     /// The registry address could not be bound.
-    #[error("listening on {addr}: {source}")]
+    #[error("listening on {addr}")]
     Listen {
         /// The address.
         addr: SocketAddr,

@@ -24,7 +24,7 @@ pub enum RegistryError {
     #[error("blob upload unknown to registry")]
     BlobUploadUnknown,
     /// A digest is malformed or does not match the content.
-    #[error("provided digest did not match uploaded content: {0}")]
+    #[error("invalid digest: {0}")]
     DigestInvalid(String),
     /// A manifest references a blob or manifest the repository lacks.
     #[error("blob unknown to registry: {0}")]
