@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 /// How long looking for a tool may take (`docker info`, `python3 -c 'import oras'`).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -354,4 +354,33 @@ impl OciImage {
 pub fn blob_path(layout: &Path, digest: &str) -> PathBuf {
     let (algorithm, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
     layout.join("blobs").join(algorithm).join(hex)
+}
+
+/// Checks that the OCI layout at `dir` holds `image` under `ref_name` with identical blobs.
+pub fn assert_layout_matches(dir: &Path, ref_name: &str, image: &OciImage) -> Result<()> {
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json"))?)?;
+    let entry = index["manifests"]
+        .as_array()
+        .and_then(|m| {
+            m.iter().find(|d| {
+                d["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(ref_name)
+            })
+        })
+        .with_context(|| format!("pulled index.json has no {ref_name}: {index}"))?;
+    ensure!(
+        entry["digest"].as_str() == Some(image.manifest.digest.as_str()),
+        "pulled manifest digest {} != pushed {}",
+        entry["digest"],
+        image.manifest.digest
+    );
+    for blob in image.blobs() {
+        let pulled = std::fs::read(blob_path(dir, &blob.digest))
+            .with_context(|| format!("pulled layout lacks blob {}", blob.digest))?;
+        ensure!(
+            pulled == image.read_blob(&blob.digest)?,
+            "pulled blob {} differs from the original",
+            blob.digest
+        );
+    }
+    Ok(())
 }

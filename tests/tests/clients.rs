@@ -10,14 +10,13 @@
 //! only a missing docker daemon may skip. `SHOAL_TEST_TARGET=distribution` runs the same tests
 //! against Debian's docker-registry to check the tests themselves.
 
-use std::path::Path;
+use shoal_tests::tools::assert_layout_matches;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use rand::RngCore;
 use shoal_tests::http::{OCI_INDEX, OCI_MANIFEST};
-use shoal_tests::tools::blob_path;
 use shoal_tests::{
     OciImage, RegistryClient, RegistryServer, Tool, require, run_ok, seeded_rng, sha256_digest,
 };
@@ -151,35 +150,6 @@ fn assert_registry_has_image(
             .is_some_and(|t| t.iter().any(|t| t.as_str() == Some(tag))),
         "tags/list of {repo} lacks {tag}: {listed}"
     );
-    Ok(())
-}
-
-/// Checks that the OCI layout at `dir` holds `image` under `ref_name` with identical blobs.
-fn assert_layout_matches(dir: &Path, ref_name: &str, image: &OciImage) -> Result<()> {
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json"))?)?;
-    let entry = index["manifests"]
-        .as_array()
-        .and_then(|m| {
-            m.iter().find(|d| {
-                d["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(ref_name)
-            })
-        })
-        .with_context(|| format!("pulled index.json has no {ref_name}: {index}"))?;
-    ensure!(
-        entry["digest"].as_str() == Some(image.manifest.digest.as_str()),
-        "pulled manifest digest {} != pushed {}",
-        entry["digest"],
-        image.manifest.digest
-    );
-    for blob in image.blobs() {
-        let pulled = std::fs::read(blob_path(dir, &blob.digest))
-            .with_context(|| format!("pulled layout lacks blob {}", blob.digest))?;
-        ensure!(
-            pulled == image.read_blob(&blob.digest)?,
-            "pulled blob {} differs from the original",
-            blob.digest
-        );
-    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use rand::RngCore;
+use shoal_tests::tools::assert_layout_matches;
 use shoal_tests::{OciImage, ShoalProcess, Tool, require, run_ok, seeded_rng, wait_until};
 
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -55,26 +56,6 @@ fn pull(node: &ShoalProcess, reference: &str, out: &Path) -> Result<()> {
         CLIENT_TIMEOUT,
     )
     .with_context(|| format!("skopeo pull from a node; its log:\n{}", node.log_tail(40)))?;
-    Ok(())
-}
-
-fn assert_same_image(dir: &Path, image: &OciImage) -> Result<()> {
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json"))?)?;
-    ensure!(
-        index["manifests"][0]["digest"].as_str() == Some(image.manifest.digest.as_str()),
-        "pulled manifest {} is not the pushed {}",
-        index["manifests"][0]["digest"],
-        image.manifest.digest
-    );
-    for blob in image.blobs() {
-        let pulled = std::fs::read(shoal_tests::tools::blob_path(dir, &blob.digest))
-            .with_context(|| format!("pulled layout lacks {}", blob.digest))?;
-        ensure!(
-            pulled == image.read_blob(&blob.digest)?,
-            "blob {} differs",
-            blob.digest
-        );
-    }
     Ok(())
 }
 
@@ -138,13 +119,13 @@ fn three_nodes_push_on_one_pull_on_another_survive_losing_the_publisher() -> Res
     })?;
     let out = work.path().join("from-node-3");
     pull(&n3, "team/app:1", &out)?;
-    assert_same_image(&out, &image)?;
+    assert_layout_matches(&out, "pulled", &image)?;
 
     // The publisher goes away; node 3 holds the image and serves it alone.
     n1.kill_hard();
     let again = work.path().join("after-node-1-died");
     pull(&n3, "team/app:1", &again)?;
-    assert_same_image(&again, &image)?;
+    assert_layout_matches(&again, "pulled", &image)?;
 
     if !require(TEST, Tool::DockerDaemon) {
         return Ok(());

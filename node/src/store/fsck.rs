@@ -7,7 +7,6 @@
 //! (sled holds a lock on the index).
 
 use std::fs;
-use std::io::Read;
 use std::path::Path;
 
 use shoal_protocol::{Digest, DigestHasher};
@@ -38,18 +37,9 @@ impl FsckReport {
 }
 
 fn hash(path: &Path, digest: &Digest) -> Result<(Digest, u64), StoreError> {
-    let mut file = fs::File::open(path)?;
     let mut hasher = DigestHasher::new(digest.algorithm());
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok((hasher.finish(), total));
-        }
-        total += n as u64;
-        hasher.update(buf.get(..n).unwrap_or_default());
-    }
+    let total = super::scan_file(fs::File::open(path)?, |block| hasher.update(block))?;
+    Ok((hasher.finish(), total))
 }
 
 /// Checks (and with `repair`, fixes) the data directory at `root`. Blocking.

@@ -168,6 +168,22 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// Reads `file` front to back in blocks of [`sink::SINK_BUFFER_BYTES`], handing each to `f`;
+/// returns the bytes read. Blocking. Used wherever a stored file is hashed again (after a
+/// restart, by `fsck`, for a `BlobIndex` not recorded at write time).
+pub(crate) fn scan_file(mut file: File, mut f: impl FnMut(&[u8])) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; sink::SINK_BUFFER_BYTES];
+    let mut total = 0u64;
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+        f(buf.get(..n).unwrap_or_default());
+    }
+}
+
 /// fsyncs a directory so that a rename or create inside it survives a crash.
 pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
@@ -352,20 +368,13 @@ impl Store {
             if let Some(bi) = index.blob_index(&digest)? {
                 return Ok(Some(bi));
             }
-            let mut file = match File::open(&path) {
+            let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
             let mut indexer = BlobIndexer::new(DEFAULT_CHUNK_SIZE_BYTES);
-            let mut buf = vec![0u8; sink::SINK_BUFFER_BYTES];
-            loop {
-                let n = std::io::Read::read(&mut file, &mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                indexer.update(buf.get(..n).unwrap_or_default());
-            }
+            scan_file(file, |block| indexer.update(block))?;
             let bi = indexer
                 .finish(digest)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;

@@ -10,7 +10,6 @@
 //! file is truncated back to the last acknowledged length before the next chunk is appended.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -165,16 +164,9 @@ pub(super) fn reconcile(layout: &Layout, index: &Index) -> Result<(), StoreError
 }
 
 fn hash_file(path: &Path, algorithm: Algorithm) -> Result<Digest, StoreError> {
-    let mut file = File::open(path)?;
     let mut hasher = DigestHasher::new(algorithm);
-    let mut buf = vec![0u8; super::sink::SINK_BUFFER_BYTES];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hasher.finish());
-        }
-        hasher.update(buf.get(..n).unwrap_or_default());
-    }
+    super::scan_file(File::open(path)?, |block| hasher.update(block))?;
+    Ok(hasher.finish())
 }
 
 impl Store {
