@@ -195,7 +195,10 @@ impl Fetcher {
                 tracing::info!(digest = %blob.digest, size = blob.size, elapsed_ms = started.elapsed().as_millis() as u64, "fetched blob");
                 Ok(())
             }
-            Err(swarm::SwarmError::Stalled) => Err(FetchError::Unavailable(blob.digest.clone())),
+            Err(swarm::SwarmError::Stalled) => {
+                tracing::warn!(digest = %blob.digest, elapsed_ms = started.elapsed().as_millis() as u64, "download stalled: no peer supplied the missing chunks; it stays resumable");
+                Err(FetchError::Unavailable(blob.digest.clone()))
+            }
             Err(swarm::SwarmError::Store(e)) => Err(e.into()),
         }
     }

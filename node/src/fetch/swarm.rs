@@ -30,7 +30,13 @@ pub const HAVE_REFRESH: Duration = Duration::from_millis(250);
 /// How often the candidate list is refreshed (new providers appear as others download).
 const CANDIDATE_REFRESH: Duration = Duration::from_secs(3);
 /// How long a download may make no progress before it gives up.
+/// How long a download may have no usable source for a missing chunk before it gives up.
 const STALL_LIMIT: Duration = Duration::from_secs(30);
+/// How long a download may receive no chunk at all, sources or not. Long, because a seeder
+/// saturated by a whole fleet can take this long per chunk for the unlucky few.
+const PROGRESS_LIMIT: Duration = Duration::from_secs(300);
+/// How long one chunk request may take (4 MiB over a fair share of a busy 100 Mbit/s uplink).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// Most chunk requests in flight for one download (each holds one chunk in memory).
 pub const MAX_IN_FLIGHT: usize = 16;
 /// Capacity of the channel from request tasks back to the download loop.
@@ -88,6 +94,7 @@ pub async fn download(
     let held = bitfield(&partial.have(), count).unwrap_or_else(|| Bitfield::new(count));
     let config = PlanConfig {
         max_in_flight: MAX_IN_FLIGHT,
+        request_timeout: REQUEST_TIMEOUT,
         seed: rand::random(),
         ..PlanConfig::default()
     };
@@ -98,6 +105,7 @@ pub async fn download(
     let mut full_peers = std::collections::HashSet::new();
     let start = Instant::now();
     let mut last_progress = Instant::now();
+    let mut stalled_since: Option<Instant> = None;
     let mut have_tick = tokio::time::interval(HAVE_REFRESH);
     let mut candidate_tick = tokio::time::interval(CANDIDATE_REFRESH);
     candidate_tick.tick().await;
@@ -137,7 +145,14 @@ pub async fn download(
         if plan.is_complete() {
             break Ok(());
         }
-        if last_progress.elapsed() > STALL_LIMIT {
+        if plan.is_stalled() {
+            if stalled_since.get_or_insert_with(Instant::now).elapsed() > STALL_LIMIT {
+                break Err(SwarmError::Stalled);
+            }
+        } else {
+            stalled_since = None;
+        }
+        if last_progress.elapsed() > PROGRESS_LIMIT {
             break Err(SwarmError::Stalled);
         }
         let wake = plan

@@ -154,25 +154,33 @@ async fn serve_stream(
             continue;
         }
         let Some((mut file, size)) = store.open_blob(&request.digest).await? else {
-            // A download in progress serves the chunks it already holds.
-            let answer = match store.partial_in_progress(&request.digest) {
-                Some(p) if request.length <= u64::from(p.index().chunk_size()) => {
-                    let (offset, length) = (request.offset, request.length);
-                    tokio::task::spawn_blocking(move || p.read(offset, length))
-                        .await
-                        .map_err(|e| NetError::Protocol(e.to_string()))??
-                }
-                _ => None,
-            };
-            match answer {
-                Some(bytes) => {
+            // A download in progress serves the chunks it already holds, piece by piece like
+            // a file, so a busy seeder holds no whole chunk in memory per stream.
+            let partial = store.partial_in_progress(&request.digest);
+            match partial.filter(|p| p.covers(request.offset, request.length)) {
+                Some(p) => {
                     let ok = ChunkResponse::Ok {
-                        length: bytes.len() as u64,
+                        length: request.length,
                     };
                     write_frame(&mut stream, &codec::encode(&ok)?).await?;
-                    for piece in bytes.chunks(COPY_BUFFER_BYTES) {
-                        uploads.spend(piece.len()).await;
-                        stream.write_all(piece).await?;
+                    let (mut pos, end) = (request.offset, request.offset + request.length);
+                    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+                    while pos < end {
+                        let n = usize::try_from(end - pos)
+                            .unwrap_or(usize::MAX)
+                            .min(buf.len());
+                        let (p2, mut piece) = (p.clone(), std::mem::take(&mut buf));
+                        let read = tokio::task::spawn_blocking(move || {
+                            let r = p2.read_held(pos, &mut piece[..n]);
+                            (r, piece)
+                        })
+                        .await
+                        .map_err(|e| NetError::Protocol(e.to_string()))?;
+                        buf = read.1;
+                        read.0?;
+                        uploads.spend(n).await;
+                        stream.write_all(&buf[..n]).await?;
+                        pos += n as u64;
                     }
                     stream.flush().await?;
                 }

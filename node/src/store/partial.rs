@@ -233,22 +233,18 @@ impl Partial {
         Ok(())
     }
 
-    /// Reads `len` bytes at `offset` if every chunk they touch is held. Blocking.
-    pub fn read(&self, offset: u64, len: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let end = offset.checked_add(len).filter(|e| *e <= self.index.size());
-        let Some(end) = end else { return Ok(None) };
+    /// Whether every chunk that `[offset, offset + len)` touches is held (and `len > 0`).
+    pub fn covers(&self, offset: u64, len: u64) -> bool {
+        let Some(end) = offset
+            .checked_add(len)
+            .filter(|e| *e <= self.index.size() && len > 0)
+        else {
+            return false;
+        };
         let chunk = u64::from(self.index.chunk_size());
-        let (first, last) = (
-            (offset / chunk) as u32,
-            (end.saturating_sub(1) / chunk) as u32,
-        );
-        if len == 0 || !(first..=last).all(|i| self.has(i)) {
-            return Ok(None);
-        }
-        let mut buf =
-            vec![0u8; usize::try_from(len).map_err(|_| StoreError::Corrupt("length".into()))?];
-        self.file.read_exact_at(&mut buf, offset)?;
-        Ok(Some(buf))
+        let (first, last) = ((offset / chunk) as u32, ((end - 1) / chunk) as u32);
+        let state = self.lock();
+        (first..=last).all(|i| state.has(i))
     }
 
     /// Reads into `buf` the bytes `[offset, offset + buf.len())`, which the caller knows are
