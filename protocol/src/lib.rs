@@ -28,6 +28,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod bitfield;
 pub mod blob_index;
 pub mod codec;
 pub mod digest;
@@ -35,6 +36,7 @@ pub mod message;
 pub mod name;
 pub mod record;
 
+pub use bitfield::Bitfield;
 pub use blob_index::{
     BlobIndex, BlobIndexError, BlobIndexId, BlobIndexer, ChunkHash, DEFAULT_CHUNK_SIZE_BYTES,
 };

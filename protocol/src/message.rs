@@ -42,6 +42,7 @@
 //! `Invalid(reason)`. The requester checks every chunk against the blob index before storing
 //! it.
 
+use crate::bitfield::Bitfield;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
@@ -149,8 +150,8 @@ pub enum SyncRequest {
     },
 }
 
-/// Which chunks of a blob a peer holds: one bit per chunk, chunk 0 in the lowest bit of the
-/// first byte.
+/// Which chunks of a blob a peer holds: a [`Bitfield`]'s byte form (chunk 0 in the high bit of
+/// the first byte) and its length.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HaveChunks {
     /// Number of chunks of the blob.
@@ -160,22 +161,32 @@ pub struct HaveChunks {
 }
 
 impl HaveChunks {
-    /// Checks the shape: at most `MAX_CHUNKS` chunks and exactly enough bytes for them.
+    /// Checks the shape: at most `MAX_CHUNKS` chunks and a well-formed bitfield for them.
     pub fn validate(&self) -> Result<(), MessageError> {
-        let count = usize::try_from(self.chunk_count).unwrap_or(usize::MAX);
-        if count > crate::blob_index::MAX_CHUNKS || self.bits.len() != count.div_ceil(8) {
-            return Err(MessageError::BadBitfield);
+        self.bitfield().map(|_| ()).ok_or(MessageError::BadBitfield)
+    }
+
+    /// The bitfield, if the shape is valid.
+    pub fn bitfield(&self) -> Option<Bitfield> {
+        let count = usize::try_from(self.chunk_count).ok()?;
+        if count > crate::blob_index::MAX_CHUNKS {
+            return None;
         }
-        Ok(())
+        Bitfield::from_bytes(&self.bits, self.chunk_count)
     }
 
     /// Whether chunk `i` is held.
     pub fn has(&self, i: u32) -> bool {
-        i < self.chunk_count
-            && self
-                .bits
-                .get((i / 8) as usize)
-                .is_some_and(|b| b & (1 << (i % 8)) != 0)
+        self.bitfield().is_some_and(|b| b.get(i))
+    }
+}
+
+impl From<&Bitfield> for HaveChunks {
+    fn from(bits: &Bitfield) -> Self {
+        HaveChunks {
+            chunk_count: bits.len(),
+            bits: bits.to_bytes(),
+        }
     }
 }
 
@@ -600,7 +611,7 @@ mod tests {
         round_trip(&SyncResponse::Error("no".into()));
         let have = HaveChunks {
             chunk_count: 10,
-            bits: vec![0b0000_0101, 0b10],
+            bits: vec![0b1010_0000, 0b0100_0000],
         };
         assert!(have.has(0) && !have.has(1) && have.has(2) && have.has(9) && !have.has(10));
         round_trip(&SyncResponse::Have(Some(have)));

@@ -67,16 +67,9 @@ enum ChunkOutcome {
     Failed,
 }
 
-/// The plan's bitfield from the wire's (the two number their bits differently).
+/// The bitfield a peer sent, if it is well formed and for this blob.
 fn bitfield(have: &HaveChunks, count: u32) -> Option<Bitfield> {
-    if have.chunk_count != count || have.validate().is_err() {
-        return None;
-    }
-    let mut bits = Bitfield::new(count);
-    for i in (0..count).filter(|&i| have.has(i)) {
-        bits.set(i);
-    }
-    Some(bits)
+    have.bitfield().filter(|b| b.len() == count)
 }
 
 /// Downloads the rest of `partial` from `candidates` (and whoever else turns up).

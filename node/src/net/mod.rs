@@ -776,17 +776,9 @@ async fn have(store: &Store, digest: &Digest) -> Result<Option<HaveChunks>, NetE
         let Some(index) = store.blob_index(digest).await? else {
             return Ok(None);
         };
-        let count = index.chunk_count();
-        let mut bits = vec![0xffu8; (count as usize).div_ceil(8)];
-        if let Some(last) = bits.last_mut() {
-            if count % 8 != 0 {
-                *last = (1u8 << (count % 8)) - 1;
-            }
-        }
-        return Ok(Some(HaveChunks {
-            chunk_count: count,
-            bits,
-        }));
+        return Ok(Some(HaveChunks::from(&shoal_protocol::Bitfield::full(
+            index.chunk_count(),
+        ))));
     }
     Ok(store.partial_in_progress(digest).map(|p| p.have()))
 }

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use shoal_protocol::message::HaveChunks;
-use shoal_protocol::{BlobIndex, Digest, DigestHasher, codec};
+use shoal_protocol::{Bitfield, BlobIndex, Digest, DigestHasher, codec};
 use tokio::sync::watch;
 
 use super::{Layout, Store, StoreError, sync_dir};
@@ -34,27 +34,9 @@ pub struct Progress {
 }
 
 struct State {
-    bits: Vec<u8>,
-    held: u32,
+    held: Bitfield,
     hasher: DigestHasher,
     hashed: u32,
-}
-
-impl State {
-    fn has(&self, i: u32) -> bool {
-        self.bits
-            .get((i / 8) as usize)
-            .is_some_and(|b| b & (1 << (i % 8)) != 0)
-    }
-
-    fn set(&mut self, i: u32) {
-        if let Some(b) = self.bits.get_mut((i / 8) as usize) {
-            if *b & (1 << (i % 8)) == 0 {
-                *b |= 1 << (i % 8);
-                self.held += 1;
-            }
-        }
-    }
 }
 
 /// A blob being downloaded (shared by the downloader, the chunk server and streaming readers).
@@ -85,7 +67,6 @@ impl Partial {
     fn open(layout: &Layout, index: BlobIndex) -> Result<Partial, StoreError> {
         let dir = dir_of(layout, index.digest());
         let count = index.chunk_count();
-        let bits_len = (count as usize).div_ceil(8);
         let resumable = fs::read(dir.join("index"))
             .ok()
             .and_then(|b| codec::decode::<BlobIndex>(&b).ok())
@@ -95,9 +76,11 @@ impl Partial {
                 .read(true)
                 .write(true)
                 .open(dir.join("data"))?;
-            let mut bits = fs::read(dir.join("chunks")).unwrap_or_default();
-            bits.resize(bits_len, 0);
-            (file, bits)
+            let bits = fs::read(dir.join("chunks")).unwrap_or_default();
+            (
+                file,
+                Bitfield::from_bytes(&bits, count).unwrap_or_else(|| Bitfield::new(count)),
+            )
         } else {
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir)?;
@@ -112,29 +95,23 @@ impl Partial {
                 .truncate(true)
                 .open(dir.join("data"))?;
             file.set_len(index.size())?;
-            fs::write(dir.join("chunks"), vec![0u8; bits_len])?;
+            let bits = Bitfield::new(count);
+            fs::write(dir.join("chunks"), bits.to_bytes())?;
             sync_dir(&dir)?;
-            (file, vec![0u8; bits_len])
+            (file, bits)
         };
         // Trust no claimed chunk from before a restart without checking it.
-        let mut held = 0;
         let mut buf = Vec::new();
-        for i in 0..count {
-            let byte = (i / 8) as usize;
-            let claimed = bits.get(byte).is_some_and(|b| b & (1 << (i % 8)) != 0);
-            if !claimed {
-                continue;
-            }
+        let claimed: Vec<u32> = bits.iter_ones().collect();
+        for i in claimed {
             let ok = read_range(&file, &index, i, &mut buf).is_ok() && index.verify_chunk(i, &buf);
-            match (ok, bits.get_mut(byte)) {
-                (true, _) => held += 1,
-                (false, Some(b)) => *b &= !(1 << (i % 8)),
-                (false, None) => {}
+            if !ok {
+                bits.clear(i);
             }
         }
+        let held = bits.count_ones();
         let state = State {
-            bits,
-            held,
+            held: bits,
             hasher: DigestHasher::new(index.digest().algorithm()),
             hashed: 0,
         };
@@ -166,15 +143,12 @@ impl Partial {
 
     /// Which chunks are held.
     pub fn have(&self) -> HaveChunks {
-        HaveChunks {
-            chunk_count: self.index.chunk_count(),
-            bits: self.lock().bits.clone(),
-        }
+        HaveChunks::from(&self.lock().held)
     }
 
     /// Whether chunk `i` is held.
     pub fn has(&self, i: u32) -> bool {
-        self.lock().has(i)
+        self.lock().held.get(i)
     }
 
     /// Follows the download's progress.
@@ -201,8 +175,8 @@ impl Partial {
         self.file.sync_data()?;
         let bits = {
             let mut state = self.lock();
-            state.set(i);
-            state.bits.clone()
+            state.held.set(i);
+            state.held.to_bytes()
         };
         // Losing this write only costs a re-download of the chunk.
         fs::write(self.dir.join("chunks"), bits)?;
@@ -213,7 +187,7 @@ impl Partial {
     fn advance_hash(&self, just_written: Option<(u32, &[u8])>) -> Result<(), StoreError> {
         let mut state = self.lock();
         let mut buf = Vec::new();
-        while state.hashed < self.index.chunk_count() && state.has(state.hashed) {
+        while state.hashed < self.index.chunk_count() && state.held.get(state.hashed) {
             let i = state.hashed;
             match just_written {
                 Some((j, bytes)) if j == i => state.hasher.update(bytes),
@@ -225,7 +199,7 @@ impl Partial {
             state.hashed += 1;
         }
         let progress = Progress {
-            held: state.held,
+            held: state.held.count_ones(),
             contiguous: state.hashed,
             complete: state.hashed == self.index.chunk_count(),
         };
@@ -244,7 +218,7 @@ impl Partial {
         let chunk = u64::from(self.index.chunk_size());
         let (first, last) = ((offset / chunk) as u32, ((end - 1) / chunk) as u32);
         let state = self.lock();
-        (first..=last).all(|i| state.has(i))
+        (first..=last).all(|i| state.held.get(i))
     }
 
     /// Reads into `buf` the bytes `[offset, offset + buf.len())`, which the caller knows are
