@@ -103,7 +103,7 @@ impl Fetcher {
         rx
     }
 
-    /// Waits for an outcome from [`Fetcher::start`].
+    /// Waits for an outcome from a started fetch.
     pub async fn wait(mut rx: watch::Receiver<Outcome>, key: &Digest) -> Result<(), FetchError> {
         loop {
             if let Some(result) = rx.borrow_and_update().clone() {
