@@ -97,6 +97,27 @@ def run(cmd, timeout=COMMAND_TIMEOUT_S):
     return wall, proc.stdout
 
 
+
+def write_distribution_config(root, data, addr):
+    """Writes a docker-registry config (filesystem storage in `data`, deletes on, quiet logs)
+    into `root` and returns its path. Shared with swarm_bench.py."""
+    config = os.path.join(root, "config.yml")
+    with open(config, "w") as f:
+        f.write(f"""version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {data}
+  delete:
+    enabled: true
+http:
+  addr: {addr}
+""")
+    return config
+
 class Server:
     """A registry child process; `stop()` is idempotent."""
 
@@ -163,21 +184,7 @@ class Distribution(Server):
         data = os.path.join(root, "data")
         os.makedirs(data)
         self.addr = f"127.0.0.1:{free_port()}"
-        config = os.path.join(root, "config.yml")
-        with open(config, "w") as f:
-            f.write(f"""version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {data}
-  delete:
-    enabled: true
-http:
-  addr: {self.addr}
-""")
+        config = write_distribution_config(root, data, self.addr)
         self.stderr = open(os.path.join(root, "registry.log"), "wb")
         self.proc = subprocess.Popen(["docker-registry", "serve", config],
                                      stdin=subprocess.DEVNULL, stdout=self.stderr,

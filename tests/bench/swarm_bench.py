@@ -41,6 +41,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+
+from registry_bench import write_distribution_config
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -275,21 +277,7 @@ class Registry:
         data = os.path.join(root, "data")
         os.makedirs(data, exist_ok=True)
         self.url = f"http://{ip}:5000"
-        config = os.path.join(root, "config.yml")
-        with open(config, "w") as f:
-            f.write(f"""version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {data}
-  delete:
-    enabled: true
-http:
-  addr: {ip}:5000
-""")
+        config = write_distribution_config(root, data, f"{ip}:5000")
         self.proc = Proc(["docker-registry", "serve", config], os.path.join(root, "registry.log"),
                          ns=ns)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
