@@ -11,7 +11,7 @@ use std::path::Path;
 
 use shoal_protocol::{Digest, DigestHasher};
 
-use super::index::{Index, JOURNAL_TREES};
+use super::index::Index;
 use super::{Layout, StoreError, journal, upload};
 
 /// What `fsck` found.
@@ -75,12 +75,13 @@ pub fn fsck(root: &Path, repair: bool) -> Result<FsckReport, StoreError> {
     journal::read(&layout.journal(), applied, |event, end| {
         index.apply(&event, end)
     })?;
-    let mut differs = Vec::new();
-    for tree in JOURNAL_TREES {
-        if index.dump(tree)? != scratch.dump(tree)? {
-            differs.push(tree);
-        }
-    }
+    let (ours, replayed) = (index.dump_journal_trees()?, scratch.dump_journal_trees()?);
+    let differs: Vec<&str> = ours
+        .iter()
+        .zip(&replayed)
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a.0.as_str())
+        .collect();
     if !differs.is_empty() {
         let what = format!("index trees {} differ from the journal", differs.join(", "));
         if repair {

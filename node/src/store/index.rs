@@ -37,15 +37,6 @@ use crate::manifest::ManifestInfo;
 
 const SEP: u8 = 0;
 const APPLIED_KEY: &[u8] = b"journal_applied";
-/// Names of the trees derived from the journal, in the order `fsck` compares them.
-pub const JOURNAL_TREES: [&str; 5] = [
-    "repos.v1",
-    "links.v1",
-    "manifests.v1",
-    "tags.v1",
-    "referrers.v1",
-];
-
 /// A raw key and value, as `fsck` compares them.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
@@ -482,20 +473,16 @@ impl Index {
             .collect()
     }
 
-    /// Every (key, value) of a journal-derived tree, for `fsck` to compare two indexes.
-    pub fn dump(&self, tree: &str) -> Result<Vec<KeyValue>, StoreError> {
-        let t = match tree {
-            "repos.v1" => &self.repos,
-            "links.v1" => &self.links,
-            "manifests.v1" => &self.manifests,
-            "tags.v1" => &self.tags,
-            "records.v1" => &self.records,
-            "record_blobs.v1" => &self.record_blobs,
-            "referrers.v1" => &self.referrers,
-            _ => return Err(StoreError::Corrupt(format!("no tree {tree}"))),
-        };
-        t.iter()
-            .map(|e| e.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into))
+    /// Every (key, value) of each journal-derived tree, by tree name, for `fsck` to compare
+    /// two indexes.
+    pub fn dump_journal_trees(&self) -> Result<Vec<(String, Vec<KeyValue>)>, StoreError> {
+        self.journal_trees()
+            .into_iter()
+            .map(|t| {
+                let entries = t.iter().map(|e| e.map(|(k, v)| (k.to_vec(), v.to_vec())));
+                let entries = entries.collect::<Result<Vec<_>, _>>()?;
+                Ok((String::from_utf8_lossy(&t.name()).into_owned(), entries))
+            })
             .collect()
     }
 
