@@ -77,6 +77,21 @@
 //!   no usable peer holds a missing chunk: the driver should find more providers or give up. A plan
 //!   that has heard of no peer yet is stalled too.
 //!
+//! - **Sites.** A fleet spread over sites joined by slow or metered WAN links should carry each
+//!   chunk over each site's link about once. The driver marks peers in another site with
+//!   [`Event::PeerRemote`] and tells the plan its own identity with [`Plan::with_self`]. A chunk
+//!   some usable local peer holds is asked only of local peers. A chunk only remote peers hold is
+//!   asked of a remote peer only by the one downloader of the site *responsible* for it: the
+//!   local downloader (this node or a usable local peer, that is one that said it holds or is
+//!   fetching the blob) with the least rendezvous score `mix(hash(peer) ^ chunk)`. Every node
+//!   computes the same owner from the same peer set, so the site fetches each chunk once and then
+//!   spreads it over the LAN; when the owner leaves or strikes out, the next one takes over. Two
+//!   nodes that see different local peers can both fetch a chunk (a duplicate, not a deadlock:
+//!   the least-scored node of their union fetches it in either view). A node has at most
+//!   [`PlanConfig::max_remote_in_flight`] remote requests at once, and endgame duplicates go
+//!   only to local peers, so a slow WAN is never asked twice for a chunk. With no remote peer
+//!   the plan behaves as if there were no sites.
+//!
 //! Invariants, for every [`Action::Request`]: the chunk is not held, the peer is connected, not
 //! banned, not struck out, said it has the chunk, has no request for it already, and the peer and
 //! global caps hold.
@@ -128,6 +143,8 @@ pub struct PlanConfig {
     pub endgame_duplicates: usize,
     /// Consecutive timeouts or failures after which a peer is no longer used. Default 3.
     pub max_strikes: u32,
+    /// Requests outstanding at once to peers marked remote ([`Event::PeerRemote`]). Default 2.
+    pub max_remote_in_flight: usize,
     /// Breaks ties between equally rare chunks and between equally good peers.
     pub seed: u64,
 }
@@ -140,6 +157,7 @@ impl Default for PlanConfig {
             request_timeout: Duration::from_secs(20),
             endgame_duplicates: 2,
             max_strikes: 3,
+            max_remote_in_flight: 2,
             seed: 0,
         }
     }
@@ -191,6 +209,11 @@ pub enum Event<P> {
         /// The chunk.
         chunk: u32,
     },
+    /// The peer is in another site, across a slow or metered link. A peer stays remote.
+    PeerRemote {
+        /// The peer.
+        peer: P,
+    },
 }
 
 /// Something the driver should do, returned by [`Plan::next_actions`].
@@ -240,6 +263,8 @@ pub struct PeerStats {
     /// Its measured rate: verified bytes per second of the time it had requests outstanding.
     /// `None` until one of its requests has ended.
     pub rate_bytes_per_sec: Option<u64>,
+    /// Whether it is in another site ([`Event::PeerRemote`]).
+    pub remote: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -265,10 +290,15 @@ struct PeerState {
     rate: Option<u64>,
     /// Seeded tie-breaker between otherwise equal peers.
     tiebreak: u64,
+    /// In another site.
+    remote: bool,
+    /// Its fixed hash, for the rendezvous score that decides which local node fetches a chunk
+    /// only remote peers hold.
+    key: u64,
 }
 
 impl PeerState {
-    fn new(chunk_count: u32, tiebreak: u64) -> Self {
+    fn new(chunk_count: u32, tiebreak: u64, key: u64) -> Self {
         PeerState {
             have: Bitfield::new(chunk_count),
             connected: true,
@@ -283,6 +313,8 @@ impl PeerState {
             busy_since: None,
             rate: None,
             tiebreak,
+            remote: false,
+            key,
         }
     }
 
@@ -346,6 +378,12 @@ pub struct Plan<P> {
     missing: u32,
     /// Chunk → how many usable peers hold it.
     avail: Vec<u32>,
+    /// Chunk → how many usable local (not remote) peers hold it.
+    avail_local: Vec<u32>,
+    /// This node's key for the rendezvous score, if the driver said who it is.
+    me: Option<u64>,
+    /// Requests outstanding to remote peers.
+    remote_in_flight: usize,
     /// Chunk → how many requests for it are outstanding (only chunks with at least one).
     requesters: BTreeMap<u32, u32>,
     /// Requests outstanding, over all peers.
@@ -372,11 +410,15 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             max_in_flight: config.max_in_flight.max(1),
             endgame_duplicates: config.endgame_duplicates.max(1),
             max_strikes: config.max_strikes.max(1),
+            max_remote_in_flight: config.max_remote_in_flight.max(1),
             ..config
         };
         Plan {
             missing: chunk_count.saturating_sub(held.count_ones()),
             avail: vec![0; chunk_count as usize],
+            avail_local: vec![0; chunk_count as usize],
+            me: None,
+            remote_in_flight: 0,
             chunk_count,
             held,
             config,
@@ -387,6 +429,14 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             window: None,
             pending: Vec::new(),
         }
+    }
+
+    /// Tells the plan which peer it runs for, so that it can take its share of the chunks only
+    /// remote peers hold (see *Sites* in the module documentation). Without it, this node fetches
+    /// any such chunk itself.
+    pub fn with_self(mut self, me: &P) -> Self {
+        self.me = Some(stable_hash(me));
+        self
     }
 
     /// The configuration in use (after zeros were raised to one).
@@ -437,6 +487,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             Event::ChunkDone { peer, chunk, bytes } => self.on_chunk_done(&peer, chunk, bytes, now),
             Event::ChunkBad { peer, chunk: _ } => self.ban(peer, now),
             Event::ChunkFailed { peer, chunk } => self.on_chunk_failed(&peer, chunk, now),
+            Event::PeerRemote { peer } => self.on_peer_remote(peer),
         }
     }
 
@@ -489,6 +540,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 0
             },
             rate_bytes_per_sec: state.rate,
+            remote: state.remote,
         })
     }
 
@@ -498,10 +550,11 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         let chunk_count = self.chunk_count;
         let seed = self.config.seed;
         let seen = &mut self.peers_seen;
+        let key = stable_hash(&peer);
         self.peers.entry(peer).or_insert_with(|| {
             *seen = seen.wrapping_add(1);
             let tiebreak = mix((seed ^ PEER_SALT).wrapping_add(GOLDEN_GAMMA.wrapping_mul(*seen)));
-            PeerState::new(chunk_count, tiebreak)
+            PeerState::new(chunk_count, tiebreak, key)
         })
     }
 
@@ -516,6 +569,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 if let Some(count) = self.avail.get_mut(chunk as usize) {
                     *count = count.saturating_sub(1);
                 }
+                if let Some(count) = self.avail_local.get_mut(chunk as usize) {
+                    *count = count.saturating_sub(u32::from(!state.remote));
+                }
             }
         }
     }
@@ -529,6 +585,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             for chunk in state.have.iter_ones() {
                 if let Some(count) = self.avail.get_mut(chunk as usize) {
                     *count = count.saturating_add(1);
+                }
+                if let Some(count) = self.avail_local.get_mut(chunk as usize) {
+                    *count = count.saturating_add(u32::from(!state.remote));
                 }
             }
         }
@@ -569,9 +628,26 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             return;
         }
         let counts = state.have.set(chunk) && state.usable(max_strikes);
+        let local = !state.remote;
         if let Some(count) = self.avail.get_mut(chunk as usize).filter(|_| counts) {
             *count = count.saturating_add(1);
         }
+        if let Some(count) = self.avail_local.get_mut(chunk as usize) {
+            *count = count.saturating_add(u32::from(counts && local));
+        }
+    }
+
+    fn on_peer_remote(&mut self, peer: P) {
+        if self.entry(peer.clone()).remote {
+            return;
+        }
+        self.withdraw(&peer);
+        let state = self.entry(peer.clone());
+        state.remote = true;
+        // Requests already sent stay; they count against the remote cap from now on.
+        let n = state.in_flight.len();
+        self.remote_in_flight += n;
+        self.contribute(&peer);
     }
 
     fn on_peer_gone(&mut self, peer: &P, now: Duration) {
@@ -681,6 +757,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         if state.in_flight.insert(chunk, now).is_none() {
             *self.requesters.entry(chunk).or_insert(0) += 1;
             self.total_in_flight += 1;
+            self.remote_in_flight += usize::from(state.remote);
         }
     }
 
@@ -693,7 +770,8 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         } else {
             state.update_rate(now);
         }
-        self.release(chunk);
+        let remote = state.remote;
+        self.release(chunk, remote);
         Some(issued)
     }
 
@@ -704,8 +782,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         };
         let chunks = std::mem::take(&mut state.in_flight);
         state.end_busy(now);
+        let remote = state.remote;
         for chunk in chunks.into_keys() {
-            self.release(chunk);
+            self.release(chunk, remote);
             if cancel {
                 self.pending.push(Action::Cancel {
                     peer: peer.clone(),
@@ -724,7 +803,10 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         });
     }
 
-    fn release(&mut self, chunk: u32) {
+    fn release(&mut self, chunk: u32, remote: bool) {
+        if remote {
+            self.remote_in_flight = self.remote_in_flight.saturating_sub(1);
+        }
         if let Some(count) = self.requesters.get_mut(&chunk) {
             *count = count.saturating_sub(1);
             if *count == 0 {
@@ -804,14 +886,43 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         self.avail.get(chunk as usize).copied().unwrap_or(0)
     }
 
-    /// The usable holder of `chunk` with a free slot and no request for it already that should
-    /// deliver it soonest.
-    fn pick_peer(&self, chunk: u32, spare: &BTreeMap<P, usize>, median: Option<u64>) -> Option<P> {
+    fn avail_local(&self, chunk: u32) -> u32 {
+        self.avail_local.get(chunk as usize).copied().unwrap_or(0)
+    }
+
+    /// Whether this node is the local downloader that fetches `chunk` from remote peers: the
+    /// least rendezvous score among itself and its usable local peers.
+    fn owns(&self, chunk: u32) -> bool {
+        let Some(me) = self.me else {
+            return true;
+        };
+        let score = |key: u64| mix(key ^ GOLDEN_GAMMA.wrapping_mul(u64::from(chunk) + 1));
+        let mine = score(me);
+        !self.peers.values().any(|state| {
+            !state.remote
+                && state.key != me
+                && state.usable(self.config.max_strikes)
+                && score(state.key) < mine
+        })
+    }
+
+    /// The usable holder of `chunk` in the given reach (remote or local) with a free slot and no
+    /// request for it already that should deliver it soonest.
+    fn pick_peer(
+        &self,
+        chunk: u32,
+        spare: &BTreeMap<P, usize>,
+        median: Option<u64>,
+        remote: bool,
+    ) -> Option<P> {
         spare
             .keys()
             .filter_map(|peer| {
                 let state = self.peers.get(peer)?;
-                if !state.have.get(chunk) || state.in_flight.contains_key(&chunk) {
+                if state.remote != remote
+                    || !state.have.get(chunk)
+                    || state.in_flight.contains_key(&chunk)
+                {
                     return None;
                 }
                 let queued = state.in_flight.len() as u128 + 1;
@@ -874,7 +985,18 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 all_requested = false;
                 break;
             }
-            match self.pick_peer(chunk, &spare, median) {
+            let peer = if self.avail_local(chunk) > 0 {
+                self.pick_peer(chunk, &spare, median, false)
+            } else if !self.owns(chunk) {
+                // Another downloader of this site brings it over the WAN; it is not ours to wait
+                // for, so it does not hold endgame back.
+                continue;
+            } else if self.remote_in_flight < self.config.max_remote_in_flight {
+                self.pick_peer(chunk, &spare, median, true)
+            } else {
+                None
+            };
+            match peer {
                 Some(peer) => self.assign(peer, chunk, now, &mut spare, &mut global, out),
                 None => all_requested = false,
             }
@@ -911,7 +1033,8 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         });
         for (chunk, mut count) in tail {
             while count < duplicates && global > 0 && !spare.is_empty() {
-                let Some(peer) = self.pick_peer(chunk, &spare, median) else {
+                // Never a second request over a WAN link.
+                let Some(peer) = self.pick_peer(chunk, &spare, median, false) else {
                     break;
                 };
                 self.assign(peer, chunk, now, &mut spare, &mut global, out);
@@ -942,6 +1065,26 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         }
         out.push(Action::Request { peer, chunk });
     }
+}
+
+/// A hash of `value` that is the same on every node and every run (FNV-1a over what its `Hash`
+/// implementation writes), so that nodes agree on rendezvous scores. `std`'s default hasher is
+/// not promised to stay the same between Rust releases.
+fn stable_hash<T: Hash + ?Sized>(value: &T) -> u64 {
+    struct Fnv(u64);
+    impl std::hash::Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            mix(self.0)
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for &b in bytes {
+                self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    value.hash(&mut h);
+    std::hash::Hasher::finish(&h)
 }
 
 /// A peer that had gone is back: a new session with no strikes.
@@ -1792,6 +1935,19 @@ mod tests {
                 }
             }
             assert_eq!(avail, self.avail);
+            let mut avail_local = vec![0u32; self.chunk_count as usize];
+            let mut remote_in_flight = 0;
+            for state in self.peers.values() {
+                if state.remote {
+                    remote_in_flight += state.in_flight.len();
+                } else if state.usable(max_strikes) {
+                    for c in state.have.iter_ones() {
+                        avail_local[c as usize] += 1;
+                    }
+                }
+            }
+            assert_eq!(avail_local, self.avail_local);
+            assert_eq!(remote_in_flight, self.remote_in_flight);
             assert_eq!(requesters, self.requesters);
             assert_eq!(
                 requesters.values().map(|&n| n as usize).sum::<usize>(),

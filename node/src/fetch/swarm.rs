@@ -28,15 +28,17 @@ use crate::store::{Store, StoreError};
 /// How often peers holding part of the blob are asked again what they hold.
 pub const HAVE_REFRESH: Duration = Duration::from_millis(250);
 /// How often the candidate list is refreshed (new providers appear as others download).
-const CANDIDATE_REFRESH: Duration = Duration::from_secs(3);
-/// How long a download may make no progress before it gives up.
+pub const CANDIDATE_REFRESH: Duration = Duration::from_secs(3);
+/// Most peers one download asks for chunks. Bounded so that a fleet of thousands costs each node
+/// a few dozen conversations, as in BitTorrent (whose clients keep 30 to 80 peers).
+pub const MAX_CANDIDATES: usize = 32;
 /// How long a download may have no usable source for a missing chunk before it gives up.
-const STALL_LIMIT: Duration = Duration::from_secs(30);
+pub const STALL_LIMIT: Duration = Duration::from_secs(30);
 /// How long a download may receive no chunk at all, sources or not. Long, because a seeder
 /// saturated by a whole fleet can take this long per chunk for the unlucky few.
-const PROGRESS_LIMIT: Duration = Duration::from_secs(300);
+pub const PROGRESS_LIMIT: Duration = Duration::from_secs(300);
 /// How long one chunk request may take (4 MiB over a fair share of a busy 100 Mbit/s uplink).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// Most chunk requests in flight for one download (each holds one chunk in memory).
 pub const MAX_IN_FLIGHT: usize = 16;
 /// Capacity of the channel from request tasks back to the download loop.
@@ -85,13 +87,7 @@ pub async fn download(
     let index: BlobIndex = partial.index().clone();
     let count = index.chunk_count();
     let held = bitfield(&partial.have(), count).unwrap_or_else(|| Bitfield::new(count));
-    let config = PlanConfig {
-        max_in_flight: MAX_IN_FLIGHT,
-        request_timeout: REQUEST_TIMEOUT,
-        seed: rand::random(),
-        ..PlanConfig::default()
-    };
-    let mut plan: Plan<PeerId> = Plan::new(count, held, config);
+    let mut plan: Plan<PeerId> = Plan::new(count, held, plan_config(rand::random()));
     let (tx, mut rx) = mpsc::channel::<Msg>(EVENT_CAPACITY);
     let mut tasks: HashMap<(PeerId, u32), JoinHandle<()>> = HashMap::new();
     let mut pool: HashMap<PeerId, Vec<Box<ChunkClient>>> = HashMap::new();
@@ -209,6 +205,16 @@ pub async fn download(
         .finish_partial(&partial)
         .await
         .map_err(SwarmError::Store)
+}
+
+/// The plan configuration every download uses (the simulations use it too).
+pub fn plan_config(seed: u64) -> PlanConfig {
+    PlanConfig {
+        max_in_flight: MAX_IN_FLIGHT,
+        request_timeout: REQUEST_TIMEOUT,
+        seed,
+        ..PlanConfig::default()
+    }
 }
 
 fn ask_have(
