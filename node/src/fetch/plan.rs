@@ -1829,6 +1829,124 @@ mod tests {
         assert!(c.plan.is_complete());
     }
 
+    /// A plan for node `me` of a site whose other downloaders are `locals` (holding nothing yet),
+    /// with `remote` in another site holding all `chunks`.
+    fn site_plan(
+        me: u32,
+        locals: &[u32],
+        remote: u32,
+        chunks: u32,
+        config: PlanConfig,
+    ) -> Plan<u32> {
+        let mut plan = Plan::new(chunks, Bitfield::new(chunks), config).with_self(&me);
+        for &peer in locals {
+            has(&mut plan, peer, Bitfield::new(chunks));
+        }
+        plan.handle(Event::PeerRemote { peer: remote }, T0);
+        has(&mut plan, remote, Bitfield::full(chunks));
+        plan
+    }
+
+    #[test]
+    fn a_site_fetches_each_remote_chunk_once_between_its_downloaders() {
+        let chunks = 64;
+        let config = PlanConfig {
+            max_remote_in_flight: 64,
+            max_in_flight: 64,
+            max_in_flight_per_peer: 64,
+            ..config()
+        };
+        let site = [1u32, 2, 3, 4];
+        let mut asked = Vec::new();
+        for &me in &site {
+            let others: Vec<u32> = site.iter().copied().filter(|&p| p != me).collect();
+            let mut plan = site_plan(me, &others, 9, chunks, config.clone());
+            let reqs = requests(&plan.next_actions(T0));
+            assert!(reqs.iter().all(|&(peer, _)| peer == 9));
+            assert!(!reqs.is_empty(), "node {me} owns some chunks");
+            asked.extend(reqs.into_iter().map(|(_, chunk)| chunk));
+            plan.assert_consistent();
+        }
+        asked.sort_unstable();
+        assert_eq!(
+            asked,
+            (0..chunks).collect::<Vec<_>>(),
+            "every chunk once, by one node"
+        );
+    }
+
+    #[test]
+    fn a_chunk_a_local_peer_holds_is_never_asked_over_the_wan() {
+        let mut plan = site_plan(1, &[2], 9, 8, config());
+        has(&mut plan, 2, bits(8, [0, 1, 2, 3, 4, 5, 6, 7]));
+        let reqs = requests(&plan.next_actions(T0));
+        assert!(!reqs.is_empty());
+        assert!(reqs.iter().all(|&(peer, _)| peer == 2), "{reqs:?}");
+        assert_eq!(plan.peer_stats(&9).map(|s| s.remote), Some(true));
+    }
+
+    #[test]
+    fn remote_requests_are_capped_and_never_duplicated_in_endgame() {
+        // Alone in its site: it owns every chunk, but asks the WAN for two at a time.
+        let mut plan = site_plan(1, &[], 9, 16, config());
+        has(&mut plan, 8, Bitfield::new(16));
+        plan.handle(Event::PeerRemote { peer: 8 }, T0);
+        has(&mut plan, 8, Bitfield::full(16));
+        let reqs = requests(&plan.next_actions(T0));
+        assert_eq!(reqs.len(), 2, "max_remote_in_flight: {reqs:?}");
+        done(&mut plan, reqs[0].0, reqs[0].1, ms(100));
+        let more = requests(&plan.next_actions(ms(100)));
+        assert_eq!(more.len(), 1);
+        // Two remote peers hold every chunk; endgame never asks both for the same one.
+        let mut now = ms(100);
+        loop {
+            let in_flight: Vec<(u32, u32)> = (0..16)
+                .flat_map(|c| [(8, c), (9, c)])
+                .filter(|(p, c)| plan.peers[p].in_flight.contains_key(c))
+                .collect();
+            let chunks_in_flight: BTreeSet<u32> = in_flight.iter().map(|&(_, c)| c).collect();
+            assert_eq!(
+                chunks_in_flight.len(),
+                in_flight.len(),
+                "a duplicate over the WAN"
+            );
+            assert!(in_flight.len() <= 2);
+            let Some(&(peer, chunk)) = in_flight.first() else {
+                break;
+            };
+            now += ms(100);
+            done(&mut plan, peer, chunk, now);
+            plan.next_actions(now);
+        }
+        assert!(plan.is_complete());
+        plan.assert_consistent();
+    }
+
+    #[test]
+    fn when_the_owner_of_a_chunk_leaves_another_local_node_takes_it() {
+        let chunks = 32;
+        let config = PlanConfig {
+            max_remote_in_flight: 64,
+            max_in_flight: 64,
+            max_in_flight_per_peer: 64,
+            ..config()
+        };
+        let mut plan = site_plan(1, &[2], 9, chunks, config);
+        let mine = requests(&plan.next_actions(T0)).len();
+        assert!(
+            mine > 0 && mine < chunks as usize,
+            "shared with node 2: {mine}"
+        );
+        plan.handle(Event::PeerGone { peer: 2 }, ms(10));
+        let rest = requests(&plan.next_actions(ms(10)));
+        assert_eq!(
+            mine + rest.len(),
+            chunks as usize,
+            "node 2's share is now ours"
+        );
+        plan.assert_consistent();
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Has {
@@ -1860,6 +1978,10 @@ mod tests {
         Failed {
             nth: usize,
         },
+        /// Marks a peer as in another site.
+        Remote {
+            peer: u32,
+        },
         FailedAny {
             peer: u32,
             chunk: u32,
@@ -1889,6 +2011,7 @@ mod tests {
             1 => (peer.clone(), chunk.clone()).prop_map(|(peer, chunk)| Op::FailedAny { peer, chunk }),
             2 => (0u64..8_000).prop_map(|ms| Op::Advance { ms }),
             1 => (0..chunks + 2, 0u32..6).prop_map(|(from, len)| Op::Window { from, len }),
+            1 => peer.clone().prop_map(|peer| Op::Remote { peer }),
             4 => Just(Op::Next),
         ]
     }
@@ -1900,15 +2023,17 @@ mod tests {
             1u64..6,
             0usize..4,
             0u32..4,
+            0usize..3,
             any::<u64>(),
         )
             .prop_map(
-                |(per_peer, total, timeout, duplicates, strikes, seed)| PlanConfig {
+                |(per_peer, total, timeout, duplicates, strikes, remote, seed)| PlanConfig {
                     max_in_flight_per_peer: per_peer,
                     max_in_flight: total,
                     request_timeout: secs(timeout),
                     endgame_duplicates: duplicates,
                     max_strikes: strikes,
+                    max_remote_in_flight: remote,
                     seed,
                 },
             )
@@ -2063,6 +2188,7 @@ mod tests {
                         now,
                     );
                 }
+                Op::Remote { peer } => plan.handle(Event::PeerRemote { peer }, now),
                 Op::FailedAny { peer, chunk } => {
                     model.in_flight.remove(&(peer, chunk));
                     plan.handle(Event::ChunkFailed { peer, chunk }, now);
