@@ -1,0 +1,1220 @@
+//! The fleet model: nodes, sites, discovery, haves, chunk requests and transfers, churn, all
+//! driven by the node's own [`Plan`].
+//!
+//! One [`run`] simulates one rollout: a publisher holds the image at time zero and every puller
+//! fetches it, the way `node/src/fetch/swarm.rs` does, or (in central mode) from the publisher
+//! alone. The model, step by step (constants come from the node crate, so they stay in step):
+//!
+//! - **Start and discovery.** A puller announces itself as a provider when it starts and looks up
+//!   providers; the lookup completes after [`Scenario::lookup_delay`] and returns the nodes that
+//!   announced before that, the publisher included. Candidates are those providers, shuffled, then
+//!   the node's connected peers (`mesh_degree` random nodes of the fleet), shuffled, at most
+//!   [`MAX_CANDIDATES`] in all, as `Fetcher::candidates` orders them. Every [`CANDIDATE_REFRESH`]
+//!   it drops candidates that never answered and looks up again to fill the free places.
+//! - **Haves.** It asks each candidate what it holds (one round trip). A candidate that holds or
+//!   downloads the blob answers with its bitfield: [`Event::PeerRemote`] first if it is in another
+//!   site, then [`Event::PeerHas`]. Then the asker keeps one long-poll parked at each incomplete
+//!   candidate: the candidate answers as soon as it holds a chunk the asker has not been told of,
+//!   and the asker polls again at once. An update costs one one-way latency, and chunks that
+//!   arrive while a poll travels are batched into the next answer. New chunks are fed as
+//!   [`Event::PeerHasChunk`] (the same as a whole bitfield: chunks are never lost). The ten-second
+//!   empty answer of a long-poll changes nothing and is not simulated.
+//! - **Requests.** Each [`Action::Request`] travels one one-way latency to the peer, which serves
+//!   at most [`MAX_INBOUND_CHUNK_STREAMS`] requests at once; past that it refuses and the requester
+//!   gets [`Event::ChunkFailed`] one round trip after asking. An accepted request is a flow of the
+//!   chunk's bytes from server to requester over the sender's NIC, the sender's and receiver's
+//!   site WAN links if they differ, the receiver's NIC, and the shared host if there is one. Its
+//!   last byte gives [`Event::ChunkDone`]; the requester holds the chunk from then on and answers
+//!   the long-polls parked on it. [`Action::Cancel`] stops the flow (its bytes count as sent,
+//!   received and discarded). A request the plan expires is cancelled the same way.
+//! - **The plan** is driven as the node drives it: [`Plan::next_actions`] after every batch of
+//!   events for a node (all events of one instant), and again at [`Plan::next_deadline`]. A
+//!   download stalled for [`STALL_LIMIT`] fails like the node's and is retried at once with a new
+//!   lookup and a new plan that resumes from the chunks held (a client retrying its pull).
+//! - **Churn.** A leaving node's connections drop: every node that has it as a candidate gets
+//!   [`Event::PeerGone`] at once, and its transfers in both directions stop. It keeps the chunks
+//!   it holds; when it comes back it announces again and starts a new download (if incomplete)
+//!   from them; others find it again through their lookups.
+//! - **Central.** Every puller downloads the image from the publisher as `central_streams` equal
+//!   layers at once, with no limit on the publisher's streams (a registry).
+//!
+//! Not modelled: choking (a node serves whoever asks, up to the stream limit, as the node does),
+//! bad peers and bans, the priority window (no client reads while downloading), partial-chunk
+//! requests, the blob index fetch, and everything in [`crate`]'s list of omissions.
+
+use std::time::Instant;
+
+use shoal_node::fetch::plan::{Action, Bitfield, Event, Plan};
+use shoal_node::fetch::swarm::{
+    CANDIDATE_REFRESH, MAX_CANDIDATES, MAX_IN_FLIGHT, REQUEST_TIMEOUT, STALL_LIMIT, plan_config,
+};
+use shoal_node::net::chunk::MAX_INBOUND_CHUNK_STREAMS;
+
+use crate::engine::{Nanos, Queue, duration, nanos, nanos_from_secs, secs_from_nanos};
+use crate::links::{Check, FlowId, LinkId, Network, Sharing};
+use crate::rng::{Rng, mix};
+use crate::scenario::{Mode, PublisherSite, Scenario, SharingMode, bytes_per_sec};
+
+/// Node 0 is the publisher; pullers are 1..=N.
+const PUBLISHER: u32 = 0;
+
+/// What one run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunResult {
+    /// Pullers.
+    pub nodes: u32,
+    /// Sites of pullers.
+    pub sites: u32,
+    /// The image size.
+    pub image_bytes: u64,
+    /// The seed.
+    pub seed: u64,
+    /// Per puller (index 0 is puller 1): its completion time in seconds after it first started,
+    /// `None` if it did not complete.
+    pub completion_secs: Vec<Option<f64>>,
+    /// Per node (index 0 is the publisher): bytes sent, bytes received.
+    pub node_bytes: Vec<(f64, f64)>,
+    /// Per node: whether it ended holding every chunk exactly once in its log.
+    pub holds_image: Vec<bool>,
+    /// Per site of pullers: bytes in over its WAN link, bytes out.
+    pub wan_bytes: Vec<(f64, f64)>,
+    /// Bytes over every NIC uplink and every NIC downlink, added up.
+    pub nic_bytes: (f64, f64),
+    /// Bytes over the WAN links: up, down (every site, the publisher's own site included).
+    pub wan_total_bytes: (f64, f64),
+    /// Bytes received and thrown away: cancelled or duplicate transfers.
+    pub wasted_bytes: f64,
+    /// Requests refused because the server had all its streams busy.
+    pub refused: u64,
+    /// Downloads that stalled for the stall limit and were retried.
+    pub stalls: u64,
+    /// Simulated time at which the run ended.
+    pub end_secs: f64,
+    /// Events processed.
+    pub events: u64,
+    /// Wall-clock seconds the simulation took.
+    pub wall_secs: f64,
+    /// Fair-share link fills done.
+    pub fills: u64,
+}
+
+impl RunResult {
+    /// Bytes the publisher sent.
+    pub fn publisher_egress(&self) -> f64 {
+        self.node_bytes.first().map_or(0.0, |b| b.0)
+    }
+
+    /// Pullers that completed.
+    pub fn completed(&self) -> usize {
+        self.completion_secs.iter().flatten().count()
+    }
+
+    /// The `q` quantile (0..=1, nearest rank) of the completion times of the pullers that
+    /// completed.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let mut times: Vec<f64> = self.completion_secs.iter().flatten().copied().collect();
+        if times.is_empty() {
+            return None;
+        }
+        times.sort_by(f64::total_cmp);
+        let rank = ((q * times.len() as f64).ceil() as usize).clamp(1, times.len());
+        Some(times[rank - 1])
+    }
+}
+
+#[derive(Debug)]
+enum Ev {
+    Start(u32),
+    /// A lookup of `node`'s download number `epoch` returns.
+    LookupDone {
+        node: u32,
+        epoch: u32,
+    },
+    Refresh {
+        node: u32,
+        epoch: u32,
+    },
+    /// A have request from `from` reaches `to`.
+    HaveAsk {
+        from: u32,
+        epoch: u32,
+        to: u32,
+    },
+    /// An answer from `from` (in its session `session`) reaches `to`: what `from` held at `as_of`.
+    HaveAnswer {
+        to: u32,
+        epoch: u32,
+        from: u32,
+        session: u32,
+        as_of: Nanos,
+    },
+    /// A chunk request reaches its server.
+    Request {
+        from: u32,
+        epoch: u32,
+        to: u32,
+        id: u64,
+    },
+    /// The refusal of request `id` reaches its requester.
+    Refused {
+        to: u32,
+        epoch: u32,
+        id: u64,
+    },
+    FlowEnd {
+        flow: FlowId,
+        token: u32,
+    },
+    Wake {
+        node: u32,
+        epoch: u32,
+    },
+    Leave(u32),
+    Return(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CandState {
+    /// Asked what it holds; no answer yet (or it does not have the blob).
+    Asked,
+    /// Answered; `told` entries of its chunk log have been fed to the plan.
+    Polling { told: u32 },
+}
+
+#[derive(Debug, Clone)]
+struct Candidate {
+    peer: u32,
+    /// The peer's session when it became a candidate.
+    session: u32,
+    state: CandState,
+}
+
+#[derive(Debug, Clone)]
+struct Request {
+    id: u64,
+    peer: u32,
+    chunk: u32,
+    flow: Option<FlowId>,
+}
+
+struct Download {
+    plan: Plan<u32>,
+    candidates: Vec<Candidate>,
+    requests: Vec<Request>,
+    stalled_since: Option<Nanos>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Parked {
+    asker: u32,
+    epoch: u32,
+    /// When the poll reaches this node.
+    arrives: Nanos,
+}
+
+struct Node {
+    site: u32,
+    up: LinkId,
+    down: LinkId,
+    online: bool,
+    /// Incremented when it leaves: messages from an older session are dropped.
+    session: u32,
+    /// Incremented when its download restarts or it leaves: messages to an older one are dropped.
+    epoch: u32,
+    started: Option<Nanos>,
+    announced: bool,
+    held: Bitfield,
+    /// Chunks in the order they arrived, with when.
+    log: Vec<(u32, Nanos)>,
+    completed: Option<Nanos>,
+    download: Option<Box<Download>>,
+    serving: usize,
+    parked: Vec<Parked>,
+    /// Nodes that took it as a candidate (may hold stale entries; checked on use).
+    watchers: Vec<u32>,
+    mesh: Vec<u32>,
+    sent: f64,
+    received: f64,
+    dirty: bool,
+    /// The earliest wake-up queued for its current epoch.
+    wake_at: Nanos,
+    /// Central mode: layer flows still running.
+    layers_left: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FlowInfo {
+    from: u32,
+    to: u32,
+    epoch: u32,
+    id: u64,
+    chunk: u32,
+    size: f64,
+}
+
+struct Sim<'a> {
+    scenario: &'a Scenario,
+    q: Queue<Ev>,
+    net: Network,
+    nodes: Vec<Node>,
+    /// Per site: WAN up and down links (if there is a WAN).
+    wan: Vec<(LinkId, LinkId)>,
+    host: Option<LinkId>,
+    /// Nodes in the order they announced themselves (provider records outlive departures).
+    providers: Vec<u32>,
+    flows: Vec<Option<FlowInfo>>,
+    chunk_count: u32,
+    rng: Rng,
+    next_request: u64,
+    dirty: Vec<u32>,
+    wasted: f64,
+    refused: u64,
+    stalls: u64,
+    seed: u64,
+    complete_count: usize,
+}
+
+/// Runs `scenario` with `pullers` pullers and `seed`.
+pub fn run(scenario: &Scenario, pullers: u32, seed: u64) -> RunResult {
+    let wall = Instant::now();
+    let mut sim = Sim::new(scenario, pullers, seed);
+    sim.run();
+    sim.result(pullers, wall.elapsed().as_secs_f64())
+}
+
+impl<'a> Sim<'a> {
+    fn new(scenario: &'a Scenario, pullers: u32, seed: u64) -> Sim<'a> {
+        let sharing = match scenario.sharing {
+            SharingMode::Local => Sharing::Local,
+            SharingMode::Exact => Sharing::Exact,
+        };
+        let mut net = Network::new(sharing);
+        let mut rng = Rng::new(seed);
+        let chunk_count = scenario.chunk_count();
+        let own_site = scenario.publisher.site == PublisherSite::Own;
+        let site_count = scenario.sites + u32::from(own_site);
+        let mut wan = Vec::new();
+        if scenario.has_wan() {
+            if let Some(w) = &scenario.wan {
+                for site in 0..site_count {
+                    let (up, down) = if own_site && site == scenario.sites {
+                        let mbit = scenario.publisher.wan_mbit.unwrap_or(1000.0);
+                        (mbit, mbit)
+                    } else {
+                        (w.up_mbit, w.down_mbit)
+                    };
+                    wan.push((
+                        net.add_link(bytes_per_sec(up)),
+                        net.add_link(bytes_per_sec(down)),
+                    ));
+                }
+            }
+        }
+        let host = scenario
+            .host
+            .as_ref()
+            .map(|h| net.add_link(h.bytes_per_sec()));
+        let total = pullers as usize + 1;
+        let mut nodes = Vec::with_capacity(total);
+        for i in 0..total as u32 {
+            let (site, mbit) = if i == PUBLISHER {
+                let site = if own_site { scenario.sites } else { 0 };
+                (
+                    site,
+                    scenario.publisher.nic_mbit.unwrap_or(scenario.nic_mbit),
+                )
+            } else {
+                ((i - 1) % scenario.sites, scenario.nic_mbit)
+            };
+            let up = net.add_link(bytes_per_sec(mbit));
+            let down = net.add_link(bytes_per_sec(mbit));
+            let degree = (scenario.discovery.mesh_degree as usize).min(total - 1);
+            let mut mesh = Vec::with_capacity(degree);
+            while mesh.len() < degree {
+                let p = rng.below(total as u64) as u32;
+                if p != i && !mesh.contains(&p) {
+                    mesh.push(p);
+                }
+            }
+            nodes.push(Node {
+                site,
+                up,
+                down,
+                online: true,
+                session: 0,
+                epoch: 0,
+                started: None,
+                announced: false,
+                held: Bitfield::new(chunk_count),
+                log: Vec::new(),
+                completed: None,
+                download: None,
+                serving: 0,
+                parked: Vec::new(),
+                watchers: Vec::new(),
+                mesh,
+                sent: 0.0,
+                received: 0.0,
+                dirty: false,
+                wake_at: Nanos::MAX,
+                layers_left: 0,
+            });
+        }
+        let publisher = &mut nodes[PUBLISHER as usize];
+        publisher.held = Bitfield::full(chunk_count);
+        publisher.log = (0..chunk_count).map(|c| (c, 0)).collect();
+        publisher.started = Some(0);
+        publisher.completed = Some(0);
+        publisher.announced = true;
+        let mut sim = Sim {
+            scenario,
+            q: Queue::new(),
+            net,
+            nodes,
+            wan,
+            host,
+            providers: vec![PUBLISHER],
+            flows: Vec::new(),
+            chunk_count,
+            rng,
+            next_request: 0,
+            dirty: Vec::new(),
+            wasted: 0.0,
+            refused: 0,
+            stalls: 0,
+            seed,
+            complete_count: 0,
+        };
+        for i in 1..=pullers {
+            let at = nanos_from_secs(sim.rng.unit() * scenario.start_spread_secs);
+            sim.q.push(at, Ev::Start(i));
+        }
+        if let Some(churn) = &scenario.churn {
+            let leaving = (f64::from(pullers) * churn.fraction).round() as u32;
+            let mut order: Vec<u32> = (1..=pullers).collect();
+            sim.rng.shuffle(&mut order);
+            for &node in order.iter().take(leaving as usize) {
+                let at = sim.rng.between(churn.leave_secs[0], churn.leave_secs[1]);
+                sim.q.push(nanos_from_secs(at), Ev::Leave(node));
+            }
+        }
+        sim
+    }
+
+    fn run(&mut self) {
+        let limit = nanos_from_secs(self.scenario.time_limit_secs);
+        let pullers = self.nodes.len() - 1;
+        while let Some(at) = self.q.peek_time() {
+            if at > limit {
+                break;
+            }
+            let Some((_, ev)) = self.q.pop() else { break };
+            self.handle(ev);
+            if self.q.peek_time() != Some(at) {
+                self.flush();
+            }
+            // Every puller complete and nothing left in flight: the rollout is over (a pending
+            // return of a complete node changes nothing).
+            if self.complete_count == pullers && self.dirty.is_empty() && self.net.live_flows() == 0
+            {
+                break;
+            }
+        }
+        // Stop whatever still runs (a time limit), so every byte moved is accounted.
+        let now = self.q.now();
+        for flow in 0..self.flows.len() {
+            if let Some(info) = self.flows[flow].take() {
+                let bytes = self.net.stop(now, flow as FlowId);
+                self.account(info.from, info.to, bytes);
+                self.wasted += bytes;
+            }
+        }
+    }
+
+    /// Ends an instant: the plans of the nodes that got events decide, then rates are shared out.
+    fn flush(&mut self) {
+        let now = self.q.now();
+        let mut i = 0;
+        while i < self.dirty.len() {
+            let node = self.dirty[i];
+            self.nodes[node as usize].dirty = false;
+            self.think(node);
+            i += 1;
+        }
+        self.dirty.clear();
+        for due in self.net.settle(now) {
+            self.q.push(
+                due.at,
+                Ev::FlowEnd {
+                    flow: due.flow,
+                    token: due.token,
+                },
+            );
+        }
+    }
+
+    fn mark(&mut self, node: u32) {
+        let n = &mut self.nodes[node as usize];
+        if !n.dirty {
+            n.dirty = true;
+            self.dirty.push(node);
+        }
+    }
+
+    fn latency(&self, a: u32, b: u32) -> Nanos {
+        self.scenario
+            .latency(self.nodes[a as usize].site == self.nodes[b as usize].site)
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Start(node) => self.on_start(node),
+            Ev::LookupDone { node, epoch } => self.on_lookup(node, epoch),
+            Ev::Refresh { node, epoch } => self.on_refresh(node, epoch),
+            Ev::HaveAsk { from, epoch, to } => self.on_have_ask(from, epoch, to),
+            Ev::HaveAnswer {
+                to,
+                epoch,
+                from,
+                session,
+                as_of,
+            } => self.on_have_answer(to, epoch, from, session, as_of),
+            Ev::Request {
+                from,
+                epoch,
+                to,
+                id,
+            } => self.on_request(from, epoch, to, id),
+            Ev::Refused { to, epoch, id } => self.on_refused(to, epoch, id),
+            Ev::FlowEnd { flow, token } => self.on_flow_end(flow, token),
+            Ev::Wake { node, epoch } => {
+                let n = &mut self.nodes[node as usize];
+                if n.epoch == epoch && n.wake_at == self.q.now() {
+                    n.wake_at = Nanos::MAX;
+                    self.mark(node);
+                }
+            }
+            Ev::Leave(node) => self.on_leave(node),
+            Ev::Return(node) => self.on_return(node),
+        }
+    }
+
+    fn on_start(&mut self, node: u32) {
+        let now = self.q.now();
+        let n = &mut self.nodes[node as usize];
+        if n.started.is_some() || !n.online {
+            return;
+        }
+        n.started = Some(now);
+        match self.scenario.mode {
+            Mode::Central => self.start_central(node),
+            Mode::Swarm => self.begin_download(node),
+        }
+    }
+
+    /// Announces `node` and starts a lookup for a new download.
+    fn begin_download(&mut self, node: u32) {
+        let n = &mut self.nodes[node as usize];
+        if !n.announced {
+            n.announced = true;
+            self.providers.push(node);
+        }
+        let epoch = n.epoch;
+        if n.completed.is_some() {
+            return;
+        }
+        let delay = self.scenario.lookup_delay();
+        self.q.push_after(delay, Ev::LookupDone { node, epoch });
+    }
+
+    fn start_central(&mut self, node: u32) {
+        let now = self.q.now();
+        let streams = u64::from(self.scenario.central_streams);
+        let image = self.scenario.image_bytes;
+        self.nodes[node as usize].layers_left = streams as u32;
+        for i in 0..streams {
+            let size = image / streams + u64::from(i < image % streams);
+            let links = self.path(PUBLISHER, node);
+            let flow = self.net.start(now, &links, size as f64);
+            self.set_flow(
+                flow,
+                FlowInfo {
+                    from: PUBLISHER,
+                    to: node,
+                    epoch: 0,
+                    id: u64::MAX,
+                    chunk: u32::MAX,
+                    size: size as f64,
+                },
+            );
+        }
+    }
+
+    fn set_flow(&mut self, flow: FlowId, info: FlowInfo) {
+        let i = flow as usize;
+        if self.flows.len() <= i {
+            self.flows.resize(i + 1, None);
+        }
+        self.flows[i] = Some(info);
+    }
+
+    /// The links a flow from `from` to `to` crosses.
+    fn path(&self, from: u32, to: u32) -> Vec<LinkId> {
+        let (a, b) = (&self.nodes[from as usize], &self.nodes[to as usize]);
+        let mut links = vec![a.up];
+        if a.site != b.site {
+            if let (Some(&(up, _)), Some(&(_, down))) =
+                (self.wan.get(a.site as usize), self.wan.get(b.site as usize))
+            {
+                links.push(up);
+                links.push(down);
+            }
+        }
+        links.push(b.down);
+        if let Some(host) = self.host {
+            links.push(host);
+        }
+        links
+    }
+
+    fn node_seed(&self, node: u32, epoch: u32) -> u64 {
+        mix(self.seed ^ mix(u64::from(node) << 32 | u64::from(epoch)))
+    }
+
+    fn on_lookup(&mut self, node: u32, epoch: u32) {
+        let now = self.q.now();
+        let n = &self.nodes[node as usize];
+        if n.epoch != epoch || !n.online || n.completed.is_some() {
+            return;
+        }
+        if n.download.is_none() {
+            let plan = Plan::new(
+                self.chunk_count,
+                n.held.clone(),
+                plan_config(self.node_seed(node, epoch)),
+            )
+            .with_self(&node);
+            self.nodes[node as usize].download = Some(Box::new(Download {
+                plan,
+                candidates: Vec::new(),
+                requests: Vec::new(),
+                stalled_since: None,
+            }));
+            self.q
+                .push(now + nanos(CANDIDATE_REFRESH), Ev::Refresh { node, epoch });
+            self.mark(node);
+        }
+        let fresh = self.sample_candidates(node);
+        for peer in fresh {
+            let session = self.nodes[peer as usize].session;
+            if let Some(d) = self.nodes[node as usize].download.as_mut() {
+                d.candidates.push(Candidate {
+                    peer,
+                    session,
+                    state: CandState::Asked,
+                });
+            }
+            self.nodes[peer as usize].watchers.push(node);
+            let lat = self.latency(node, peer);
+            self.q.push_after(
+                lat,
+                Ev::HaveAsk {
+                    from: node,
+                    epoch,
+                    to: peer,
+                },
+            );
+        }
+    }
+
+    /// New candidates for `node`: providers first, then connected peers, each group shuffled,
+    /// up to [`MAX_CANDIDATES`] candidates in all.
+    fn sample_candidates(&mut self, node: u32) -> Vec<u32> {
+        let Some(d) = self.nodes[node as usize].download.as_ref() else {
+            return Vec::new();
+        };
+        let have: Vec<u32> = d.candidates.iter().map(|c| c.peer).collect();
+        let room = MAX_CANDIDATES.saturating_sub(have.len());
+        let mut fresh: Vec<u32> = Vec::with_capacity(room);
+        let ok = |p: u32, fresh: &[u32]| p != node && !have.contains(&p) && !fresh.contains(&p);
+        let providers = self.providers.len();
+        if providers <= 4 * (room + have.len() + 1) {
+            let mut all: Vec<u32> = self.providers.clone();
+            self.rng.shuffle(&mut all);
+            for p in all {
+                if fresh.len() >= room {
+                    break;
+                }
+                if ok(p, &fresh) {
+                    fresh.push(p);
+                }
+            }
+        } else {
+            // Uniform sample without building the whole list: rejection of repeats.
+            let mut tries = 0;
+            while fresh.len() < room && tries < 8 * room + 32 {
+                tries += 1;
+                let p = self.providers[self.rng.below(providers as u64) as usize];
+                if ok(p, &fresh) {
+                    fresh.push(p);
+                }
+            }
+        }
+        let mut mesh = self.nodes[node as usize].mesh.clone();
+        self.rng.shuffle(&mut mesh);
+        for p in mesh {
+            if fresh.len() >= room {
+                break;
+            }
+            if ok(p, &fresh) {
+                fresh.push(p);
+            }
+        }
+        fresh
+    }
+
+    fn on_refresh(&mut self, node: u32, epoch: u32) {
+        let now = self.q.now();
+        let n = &mut self.nodes[node as usize];
+        if n.epoch != epoch || !n.online {
+            return;
+        }
+        let Some(d) = n.download.as_mut() else {
+            return;
+        };
+        // Candidates that never answered (gone, or not fetching this blob) make room.
+        d.candidates.retain(|c| c.state != CandState::Asked);
+        let delay = self.scenario.lookup_delay();
+        self.q.push(now + delay, Ev::LookupDone { node, epoch });
+        self.q
+            .push(now + nanos(CANDIDATE_REFRESH), Ev::Refresh { node, epoch });
+    }
+
+    fn on_have_ask(&mut self, from: u32, epoch: u32, to: u32) {
+        let b = &self.nodes[to as usize];
+        // A node answers if it holds or downloads the blob; an offline one cannot answer.
+        if !b.online || b.started.is_none() {
+            return;
+        }
+        let session = b.session;
+        let now = self.q.now();
+        let lat = self.latency(from, to);
+        self.q.push_after(
+            lat,
+            Ev::HaveAnswer {
+                to: from,
+                epoch,
+                from: to,
+                session,
+                as_of: now,
+            },
+        );
+    }
+
+    fn on_have_answer(&mut self, to: u32, epoch: u32, from: u32, session: u32, as_of: Nanos) {
+        let now = self.q.now();
+        let remote = self.nodes[to as usize].site != self.nodes[from as usize].site;
+        let peer_session = self.nodes[from as usize].session;
+        let chunk_count = self.chunk_count;
+        let (a, b) = two(&mut self.nodes, to as usize, from as usize);
+        if a.epoch != epoch || !a.online || peer_session != session {
+            return;
+        }
+        let Some(d) = a.download.as_mut() else {
+            return;
+        };
+        let Some(cand) = d
+            .candidates
+            .iter_mut()
+            .find(|c| c.peer == from && c.session == session)
+        else {
+            return;
+        };
+        let k = b.log.partition_point(|&(_, t)| t <= as_of) as u32;
+        match cand.state {
+            CandState::Asked => {
+                if remote {
+                    d.plan
+                        .handle(Event::PeerRemote { peer: from }, duration(now));
+                }
+                let mut have = Bitfield::new(chunk_count);
+                for &(c, _) in &b.log[..k as usize] {
+                    have.set(c);
+                }
+                d.plan
+                    .handle(Event::PeerHas { peer: from, have }, duration(now));
+                cand.state = CandState::Polling { told: k };
+            }
+            CandState::Polling { told } => {
+                for &(c, _) in b.log.get(told as usize..k as usize).unwrap_or(&[]) {
+                    d.plan.handle(
+                        Event::PeerHasChunk {
+                            peer: from,
+                            chunk: c,
+                        },
+                        duration(now),
+                    );
+                }
+                cand.state = CandState::Polling { told: told.max(k) };
+            }
+        }
+        // Poll again at once, unless the peer is complete.
+        if k < chunk_count {
+            let lat = self.latency(to, from);
+            let b = &mut self.nodes[from as usize];
+            if b.log.len() as u32 > k {
+                // News arrived while the answer travelled: the poll is answered on arrival.
+                let arrives = now + lat;
+                self.q.push(
+                    arrives + lat,
+                    Ev::HaveAnswer {
+                        to,
+                        epoch,
+                        from,
+                        session,
+                        as_of: arrives,
+                    },
+                );
+            } else {
+                b.parked.push(Parked {
+                    asker: to,
+                    epoch,
+                    arrives: now + lat,
+                });
+            }
+        }
+        self.mark(to);
+    }
+
+    fn on_request(&mut self, from: u32, epoch: u32, to: u32, id: u64) {
+        let now = self.q.now();
+        let a = &self.nodes[from as usize];
+        if a.epoch != epoch || !a.online {
+            return;
+        }
+        let Some(req) = a
+            .download
+            .as_ref()
+            .and_then(|d| d.requests.iter().find(|r| r.id == id))
+            .cloned()
+        else {
+            return; // Cancelled while it travelled.
+        };
+        let b = &self.nodes[to as usize];
+        if !b.online {
+            return; // The requester was told the peer is gone, and forgot the request.
+        }
+        if b.serving >= MAX_INBOUND_CHUNK_STREAMS {
+            self.refused += 1;
+            let lat = self.latency(from, to);
+            self.q.push_after(
+                lat,
+                Ev::Refused {
+                    to: from,
+                    epoch,
+                    id,
+                },
+            );
+            return;
+        }
+        self.nodes[to as usize].serving += 1;
+        let size = self.chunk_len(req.chunk);
+        let links = self.path(to, from);
+        let flow = self.net.start(now, &links, size as f64);
+        self.set_flow(
+            flow,
+            FlowInfo {
+                from: to,
+                to: from,
+                epoch,
+                id,
+                chunk: req.chunk,
+                size: size as f64,
+            },
+        );
+        if let Some(r) = self.nodes[from as usize]
+            .download
+            .as_mut()
+            .and_then(|d| d.requests.iter_mut().find(|r| r.id == id))
+        {
+            r.flow = Some(flow);
+        }
+    }
+
+    fn chunk_len(&self, chunk: u32) -> u64 {
+        let start = u64::from(chunk) * self.scenario.chunk_bytes;
+        self.scenario
+            .chunk_bytes
+            .min(self.scenario.image_bytes.saturating_sub(start))
+    }
+
+    fn on_refused(&mut self, to: u32, epoch: u32, id: u64) {
+        let now = self.q.now();
+        let a = &mut self.nodes[to as usize];
+        if a.epoch != epoch || !a.online {
+            return;
+        }
+        let Some(d) = a.download.as_mut() else {
+            return;
+        };
+        let Some(i) = d.requests.iter().position(|r| r.id == id) else {
+            return;
+        };
+        let req = d.requests.swap_remove(i);
+        d.plan.handle(
+            Event::ChunkFailed {
+                peer: req.peer,
+                chunk: req.chunk,
+            },
+            duration(now),
+        );
+        self.mark(to);
+    }
+
+    fn account(&mut self, from: u32, to: u32, bytes: f64) {
+        self.nodes[from as usize].sent += bytes;
+        self.nodes[to as usize].received += bytes;
+    }
+
+    fn on_flow_end(&mut self, flow: FlowId, token: u32) {
+        let now = self.q.now();
+        match self.net.check_done(now, flow, token) {
+            Check::Stale => {}
+            Check::Later { at, token } => self.q.push(at, Ev::FlowEnd { flow, token }),
+            Check::Done => {
+                if let Some(info) = self.flows.get_mut(flow as usize).and_then(Option::take) {
+                    self.finish_flow(info, now);
+                }
+            }
+        }
+    }
+
+    fn finish_flow(&mut self, info: FlowInfo, now: Nanos) {
+        let size = info.size;
+        self.account(info.from, info.to, size);
+        if info.chunk == u32::MAX {
+            // A central layer.
+            let n = &mut self.nodes[info.to as usize];
+            n.layers_left = n.layers_left.saturating_sub(1);
+            if n.layers_left == 0 {
+                n.completed = Some(now);
+                n.held = Bitfield::full(self.chunk_count);
+                n.log = (0..self.chunk_count).map(|c| (c, now)).collect();
+                self.complete_count += 1;
+            }
+            return;
+        }
+        self.nodes[info.from as usize].serving -= 1;
+        let a = &mut self.nodes[info.to as usize];
+        let Some(d) = a.download.as_mut().filter(|_| a.epoch == info.epoch) else {
+            self.wasted += size;
+            return;
+        };
+        let Some(i) = d.requests.iter().position(|r| r.id == info.id) else {
+            self.wasted += size;
+            return;
+        };
+        let req = d.requests.swap_remove(i);
+        d.plan.handle(
+            Event::ChunkDone {
+                peer: req.peer,
+                chunk: req.chunk,
+                bytes: size as u64,
+            },
+            duration(now),
+        );
+        if a.held.set(req.chunk) {
+            a.log.push((req.chunk, now));
+            self.wake_pollers(info.to);
+        } else {
+            self.wasted += size;
+        }
+        self.mark(info.to);
+    }
+
+    /// `node` got a chunk: answer the long-polls parked on it.
+    fn wake_pollers(&mut self, node: u32) {
+        let now = self.q.now();
+        let parked = std::mem::take(&mut self.nodes[node as usize].parked);
+        let session = self.nodes[node as usize].session;
+        for p in parked {
+            let asker = &self.nodes[p.asker as usize];
+            if asker.epoch != p.epoch || !asker.online {
+                continue;
+            }
+            let sent = now.max(p.arrives);
+            let lat = self.latency(node, p.asker);
+            self.q.push(
+                sent + lat,
+                Ev::HaveAnswer {
+                    to: p.asker,
+                    epoch: p.epoch,
+                    from: node,
+                    session,
+                    as_of: sent,
+                },
+            );
+        }
+    }
+
+    /// Stops `node`'s request `req` (cancelled, or its peer or itself gone).
+    fn drop_request(&mut self, req: &Request) {
+        let now = self.q.now();
+        if let Some(flow) = req.flow {
+            if let Some(info) = self.flows.get_mut(flow as usize).and_then(Option::take) {
+                let bytes = self.net.stop(now, flow);
+                self.account(info.from, info.to, bytes);
+                self.wasted += bytes;
+                self.nodes[info.from as usize].serving -= 1;
+            }
+        }
+    }
+
+    fn think(&mut self, node: u32) {
+        let now = self.q.now();
+        let n = &mut self.nodes[node as usize];
+        if !n.online || n.completed.is_some() {
+            return;
+        }
+        let epoch = n.epoch;
+        let Some(d) = n.download.as_mut() else {
+            return;
+        };
+        let actions = d.plan.next_actions(duration(now));
+        let mut requests = Vec::new();
+        let mut cancels = Vec::new();
+        for action in actions {
+            match action {
+                Action::Request { peer, chunk } => {
+                    self.next_request += 1;
+                    let id = self.next_request;
+                    d.requests.push(Request {
+                        id,
+                        peer,
+                        chunk,
+                        flow: None,
+                    });
+                    requests.push((peer, id));
+                }
+                Action::Cancel { peer, chunk } => {
+                    if let Some(i) = d
+                        .requests
+                        .iter()
+                        .position(|r| r.peer == peer && r.chunk == chunk)
+                    {
+                        cancels.push(d.requests.swap_remove(i));
+                    }
+                }
+                Action::Ban { .. } => {}
+            }
+        }
+        let complete = d.plan.is_complete();
+        let stalled = d.plan.is_stalled();
+        let deadline = d.plan.next_deadline().map(nanos);
+        if complete {
+            cancels.append(&mut d.requests);
+        }
+        let stall_since = if stalled {
+            Some(*d.stalled_since.get_or_insert(now))
+        } else {
+            d.stalled_since = None;
+            None
+        };
+        for req in &cancels {
+            self.drop_request(req);
+        }
+        for (peer, id) in requests {
+            let lat = self.latency(node, peer);
+            self.q.push_after(
+                lat,
+                Ev::Request {
+                    from: node,
+                    epoch,
+                    to: peer,
+                    id,
+                },
+            );
+        }
+        if complete {
+            let n = &mut self.nodes[node as usize];
+            n.completed = Some(now);
+            n.download = None;
+            self.complete_count += 1;
+            return;
+        }
+        let limit = nanos(STALL_LIMIT);
+        if let Some(since) = stall_since {
+            if now.saturating_sub(since) > limit {
+                self.restart_download(node);
+                return;
+            }
+        }
+        let wake = [deadline, stall_since.map(|s| s + limit + 1)]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(at) = wake {
+            let n = &mut self.nodes[node as usize];
+            if at < n.wake_at || n.wake_at <= now {
+                n.wake_at = at;
+                self.q.push(at, Ev::Wake { node, epoch });
+            }
+        }
+    }
+
+    /// The download failed (stalled): a new one, from the chunks held, with a new lookup.
+    fn restart_download(&mut self, node: u32) {
+        self.stalls += 1;
+        self.abandon_download(node);
+        self.begin_download(node);
+    }
+
+    /// Drops `node`'s download and everything it had in flight.
+    fn abandon_download(&mut self, node: u32) {
+        let n = &mut self.nodes[node as usize];
+        n.epoch += 1;
+        n.wake_at = Nanos::MAX;
+        if let Some(d) = n.download.take() {
+            for req in &d.requests {
+                self.drop_request(req);
+            }
+        }
+    }
+
+    fn on_leave(&mut self, node: u32) {
+        let now = self.q.now();
+        if !self.nodes[node as usize].online {
+            return;
+        }
+        self.abandon_download(node);
+        let n = &mut self.nodes[node as usize];
+        n.online = false;
+        n.session += 1;
+        n.parked.clear();
+        let watchers = std::mem::take(&mut n.watchers);
+        for w in watchers {
+            let wn = &mut self.nodes[w as usize];
+            if !wn.online {
+                continue;
+            }
+            let Some(d) = wn.download.as_mut() else {
+                continue;
+            };
+            let Some(i) = d.candidates.iter().position(|c| c.peer == node) else {
+                continue;
+            };
+            d.candidates.swap_remove(i);
+            d.plan.handle(Event::PeerGone { peer: node }, duration(now));
+            let mut gone = Vec::new();
+            d.requests.retain(|r| {
+                let keep = r.peer != node;
+                if !keep {
+                    gone.push(r.clone());
+                }
+                keep
+            });
+            for req in &gone {
+                self.drop_request(req);
+            }
+            self.mark(w);
+        }
+        if let Some(churn) = &self.scenario.churn {
+            let away = self.rng.between(churn.away_secs[0], churn.away_secs[1]);
+            self.q.push_after(nanos_from_secs(away), Ev::Return(node));
+        }
+    }
+
+    fn on_return(&mut self, node: u32) {
+        let n = &mut self.nodes[node as usize];
+        if n.online {
+            return;
+        }
+        n.online = true;
+        if n.started.is_some() {
+            self.begin_download(node);
+        }
+    }
+
+    fn result(&self, pullers: u32, wall_secs: f64) -> RunResult {
+        let completion_secs = self.nodes[1..]
+            .iter()
+            .map(|n| match (n.started, n.completed) {
+                (Some(s), Some(c)) => Some(secs_from_nanos(c.saturating_sub(s))),
+                _ => None,
+            })
+            .collect();
+        let holds_image = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let mut seen = Bitfield::new(self.chunk_count);
+                n.held.is_full()
+                    && n.log.len() == self.chunk_count as usize
+                    && n.log.iter().all(|&(c, _)| seen.set(c))
+            })
+            .collect();
+        let wan_bytes = (0..self.scenario.sites as usize)
+            .filter_map(|s| self.wan.get(s))
+            .map(|&(up, down)| (self.net.link_bytes(down), self.net.link_bytes(up)))
+            .collect();
+        let nic_bytes = self.nodes.iter().fold((0.0, 0.0), |(u, d), n| {
+            (
+                u + self.net.link_bytes(n.up),
+                d + self.net.link_bytes(n.down),
+            )
+        });
+        let wan_total_bytes = self.wan.iter().fold((0.0, 0.0), |(u, d), &(up, down)| {
+            (u + self.net.link_bytes(up), d + self.net.link_bytes(down))
+        });
+        RunResult {
+            nodes: pullers,
+            sites: self.scenario.sites,
+            image_bytes: self.scenario.image_bytes,
+            seed: self.seed,
+            completion_secs,
+            node_bytes: self.nodes.iter().map(|n| (n.sent, n.received)).collect(),
+            holds_image,
+            wan_bytes,
+            nic_bytes,
+            wan_total_bytes,
+            wasted_bytes: self.wasted,
+            refused: self.refused,
+            stalls: self.stalls,
+            end_secs: secs_from_nanos(self.q.now()),
+            events: self.q.popped(),
+            wall_secs,
+            fills: self.net.fills(),
+        }
+    }
+}
+
+/// Two distinct elements of a slice, mutably and immutably.
+fn two<T>(items: &mut [T], a: usize, b: usize) -> (&mut T, &T) {
+    assert_ne!(a, b, "a node is never its own peer");
+    if a < b {
+        let (left, right) = items.split_at_mut(b);
+        (&mut left[a], &right[0])
+    } else {
+        let (left, right) = items.split_at_mut(a);
+        (&mut right[0], &left[b])
+    }
+}
+
+/// The node constants the model uses, by name, for reports.
+pub fn node_constants() -> Vec<(&'static str, String)> {
+    vec![
+        ("MAX_CANDIDATES", MAX_CANDIDATES.to_string()),
+        ("CANDIDATE_REFRESH", format!("{:?}", CANDIDATE_REFRESH)),
+        ("MAX_IN_FLIGHT", MAX_IN_FLIGHT.to_string()),
+        ("REQUEST_TIMEOUT", format!("{:?}", REQUEST_TIMEOUT)),
+        ("STALL_LIMIT", format!("{:?}", STALL_LIMIT)),
+        (
+            "MAX_INBOUND_CHUNK_STREAMS",
+            MAX_INBOUND_CHUNK_STREAMS.to_string(),
+        ),
+        (
+            "DEFAULT_CHUNK_SIZE_BYTES",
+            shoal_protocol::DEFAULT_CHUNK_SIZE_BYTES.to_string(),
+        ),
+    ]
+}

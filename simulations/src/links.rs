@@ -1,0 +1,907 @@
+//! Links, flows, and how flows share link capacity.
+//!
+//! A [`Link`] is anything with a capacity in bytes per second that transfers cross: a node's
+//! NIC in one direction, a site's WAN link in one direction, the shared CPU of a benchmark host.
+//! A flow is one transfer (one chunk, one layer) of a known size over a fixed list of links. At
+//! every instant each flow has a rate; the rates of the flows on a link never add up to more than
+//! its capacity; a flow's bytes advance at its rate; the [`Network`] says when a flow will end so
+//! the event queue can hold a completion event.
+//!
+//! # The sharing rule and its approximation
+//!
+//! The target is max-min fairness, the allocation TCP flows converge to on a shared bottleneck:
+//! no flow can get more without taking from a flow that has less. Computing it exactly means
+//! progressive filling over every flow that is connected to a changed one through shared links,
+//! and in a swarm that is the whole fleet: 10,000 nodes with 16 chunks in flight each is 160,000
+//! flows, and 2.6 million chunk transfers each start and end one. [`Sharing::Exact`] does exactly
+//! that (used by the tests and for small runs); [`Sharing::Local`], the default, does this:
+//!
+//! - Every link keeps the *level* of its last fill: the rate its fair share gives a flow that is
+//!   limited by nothing else.
+//! - When a flow starts or ends, only its own links are *filled* again. Filling a link is exact
+//!   water-filling of that one link: each flow on it gets `min(cap, level)`, where the level is
+//!   chosen to use the whole capacity, and a flow's cap is what its other links can give it: the
+//!   larger of their spare capacity (plus what the flow already has) and their level (what they
+//!   would give it after reshuffling).
+//! - A fill that raises a flow may overfill one of the flow's other links; that link is then
+//!   filled too (mandatory, so no link is ever left above capacity). A fill that lowers flows
+//!   frees capacity on their other links; a link that gained more than [`Tolerances::propagate`]
+//!   of its capacity this way is filled too (optional: it only improves utilisation).
+//! - Raises smaller than [`Tolerances::raise`] are skipped (the flow keeps its slightly lower
+//!   rate), which stops endless ripples of tiny changes. After [`Tolerances::fills_per_change`]
+//!   fills for one change, the remaining fills may only lower rates, which always terminates.
+//!
+//! So the rates are always feasible (never above any capacity), they are exact for one shared
+//! bottleneck and for flows whose bottleneck is the link that changed, and they lag the exact
+//! allocation where a change would ripple across many links (utilisation then stays a little
+//! below the optimum, never above). The tests compare both rules on random small networks; the
+//! simulation README gives the measured difference on whole rollouts.
+//!
+//! A flow's completion is computed from its current rate. When a rate drops the queued
+//! completion event is simply early: [`Network::check_done`] then reschedules it. When a rate rises
+//! a new, earlier event is needed; [`Network::settle`] returns those. Each event carries a token
+//! so that a superseded one is recognised and ignored.
+
+use std::collections::VecDeque;
+
+use crate::engine::{Nanos, secs_from_nanos};
+
+/// Index of a link in its [`Network`].
+pub type LinkId = u32;
+/// Index of a flow in its [`Network`] (reused after the flow ends).
+pub type FlowId = u32;
+
+/// Most links one flow crosses: sender NIC, sender site WAN, receiver site WAN, receiver NIC,
+/// the shared host.
+pub const MAX_LINKS_PER_FLOW: usize = 5;
+
+/// How rates are recomputed when a flow starts or ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharing {
+    /// Local water-filling around the change (see the module documentation). Fast.
+    #[default]
+    Local,
+    /// Exact max-min fairness over all flows after every change. Slow on large fleets.
+    Exact,
+}
+
+/// The knobs of [`Sharing::Local`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerances {
+    /// A raise smaller than this fraction of the flow's rate is skipped.
+    pub raise: f64,
+    /// A link whose flows lost more than this fraction of its capacity elsewhere is refilled.
+    pub propagate: f64,
+    /// Fills allowed per changed link before fills may only lower rates.
+    pub fills_per_change: usize,
+}
+
+impl Default for Tolerances {
+    fn default() -> Self {
+        Tolerances {
+            raise: 0.01,
+            propagate: 0.02,
+            fills_per_change: 16,
+        }
+    }
+}
+
+/// A capacity that flows share.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// Bytes per second.
+    pub capacity: f64,
+    /// Sum of the rates of its flows.
+    used: f64,
+    /// The level of its last fill (see the module documentation).
+    level: f64,
+    /// Capacity its flows gave up since its last fill.
+    freed: f64,
+    flows: Vec<FlowId>,
+    queued: bool,
+    /// Bytes of ended flows that crossed it.
+    bytes: f64,
+}
+
+impl Link {
+    fn new(capacity: f64) -> Link {
+        Link {
+            capacity,
+            used: 0.0,
+            level: capacity,
+            freed: 0.0,
+            flows: Vec::new(),
+            queued: false,
+            bytes: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Flow {
+    links: [LinkId; MAX_LINKS_PER_FLOW],
+    /// Its index in each link's `flows`.
+    pos: [u32; MAX_LINKS_PER_FLOW],
+    n_links: u8,
+    rate: f64,
+    /// Bytes transferred up to `updated`.
+    done: f64,
+    size: f64,
+    updated: Nanos,
+    live: bool,
+    /// The token of the completion event that counts; older ones are ignored.
+    token: u32,
+    /// When that event is due (`Nanos::MAX` if none is queued).
+    due: Nanos,
+    raised: bool,
+}
+
+impl Flow {
+    fn links(&self) -> &[LinkId] {
+        &self.links[..usize::from(self.n_links)]
+    }
+
+    fn bytes_at(&self, now: Nanos) -> f64 {
+        let dt = secs_from_nanos(now.saturating_sub(self.updated));
+        (self.done + self.rate * dt).min(self.size)
+    }
+
+    fn advance(&mut self, now: Nanos) {
+        self.done = self.bytes_at(now);
+        self.updated = now;
+    }
+
+    /// When it ends at its current rate.
+    fn end_time(&self, now: Nanos) -> Nanos {
+        let left = self.size - self.done;
+        if left <= self.tolerance() {
+            return now;
+        }
+        if self.rate <= 0.0 {
+            return Nanos::MAX;
+        }
+        let ns = (left / self.rate * 1e9).ceil();
+        now.saturating_add(if ns >= u64::MAX as f64 {
+            Nanos::MAX
+        } else {
+            (ns as Nanos).max(1)
+        })
+    }
+
+    fn tolerance(&self) -> f64 {
+        1e-3 + self.size * 1e-9
+    }
+}
+
+/// What a completion event turned out to mean.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Check {
+    /// The flow ended: all its bytes arrived. It is removed.
+    Done,
+    /// The event was early (the rate dropped since): queue this one instead.
+    Later {
+        /// When.
+        at: Nanos,
+        /// Its token.
+        token: u32,
+    },
+    /// The event was superseded or the flow is gone: ignore it.
+    Stale,
+}
+
+/// A completion event to queue: flow `flow` ends at `at` unless its rate changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// The flow.
+    pub flow: FlowId,
+    /// When it ends.
+    pub at: Nanos,
+    /// The token to give back to [`Network::check_done`].
+    pub token: u32,
+}
+
+/// Links and the flows crossing them.
+#[derive(Debug, Clone, Default)]
+pub struct Network {
+    links: Vec<Link>,
+    flows: Vec<Flow>,
+    free: Vec<FlowId>,
+    live_flows: usize,
+    sharing: Sharing,
+    tolerances: Tolerances,
+    work: VecDeque<LinkId>,
+    changed_links: usize,
+    raised: Vec<FlowId>,
+    caps: Vec<f64>,
+    fills: u64,
+}
+
+impl Network {
+    /// An empty network that shares capacity by `sharing`.
+    pub fn new(sharing: Sharing) -> Network {
+        Network {
+            sharing,
+            ..Network::default()
+        }
+    }
+
+    /// Replaces the tolerances of [`Sharing::Local`].
+    pub fn with_tolerances(mut self, tolerances: Tolerances) -> Network {
+        self.tolerances = tolerances;
+        self
+    }
+
+    /// Adds a link of `capacity` bytes per second.
+    pub fn add_link(&mut self, capacity: f64) -> LinkId {
+        self.links.push(Link::new(capacity.max(1.0)));
+        LinkId::try_from(self.links.len() - 1).unwrap_or(LinkId::MAX)
+    }
+
+    /// The link `id`.
+    pub fn link(&self, id: LinkId) -> &Link {
+        &self.links[id as usize]
+    }
+
+    /// Bytes that crossed link `id` in flows that ended (completed or stopped).
+    pub fn link_bytes(&self, id: LinkId) -> f64 {
+        self.links[id as usize].bytes
+    }
+
+    /// The current rate of the flows on link `id`, added up.
+    pub fn link_load(&self, id: LinkId) -> f64 {
+        let link = &self.links[id as usize];
+        link.flows
+            .iter()
+            .map(|&f| self.flows[f as usize].rate)
+            .sum()
+    }
+
+    /// Number of links.
+    pub fn link_count(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Flows currently running.
+    pub fn live_flows(&self) -> usize {
+        self.live_flows
+    }
+
+    /// Link fills done so far (a measure of the work sharing took).
+    pub fn fills(&self) -> u64 {
+        self.fills
+    }
+
+    /// The current rate of `flow` in bytes per second.
+    pub fn rate(&self, flow: FlowId) -> f64 {
+        self.flows[flow as usize].rate
+    }
+
+    /// Starts a flow of `size` bytes over `links` at `now`. It gets its rate at the next
+    /// [`Network::settle`], which must come before the clock moves on.
+    pub fn start(&mut self, now: Nanos, links: &[LinkId], size: f64) -> FlowId {
+        let mut ids = [0; MAX_LINKS_PER_FLOW];
+        let n = links.len().min(MAX_LINKS_PER_FLOW);
+        ids[..n].copy_from_slice(&links[..n]);
+        let flow = Flow {
+            links: ids,
+            pos: [0; MAX_LINKS_PER_FLOW],
+            n_links: n as u8,
+            rate: 0.0,
+            done: 0.0,
+            size: size.max(0.0),
+            updated: now,
+            live: true,
+            token: 0,
+            due: Nanos::MAX,
+            raised: false,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                let token = self.flows[id as usize].token;
+                self.flows[id as usize] = Flow { token, ..flow };
+                id
+            }
+            None => {
+                self.flows.push(flow);
+                FlowId::try_from(self.flows.len() - 1).unwrap_or(FlowId::MAX)
+            }
+        };
+        for i in 0..n {
+            let l = ids[i] as usize;
+            self.flows[id as usize].pos[i] = self.links[l].flows.len() as u32;
+            self.links[l].flows.push(id);
+            self.enqueue(ids[i]);
+            self.changed_links += 1;
+        }
+        self.live_flows += 1;
+        id
+    }
+
+    /// Stops `flow` at `now` (it completed or was cancelled); returns the bytes it transferred,
+    /// which are added to every link it crossed. Capacity is shared out again at the next settle.
+    pub fn stop(&mut self, now: Nanos, flow: FlowId) -> f64 {
+        let Some(f) = self.flows.get_mut(flow as usize).filter(|f| f.live) else {
+            return 0.0;
+        };
+        f.advance(now);
+        f.live = false;
+        f.token = f.token.wrapping_add(1);
+        let (links, pos, n, rate, bytes) = (f.links, f.pos, usize::from(f.n_links), f.rate, f.done);
+        for i in 0..n {
+            let l = links[i] as usize;
+            let link = &mut self.links[l];
+            link.used -= rate;
+            link.bytes += bytes;
+            let at = pos[i] as usize;
+            link.flows.swap_remove(at);
+            if let Some(&moved) = link.flows.get(at) {
+                let m = &mut self.flows[moved as usize];
+                if let Some(k) = m.links().iter().position(|&x| x as usize == l) {
+                    m.pos[k] = at as u32;
+                }
+            }
+            if self.links[l].flows.is_empty() {
+                self.links[l].used = 0.0;
+            }
+            self.enqueue(links[i]);
+            self.changed_links += 1;
+        }
+        self.free.push(flow);
+        self.live_flows -= 1;
+        bytes
+    }
+
+    /// Bytes `flow` has transferred by `now`.
+    pub fn bytes(&self, now: Nanos, flow: FlowId) -> f64 {
+        self.flows[flow as usize].bytes_at(now)
+    }
+
+    /// At a completion event for `flow` with `token`: whether the flow is done (then it is
+    /// removed and the caller gets its size from [`Network::stop`]'s accounting, already done),
+    /// due later, or the event is stale.
+    pub fn check_done(&mut self, now: Nanos, flow: FlowId, token: u32) -> Check {
+        let Some(f) = self.flows.get_mut(flow as usize) else {
+            return Check::Stale;
+        };
+        if !f.live || f.token != token {
+            return Check::Stale;
+        }
+        f.advance(now);
+        if f.size - f.done <= f.tolerance() {
+            f.done = f.size;
+            self.stop(now, flow);
+            return Check::Done;
+        }
+        let at = f.end_time(now);
+        f.token = f.token.wrapping_add(1);
+        f.due = at;
+        if at == Nanos::MAX {
+            // Rate zero: a raise will queue it again.
+            return Check::Stale;
+        }
+        Check::Later { at, token: f.token }
+    }
+
+    fn enqueue(&mut self, l: LinkId) {
+        let link = &mut self.links[l as usize];
+        if !link.queued {
+            link.queued = true;
+            self.work.push_back(l);
+        }
+    }
+
+    /// Shares capacity out again after the starts and stops since the last call; returns the
+    /// completion events to queue (flows that are now due earlier than their queued event).
+    pub fn settle(&mut self, now: Nanos) -> Vec<Due> {
+        if self.work.is_empty() {
+            return Vec::new();
+        }
+        match self.sharing {
+            Sharing::Exact => {
+                while let Some(l) = self.work.pop_front() {
+                    self.links[l as usize].queued = false;
+                }
+                self.fill_exact(now);
+            }
+            Sharing::Local => self.fill_local(now),
+        }
+        self.changed_links = 0;
+        let mut due = Vec::new();
+        for flow in std::mem::take(&mut self.raised) {
+            let f = &mut self.flows[flow as usize];
+            f.raised = false;
+            if !f.live {
+                continue;
+            }
+            let at = f.end_time(now);
+            if at < f.due {
+                f.token = f.token.wrapping_add(1);
+                f.due = at;
+                due.push(Due {
+                    flow,
+                    at,
+                    token: f.token,
+                });
+            }
+        }
+        due
+    }
+
+    /// Sets `flow`'s rate at `now`, keeping every link's `used` in step.
+    fn set_rate(&mut self, now: Nanos, flow: FlowId, rate: f64, filling: Option<LinkId>) {
+        let f = &mut self.flows[flow as usize];
+        f.advance(now);
+        let delta = rate - f.rate;
+        f.rate = rate;
+        if delta > 0.0 && !f.raised {
+            f.raised = true;
+            self.raised.push(flow);
+        }
+        let (links, n) = (f.links, usize::from(f.n_links));
+        for &l in &links[..n] {
+            let link = &mut self.links[l as usize];
+            link.used += delta;
+            if Some(l) == filling {
+                continue;
+            }
+            if link.used > link.capacity * (1.0 + 1e-12) {
+                self.enqueue(l);
+            } else if delta < 0.0 {
+                link.freed -= delta;
+                if link.freed > self.tolerances.propagate * link.capacity {
+                    self.enqueue(l);
+                }
+            }
+        }
+    }
+
+    fn fill_local(&mut self, now: Nanos) {
+        let budget = self
+            .changed_links
+            .max(1)
+            .saturating_mul(self.tolerances.fills_per_change);
+        let mut done = 0usize;
+        while let Some(l) = self.work.pop_front() {
+            self.links[l as usize].queued = false;
+            done += 1;
+            self.fill_link(now, l, done <= budget);
+        }
+    }
+
+    /// Water-fills link `l` (see the module documentation). With `raise` false it only lowers.
+    fn fill_link(&mut self, now: Nanos, l: LinkId, raise: bool) {
+        self.fills += 1;
+        let li = l as usize;
+        let n = self.links[li].flows.len();
+        if n == 0 {
+            let link = &mut self.links[li];
+            link.used = 0.0;
+            link.level = link.capacity;
+            link.freed = 0.0;
+            return;
+        }
+        let capacity = self.links[li].capacity;
+        let mut caps = std::mem::take(&mut self.caps);
+        caps.clear();
+        for &flow in &self.links[li].flows {
+            let f = &self.flows[flow as usize];
+            let mut cap = f64::INFINITY;
+            for &m in f.links() {
+                if m == l {
+                    continue;
+                }
+                let other = &self.links[m as usize];
+                let room = (other.capacity - other.used + f.rate).max(0.0);
+                let offer = if raise { room.max(other.level) } else { room };
+                cap = cap.min(offer);
+            }
+            if !raise {
+                cap = cap.min(f.rate);
+            }
+            caps.push(cap);
+        }
+        let level = water_level(capacity, &caps);
+        let tol = self.tolerances.raise;
+        for i in 0..n {
+            let flow = self.links[li].flows[i];
+            let old = self.flows[flow as usize].rate;
+            let new = caps[i].min(level);
+            if new < old || (raise && new > old * (1.0 + tol) + 1e-9) {
+                self.set_rate(now, flow, new, Some(l));
+            }
+        }
+        let link = &mut self.links[li];
+        link.used = link
+            .flows
+            .iter()
+            .map(|&f| self.flows[f as usize].rate)
+            .sum();
+        link.level = if level.is_finite() {
+            level
+        } else {
+            caps.iter().copied().fold(0.0, f64::max).max(link.capacity)
+        };
+        link.freed = 0.0;
+        self.caps = caps;
+    }
+
+    /// Exact max-min over every live flow (progressive filling).
+    fn fill_exact(&mut self, now: Nanos) {
+        let live: Vec<FlowId> = (0..self.flows.len() as FlowId)
+            .filter(|&f| self.flows[f as usize].live)
+            .collect();
+        let paths: Vec<Vec<usize>> = live
+            .iter()
+            .map(|&f| {
+                self.flows[f as usize]
+                    .links()
+                    .iter()
+                    .map(|&l| l as usize)
+                    .collect()
+            })
+            .collect();
+        let capacities: Vec<f64> = self.links.iter().map(|l| l.capacity).collect();
+        let rates = max_min_rates(&capacities, &paths);
+        for (&flow, &rate) in live.iter().zip(&rates) {
+            if rate != self.flows[flow as usize].rate {
+                self.set_rate(now, flow, rate, None);
+            }
+        }
+        while let Some(l) = self.work.pop_front() {
+            self.links[l as usize].queued = false;
+        }
+        for (i, link) in self.links.iter_mut().enumerate() {
+            link.used = link
+                .flows
+                .iter()
+                .map(|&f| self.flows[f as usize].rate)
+                .sum();
+            link.freed = 0.0;
+            link.level = link.capacity.max(
+                link.flows
+                    .iter()
+                    .map(|&f| self.flows[f as usize].rate)
+                    .fold(0.0, f64::max),
+            );
+            let _ = i;
+        }
+    }
+}
+
+/// The level `w` at which `sum(min(cap, w))` equals `capacity`, or infinity if the caps add up
+/// to less (every flow gets its cap).
+fn water_level(capacity: f64, caps: &[f64]) -> f64 {
+    let total: f64 = caps.iter().sum();
+    if total <= capacity {
+        return f64::INFINITY;
+    }
+    // Repeatedly fix the flows capped below the even share of what is left.
+    let mut left = capacity;
+    let mut open: Vec<f64> = caps.to_vec();
+    loop {
+        let share = left / open.len() as f64;
+        let before = open.len();
+        let mut i = 0;
+        while i < open.len() {
+            if open[i] < share {
+                left -= open[i];
+                open.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        if open.len() == before || open.is_empty() {
+            return if open.is_empty() {
+                f64::INFINITY
+            } else {
+                share
+            };
+        }
+    }
+}
+
+/// Exact max-min fair rates by progressive filling: `paths[f]` lists the links flow `f` crosses.
+/// Flows that cross no link get infinity.
+pub fn max_min_rates(capacities: &[f64], paths: &[Vec<usize>]) -> Vec<f64> {
+    let mut left: Vec<f64> = capacities.to_vec();
+    let mut count = vec![0usize; capacities.len()];
+    for path in paths {
+        for &l in path {
+            count[l] += 1;
+        }
+    }
+    let mut rate = vec![f64::INFINITY; paths.len()];
+    let mut fixed = vec![false; paths.len()];
+    let mut on_link: Vec<Vec<usize>> = vec![Vec::new(); capacities.len()];
+    for (f, path) in paths.iter().enumerate() {
+        for &l in path {
+            on_link[l].push(f);
+        }
+        if path.is_empty() {
+            fixed[f] = true;
+        }
+    }
+    loop {
+        // The most constrained link: least share per unfixed flow.
+        let next = (0..capacities.len())
+            .filter(|&l| count[l] > 0)
+            .map(|l| (left[l].max(0.0) / count[l] as f64, l))
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let Some((share, l)) = next else {
+            break;
+        };
+        for &f in &on_link[l] {
+            if fixed[f] {
+                continue;
+            }
+            fixed[f] = true;
+            rate[f] = share;
+            for &m in &paths[f] {
+                left[m] -= share;
+                count[m] -= 1;
+            }
+        }
+    }
+    rate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    const MS: Nanos = 1_000_000;
+
+    fn settle(net: &mut Network) {
+        let _ = net.settle(0);
+    }
+
+    #[test]
+    fn two_flows_on_one_link_get_half_each() {
+        for sharing in [Sharing::Local, Sharing::Exact] {
+            let mut net = Network::new(sharing);
+            let l = net.add_link(100.0);
+            let a = net.start(0, &[l], 1000.0);
+            let b = net.start(0, &[l], 1000.0);
+            settle(&mut net);
+            assert_eq!((net.rate(a), net.rate(b)), (50.0, 50.0), "{sharing:?}");
+            net.stop(0, b);
+            settle(&mut net);
+            assert_eq!(net.rate(a), 100.0, "{sharing:?}: the survivor takes it all");
+        }
+    }
+
+    #[test]
+    fn a_flow_limited_elsewhere_leaves_the_rest_to_the_other() {
+        for sharing in [Sharing::Local, Sharing::Exact] {
+            let mut net = Network::new(sharing);
+            let shared = net.add_link(100.0);
+            let narrow = net.add_link(10.0);
+            let wide = net.add_link(1000.0);
+            let a = net.start(0, &[narrow, shared], 1000.0);
+            let b = net.start(0, &[wide, shared], 1000.0);
+            settle(&mut net);
+            assert!((net.rate(a) - 10.0).abs() < 1e-9, "{sharing:?}");
+            assert!((net.rate(b) - 90.0).abs() < 1e-9, "{sharing:?}");
+        }
+    }
+
+    #[test]
+    fn a_flow_finishes_when_its_bytes_are_through_and_rates_change_midway() {
+        let mut net = Network::new(Sharing::Local);
+        let l = net.add_link(1000.0);
+        let a = net.start(0, &[l], 1000.0);
+        let due = net.settle(0);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].at, 1000 * MS);
+        // At 0.5 s a second flow halves a's rate: a's queued event is now early.
+        let b = net.start(500 * MS, &[l], 10_000.0);
+        let _ = net.settle(500 * MS);
+        assert_eq!(net.rate(a), 500.0);
+        let check = net.check_done(1000 * MS, a, due[0].token);
+        let Check::Later { at, token } = check else {
+            panic!("{check:?}")
+        };
+        assert_eq!(at, 1500 * MS);
+        assert_eq!(net.check_done(at, a, token), Check::Done);
+        assert_eq!(net.link_bytes(l), 1000.0);
+        // b then gets the whole link back, and finishes earlier than at half rate.
+        let due = net.settle(at);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].flow, b);
+        // b sent 500 bytes/s for 1 s, then 1000 bytes/s for the remaining 9500 bytes.
+        assert_eq!(due[0].at, at + 9500 * MS);
+    }
+
+    #[test]
+    fn a_stale_event_is_recognised() {
+        let mut net = Network::new(Sharing::Local);
+        let l = net.add_link(10.0);
+        let a = net.start(0, &[l], 100.0);
+        let due = net.settle(0);
+        net.stop(5 * MS, a);
+        assert_eq!(net.check_done(due[0].at, a, due[0].token), Check::Stale);
+        // The slot is reused; the old token still does not match.
+        let b = net.start(6 * MS, &[l], 100.0);
+        assert_eq!(a, b);
+        let _ = net.settle(6 * MS);
+        assert_eq!(net.check_done(due[0].at, b, due[0].token), Check::Stale);
+    }
+
+    /// A random network: `links` links, flows over 1 to 4 distinct random links.
+    fn random_case(rng: &mut Rng, links: usize, flows: usize) -> (Vec<f64>, Vec<Vec<usize>>) {
+        let caps: Vec<f64> = (0..links).map(|_| 10.0 + rng.below(1000) as f64).collect();
+        let paths = (0..flows)
+            .map(|_| {
+                let k = 1 + rng.below(4) as usize;
+                let mut p: Vec<usize> = Vec::new();
+                while p.len() < k.min(links) {
+                    let l = rng.below(links as u64) as usize;
+                    if !p.contains(&l) {
+                        p.push(l);
+                    }
+                }
+                p
+            })
+            .collect();
+        (caps, paths)
+    }
+
+    fn loads(caps: &[f64], paths: &[Vec<usize>], rates: &[f64]) -> Vec<f64> {
+        let mut load = vec![0.0; caps.len()];
+        for (p, r) in paths.iter().zip(rates) {
+            for &l in p {
+                load[l] += r;
+            }
+        }
+        load
+    }
+
+    #[test]
+    fn exact_max_min_is_feasible_and_every_flow_has_a_saturated_bottleneck() {
+        let mut rng = Rng::new(7);
+        for _ in 0..200 {
+            let (caps, paths) = random_case(&mut rng, 6, 12);
+            let rates = max_min_rates(&caps, &paths);
+            let load = loads(&caps, &paths, &rates);
+            for (l, c) in caps.iter().enumerate() {
+                assert!(load[l] <= c * (1.0 + 1e-9), "link {l} over capacity");
+            }
+            // Max-min: each flow crosses a saturated link on which no flow gets more.
+            for (f, p) in paths.iter().enumerate() {
+                let ok = p.iter().any(|&l| {
+                    load[l] >= caps[l] * (1.0 - 1e-9)
+                        && paths
+                            .iter()
+                            .zip(&rates)
+                            .filter(|(q, _)| q.contains(&l))
+                            .all(|(_, &r)| r <= rates[f] * (1.0 + 1e-9))
+                });
+                assert!(ok, "flow {f} has no bottleneck");
+            }
+        }
+    }
+
+    /// Builds the network flow by flow (settling after each, like a simulation does), removes
+    /// some, and compares the local rule with exact max-min. Returns the worst shortfall of
+    /// total throughput relative to exact, and checks feasibility after every settle.
+    fn compare(seed: u64, links: usize, flows: usize) -> (f64, f64) {
+        let mut rng = Rng::new(seed);
+        let (caps, paths) = random_case(&mut rng, links, flows);
+        let mut net = Network::new(Sharing::Local);
+        for &c in &caps {
+            net.add_link(c);
+        }
+        let mut ids = Vec::new();
+        let check_feasible = |net: &Network| {
+            for (l, c) in caps.iter().enumerate() {
+                let load = net.link_load(l as LinkId);
+                assert!(load <= c * (1.0 + 1e-9), "link {l}: {load} > {c}");
+            }
+        };
+        for p in &paths {
+            let links: Vec<LinkId> = p.iter().map(|&l| l as LinkId).collect();
+            ids.push(net.start(0, &links, 1e12));
+            let _ = net.settle(0);
+            check_feasible(&net);
+        }
+        // Remove a third, at random.
+        let mut kept: Vec<usize> = Vec::new();
+        for (i, &id) in ids.iter().enumerate() {
+            if rng.below(3) == 0 {
+                net.stop(0, id);
+                let _ = net.settle(0);
+                check_feasible(&net);
+            } else {
+                kept.push(i);
+            }
+        }
+        let kept_paths: Vec<Vec<usize>> = kept.iter().map(|&i| paths[i].clone()).collect();
+        let exact = max_min_rates(&caps, &kept_paths);
+        let exact_total: f64 = exact.iter().sum();
+        let local_total: f64 = kept.iter().map(|&i| net.rate(ids[i])).sum();
+        let worst_flow = kept
+            .iter()
+            .zip(&exact)
+            .map(|(&i, &e)| (net.rate(ids[i]) - e).abs() / e)
+            .fold(0.0, f64::max);
+        ((exact_total - local_total) / exact_total, worst_flow)
+    }
+
+    #[test]
+    fn local_sharing_stays_feasible_and_close_to_exact() {
+        let mut shortfalls = Vec::new();
+        for seed in 0..300 {
+            let (shortfall, _) = compare(seed, 8, 20);
+            // Never more throughput than exact allows (it is the optimum of the fair ones)
+            // by more than rounding, and never much less.
+            assert!(shortfall > -0.05, "seed {seed}: {shortfall}");
+            shortfalls.push(shortfall);
+        }
+        let mean = shortfalls.iter().sum::<f64>() / shortfalls.len() as f64;
+        let worst = shortfalls.iter().copied().fold(0.0, f64::max);
+        assert!(mean < 0.03, "mean throughput shortfall {mean}");
+        assert!(worst < 0.25, "worst throughput shortfall {worst}");
+    }
+
+    #[test]
+    fn the_nic_bipartite_case_matches_exact_max_min() {
+        // A swarm in miniature: senders' uplinks and receivers' downlinks.
+        let mut rng = Rng::new(3);
+        for _ in 0..50 {
+            let n = 6;
+            let mut net = Network::new(Sharing::Local);
+            let caps: Vec<f64> = (0..2 * n).map(|_| 100.0).collect();
+            for &c in &caps {
+                net.add_link(c);
+            }
+            let mut paths = Vec::new();
+            let mut ids = Vec::new();
+            for _ in 0..15 {
+                let s = rng.below(n as u64) as usize;
+                let mut r = rng.below(n as u64) as usize;
+                if r == s {
+                    r = (r + 1) % n;
+                }
+                let p = vec![2 * s, 2 * r + 1];
+                ids.push(net.start(0, &[p[0] as LinkId, p[1] as LinkId], 1e12));
+                let _ = net.settle(0);
+                paths.push(p);
+            }
+            let exact = max_min_rates(&caps, &paths);
+            let total_exact: f64 = exact.iter().sum();
+            let total_local: f64 = ids.iter().map(|&f| net.rate(f)).sum();
+            assert!(
+                total_local >= 0.9 * total_exact,
+                "{total_local} vs {total_exact}"
+            );
+        }
+    }
+
+    #[test]
+    fn many_flows_ending_at_once_on_one_link_stay_cheap_and_exact() {
+        let mut net = Network::new(Sharing::Local);
+        let registry = net.add_link(1000.0);
+        let nics: Vec<LinkId> = (0..300).map(|_| net.add_link(100.0)).collect();
+        let flows: Vec<FlowId> = nics
+            .iter()
+            .map(|&nic| net.start(0, &[registry, nic], 100.0))
+            .collect();
+        let due = net.settle(0);
+        assert_eq!(due.len(), 300);
+        assert!(
+            flows
+                .iter()
+                .all(|&f| (net.rate(f) - 1000.0 / 300.0).abs() < 1e-9)
+        );
+        for &f in &flows[..200] {
+            net.stop(1, f);
+        }
+        let _ = net.settle(1);
+        assert!(
+            flows[200..]
+                .iter()
+                .all(|&f| (net.rate(f) - 10.0).abs() < 1e-9)
+        );
+    }
+}
