@@ -54,6 +54,8 @@ pub struct FileConfig {
     pub trust: Option<Vec<TrustRule>>,
     /// Cap on bytes per second sent to peers.
     pub upload_limit_bytes_per_sec: Option<u64>,
+    /// This node's site label (see [`NetConfig::site`]).
+    pub site: Option<String>,
 }
 
 /// Why settings could not be resolved.
@@ -78,6 +80,9 @@ pub enum ConfigError {
     /// No data directory could be chosen.
     #[error("no data directory: pass --data-dir or set SHOAL_DATA_DIR")]
     NoDataDir,
+    /// The site label is empty, longer than 64 bytes or contains white space.
+    #[error("site {0:?}: a site is 1 to 64 bytes without white space")]
+    Site(String),
 }
 
 /// The default config file, `$XDG_CONFIG_HOME/shoal/config.toml`.
@@ -127,7 +132,13 @@ impl Config {
             upload_limit_bytes_per_sec: flags
                 .upload_limit_bytes_per_sec
                 .or(file.upload_limit_bytes_per_sec),
+            site: flags.site.or(file.site),
         };
+        if let Some(site) = &net.site {
+            if site.is_empty() || site.len() > 64 || site.contains(char::is_whitespace) {
+                return Err(ConfigError::Site(site.clone()));
+            }
+        }
         // Trust rules add up: the config file's and the command line's.
         let mut trust = file.trust.unwrap_or_default();
         trust.extend(flags.trust.unwrap_or_default());
@@ -167,5 +178,19 @@ mod tests {
             default_listen()
         );
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        let site: FileConfig = toml::from_str("site = \"dc-1\"").unwrap();
+        let c = Config::resolve(FileConfig::default(), site).unwrap();
+        assert_eq!(c.net.site.as_deref(), Some("dc-1"));
+        for bad in ["", "two words", &"x".repeat(65)] {
+            let flags = FileConfig {
+                data_dir: Some("/c".into()),
+                site: Some(bad.to_owned()),
+                ..Default::default()
+            };
+            assert!(
+                Config::resolve(flags, FileConfig::default()).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }

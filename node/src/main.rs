@@ -53,6 +53,9 @@ enum Command {
         /// Cap on bytes per second sent to peers (for metered or slow links)
         #[arg(long, env = "SHOAL_UPLOAD_LIMIT")]
         upload_limit_bytes_per_sec: Option<u64>,
+        /// This node's site (e.g. a datacenter or shop); chunks cross to other sites about once
+        #[arg(long, env = "SHOAL_SITE")]
+        site: Option<String>,
     },
     /// Show this node's keys.
     Keys {
@@ -155,6 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_mdns,
             trust,
             upload_limit_bytes_per_sec,
+            site,
         } => {
             let flags = FileConfig {
                 data_dir: None,
@@ -164,6 +168,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 mdns: no_mdns.then_some(false),
                 trust: Some(trust),
                 upload_limit_bytes_per_sec,
+                site,
             };
             let config = resolve(common, flags)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

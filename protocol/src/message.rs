@@ -148,7 +148,20 @@ pub enum SyncRequest {
         /// The blob's digest.
         digest: Digest,
     },
+    /// [`SyncRequest::Have`] as a long poll: the peer answers as soon as it holds more than
+    /// `held` chunks of the blob, or when it stops downloading it, or after at most
+    /// [`HAVE_WAIT_MAX`]. A downloader keeps one parked at each source, so it hears of a new chunk
+    /// one network hop after it is stored instead of at its next poll.
+    HaveWait {
+        /// The blob's digest.
+        digest: Digest,
+        /// How many chunks the asker already knows the peer holds.
+        held: u32,
+    },
 }
+
+/// The longest a [`SyncRequest::HaveWait`] is held before it is answered anyway.
+pub const HAVE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Which chunks of a blob a peer holds: a [`Bitfield`]'s byte form (chunk 0 in the high bit of
 /// the first byte) and its length.
@@ -212,7 +225,8 @@ pub enum SyncResponse {
     BlobIndex(Option<BlobIndex>),
     /// The request could not be served.
     Error(String),
-    /// Answer to [`SyncRequest::Have`]; `None` if the peer holds no chunk of the blob.
+    /// Answer to [`SyncRequest::Have`] and [`SyncRequest::HaveWait`]; `None` if the peer neither
+    /// holds nor downloads the blob.
     Have(Option<HaveChunks>),
 }
 
@@ -832,6 +846,8 @@ mod tests {
                 .prop_map(|(after, limit)| SyncRequest::Records { after, limit }),
             digest().prop_map(|digest| SyncRequest::BlobIndex { digest }),
             digest().prop_map(|digest| SyncRequest::Have { digest }),
+            (digest(), any::<u32>())
+                .prop_map(|(digest, held)| SyncRequest::HaveWait { digest, held }),
         ]
     }
 

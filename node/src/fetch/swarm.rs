@@ -1,13 +1,15 @@
 //! One blob from many peers at once: the I/O around the sans-IO [`plan`](super::plan).
 //!
-//! The download asks every candidate peer which chunks it holds (`Have`), feeds the answers to
-//! the plan, and carries out the plan's actions: each `Request` is a task that takes a chunk
-//! stream to the peer from a small pool (or opens one), reads the chunk, checks its BLAKE3 hash
-//! against the signed `BlobIndex`, and writes it into the partial blob; `Cancel` aborts the task;
-//! `Ban` disconnects the peer. Peers that hold part of the blob are asked again every
-//! [`HAVE_REFRESH`], so chunks that other downloaders obtain meanwhile become sources too. The
-//! node announces itself as a provider as soon as it starts, so later downloaders find it and
-//! take the chunks it already holds.
+//! The download keeps up to [`MAX_CANDIDATES`] peers. It asks each which chunks it holds
+//! (`Have`), then keeps a `HaveWait` long poll parked at each peer still downloading, which the
+//! peer answers as soon as it stores another chunk: a chunk becomes a source for the others one
+//! network hop after it lands. It feeds the answers to the plan, and carries out the plan's
+//! actions: each `Request` is a task that takes a chunk stream to the peer from a small pool (or
+//! opens one), reads the chunk, checks its BLAKE3 hash against the signed `BlobIndex`, and writes
+//! it into the partial blob; `Cancel` aborts the task; `Ban` disconnects the peer. The node
+//! announces itself as a provider as soon as it starts, so later downloaders find it and take the
+//! chunks it already holds. A peer that advertises another site than this node's is marked
+//! remote, so the plan fetches each chunk over the WAN about once per site.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,8 +27,19 @@ use crate::net::{NetError, Network};
 use crate::store::partial::Partial;
 use crate::store::{Store, StoreError};
 
-/// How often peers holding part of the blob are asked again what they hold.
-pub const HAVE_REFRESH: Duration = Duration::from_millis(250);
+/// How long to wait before asking a peer again after a failed `Have`.
+const HAVE_RETRY: Duration = Duration::from_secs(1);
+/// How long to wait before asking again a peer that does not download the blob (yet): it may
+/// start any moment, as the whole fleet does in a rollout. Doubled on every such answer up to
+/// [`IDLE_RETRY_MAX`].
+const IDLE_RETRY: Duration = Duration::from_millis(250);
+/// The longest wait between asks to a peer that does not download the blob.
+const IDLE_RETRY_MAX: Duration = Duration::from_secs(4);
+/// Failed `Have`s in a row after which a peer is dropped from the candidates (the candidate
+/// refresh may bring it back).
+const HAVE_FAILURES: u32 = 3;
+/// How often the download loop wakes when nothing happens, to check its limits.
+const TICK: Duration = Duration::from_millis(500);
 /// How often the candidate list is refreshed (new providers appear as others download).
 pub const CANDIDATE_REFRESH: Duration = Duration::from_secs(3);
 /// Most peers one download asks for chunks. Bounded so that a fleet of thousands costs each node
@@ -54,7 +67,11 @@ pub enum SwarmError {
 }
 
 enum Msg {
+    /// What a peer holds; `None`: it neither holds nor downloads the blob (any more), or it
+    /// stopped answering.
     Have(PeerId, Option<HaveChunks>),
+    /// A peer stopped downloading the blob without finishing it (it is still asked now and then).
+    Gone(PeerId),
     Chunk {
         peer: PeerId,
         chunk: u32,
@@ -87,20 +104,21 @@ pub async fn download(
     let index: BlobIndex = partial.index().clone();
     let count = index.chunk_count();
     let held = bitfield(&partial.have(), count).unwrap_or_else(|| Bitfield::new(count));
-    let mut plan: Plan<PeerId> = Plan::new(count, held, plan_config(rand::random()));
+    let mut plan: Plan<PeerId> =
+        Plan::new(count, held, plan_config(rand::random())).with_self(&network.peer_id());
     let (tx, mut rx) = mpsc::channel::<Msg>(EVENT_CAPACITY);
     let mut tasks: HashMap<(PeerId, u32), JoinHandle<()>> = HashMap::new();
     let mut pool: HashMap<PeerId, Vec<Box<ChunkClient>>> = HashMap::new();
-    let mut full_peers = std::collections::HashSet::new();
     let start = Instant::now();
     let mut last_progress = Instant::now();
     let mut stalled_since: Option<Instant> = None;
-    let mut have_tick = tokio::time::interval(HAVE_REFRESH);
     let mut candidate_tick = tokio::time::interval(CANDIDATE_REFRESH);
     candidate_tick.tick().await;
     candidates.retain(|p| *p != network.peer_id());
+    candidates.truncate(MAX_CANDIDATES);
+    let mut watchers: HashMap<PeerId, JoinHandle<()>> = HashMap::new();
     for peer in &candidates {
-        ask_have(network, &tx, *peer, &blob.digest);
+        watchers.insert(*peer, watch_peer(network, &tx, *peer, blob, count));
     }
 
     let result = loop {
@@ -146,21 +164,28 @@ pub async fn download(
         }
         let wake = plan
             .next_deadline()
-            .map_or(HAVE_REFRESH, |d| d.saturating_sub(start.elapsed()))
-            .min(HAVE_REFRESH);
+            .map_or(TICK, |d| d.saturating_sub(start.elapsed()))
+            .min(TICK);
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { break Err(SwarmError::Stalled) };
                 match msg {
                     Msg::Have(peer, Some(have)) => {
                         if let Some(bits) = bitfield(&have, count) {
-                            if bits.is_full() {
-                                full_peers.insert(peer);
+                            if network.is_remote(&peer) {
+                                plan.handle(Event::PeerRemote { peer }, start.elapsed());
                             }
                             plan.handle(Event::PeerHas { peer, have: bits }, start.elapsed());
                         }
                     }
-                    Msg::Have(_, None) => {}
+                    Msg::Gone(peer) => plan.handle(Event::PeerGone { peer }, start.elapsed()),
+                    Msg::Have(peer, None) => {
+                        // It gave up, or it is unreachable: forget it; a later candidate refresh
+                        // may bring it back.
+                        plan.handle(Event::PeerGone { peer }, start.elapsed());
+                        candidates.retain(|p| *p != peer);
+                        watchers.remove(&peer);
+                    }
                     Msg::Chunk { peer, chunk, outcome, client } => {
                         tasks.remove(&(peer, chunk));
                         if let Some(c) = client {
@@ -178,19 +203,14 @@ pub async fn download(
                     }
                 }
             }
-            _ = have_tick.tick() => {
-                // Partial holders gain chunks as they download: ask them again.
-                for peer in &candidates {
-                    if !full_peers.contains(peer) {
-                        ask_have(network, &tx, *peer, &blob.digest);
-                    }
-                }
-            }
             _ = candidate_tick.tick() => {
                 for peer in refresh_candidates().await {
+                    if candidates.len() >= MAX_CANDIDATES {
+                        break;
+                    }
                     if peer != network.peer_id() && !candidates.contains(&peer) {
                         candidates.push(peer);
-                        ask_have(network, &tx, peer, &blob.digest);
+                        watchers.insert(peer, watch_peer(network, &tx, peer, blob, count));
                     }
                 }
             }
@@ -199,6 +219,9 @@ pub async fn download(
     };
     for (_, t) in tasks {
         t.abort();
+    }
+    for (_, w) in watchers {
+        w.abort();
     }
     result?;
     store
@@ -217,20 +240,62 @@ pub fn plan_config(seed: u64) -> PlanConfig {
     }
 }
 
-fn ask_have(
+/// Follows what `peer` holds: a `Have`, then `HaveWait` long polls until it holds the whole blob.
+/// While it neither holds nor downloads the blob, asks again after [`IDLE_RETRY`], backing off.
+/// Sends `Msg::Have(peer, None)` when it stops downloading, and stops after [`HAVE_FAILURES`]
+/// failed asks in a row.
+fn watch_peer(
     network: &Network,
     tx: &mpsc::Sender<Msg>,
     peer: PeerId,
-    digest: &shoal_protocol::Digest,
-) {
-    let (network, tx, digest) = (network.clone(), tx.clone(), digest.clone());
+    blob: &BlobRef,
+    count: u32,
+) -> JoinHandle<()> {
+    let (network, tx, digest) = (network.clone(), tx.clone(), blob.digest.clone());
     tokio::spawn(async move {
-        let have = match network.sync(peer, SyncRequest::Have { digest }).await {
-            Ok(SyncResponse::Have(h)) => h,
-            _ => None,
+        let mut request = SyncRequest::Have {
+            digest: digest.clone(),
         };
-        let _ = tx.send(Msg::Have(peer, have)).await;
-    });
+        let mut failures = 0;
+        let mut idle = IDLE_RETRY;
+        let mut known = false;
+        loop {
+            match network.sync(peer, request.clone()).await {
+                Ok(SyncResponse::Have(Some(have))) => {
+                    failures = 0;
+                    idle = IDLE_RETRY;
+                    known = true;
+                    let held = bitfield(&have, count).map_or(0, |b| b.count_ones());
+                    if tx.send(Msg::Have(peer, Some(have))).await.is_err() || held == count {
+                        return;
+                    }
+                    request = SyncRequest::HaveWait {
+                        digest: digest.clone(),
+                        held,
+                    };
+                }
+                Ok(SyncResponse::Have(None)) => {
+                    failures = 0;
+                    if std::mem::take(&mut known) && tx.send(Msg::Gone(peer)).await.is_err() {
+                        return;
+                    }
+                    request = SyncRequest::Have {
+                        digest: digest.clone(),
+                    };
+                    tokio::time::sleep(idle).await;
+                    idle = (idle * 2).min(IDLE_RETRY_MAX);
+                }
+                _ => {
+                    failures += 1;
+                    if failures >= HAVE_FAILURES {
+                        break;
+                    }
+                    tokio::time::sleep(HAVE_RETRY).await;
+                }
+            }
+        }
+        let _ = tx.send(Msg::Have(peer, None)).await;
+    })
 }
 
 async fn request_chunk(

@@ -34,8 +34,8 @@ use libp2p::{
 };
 use serde::Serialize;
 use shoal_protocol::message::{
-    Gossip, HaveChunks, MAX_GOSSIP_BYTES, MAX_SYNC_RECORDS, SYNC_PROTOCOL, SyncRequest,
-    SyncResponse, TAGS_TOPIC,
+    Gossip, HAVE_WAIT_MAX, HaveChunks, MAX_GOSSIP_BYTES, MAX_SYNC_RECORDS, SYNC_PROTOCOL,
+    SyncRequest, SyncResponse, TAGS_TOPIC,
 };
 use shoal_protocol::{Digest, SignedTagRecord, codec};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -49,6 +49,9 @@ const COMMAND_CAPACITY: usize = 256;
 /// Most inbound requests and gossip messages processed at once; past that, gossip is dropped
 /// (anti-entropy repairs it) and sync requests are answered with an error.
 const MAX_INBOUND_WORK: usize = 64;
+/// Most `HaveWait` long polls parked at once (a few per downloading peer and blob). Past that a
+/// long poll is answered at once, like a plain `Have`.
+const MAX_HAVE_WAITS: usize = 1024;
 /// Most anti-entropy exchanges at once.
 const MAX_CONCURRENT_SYNCS: usize = 8;
 /// Timeout of one sync request.
@@ -104,6 +107,10 @@ pub struct NetConfig {
     pub mdns: bool,
     /// Cap on the bytes per second this node sends to peers (for metered or slow links).
     pub upload_limit_bytes_per_sec: Option<u64>,
+    /// The site this node is in (a label such as a datacenter or shop name), advertised to
+    /// peers. Downloads fetch each chunk over the link to another site about once per site.
+    /// `None`: the node takes every peer as local.
+    pub site: Option<String>,
 }
 
 impl Default for NetConfig {
@@ -120,6 +127,7 @@ impl Default for NetConfig {
             bootstrap: Vec::new(),
             mdns: true,
             upload_limit_bytes_per_sec: None,
+            site: None,
         }
     }
 }
@@ -167,6 +175,9 @@ pub struct Network {
     control: libp2p_stream::Control,
     peer_id: PeerId,
     uploads: Arc<chunk::Uploads>,
+    site: Option<String>,
+    /// The site each connected peer advertised, from identify.
+    peer_sites: Arc<std::sync::Mutex<HashMap<PeerId, String>>>,
 }
 
 impl Network {
@@ -181,7 +192,7 @@ impl Network {
         tasks: &tokio_util::task::TaskTracker,
     ) -> Result<Network, NetError> {
         let peer_id = keypair.public().to_peer_id();
-        let mut swarm = build_swarm(keypair, config.mdns)?;
+        let mut swarm = build_swarm(keypair, config.mdns, config.site.as_deref())?;
         let defaults = NetConfig::default().listen;
         for addr in &config.listen {
             // libp2p's TCP listeners set SO_REUSEPORT, so a second node on this machine would
@@ -224,6 +235,8 @@ impl Network {
             control: control.clone(),
             peer_id,
             uploads: uploads.clone(),
+            site: config.site.clone(),
+            peer_sites: Arc::default(),
         };
         let event_loop = EventLoop {
             swarm,
@@ -234,6 +247,7 @@ impl Network {
             store: store.clone(),
             tags,
             inbound: Arc::new(Semaphore::new(MAX_INBOUND_WORK)),
+            have_waits: Arc::new(Semaphore::new(MAX_HAVE_WAITS)),
             syncs: Arc::new(Semaphore::new(MAX_CONCURRENT_SYNCS)),
         };
         tasks.spawn(event_loop.run(cancel.clone()));
@@ -244,6 +258,18 @@ impl Network {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Whether `peer` is in another site: both sites are known and differ.
+    pub fn is_remote(&self, peer: &PeerId) -> bool {
+        let Some(mine) = &self.site else {
+            return false;
+        };
+        self.peer_sites
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(peer)
+            .is_some_and(|theirs| theirs != mine)
     }
 
     /// Bytes of blobs this node has sent to peers.
@@ -362,6 +388,7 @@ fn with_port_zero(addr: &Multiaddr) -> Option<Multiaddr> {
 fn build_swarm(
     keypair: libp2p::identity::Keypair,
     with_mdns: bool,
+    site: Option<&str>,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -415,10 +442,10 @@ fn build_swarm(
                     None
                 };
                 Ok(Behaviour {
-                    identify: identify::Behaviour::new(identify::Config::new(
-                        "/shoal/id/1".into(),
-                        key.public(),
-                    )),
+                    identify: identify::Behaviour::new(
+                        identify::Config::new("/shoal/id/1".into(), key.public())
+                            .with_agent_version(agent_version(site)),
+                    ),
                     ping: ping::Behaviour::default(),
                     kad,
                     gossipsub,
@@ -448,6 +475,7 @@ pub struct EventLoop {
     store: Store,
     tags: Tags,
     inbound: Arc<Semaphore>,
+    have_waits: Arc<Semaphore>,
     syncs: Arc<Semaphore>,
 }
 
@@ -574,6 +602,11 @@ impl EventLoop {
                 ..
             } => {
                 tracing::info!(peer = %peer_id, "peer disconnected");
+                self.network
+                    .peer_sites
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&peer_id);
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}
@@ -583,6 +616,13 @@ impl EventLoop {
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if let Some(site) = site_of(&info.agent_version) {
+                    self.network
+                        .peer_sites
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(peer_id, site.to_owned());
+                }
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
@@ -716,7 +756,23 @@ impl EventLoop {
         request: SyncRequest,
         channel: ResponseChannel<SyncResponse>,
     ) {
-        let Ok(permit) = self.inbound.clone().try_acquire_owned() else {
+        // A long poll mostly waits: it takes a permit of its own kind. Past MAX_HAVE_WAITS it is
+        // answered at once, like a plain `Have`.
+        let parked = match &request {
+            SyncRequest::HaveWait { .. } => self.have_waits.clone().try_acquire_owned().ok(),
+            _ => None,
+        };
+        let (request, permit) = match parked {
+            Some(permit) => (request, Ok(permit)),
+            None => {
+                let request = match request {
+                    SyncRequest::HaveWait { digest, .. } => SyncRequest::Have { digest },
+                    other => other,
+                };
+                (request, self.inbound.clone().try_acquire_owned())
+            }
+        };
+        let Ok(permit) = permit else {
             let _ = self
                 .swarm
                 .behaviour_mut()
@@ -764,6 +820,9 @@ async fn answer(store: &Store, request: SyncRequest) -> Result<SyncResponse, Net
                 .await?
         }
         SyncRequest::Have { digest } => SyncResponse::Have(have(store, &digest).await?),
+        SyncRequest::HaveWait { digest, held } => {
+            SyncResponse::Have(have_wait(store, &digest, held).await?)
+        }
         SyncRequest::BlobIndex { digest } => {
             SyncResponse::BlobIndex(store.blob_index(&digest).await?)
         }
@@ -781,6 +840,48 @@ async fn have(store: &Store, digest: &Digest) -> Result<Option<HaveChunks>, NetE
         ))));
     }
     Ok(store.partial_in_progress(digest).map(|p| p.have()))
+}
+
+/// What this node says it is in identify: `shoal/<version>`, then ` site=<label>` if it has one.
+fn agent_version(site: Option<&str>) -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    match site {
+        Some(site) => format!("shoal/{version} site={site}"),
+        None => format!("shoal/{version}"),
+    }
+}
+
+/// The site label in a peer's identify agent version, if any (at most 64 bytes, no spaces).
+fn site_of(agent_version: &str) -> Option<&str> {
+    agent_version
+        .strip_prefix("shoal/")?
+        .split(' ')
+        .find_map(|part| part.strip_prefix("site="))
+        .filter(|site| !site.is_empty() && site.len() <= 64)
+}
+
+/// Like [`have`], but for a blob being downloaded, waits (at most [`HAVE_WAIT_MAX`]) until more
+/// than `held` chunks are held or the download ends.
+async fn have_wait(
+    store: &Store,
+    digest: &Digest,
+    held: u32,
+) -> Result<Option<HaveChunks>, NetError> {
+    if let Some(partial) = store.partial_in_progress(digest) {
+        let mut progress = partial.progress();
+        // Copied out at once: the borrowed value holds the watch's lock, which the downloader
+        // needs to publish its next chunk.
+        let complete = tokio::time::timeout(
+            HAVE_WAIT_MAX,
+            progress.wait_for(|p| p.held > held || p.complete),
+        )
+        .await
+        .map(|r| r.map(|p| p.complete));
+        if let Ok(Ok(false)) = complete {
+            return Ok(Some(partial.have()));
+        }
+    }
+    have(store, digest).await
 }
 
 /// Pulls every record `peer` holds that this node lacks. Returns how many were accepted.

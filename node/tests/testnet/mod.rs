@@ -273,6 +273,8 @@ pub struct TestNet {
     pub extra_trust: Vec<TrustRule>,
     /// Upload limits (bytes per second) by node index.
     pub upload_limits: std::collections::HashMap<usize, u64>,
+    /// Site labels by node index.
+    pub sites: std::collections::HashMap<usize, String>,
 }
 
 fn memory_addr() -> Multiaddr {
@@ -295,6 +297,7 @@ impl TestNet {
             seeds: seeds.collect(),
             extra_trust: Vec::new(),
             upload_limits: Default::default(),
+            sites: Default::default(),
         }
     }
 
@@ -339,7 +342,16 @@ impl TestNet {
             .map(|n| n.memory.clone())
             .collect();
         let limit = self.upload_limits.get(&i).copied();
-        let node = start_node(dir.path(), memory.clone(), bootstrap, self.trust(), limit).await;
+        let site = self.sites.get(&i).cloned();
+        let node = start_node(
+            dir.path(),
+            memory.clone(),
+            bootstrap,
+            self.trust(),
+            limit,
+            site,
+        )
+        .await;
         self.nodes.push(TestNode {
             node: Some(node),
             dir,
@@ -360,11 +372,22 @@ impl TestNet {
             .collect();
         let trust = self.trust();
         let limit = self.upload_limits.get(&i).copied();
+        let site = self.sites.get(&i).cloned();
         let n = &mut self.nodes[i];
         // libp2p's memory transport never frees a listening port, so a restarted node gets a
         // new address (as a real node may after a reboot); it dials the others itself.
         n.memory = memory_addr();
-        n.node = Some(start_node(n.dir.path(), n.memory.clone(), bootstrap, trust, limit).await);
+        n.node = Some(
+            start_node(
+                n.dir.path(),
+                n.memory.clone(),
+                bootstrap,
+                trust,
+                limit,
+                site,
+            )
+            .await,
+        );
     }
 
     /// Waits until every running node has at least `k` peers.
@@ -387,6 +410,7 @@ async fn start_node(
     bootstrap: Vec<Multiaddr>,
     trust: Vec<TrustRule>,
     upload_limit: Option<u64>,
+    site: Option<String>,
 ) -> Node {
     let config = Config {
         data_dir: dir.to_path_buf(),
@@ -396,6 +420,7 @@ async fn start_node(
             bootstrap,
             mdns: false,
             upload_limit_bytes_per_sec: upload_limit,
+            site,
         },
         trust,
     };
