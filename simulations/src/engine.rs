@@ -8,7 +8,7 @@
 //! The queue does not know what an event means; the fleet model ([`crate::fleet`]) owns the
 //! event type and decides what each one does.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Duration;
 
@@ -43,36 +43,22 @@ pub fn nanos(d: Duration) -> Nanos {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-struct Entry<E> {
+/// A heap entry: the ordering key and where the event waits. Kept small (24 bytes) because the
+/// heap is the hottest memory of a large run; the events themselves wait in a slab.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
     at: Nanos,
+    /// Insertion order: breaks ties between events at the same instant.
     seq: u64,
-    event: E,
-}
-
-impl<E> PartialEq for Entry<E> {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-
-impl<E> Eq for Entry<E> {}
-
-impl<E> PartialOrd for Entry<E> {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl<E> Ord for Entry<E> {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
+    slot: u32,
 }
 
 /// Events ordered by time, then by insertion. The clock ([`Queue::now`]) is the time of the last
 /// event popped; events can be pushed at or after it, never before.
 pub struct Queue<E> {
-    heap: BinaryHeap<Reverse<Entry<E>>>,
+    heap: BinaryHeap<Reverse<Key>>,
+    slab: Vec<Option<E>>,
+    free: Vec<u32>,
     now: Nanos,
     seq: u64,
     popped: u64,
@@ -82,6 +68,8 @@ impl<E> Default for Queue<E> {
     fn default() -> Self {
         Queue {
             heap: BinaryHeap::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
             now: 0,
             seq: 0,
             popped: 0,
@@ -105,11 +93,27 @@ impl<E> Queue<E> {
     pub fn push(&mut self, at: Nanos, event: E) {
         let at = at.max(self.now);
         self.seq += 1;
-        self.heap.push(Reverse(Entry {
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slab[slot as usize] = Some(event);
+                slot
+            }
+            None => {
+                self.slab.push(Some(event));
+                u32::try_from(self.slab.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        self.heap.push(Reverse(Key {
             at,
             seq: self.seq,
-            event,
+            slot,
         }));
+    }
+
+    /// Moves the clock to `at` (never back) without popping: for happenings kept outside the
+    /// queue, like the ends of flows.
+    pub fn advance_to(&mut self, at: Nanos) {
+        self.now = self.now.max(at);
     }
 
     /// Schedules `event` `delay` after now.
@@ -119,15 +123,21 @@ impl<E> Queue<E> {
 
     /// The time of the next event, if any.
     pub fn peek_time(&self) -> Option<Nanos> {
-        self.heap.peek().map(|Reverse(e)| e.at)
+        self.heap.peek().map(|Reverse(k)| k.at)
     }
 
     /// Removes the next event and advances the clock to it.
     pub fn pop(&mut self) -> Option<(Nanos, E)> {
-        let Reverse(entry) = self.heap.pop()?;
-        self.now = entry.at;
-        self.popped += 1;
-        Some((entry.at, entry.event))
+        loop {
+            let Reverse(key) = self.heap.pop()?;
+            let Some(event) = self.slab.get_mut(key.slot as usize).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(key.slot);
+            self.now = key.at;
+            self.popped += 1;
+            return Some((key.at, event));
+        }
     }
 
     /// Events waiting.

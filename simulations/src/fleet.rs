@@ -51,7 +51,7 @@ use shoal_node::fetch::swarm::{
 use shoal_node::net::chunk::MAX_INBOUND_CHUNK_STREAMS;
 
 use crate::engine::{Nanos, Queue, duration, nanos, nanos_from_secs, secs_from_nanos};
-use crate::links::{Check, FlowId, LinkId, Network, Sharing};
+use crate::links::{FlowId, LinkId, Network, Sharing};
 use crate::rng::{Rng, mix};
 use crate::scenario::{Mode, PublisherSite, Scenario, SharingMode, bytes_per_sec};
 
@@ -88,6 +88,14 @@ pub struct RunResult {
     pub refused: u64,
     /// Downloads that stalled for the stall limit and were retried.
     pub stalls: u64,
+    /// Requests the plans cancelled (endgame losers, timeouts, struck-out peers).
+    pub cancels: u64,
+    /// Of those, requests that had timed out.
+    pub timeouts: u64,
+    /// Bytes of chunks that arrived complete but were already held.
+    pub duplicate_bytes: f64,
+    /// Calls of `Plan::next_actions`, and calls skipped because they could do nothing.
+    pub thinks: (u64, u64),
     /// Simulated time at which the run ended.
     pub end_secs: f64,
     /// Events processed.
@@ -148,6 +156,14 @@ enum Ev {
         session: u32,
         as_of: Nanos,
     },
+    /// The same answer from `from` reaches every `(node, epoch)` of `to` (long-polls answered
+    /// together when `from` got a chunk).
+    Answers {
+        to: Vec<(u32, u32)>,
+        from: u32,
+        session: u32,
+        as_of: Nanos,
+    },
     /// A chunk request reaches its server.
     Request {
         from: u32,
@@ -161,16 +177,30 @@ enum Ev {
         epoch: u32,
         id: u64,
     },
-    FlowEnd {
-        flow: FlowId,
-        token: u32,
-    },
     Wake {
         node: u32,
         epoch: u32,
     },
     Leave(u32),
     Return(u32),
+}
+
+impl Ev {
+    /// A small number per kind of event, for the debug counts.
+    fn kind(&self) -> usize {
+        match self {
+            Ev::Start(_) => 0,
+            Ev::LookupDone { .. } => 1,
+            Ev::Refresh { .. } => 2,
+            Ev::HaveAsk { .. } => 3,
+            Ev::HaveAnswer { .. } | Ev::Answers { .. } => 4,
+            Ev::Request { .. } => 5,
+            Ev::Refused { .. } => 6,
+            Ev::Wake { .. } => 7,
+            Ev::Leave(_) => 8,
+            Ev::Return(_) => 9,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,9 +225,13 @@ struct Request {
     peer: u32,
     chunk: u32,
     flow: Option<FlowId>,
+    sent: Nanos,
 }
 
 struct Download {
+    /// Events fed to the plan, and that count when it last decided.
+    fed: u64,
+    fed_at_decision: u64,
     plan: Plan<u32>,
     candidates: Vec<Candidate>,
     requests: Vec<Request>,
@@ -236,6 +270,8 @@ struct Node {
     sent: f64,
     received: f64,
     dirty: bool,
+    /// Whether the events since its plan last decided were all haves.
+    haves_only: bool,
     /// The earliest wake-up queued for its current epoch.
     wake_at: Nanos,
     /// Central mode: layer flows still running.
@@ -272,6 +308,15 @@ struct Sim<'a> {
     stalls: u64,
     seed: u64,
     complete_count: usize,
+    cancels: u64,
+    timeouts: u64,
+    duplicate_bytes: f64,
+    thinks: u64,
+    thinks_skipped: u64,
+    debug: bool,
+    kinds: [u64; 10],
+    max_queue: usize,
+    flow_ends: u64,
 }
 
 /// Runs `scenario` with `pullers` pullers and `seed`.
@@ -356,6 +401,7 @@ impl<'a> Sim<'a> {
                 sent: 0.0,
                 received: 0.0,
                 dirty: false,
+                haves_only: false,
                 wake_at: Nanos::MAX,
                 layers_left: 0,
             });
@@ -384,6 +430,15 @@ impl<'a> Sim<'a> {
             stalls: 0,
             seed,
             complete_count: 0,
+            cancels: 0,
+            timeouts: 0,
+            duplicate_bytes: 0.0,
+            thinks: 0,
+            thinks_skipped: 0,
+            debug: std::env::var_os("SHOAL_SIM_DEBUG").is_some(),
+            kinds: [0; 10],
+            max_queue: 0,
+            flow_ends: 0,
         };
         for i in 1..=pullers {
             let at = nanos_from_secs(sim.rng.unit() * scenario.start_spread_secs);
@@ -404,13 +459,37 @@ impl<'a> Sim<'a> {
     fn run(&mut self) {
         let limit = nanos_from_secs(self.scenario.time_limit_secs);
         let pullers = self.nodes.len() - 1;
-        while let Some(at) = self.q.peek_time() {
+        loop {
+            // The next thing to happen: an event, or a flow's last byte (first on a tie).
+            let next_flow = self.net.next_due();
+            let next_event = self.q.peek_time();
+            let at = match (next_flow, next_event) {
+                (Some(f), Some(e)) => f.min(e),
+                (Some(t), None) | (None, Some(t)) => t,
+                (None, None) => break,
+            };
             if at > limit {
                 break;
             }
-            let Some((_, ev)) = self.q.pop() else { break };
-            self.handle(ev);
-            if self.q.peek_time() != Some(at) {
+            self.max_queue = self.max_queue.max(self.q.len());
+            if next_flow == Some(at) {
+                self.q.advance_to(at);
+                // A flow found not done yet is moved to its new time; then nothing happens now.
+                if let Some((flow, _)) = self.net.pop_done(at) {
+                    self.flow_ends += 1;
+                    self.on_flow_end(flow);
+                }
+            } else if let Some((_, ev)) = self.q.pop() {
+                if self.debug {
+                    self.kinds[ev.kind()] += 1;
+                }
+                self.handle(ev);
+            }
+            let next = [self.net.next_due(), self.q.peek_time()]
+                .into_iter()
+                .flatten()
+                .min();
+            if next != Some(at) {
                 self.flush();
             }
             // Every puller complete and nothing left in flight: the rollout is over (a pending
@@ -419,6 +498,12 @@ impl<'a> Sim<'a> {
             {
                 break;
             }
+        }
+        if self.debug {
+            eprintln!(
+                "events by kind (start lookup refresh ask answer request refused wake leave return): {:?}; {} flow ends; max queue {}",
+                self.kinds, self.flow_ends, self.max_queue
+            );
         }
         // Stop whatever still runs (a time limit), so every byte moved is accounted.
         let now = self.q.now();
@@ -442,21 +527,25 @@ impl<'a> Sim<'a> {
             i += 1;
         }
         self.dirty.clear();
-        for due in self.net.settle(now) {
-            self.q.push(
-                due.at,
-                Ev::FlowEnd {
-                    flow: due.flow,
-                    token: due.token,
-                },
-            );
+        self.net.settle(now);
+    }
+
+    /// `node`'s plan got events that may call for actions: it decides at the end of the instant.
+    fn mark(&mut self, node: u32) {
+        let n = &mut self.nodes[node as usize];
+        n.haves_only = false;
+        if !n.dirty {
+            n.dirty = true;
+            self.dirty.push(node);
         }
     }
 
-    fn mark(&mut self, node: u32) {
+    /// `node`'s plan learnt of new chunks at peers, and nothing else.
+    fn mark_haves(&mut self, node: u32) {
         let n = &mut self.nodes[node as usize];
         if !n.dirty {
             n.dirty = true;
+            n.haves_only = true;
             self.dirty.push(node);
         }
     }
@@ -479,6 +568,16 @@ impl<'a> Sim<'a> {
                 session,
                 as_of,
             } => self.on_have_answer(to, epoch, from, session, as_of),
+            Ev::Answers {
+                to,
+                from,
+                session,
+                as_of,
+            } => {
+                for (to, epoch) in to {
+                    self.on_have_answer(to, epoch, from, session, as_of);
+                }
+            }
             Ev::Request {
                 from,
                 epoch,
@@ -486,7 +585,6 @@ impl<'a> Sim<'a> {
                 id,
             } => self.on_request(from, epoch, to, id),
             Ev::Refused { to, epoch, id } => self.on_refused(to, epoch, id),
-            Ev::FlowEnd { flow, token } => self.on_flow_end(flow, token),
             Ev::Wake { node, epoch } => {
                 let n = &mut self.nodes[node as usize];
                 if n.epoch == epoch && n.wake_at == self.q.now() {
@@ -595,6 +693,8 @@ impl<'a> Sim<'a> {
             )
             .with_self(&node);
             self.nodes[node as usize].download = Some(Box::new(Download {
+                fed: 0,
+                fed_at_decision: 0,
                 plan,
                 candidates: Vec::new(),
                 requests: Vec::new(),
@@ -723,39 +823,49 @@ impl<'a> Sim<'a> {
         let Some(d) = a.download.as_mut() else {
             return;
         };
-        let Some(cand) = d
+        let Some(ci) = d
             .candidates
-            .iter_mut()
-            .find(|c| c.peer == from && c.session == session)
+            .iter()
+            .position(|c| c.peer == from && c.session == session)
         else {
             return;
         };
         let k = b.log.partition_point(|&(_, t)| t <= as_of) as u32;
-        match cand.state {
+        let mut fed = true;
+        match d.candidates[ci].state {
             CandState::Asked => {
                 if remote {
-                    d.plan
-                        .handle(Event::PeerRemote { peer: from }, duration(now));
+                    feed(d, Event::PeerRemote { peer: from }, now);
                 }
                 let mut have = Bitfield::new(chunk_count);
                 for &(c, _) in &b.log[..k as usize] {
                     have.set(c);
                 }
-                d.plan
-                    .handle(Event::PeerHas { peer: from, have }, duration(now));
-                cand.state = CandState::Polling { told: k };
+                feed(d, Event::PeerHas { peer: from, have }, now);
+                d.candidates[ci].state = CandState::Polling { told: k };
             }
             CandState::Polling { told } => {
+                // A chunk this node already holds changes none of the plan's decisions (they
+                // are all about missing chunks), so only news about missing ones is fed.
+                let mut news = false;
                 for &(c, _) in b.log.get(told as usize..k as usize).unwrap_or(&[]) {
-                    d.plan.handle(
-                        Event::PeerHasChunk {
-                            peer: from,
-                            chunk: c,
-                        },
-                        duration(now),
-                    );
+                    if !d.plan.held().get(c) {
+                        news = true;
+                        feed(
+                            d,
+                            Event::PeerHasChunk {
+                                peer: from,
+                                chunk: c,
+                            },
+                            now,
+                        );
+                    }
                 }
-                cand.state = CandState::Polling { told: told.max(k) };
+                d.candidates[ci].state = CandState::Polling { told: told.max(k) };
+                // Nothing new: the plan would decide exactly as it last did.
+                if !news {
+                    fed = false;
+                }
             }
         }
         // Poll again at once, unless the peer is complete.
@@ -783,7 +893,9 @@ impl<'a> Sim<'a> {
                 });
             }
         }
-        self.mark(to);
+        if fed {
+            self.mark_haves(to);
+        }
     }
 
     fn on_request(&mut self, from: u32, epoch: u32, to: u32, id: u64) {
@@ -861,12 +973,13 @@ impl<'a> Sim<'a> {
             return;
         };
         let req = d.requests.swap_remove(i);
-        d.plan.handle(
+        feed(
+            d,
             Event::ChunkFailed {
                 peer: req.peer,
                 chunk: req.chunk,
             },
-            duration(now),
+            now,
         );
         self.mark(to);
     }
@@ -876,16 +989,10 @@ impl<'a> Sim<'a> {
         self.nodes[to as usize].received += bytes;
     }
 
-    fn on_flow_end(&mut self, flow: FlowId, token: u32) {
+    fn on_flow_end(&mut self, flow: FlowId) {
         let now = self.q.now();
-        match self.net.check_done(now, flow, token) {
-            Check::Stale => {}
-            Check::Later { at, token } => self.q.push(at, Ev::FlowEnd { flow, token }),
-            Check::Done => {
-                if let Some(info) = self.flows.get_mut(flow as usize).and_then(Option::take) {
-                    self.finish_flow(info, now);
-                }
-            }
+        if let Some(info) = self.flows.get_mut(flow as usize).and_then(Option::take) {
+            self.finish_flow(info, now);
         }
     }
 
@@ -915,45 +1022,74 @@ impl<'a> Sim<'a> {
             return;
         };
         let req = d.requests.swap_remove(i);
-        d.plan.handle(
+        feed(
+            d,
             Event::ChunkDone {
                 peer: req.peer,
                 chunk: req.chunk,
                 bytes: size as u64,
             },
-            duration(now),
+            now,
         );
         if a.held.set(req.chunk) {
             a.log.push((req.chunk, now));
             self.wake_pollers(info.to);
         } else {
             self.wasted += size;
+            self.duplicate_bytes += size;
         }
         self.mark(info.to);
     }
 
-    /// `node` got a chunk: answer the long-polls parked on it.
+    /// `node` got a chunk: answer the long-polls parked on it. Polls that already arrived are
+    /// answered together (one event per latency class); polls still travelling are answered
+    /// when they arrive, with what the node holds then.
     fn wake_pollers(&mut self, node: u32) {
         let now = self.q.now();
         let parked = std::mem::take(&mut self.nodes[node as usize].parked);
         let session = self.nodes[node as usize].session;
+        let site = self.nodes[node as usize].site;
+        let mut local = Vec::new();
+        let mut remote = Vec::new();
         for p in parked {
             let asker = &self.nodes[p.asker as usize];
             if asker.epoch != p.epoch || !asker.online {
                 continue;
             }
-            let sent = now.max(p.arrives);
-            let lat = self.latency(node, p.asker);
+            let same = asker.site == site;
+            if p.arrives <= now {
+                if same {
+                    local.push((p.asker, p.epoch));
+                } else {
+                    remote.push((p.asker, p.epoch));
+                }
+                continue;
+            }
+            let lat = self.scenario.latency(same);
             self.q.push(
-                sent + lat,
+                p.arrives + lat,
                 Ev::HaveAnswer {
                     to: p.asker,
                     epoch: p.epoch,
                     from: node,
                     session,
-                    as_of: sent,
+                    as_of: p.arrives,
                 },
             );
+        }
+        for (to, same) in [(local, true), (remote, false)] {
+            if !to.is_empty() {
+                let lat = self.scenario.latency(same);
+                self.q.push(
+                    now + lat,
+                    Ev::Answers {
+                        to,
+                        from: node,
+                        session,
+                        as_of: now,
+                    },
+                );
+            }
         }
     }
 
@@ -980,7 +1116,19 @@ impl<'a> Sim<'a> {
         let Some(d) = n.download.as_mut() else {
             return;
         };
+        // With every request slot taken, haves alone cannot lead to an action (the plan only
+        // schedules into free slots, expiries have their own wake-up, and cancels come from
+        // chunk events), so the call would return nothing: skip it, it is the costly part.
+        if n.haves_only && d.plan.in_flight() >= d.plan.config().max_in_flight {
+            self.thinks_skipped += 1;
+            return;
+        }
+        self.thinks += 1;
         let actions = d.plan.next_actions(duration(now));
+        if self.debug && d.fed == d.fed_at_decision && !actions.is_empty() {
+            eprintln!("node {node} at {now}: actions without events: {actions:?}");
+        }
+        d.fed_at_decision = d.fed;
         let mut requests = Vec::new();
         let mut cancels = Vec::new();
         for action in actions {
@@ -993,6 +1141,7 @@ impl<'a> Sim<'a> {
                         peer,
                         chunk,
                         flow: None,
+                        sent: now,
                     });
                     requests.push((peer, id));
                 }
@@ -1002,7 +1151,12 @@ impl<'a> Sim<'a> {
                         .iter()
                         .position(|r| r.peer == peer && r.chunk == chunk)
                     {
-                        cancels.push(d.requests.swap_remove(i));
+                        let req = d.requests.swap_remove(i);
+                        self.cancels += 1;
+                        if now.saturating_sub(req.sent) >= nanos(REQUEST_TIMEOUT) {
+                            self.timeouts += 1;
+                        }
+                        cancels.push(req);
                     }
                 }
                 Action::Ban { .. } => {}
@@ -1104,7 +1258,7 @@ impl<'a> Sim<'a> {
                 continue;
             };
             d.candidates.swap_remove(i);
-            d.plan.handle(Event::PeerGone { peer: node }, duration(now));
+            feed(d, Event::PeerGone { peer: node }, now);
             let mut gone = Vec::new();
             d.requests.retain(|r| {
                 let keep = r.peer != node;
@@ -1180,12 +1334,22 @@ impl<'a> Sim<'a> {
             wasted_bytes: self.wasted,
             refused: self.refused,
             stalls: self.stalls,
+            cancels: self.cancels,
+            timeouts: self.timeouts,
+            duplicate_bytes: self.duplicate_bytes,
+            thinks: (self.thinks, self.thinks_skipped),
             end_secs: secs_from_nanos(self.q.now()),
-            events: self.q.popped(),
+            events: self.q.popped() + self.flow_ends,
             wall_secs,
             fills: self.net.fills(),
         }
     }
+}
+
+/// Feeds `event` to the download's plan.
+fn feed(d: &mut Download, event: Event<u32>, now: Nanos) {
+    d.fed += 1;
+    d.plan.handle(event, duration(now));
 }
 
 /// Two distinct elements of a slice, mutably and immutably.

@@ -37,10 +37,11 @@
 //! below the optimum, never above). The tests compare both rules on random small networks; the
 //! simulation README gives the measured difference on whole rollouts.
 //!
-//! A flow's completion is computed from its current rate. When a rate drops the queued
-//! completion event is simply early: [`Network::check_done`] then reschedules it. When a rate rises
-//! a new, earlier event is needed; [`Network::settle`] returns those. Each event carries a token
-//! so that a superseded one is recognised and ignored.
+//! A flow's completion time is computed from its current rate and kept in an indexed heap of
+//! flows (one entry per flow, moved in place). When a rate drops the entry is simply left early:
+//! [`Network::pop_done`] finds the flow not done yet and moves it to its new time. When a rate
+//! rises, the entry moves earlier at the next [`Network::settle`]. So a flow costs a few heap moves,
+//! never a pile of superseded events.
 
 use std::collections::VecDeque;
 
@@ -129,10 +130,10 @@ struct Flow {
     size: f64,
     updated: Nanos,
     live: bool,
-    /// The token of the completion event that counts; older ones are ignored.
-    token: u32,
-    /// When that event is due (`Nanos::MAX` if none is queued).
+    /// When it is expected to end (`Nanos::MAX` at rate zero); its key in the due heap.
     due: Nanos,
+    /// Its index in the due heap (`u32::MAX` if not in it).
+    slot: u32,
     raised: bool,
 }
 
@@ -173,33 +174,6 @@ impl Flow {
     }
 }
 
-/// What a completion event turned out to mean.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Check {
-    /// The flow ended: all its bytes arrived. It is removed.
-    Done,
-    /// The event was early (the rate dropped since): queue this one instead.
-    Later {
-        /// When.
-        at: Nanos,
-        /// Its token.
-        token: u32,
-    },
-    /// The event was superseded or the flow is gone: ignore it.
-    Stale,
-}
-
-/// A completion event to queue: flow `flow` ends at `at` unless its rate changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Due {
-    /// The flow.
-    pub flow: FlowId,
-    /// When it ends.
-    pub at: Nanos,
-    /// The token to give back to [`Network::check_done`].
-    pub token: u32,
-}
-
 /// Links and the flows crossing them.
 #[derive(Debug, Clone, Default)]
 pub struct Network {
@@ -214,6 +188,8 @@ pub struct Network {
     raised: Vec<FlowId>,
     caps: Vec<f64>,
     fills: u64,
+    /// Live flows with a finite end time, a binary min-heap by `(due, flow)`.
+    heap: Vec<FlowId>,
 }
 
 impl Network {
@@ -291,14 +267,13 @@ impl Network {
             size: size.max(0.0),
             updated: now,
             live: true,
-            token: 0,
             due: Nanos::MAX,
+            slot: u32::MAX,
             raised: false,
         };
         let id = match self.free.pop() {
             Some(id) => {
-                let token = self.flows[id as usize].token;
-                self.flows[id as usize] = Flow { token, ..flow };
+                self.flows[id as usize] = flow;
                 id
             }
             None => {
@@ -325,7 +300,8 @@ impl Network {
         };
         f.advance(now);
         f.live = false;
-        f.token = f.token.wrapping_add(1);
+        self.heap_remove(flow);
+        let f = &self.flows[flow as usize];
         let (links, pos, n, rate, bytes) = (f.links, f.pos, usize::from(f.n_links), f.rate, f.done);
         for i in 0..n {
             let l = links[i] as usize;
@@ -356,30 +332,111 @@ impl Network {
         self.flows[flow as usize].bytes_at(now)
     }
 
-    /// At a completion event for `flow` with `token`: whether the flow is done (then it is
-    /// removed and the caller gets its size from [`Network::stop`]'s accounting, already done),
-    /// due later, or the event is stale.
-    pub fn check_done(&mut self, now: Nanos, flow: FlowId, token: u32) -> Check {
-        let Some(f) = self.flows.get_mut(flow as usize) else {
-            return Check::Stale;
-        };
-        if !f.live || f.token != token {
-            return Check::Stale;
+    /// When the next flow is expected to end, if any flow can.
+    pub fn next_due(&self) -> Option<Nanos> {
+        self.heap.first().map(|&f| self.flows[f as usize].due)
+    }
+
+    /// The next flow that has ended by `now`, stopped and removed (with the bytes it moved);
+    /// `None` when no flow is due by `now`. Flows due but not done (their rate dropped since
+    /// their time was computed) are moved to their new time on the way.
+    pub fn pop_done(&mut self, now: Nanos) -> Option<(FlowId, f64)> {
+        while let Some(&flow) = self.heap.first() {
+            let f = &mut self.flows[flow as usize];
+            if f.due > now {
+                return None;
+            }
+            f.advance(now);
+            if f.size - f.done <= f.tolerance() {
+                f.done = f.size;
+                let bytes = self.stop(now, flow);
+                return Some((flow, bytes));
+            }
+            let due = f.end_time(now);
+            self.reschedule(flow, due);
         }
-        f.advance(now);
-        if f.size - f.done <= f.tolerance() {
-            f.done = f.size;
-            self.stop(now, flow);
-            return Check::Done;
+        None
+    }
+
+    /// Sets `flow`'s end time and moves it in the heap (out of it at `Nanos::MAX`).
+    fn reschedule(&mut self, flow: FlowId, due: Nanos) {
+        self.flows[flow as usize].due = due;
+        if due == Nanos::MAX {
+            self.heap_remove(flow);
+            return;
         }
-        let at = f.end_time(now);
-        f.token = f.token.wrapping_add(1);
-        f.due = at;
-        if at == Nanos::MAX {
-            // Rate zero: a raise will queue it again.
-            return Check::Stale;
+        let slot = self.flows[flow as usize].slot;
+        if slot == u32::MAX {
+            self.heap.push(flow);
+            let at = self.heap.len() - 1;
+            self.flows[flow as usize].slot = at as u32;
+            self.sift_up(at);
+        } else {
+            let at = self.sift_up(slot as usize);
+            self.sift_down(at);
         }
-        Check::Later { at, token: f.token }
+    }
+
+    fn heap_key(&self, i: usize) -> (Nanos, FlowId) {
+        let f = self.heap[i];
+        (self.flows[f as usize].due, f)
+    }
+
+    fn heap_swap(&mut self, i: usize, j: usize) {
+        self.heap.swap(i, j);
+        let (a, b) = (self.heap[i], self.heap[j]);
+        self.flows[a as usize].slot = i as u32;
+        self.flows[b as usize].slot = j as u32;
+    }
+
+    fn sift_up(&mut self, mut i: usize) -> usize {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if self.heap_key(i) < self.heap_key(parent) {
+                self.heap_swap(i, parent);
+                i = parent;
+            } else {
+                break;
+            }
+        }
+        i
+    }
+
+    fn sift_down(&mut self, mut i: usize) {
+        let n = self.heap.len();
+        loop {
+            let (l, r) = (2 * i + 1, 2 * i + 2);
+            let mut least = i;
+            if l < n && self.heap_key(l) < self.heap_key(least) {
+                least = l;
+            }
+            if r < n && self.heap_key(r) < self.heap_key(least) {
+                least = r;
+            }
+            if least == i {
+                return;
+            }
+            self.heap_swap(i, least);
+            i = least;
+        }
+    }
+
+    fn heap_remove(&mut self, flow: FlowId) {
+        let slot = self.flows[flow as usize].slot;
+        if slot == u32::MAX {
+            return;
+        }
+        let i = slot as usize;
+        let last = self.heap.len() - 1;
+        if i != last {
+            self.heap_swap(i, last);
+        }
+        self.heap.pop();
+        self.flows[flow as usize].slot = u32::MAX;
+        if i < self.heap.len() {
+            let at = self.sift_up(i);
+            self.sift_down(at);
+        }
     }
 
     fn enqueue(&mut self, l: LinkId) {
@@ -390,11 +447,11 @@ impl Network {
         }
     }
 
-    /// Shares capacity out again after the starts and stops since the last call; returns the
-    /// completion events to queue (flows that are now due earlier than their queued event).
-    pub fn settle(&mut self, now: Nanos) -> Vec<Due> {
+    /// Shares capacity out again after the starts and stops since the last call, and moves the
+    /// flows whose rate rose to their earlier end time. Call it before the clock moves on.
+    pub fn settle(&mut self, now: Nanos) {
         if self.work.is_empty() {
-            return Vec::new();
+            return;
         }
         match self.sharing {
             Sharing::Exact => {
@@ -406,25 +463,17 @@ impl Network {
             Sharing::Local => self.fill_local(now),
         }
         self.changed_links = 0;
-        let mut due = Vec::new();
         for flow in std::mem::take(&mut self.raised) {
             let f = &mut self.flows[flow as usize];
             f.raised = false;
             if !f.live {
                 continue;
             }
-            let at = f.end_time(now);
-            if at < f.due {
-                f.token = f.token.wrapping_add(1);
-                f.due = at;
-                due.push(Due {
-                    flow,
-                    at,
-                    token: f.token,
-                });
+            let (at, due) = (f.end_time(now), f.due);
+            if at < due {
+                self.reschedule(flow, at);
             }
         }
-        due
     }
 
     /// Sets `flow`'s rate at `now`, keeping every link's `used` in step.
@@ -648,12 +697,13 @@ pub fn max_min_rates(capacities: &[f64], paths: &[Vec<usize>]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::SECOND;
     use crate::rng::Rng;
 
     const MS: Nanos = 1_000_000;
 
     fn settle(net: &mut Network) {
-        let _ = net.settle(0);
+        net.settle(0);
     }
 
     #[test]
@@ -691,41 +741,74 @@ mod tests {
         let mut net = Network::new(Sharing::Local);
         let l = net.add_link(1000.0);
         let a = net.start(0, &[l], 1000.0);
-        let due = net.settle(0);
-        assert_eq!(due.len(), 1);
-        assert_eq!(due[0].at, 1000 * MS);
-        // At 0.5 s a second flow halves a's rate: a's queued event is now early.
+        net.settle(0);
+        assert_eq!(net.next_due(), Some(1000 * MS));
+        // At 0.5 s a second flow halves a's rate: a's time is now early.
         let b = net.start(500 * MS, &[l], 10_000.0);
-        let _ = net.settle(500 * MS);
+        net.settle(500 * MS);
         assert_eq!(net.rate(a), 500.0);
-        let check = net.check_done(1000 * MS, a, due[0].token);
-        let Check::Later { at, token } = check else {
-            panic!("{check:?}")
-        };
-        assert_eq!(at, 1500 * MS);
-        assert_eq!(net.check_done(at, a, token), Check::Done);
+        assert_eq!(net.next_due(), Some(1000 * MS));
+        assert_eq!(
+            net.pop_done(1000 * MS),
+            None,
+            "not done: moved to its new time"
+        );
+        assert_eq!(net.next_due(), Some(1500 * MS));
+        assert_eq!(net.pop_done(1500 * MS), Some((a, 1000.0)));
         assert_eq!(net.link_bytes(l), 1000.0);
-        // b then gets the whole link back, and finishes earlier than at half rate.
-        let due = net.settle(at);
-        assert_eq!(due.len(), 1);
-        assert_eq!(due[0].flow, b);
-        // b sent 500 bytes/s for 1 s, then 1000 bytes/s for the remaining 9500 bytes.
-        assert_eq!(due[0].at, at + 9500 * MS);
+        // b then gets the whole link back, and finishes earlier than at half rate: it sent
+        // 500 bytes/s for 1 s, then 1000 bytes/s for the remaining 9500 bytes.
+        net.settle(1500 * MS);
+        assert_eq!(net.next_due(), Some(11_000 * MS));
+        assert_eq!(net.pop_done(10_999 * MS), None);
+        assert_eq!(net.pop_done(11_000 * MS), Some((b, 10_000.0)));
+        assert_eq!(net.next_due(), None);
     }
 
     #[test]
-    fn a_stale_event_is_recognised() {
+    fn a_stopped_flow_leaves_the_due_heap_and_its_slot_is_reused() {
         let mut net = Network::new(Sharing::Local);
         let l = net.add_link(10.0);
         let a = net.start(0, &[l], 100.0);
-        let due = net.settle(0);
-        net.stop(5 * MS, a);
-        assert_eq!(net.check_done(due[0].at, a, due[0].token), Check::Stale);
-        // The slot is reused; the old token still does not match.
-        let b = net.start(6 * MS, &[l], 100.0);
+        net.settle(0);
+        assert_eq!(net.stop(5 * SECOND, a), 50.0);
+        assert_eq!(net.next_due(), None);
+        let b = net.start(6 * SECOND, &[l], 100.0);
         assert_eq!(a, b);
-        let _ = net.settle(6 * MS);
-        assert_eq!(net.check_done(due[0].at, b, due[0].token), Check::Stale);
+        net.settle(6 * SECOND);
+        assert_eq!(net.next_due(), Some(16 * SECOND));
+        assert_eq!(net.link_bytes(l), 50.0);
+    }
+
+    #[test]
+    fn the_due_heap_pops_in_time_order_whatever_the_changes() {
+        let mut rng = Rng::new(11);
+        let mut net = Network::new(Sharing::Local);
+        let links: Vec<LinkId> = (0..5).map(|_| net.add_link(1000.0)).collect();
+        let mut now = 0;
+        let mut live = Vec::new();
+        let mut ended = 0;
+        for _ in 0..400 {
+            if rng.below(3) > 0 || live.is_empty() {
+                let l = links[rng.below(5) as usize];
+                live.push(net.start(now, &[l], 1.0 + rng.below(5000) as f64));
+            } else {
+                let i = rng.below(live.len() as u64) as usize;
+                net.stop(now, live.swap_remove(i));
+            }
+            net.settle(now);
+            now += rng.below(200) * MS;
+            while let Some((f, bytes)) = net.pop_done(now) {
+                live.retain(|&x| x != f);
+                assert!(bytes > 0.0);
+                ended += 1;
+                net.settle(now);
+            }
+            if let Some(due) = net.next_due() {
+                assert!(due > now, "a flow due in the past was left behind");
+            }
+        }
+        assert!(ended > 20, "{ended}");
     }
 
     /// A random network: `links` links, flows over 1 to 4 distinct random links.
@@ -802,7 +885,7 @@ mod tests {
         for p in &paths {
             let links: Vec<LinkId> = p.iter().map(|&l| l as LinkId).collect();
             ids.push(net.start(0, &links, 1e12));
-            let _ = net.settle(0);
+            net.settle(0);
             check_feasible(&net);
         }
         // Remove a third, at random.
@@ -810,7 +893,7 @@ mod tests {
         for (i, &id) in ids.iter().enumerate() {
             if rng.below(3) == 0 {
                 net.stop(0, id);
-                let _ = net.settle(0);
+                net.settle(0);
                 check_feasible(&net);
             } else {
                 kept.push(i);
@@ -865,7 +948,7 @@ mod tests {
                 }
                 let p = vec![2 * s, 2 * r + 1];
                 ids.push(net.start(0, &[p[0] as LinkId, p[1] as LinkId], 1e12));
-                let _ = net.settle(0);
+                net.settle(0);
                 paths.push(p);
             }
             let exact = max_min_rates(&caps, &paths);
@@ -887,8 +970,8 @@ mod tests {
             .iter()
             .map(|&nic| net.start(0, &[registry, nic], 100.0))
             .collect();
-        let due = net.settle(0);
-        assert_eq!(due.len(), 300);
+        net.settle(0);
+        assert_eq!(net.next_due(), Some(30 * SECOND));
         assert!(
             flows
                 .iter()
@@ -897,7 +980,7 @@ mod tests {
         for &f in &flows[..200] {
             net.stop(1, f);
         }
-        let _ = net.settle(1);
+        net.settle(1);
         assert!(
             flows[200..]
                 .iter()
