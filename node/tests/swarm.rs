@@ -63,11 +63,12 @@ async fn six_nodes_fetch_one_blob_at_once_and_share_chunks() {
     );
     assert!(others > 0, "no downloader served a chunk to another");
     for n in &net.nodes[1..] {
-        assert!(
-            shoal_node::store::Layout::new(n.dir.path())
-                .blob(&layer)
-                .exists()
-        );
+        // The last bytes reach the client as the blob is being fsynced and renamed into place.
+        let blob = shoal_node::store::Layout::new(n.dir.path()).blob(&layer);
+        wait_until(WAIT, "the blob stored", || async {
+            blob.exists().then_some(())
+        })
+        .await;
     }
 }
 
