@@ -88,6 +88,8 @@ pub struct RunResult {
     pub refused: u64,
     /// Downloads that stalled for the stall limit and were retried.
     pub stalls: u64,
+    /// Nodes that left (churn).
+    pub departures: u64,
     /// Requests the plans cancelled (endgame losers, timeouts, struck-out peers).
     pub cancels: u64,
     /// Of those, requests that had timed out.
@@ -162,7 +164,8 @@ enum Ev {
         to: Vec<(u32, u32)>,
         from: u32,
         session: u32,
-        as_of: Nanos,
+        /// How many chunks `from` held when it answered.
+        held: u32,
     },
     /// A chunk request reaches its server.
     Request {
@@ -272,6 +275,8 @@ struct Node {
     dirty: bool,
     /// Whether the events since its plan last decided were all haves.
     haves_only: bool,
+    /// The peers those haves came from.
+    news_from: Vec<u32>,
     /// The earliest wake-up queued for its current epoch.
     wake_at: Nanos,
     /// Central mode: layer flows still running.
@@ -311,6 +316,7 @@ struct Sim<'a> {
     cancels: u64,
     timeouts: u64,
     duplicate_bytes: f64,
+    departures: u64,
     thinks: u64,
     thinks_skipped: u64,
     debug: bool,
@@ -402,6 +408,7 @@ impl<'a> Sim<'a> {
                 received: 0.0,
                 dirty: false,
                 haves_only: false,
+                news_from: Vec::new(),
                 wake_at: Nanos::MAX,
                 layers_left: 0,
             });
@@ -433,6 +440,7 @@ impl<'a> Sim<'a> {
             cancels: 0,
             timeouts: 0,
             duplicate_bytes: 0.0,
+            departures: 0,
             thinks: 0,
             thinks_skipped: 0,
             debug: std::env::var_os("SHOAL_SIM_DEBUG").is_some(),
@@ -540,13 +548,17 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// `node`'s plan learnt of new chunks at peers, and nothing else.
-    fn mark_haves(&mut self, node: u32) {
+    /// `node`'s plan learnt of new chunks at `peer`, and nothing else.
+    fn mark_haves(&mut self, node: u32, peer: u32) {
         let n = &mut self.nodes[node as usize];
         if !n.dirty {
             n.dirty = true;
             n.haves_only = true;
+            n.news_from.clear();
             self.dirty.push(node);
+        }
+        if n.haves_only && !n.news_from.contains(&peer) {
+            n.news_from.push(peer);
         }
     }
 
@@ -567,15 +579,20 @@ impl<'a> Sim<'a> {
                 from,
                 session,
                 as_of,
-            } => self.on_have_answer(to, epoch, from, session, as_of),
+            } => {
+                let k = self.nodes[from as usize]
+                    .log
+                    .partition_point(|&(_, t)| t <= as_of) as u32;
+                self.on_have_answer(to, epoch, from, session, k);
+            }
             Ev::Answers {
                 to,
                 from,
                 session,
-                as_of,
+                held,
             } => {
                 for (to, epoch) in to {
-                    self.on_have_answer(to, epoch, from, session, as_of);
+                    self.on_have_answer(to, epoch, from, session, held);
                 }
             }
             Ev::Request {
@@ -811,7 +828,8 @@ impl<'a> Sim<'a> {
         );
     }
 
-    fn on_have_answer(&mut self, to: u32, epoch: u32, from: u32, session: u32, as_of: Nanos) {
+    /// An answer from `from`: it held the first `k` chunks of its log.
+    fn on_have_answer(&mut self, to: u32, epoch: u32, from: u32, session: u32, k: u32) {
         let now = self.q.now();
         let remote = self.nodes[to as usize].site != self.nodes[from as usize].site;
         let peer_session = self.nodes[from as usize].session;
@@ -830,7 +848,6 @@ impl<'a> Sim<'a> {
         else {
             return;
         };
-        let k = b.log.partition_point(|&(_, t)| t <= as_of) as u32;
         let mut fed = true;
         match d.candidates[ci].state {
             CandState::Asked => {
@@ -849,7 +866,7 @@ impl<'a> Sim<'a> {
                 // are all about missing chunks), so only news about missing ones is fed.
                 let mut news = false;
                 for &(c, _) in b.log.get(told as usize..k as usize).unwrap_or(&[]) {
-                    if !d.plan.held().get(c) {
+                    if !a.held.get(c) {
                         news = true;
                         feed(
                             d,
@@ -894,7 +911,7 @@ impl<'a> Sim<'a> {
             }
         }
         if fed {
-            self.mark_haves(to);
+            self.mark_haves(to, from);
         }
     }
 
@@ -1086,7 +1103,7 @@ impl<'a> Sim<'a> {
                         to,
                         from: node,
                         session,
-                        as_of: now,
+                        held: self.nodes[node as usize].log.len() as u32,
                     },
                 );
             }
@@ -1116,12 +1133,23 @@ impl<'a> Sim<'a> {
         let Some(d) = n.download.as_mut() else {
             return;
         };
-        // With every request slot taken, haves alone cannot lead to an action (the plan only
-        // schedules into free slots, expiries have their own wake-up, and cancels come from
-        // chunk events), so the call would return nothing: skip it, it is the costly part.
-        if n.haves_only && d.plan.in_flight() >= d.plan.config().max_in_flight {
-            self.thinks_skipped += 1;
-            return;
+        // Haves alone can only lead to requests to the peers they came from: the plan's last
+        // decision already gave every free slot of the other peers whatever they could take,
+        // and their holdings have not changed. Expiries have their own wake-up and cancels come
+        // from chunk events. So when the download has no free slot, or none of those peers has
+        // one, the call would return nothing: skip it, it is the costly part.
+        if n.haves_only {
+            let full = d.plan.in_flight() >= d.plan.config().max_in_flight;
+            if full
+                || n.news_from.iter().all(|p| {
+                    d.plan
+                        .peer_stats(p)
+                        .is_none_or(|s| !s.usable || s.in_flight >= s.in_flight_limit)
+                })
+            {
+                self.thinks_skipped += 1;
+                return;
+            }
         }
         self.thinks += 1;
         let actions = d.plan.next_actions(duration(now));
@@ -1240,6 +1268,7 @@ impl<'a> Sim<'a> {
         if !self.nodes[node as usize].online {
             return;
         }
+        self.departures += 1;
         self.abandon_download(node);
         let n = &mut self.nodes[node as usize];
         n.online = false;
@@ -1334,6 +1363,7 @@ impl<'a> Sim<'a> {
             wasted_bytes: self.wasted,
             refused: self.refused,
             stalls: self.stalls,
+            departures: self.departures,
             cancels: self.cancels,
             timeouts: self.timeouts,
             duplicate_bytes: self.duplicate_bytes,
