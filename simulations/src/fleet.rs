@@ -96,6 +96,9 @@ pub struct RunResult {
     pub timeouts: u64,
     /// Bytes of chunks that arrived complete but were already held.
     pub duplicate_bytes: f64,
+    /// Bytes of transfers cancelled because the chunk came from another peer first (endgame
+    /// losers).
+    pub loser_bytes: f64,
     /// Calls of `Plan::next_actions`, and calls skipped because they could do nothing.
     pub thinks: (u64, u64),
     /// Simulated time at which the run ended.
@@ -232,9 +235,6 @@ struct Request {
 }
 
 struct Download {
-    /// Events fed to the plan, and that count when it last decided.
-    fed: u64,
-    fed_at_decision: u64,
     plan: Plan<u32>,
     candidates: Vec<Candidate>,
     requests: Vec<Request>,
@@ -317,6 +317,8 @@ struct Sim<'a> {
     timeouts: u64,
     duplicate_bytes: f64,
     departures: u64,
+    loser_bytes: f64,
+    early_losers: u64,
     thinks: u64,
     thinks_skipped: u64,
     debug: bool,
@@ -441,6 +443,8 @@ impl<'a> Sim<'a> {
             timeouts: 0,
             duplicate_bytes: 0.0,
             departures: 0,
+            loser_bytes: 0.0,
+            early_losers: 0,
             thinks: 0,
             thinks_skipped: 0,
             debug: std::env::var_os("SHOAL_SIM_DEBUG").is_some(),
@@ -508,6 +512,10 @@ impl<'a> Sim<'a> {
             }
         }
         if self.debug {
+            eprintln!(
+                "endgame losers cancelled with more than MAX_IN_FLIGHT chunks still missing: {}",
+                self.early_losers
+            );
             eprintln!(
                 "events by kind (start lookup refresh ask answer request refused wake leave return): {:?}; {} flow ends; max queue {}",
                 self.kinds, self.flow_ends, self.max_queue
@@ -710,8 +718,6 @@ impl<'a> Sim<'a> {
             )
             .with_self(&node);
             self.nodes[node as usize].download = Some(Box::new(Download {
-                fed: 0,
-                fed_at_decision: 0,
                 plan,
                 candidates: Vec::new(),
                 requests: Vec::new(),
@@ -1110,17 +1116,21 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Stops `node`'s request `req` (cancelled, or its peer or itself gone).
-    fn drop_request(&mut self, req: &Request) {
+    /// Stops `node`'s request `req` (cancelled, or its peer or itself gone); returns the bytes
+    /// its transfer had moved, now thrown away.
+    fn drop_request(&mut self, req: &Request) -> f64 {
         let now = self.q.now();
-        if let Some(flow) = req.flow {
-            if let Some(info) = self.flows.get_mut(flow as usize).and_then(Option::take) {
-                let bytes = self.net.stop(now, flow);
-                self.account(info.from, info.to, bytes);
-                self.wasted += bytes;
-                self.nodes[info.from as usize].serving -= 1;
-            }
-        }
+        let Some(flow) = req.flow else {
+            return 0.0;
+        };
+        let Some(info) = self.flows.get_mut(flow as usize).and_then(Option::take) else {
+            return 0.0;
+        };
+        let bytes = self.net.stop(now, flow);
+        self.account(info.from, info.to, bytes);
+        self.wasted += bytes;
+        self.nodes[info.from as usize].serving -= 1;
+        bytes
     }
 
     fn think(&mut self, node: u32) {
@@ -1153,10 +1163,6 @@ impl<'a> Sim<'a> {
         }
         self.thinks += 1;
         let actions = d.plan.next_actions(duration(now));
-        if self.debug && d.fed == d.fed_at_decision && !actions.is_empty() {
-            eprintln!("node {node} at {now}: actions without events: {actions:?}");
-        }
-        d.fed_at_decision = d.fed;
         let mut requests = Vec::new();
         let mut cancels = Vec::new();
         for action in actions {
@@ -1184,7 +1190,13 @@ impl<'a> Sim<'a> {
                         if now.saturating_sub(req.sent) >= nanos(REQUEST_TIMEOUT) {
                             self.timeouts += 1;
                         }
-                        cancels.push(req);
+                        // A loser: the chunk came from another peer first (endgame).
+                        let loser = n.held.get(chunk);
+                        if loser && n.held.count_ones() + (MAX_IN_FLIGHT as u32) < self.chunk_count
+                        {
+                            self.early_losers += 1;
+                        }
+                        cancels.push((req, loser));
                     }
                 }
                 Action::Ban { .. } => {}
@@ -1194,7 +1206,7 @@ impl<'a> Sim<'a> {
         let stalled = d.plan.is_stalled();
         let deadline = d.plan.next_deadline().map(nanos);
         if complete {
-            cancels.append(&mut d.requests);
+            cancels.extend(d.requests.drain(..).map(|r| (r, true)));
         }
         let stall_since = if stalled {
             Some(*d.stalled_since.get_or_insert(now))
@@ -1202,8 +1214,11 @@ impl<'a> Sim<'a> {
             d.stalled_since = None;
             None
         };
-        for req in &cancels {
-            self.drop_request(req);
+        for (req, loser) in &cancels {
+            let bytes = self.drop_request(req);
+            if *loser {
+                self.loser_bytes += bytes;
+            }
         }
         for (peer, id) in requests {
             let lat = self.latency(node, peer);
@@ -1367,6 +1382,7 @@ impl<'a> Sim<'a> {
             cancels: self.cancels,
             timeouts: self.timeouts,
             duplicate_bytes: self.duplicate_bytes,
+            loser_bytes: self.loser_bytes,
             thinks: (self.thinks, self.thinks_skipped),
             end_secs: secs_from_nanos(self.q.now()),
             events: self.q.popped() + self.flow_ends,
@@ -1378,7 +1394,6 @@ impl<'a> Sim<'a> {
 
 /// Feeds `event` to the download's plan.
 fn feed(d: &mut Download, event: Event<u32>, now: Nanos) {
-    d.fed += 1;
     d.plan.handle(event, duration(now));
 }
 

@@ -2,8 +2,8 @@
 //!
 //! Both axes are logarithmic: fleet sizes span 10 to 10,000 and a central registry's completion
 //! time grows with the fleet while a swarm's stays near the ideal, so only log scales show both
-//! curves. Lines: swarm median and slowest, central median and slowest, and the ideal (the image
-//! over one NIC, alone).
+//! curves. Lines: swarm median and slowest, central median and slowest, the ideal (the image
+//! over one NIC, alone) and the swarm's target (twice the ideal).
 
 use std::path::Path;
 
@@ -22,7 +22,7 @@ pub fn rollout(swarm: &[Row], central: &[Row], path: &Path) -> anyhow::Result<()
     let xs: Vec<f64> = all.iter().map(|r| f64::from(r.nodes)).collect();
     let ys: Vec<f64> = all
         .iter()
-        .flat_map(|r| [r.p50_secs, r.max_secs, r.ideal_secs])
+        .flat_map(|r| [r.p50_secs, r.max_secs, r.ideal_secs, 2.0 * r.ideal_secs])
         .filter(|&v| finite(v))
         .collect();
     let (x_lo, x_hi) = bounds(&xs);
@@ -48,7 +48,7 @@ pub fn rollout(swarm: &[Row], central: &[Row], path: &Path) -> anyhow::Result<()
         .x_desc("pullers (log)")
         .y_desc("seconds (log)")
         .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.3}"))
+        .y_label_formatter(&|y| seconds(*y))
         .draw()
         .map_err(|e| draw(&e))?;
     let series = |rows: &[Row], f: fn(&Row) -> f64| -> Vec<(f64, f64)> {
@@ -57,7 +57,9 @@ pub fn rollout(swarm: &[Row], central: &[Row], path: &Path) -> anyhow::Result<()
             .filter(|&(_, y)| finite(y))
             .collect()
     };
-    let lines: [(&str, Vec<(f64, f64)>, RGBColor, bool); 5] = [
+    // (label, points, colour, dashed)
+    type Line = (&'static str, Vec<(f64, f64)>, RGBColor, bool);
+    let lines: [Line; 6] = [
         ("swarm, median", series(swarm, |r| r.p50_secs), BLUE, false),
         ("swarm, slowest", series(swarm, |r| r.max_secs), BLUE, true),
         (
@@ -77,6 +79,12 @@ pub fn rollout(swarm: &[Row], central: &[Row], path: &Path) -> anyhow::Result<()
             series(swarm, |r| r.ideal_secs),
             BLACK,
             false,
+        ),
+        (
+            "target for the swarm: 2 x ideal",
+            series(swarm, |r| 2.0 * r.ideal_secs),
+            BLACK,
+            true,
         ),
     ];
     for (label, points, color, dashed) in lines {
@@ -107,6 +115,17 @@ pub fn rollout(swarm: &[Row], central: &[Row], path: &Path) -> anyhow::Result<()
         .map_err(|e| draw(&e))?;
     root.present()
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// A tick label: as many decimals as a log axis needs.
+fn seconds(y: f64) -> String {
+    if y >= 10.0 {
+        format!("{y:.0}")
+    } else if y >= 1.0 {
+        format!("{y:.1}")
+    } else {
+        format!("{y:.2}")
+    }
 }
 
 fn bounds(values: &[f64]) -> (f64, f64) {
