@@ -304,6 +304,8 @@ struct Sim<'a> {
     /// Nodes in the order they announced themselves (provider records outlive departures).
     providers: Vec<u32>,
     flows: Vec<Option<FlowInfo>>,
+    /// Nodes of each site (for the local-first what-if).
+    site_members: Vec<Vec<u32>>,
     chunk_count: u32,
     rng: Rng,
     next_request: u64,
@@ -415,6 +417,12 @@ impl<'a> Sim<'a> {
                 layers_left: 0,
             });
         }
+        let mut site_members = vec![Vec::new(); site_count as usize];
+        for (i, n) in nodes.iter().enumerate() {
+            if let Some(m) = site_members.get_mut(n.site as usize) {
+                m.push(i as u32);
+            }
+        }
         let publisher = &mut nodes[PUBLISHER as usize];
         publisher.held = Bitfield::full(chunk_count);
         publisher.log = (0..chunk_count).map(|c| (c, 0)).collect();
@@ -430,6 +438,7 @@ impl<'a> Sim<'a> {
             host,
             providers: vec![PUBLISHER],
             flows: Vec::new(),
+            site_members,
             chunk_count,
             rng,
             next_request: 0,
@@ -760,6 +769,28 @@ impl<'a> Sim<'a> {
         let room = MAX_CANDIDATES.saturating_sub(have.len());
         let mut fresh: Vec<u32> = Vec::with_capacity(room);
         let ok = |p: u32, fresh: &[u32]| p != node && !have.contains(&p) && !fresh.contains(&p);
+        if self.scenario.discovery.local_first {
+            let site = self.nodes[node as usize].site;
+            let mut local: Vec<u32> = self
+                .site_members
+                .get(site as usize)
+                .map(|m| {
+                    m.iter()
+                        .copied()
+                        .filter(|&p| self.nodes[p as usize].announced)
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.rng.shuffle(&mut local);
+            for p in local {
+                if fresh.len() >= room {
+                    break;
+                }
+                if ok(p, &fresh) {
+                    fresh.push(p);
+                }
+            }
+        }
         let providers = self.providers.len();
         if providers <= 4 * (room + have.len() + 1) {
             let mut all: Vec<u32> = self.providers.clone();

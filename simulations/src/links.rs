@@ -187,6 +187,7 @@ pub struct Network {
     changed_links: usize,
     raised: Vec<FlowId>,
     caps: Vec<f64>,
+    scratch: Vec<f64>,
     fills: u64,
     /// Live flows with a finite end time, a binary min-heap by `(due, flow)`.
     heap: Vec<FlowId>,
@@ -549,7 +550,7 @@ impl Network {
             }
             caps.push(cap);
         }
-        let level = water_level(capacity, &caps);
+        let level = water_level(capacity, &caps, &mut self.scratch);
         let tol = self.tolerances.raise;
         for (i, &cap) in caps.iter().enumerate() {
             let flow = self.links[li].flows[i];
@@ -619,14 +620,15 @@ impl Network {
 
 /// The level `w` at which `sum(min(cap, w))` equals `capacity`, or infinity if the caps add up
 /// to less (every flow gets its cap).
-fn water_level(capacity: f64, caps: &[f64]) -> f64 {
+fn water_level(capacity: f64, caps: &[f64], open: &mut Vec<f64>) -> f64 {
     let total: f64 = caps.iter().sum();
     if total <= capacity {
         return f64::INFINITY;
     }
     // Repeatedly fix the flows capped below the even share of what is left.
     let mut left = capacity;
-    let mut open: Vec<f64> = caps.to_vec();
+    open.clear();
+    open.extend_from_slice(caps);
     loop {
         let share = left / open.len() as f64;
         let before = open.len();

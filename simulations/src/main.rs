@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
             calibrate(&Scenario::load(&scenario)?, seed)?;
         }
         Command::All { dir, out } => {
-            for name in ["datacenter", "central", "edge", "churn"] {
+            for name in ["datacenter", "central", "edge", "edge-local-first", "churn"] {
                 let s = Scenario::load(&dir.join(format!("{name}.toml")))?;
                 run(&s, None, &out)?;
             }

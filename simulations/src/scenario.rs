@@ -72,6 +72,10 @@ pub struct Discovery {
     /// Connected peers of each node, drawn at random from the whole fleet.
     #[serde(default = "default_mesh_degree")]
     pub mesh_degree: u32,
+    /// What-if, not what the node does today: candidates from the node's own site first, then
+    /// the others (the node takes providers first, then connected peers, whatever their site).
+    #[serde(default)]
+    pub local_first: bool,
 }
 
 impl Default for Discovery {
@@ -79,6 +83,7 @@ impl Default for Discovery {
         Discovery {
             lookup_rtts: default_lookup_rtts(),
             mesh_degree: default_mesh_degree(),
+            local_first: false,
         }
     }
 }
