@@ -28,9 +28,15 @@
 //!   the long-polls parked on it. [`Action::Cancel`] stops the flow (its bytes count as sent,
 //!   received and discarded). A request the plan expires is cancelled the same way.
 //! - **The plan** is driven as the node drives it: [`Plan::next_actions`] after every batch of
-//!   events for a node (all events of one instant), and again at [`Plan::next_deadline`]. A
-//!   download stalled for [`STALL_LIMIT`] fails like the node's and is retried at once with a new
-//!   lookup and a new plan that resumes from the chunks held (a client retrying its pull).
+//!   events for a node (all events of one instant), and again at [`Plan::next_deadline`]. A call
+//!   that provably returns nothing is skipped: when only haves arrived and neither the download
+//!   nor any peer they came from has a free request slot (the last call already gave every other
+//!   free slot what it could take). A download stalled for [`STALL_LIMIT`] fails like the node's
+//!   and is retried at once with a new lookup and a new plan that resumes from the chunks held
+//!   (a client retrying its pull).
+//! - **Ties.** Everything that happens at one simulated instant happens in the order it was
+//!   scheduled, and nodes decide in the order they got their first event of the instant. Another
+//!   order would be as valid and gives slightly different runs: compare seeds, not digits.
 //! - **Churn.** A leaving node's connections drop: every node that has it as a candidate gets
 //!   [`Event::PeerGone`] at once, and its transfers in both directions stop. It keeps the chunks
 //!   it holds; when it comes back it announces again and starts a new download (if incomplete)
@@ -38,7 +44,8 @@
 //! - **Central.** Every puller downloads the image from the publisher as `central_streams` equal
 //!   layers at once, with no limit on the publisher's streams (a registry).
 //!
-//! Not modelled: choking (a node serves whoever asks, up to the stream limit, as the node does),
+//! Not modelled: the node's back-off when it asks a peer that does not download the blob yet
+//! (here such a candidate is dropped at the next refresh and found again by a lookup), choking (a node serves whoever asks, up to the stream limit, as the node does),
 //! bad peers and bans, the priority window (no client reads while downloading), partial-chunk
 //! requests, the blob index fetch, and everything in [`crate`]'s list of omissions.
 
@@ -232,12 +239,37 @@ struct Request {
     chunk: u32,
     flow: Option<FlowId>,
     sent: Nanos,
+    /// It needs a new chunk stream to the peer (none was idle in the pool).
+    new_stream: bool,
+    /// The peer took it (its stream counts against the peer's limit).
+    accepted: bool,
+    /// The peer's session when it was sent: a stream to an earlier session is gone.
+    session: u32,
+}
+
+impl Request {
+    /// Whether the stream it uses is counted at the server.
+    fn holds_server_stream(&self) -> bool {
+        !self.new_stream || self.accepted
+    }
+}
+
+/// The chunk streams one download holds to one peer, like the node's pool of `ChunkClient`s:
+/// a stream stays open between requests and is reused; a request that finds none idle opens one.
+#[derive(Debug, Clone)]
+struct Streams {
+    peer: u32,
+    /// The peer's session: streams die with it.
+    session: u32,
+    open: u32,
+    busy: u32,
 }
 
 struct Download {
     plan: Plan<u32>,
     candidates: Vec<Candidate>,
     requests: Vec<Request>,
+    pool: Vec<Streams>,
     stalled_since: Option<Nanos>,
 }
 
@@ -265,7 +297,8 @@ struct Node {
     log: Vec<(u32, Nanos)>,
     completed: Option<Nanos>,
     download: Option<Box<Download>>,
-    serving: usize,
+    /// Chunk streams other nodes hold open to it (at most [`MAX_INBOUND_CHUNK_STREAMS`]).
+    streams_in: usize,
     parked: Vec<Parked>,
     /// Nodes that took it as a candidate (may hold stale entries; checked on use).
     watchers: Vec<u32>,
@@ -321,6 +354,8 @@ struct Sim<'a> {
     departures: u64,
     loser_bytes: f64,
     early_losers: u64,
+    /// Complete uploads of each chunk by the publisher.
+    publisher_uploads: Vec<u32>,
     thinks: u64,
     thinks_skipped: u64,
     debug: bool,
@@ -404,7 +439,7 @@ impl<'a> Sim<'a> {
                 log: Vec::new(),
                 completed: None,
                 download: None,
-                serving: 0,
+                streams_in: 0,
                 parked: Vec::new(),
                 watchers: Vec::new(),
                 mesh,
@@ -454,6 +489,7 @@ impl<'a> Sim<'a> {
             departures: 0,
             loser_bytes: 0.0,
             early_losers: 0,
+            publisher_uploads: vec![0; chunk_count as usize],
             thinks: 0,
             thinks_skipped: 0,
             debug: std::env::var_os("SHOAL_SIM_DEBUG").is_some(),
@@ -521,6 +557,15 @@ impl<'a> Sim<'a> {
             }
         }
         if self.debug {
+            let ups = &self.publisher_uploads;
+            let whole: u32 = ups.iter().sum();
+            eprintln!(
+                "publisher: complete chunk uploads {} ({:.2} per chunk, most {}, least {})",
+                whole,
+                f64::from(whole) / ups.len().max(1) as f64,
+                ups.iter().max().unwrap_or(&0),
+                ups.iter().min().unwrap_or(&0)
+            );
             eprintln!(
                 "endgame losers cancelled with more than MAX_IN_FLIGHT chunks still missing: {}",
                 self.early_losers
@@ -730,6 +775,7 @@ impl<'a> Sim<'a> {
                 plan,
                 candidates: Vec::new(),
                 requests: Vec::new(),
+                pool: Vec::new(),
                 stalled_since: None,
             }));
             self.q
@@ -970,7 +1016,7 @@ impl<'a> Sim<'a> {
         if !b.online {
             return; // The requester was told the peer is gone, and forgot the request.
         }
-        if b.serving >= MAX_INBOUND_CHUNK_STREAMS {
+        if req.new_stream && b.streams_in >= MAX_INBOUND_CHUNK_STREAMS {
             self.refused += 1;
             let lat = self.latency(from, to);
             self.q.push_after(
@@ -983,7 +1029,9 @@ impl<'a> Sim<'a> {
             );
             return;
         }
-        self.nodes[to as usize].serving += 1;
+        if req.new_stream {
+            self.nodes[to as usize].streams_in += 1;
+        }
         let size = self.chunk_len(req.chunk);
         let links = self.path(to, from);
         let flow = self.net.start(now, &links, size as f64);
@@ -1004,6 +1052,7 @@ impl<'a> Sim<'a> {
             .and_then(|d| d.requests.iter_mut().find(|r| r.id == id))
         {
             r.flow = Some(flow);
+            r.accepted = true;
         }
     }
 
@@ -1027,6 +1076,8 @@ impl<'a> Sim<'a> {
             return;
         };
         let req = d.requests.swap_remove(i);
+        // The stream could not be opened.
+        pool_release(&mut d.pool, req.peer, true);
         feed(
             d,
             Event::ChunkFailed {
@@ -1053,6 +1104,11 @@ impl<'a> Sim<'a> {
     fn finish_flow(&mut self, info: FlowInfo, now: Nanos) {
         let size = info.size;
         self.account(info.from, info.to, size);
+        if info.from == PUBLISHER && info.chunk != u32::MAX {
+            if let Some(n) = self.publisher_uploads.get_mut(info.chunk as usize) {
+                *n += 1;
+            }
+        }
         if info.chunk == u32::MAX {
             // A central layer.
             let n = &mut self.nodes[info.to as usize];
@@ -1065,7 +1121,6 @@ impl<'a> Sim<'a> {
             }
             return;
         }
-        self.nodes[info.from as usize].serving -= 1;
         let a = &mut self.nodes[info.to as usize];
         let Some(d) = a.download.as_mut().filter(|_| a.epoch == info.epoch) else {
             self.wasted += size;
@@ -1076,6 +1131,8 @@ impl<'a> Sim<'a> {
             return;
         };
         let req = d.requests.swap_remove(i);
+        // The stream goes back to the pool, idle.
+        pool_release(&mut d.pool, req.peer, false);
         feed(
             d,
             Event::ChunkDone {
@@ -1148,9 +1205,17 @@ impl<'a> Sim<'a> {
     }
 
     /// Stops `node`'s request `req` (cancelled, or its peer or itself gone); returns the bytes
-    /// its transfer had moved, now thrown away.
-    fn drop_request(&mut self, req: &Request) -> f64 {
+    /// its transfer had moved, now thrown away. The node aborts the request's task, which drops
+    /// its stream: the stream closes at both ends.
+    fn drop_request(&mut self, node: u32, req: &Request) -> f64 {
         let now = self.q.now();
+        let b = &mut self.nodes[req.peer as usize];
+        if req.holds_server_stream() && b.session == req.session {
+            b.streams_in = b.streams_in.saturating_sub(1);
+        }
+        if let Some(d) = self.nodes[node as usize].download.as_mut() {
+            pool_release(&mut d.pool, req.peer, true);
+        }
         let Some(flow) = req.flow else {
             return 0.0;
         };
@@ -1160,8 +1225,19 @@ impl<'a> Sim<'a> {
         let bytes = self.net.stop(now, flow);
         self.account(info.from, info.to, bytes);
         self.wasted += bytes;
-        self.nodes[info.from as usize].serving -= 1;
         bytes
+    }
+
+    /// Closes the idle streams of a download that ended (its pool is dropped).
+    fn close_pool(&mut self, pool: &[Streams]) {
+        for s in pool {
+            let b = &mut self.nodes[s.peer as usize];
+            if b.session == s.session {
+                b.streams_in = b
+                    .streams_in
+                    .saturating_sub(s.open.saturating_sub(s.busy) as usize);
+            }
+        }
     }
 
     fn think(&mut self, node: u32) {
@@ -1194,19 +1270,35 @@ impl<'a> Sim<'a> {
         }
         self.thinks += 1;
         let actions = d.plan.next_actions(duration(now));
+        // The peers' sessions, for the streams the requests use.
+        let sessions: Vec<u32> = actions
+            .iter()
+            .map(|a| match a {
+                Action::Request { peer, .. } => self.nodes[*peer as usize].session,
+                _ => 0,
+            })
+            .collect();
+        let n = &mut self.nodes[node as usize];
+        let Some(d) = n.download.as_mut() else {
+            return;
+        };
         let mut requests = Vec::new();
         let mut cancels = Vec::new();
-        for action in actions {
+        for (action, &session) in actions.into_iter().zip(&sessions) {
             match action {
                 Action::Request { peer, chunk } => {
                     self.next_request += 1;
                     let id = self.next_request;
+                    let new_stream = pool_take(&mut d.pool, peer, session);
                     d.requests.push(Request {
                         id,
                         peer,
                         chunk,
                         flow: None,
                         sent: now,
+                        new_stream,
+                        accepted: false,
+                        session,
                     });
                     requests.push((peer, id));
                 }
@@ -1246,7 +1338,7 @@ impl<'a> Sim<'a> {
             None
         };
         for (req, loser) in &cancels {
-            let bytes = self.drop_request(req);
+            let bytes = self.drop_request(node, req);
             if *loser {
                 self.loser_bytes += bytes;
             }
@@ -1266,7 +1358,9 @@ impl<'a> Sim<'a> {
         if complete {
             let n = &mut self.nodes[node as usize];
             n.completed = Some(now);
-            n.download = None;
+            if let Some(d) = n.download.take() {
+                self.close_pool(&d.pool);
+            }
             self.complete_count += 1;
             return;
         }
@@ -1293,6 +1387,30 @@ impl<'a> Sim<'a> {
     /// The download failed (stalled): a new one, from the chunks held, with a new lookup.
     fn restart_download(&mut self, node: u32) {
         self.stalls += 1;
+        if self.debug {
+            if let Some(d) = self.nodes[node as usize].download.as_ref() {
+                let peers: Vec<String> = d
+                    .candidates
+                    .iter()
+                    .filter_map(|c| {
+                        d.plan.peer_stats(&c.peer).map(|s| {
+                            format!(
+                                "{}:{}{}",
+                                c.peer,
+                                s.strikes,
+                                if s.usable { "" } else { "x" }
+                            )
+                        })
+                    })
+                    .collect();
+                eprintln!(
+                    "stall: node {node} at {:.1} s, {} missing, peers (id:strikes, x = unusable) {}",
+                    secs_from_nanos(self.q.now()),
+                    d.plan.missing(),
+                    peers.join(" ")
+                );
+            }
+        }
         self.abandon_download(node);
         self.begin_download(node);
     }
@@ -1303,8 +1421,9 @@ impl<'a> Sim<'a> {
         n.epoch += 1;
         n.wake_at = Nanos::MAX;
         if let Some(d) = n.download.take() {
+            self.close_pool(&d.pool);
             for req in &d.requests {
-                self.drop_request(req);
+                self.drop_request(node, req);
             }
         }
     }
@@ -1320,6 +1439,8 @@ impl<'a> Sim<'a> {
         n.online = false;
         n.session += 1;
         n.parked.clear();
+        // Every stream to it drops with its connections (the watchers below forget theirs).
+        n.streams_in = 0;
         let watchers = std::mem::take(&mut n.watchers);
         for w in watchers {
             let wn = &mut self.nodes[w as usize];
@@ -1343,7 +1464,10 @@ impl<'a> Sim<'a> {
                 keep
             });
             for req in &gone {
-                self.drop_request(req);
+                self.drop_request(w, req);
+            }
+            if let Some(d) = self.nodes[w as usize].download.as_mut() {
+                d.pool.retain(|s| s.peer != node);
             }
             self.mark(w);
         }
@@ -1419,6 +1543,48 @@ impl<'a> Sim<'a> {
             events: self.q.popped() + self.flow_ends,
             wall_secs,
             fills: self.net.fills(),
+        }
+    }
+}
+
+/// Takes a stream to `peer` from the pool for a request; returns whether a new one must be
+/// opened (none was idle).
+fn pool_take(pool: &mut Vec<Streams>, peer: u32, session: u32) -> bool {
+    if let Some(i) = pool
+        .iter()
+        .position(|s| s.peer == peer && s.session != session)
+    {
+        // Streams to an earlier session of the peer died with it.
+        pool.swap_remove(i);
+    }
+    match pool.iter_mut().find(|s| s.peer == peer) {
+        Some(s) => {
+            s.busy += 1;
+            if s.open >= s.busy {
+                false
+            } else {
+                s.open += 1;
+                true
+            }
+        }
+        None => {
+            pool.push(Streams {
+                peer,
+                session,
+                open: 1,
+                busy: 1,
+            });
+            true
+        }
+    }
+}
+
+/// A request on a stream to `peer` ended: the stream goes back idle, or is gone (`closed`).
+fn pool_release(pool: &mut [Streams], peer: u32, closed: bool) {
+    if let Some(s) = pool.iter_mut().find(|s| s.peer == peer) {
+        s.busy = s.busy.saturating_sub(1);
+        if closed {
+            s.open = s.open.saturating_sub(1);
         }
     }
 }

@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs every fleet size of a scenario; writes <out>/<name>.csv and prints a table.
+    /// Runs every fleet size of a scenario; writes OUT/NAME.csv and prints a table.
     Run {
         /// The scenario file (TOML).
         scenario: PathBuf,
