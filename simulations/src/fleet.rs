@@ -19,14 +19,19 @@
 //!   arrive while a poll travels are batched into the next answer. New chunks are fed as
 //!   [`Event::PeerHasChunk`] (the same as a whole bitfield: chunks are never lost). The ten-second
 //!   empty answer of a long-poll changes nothing and is not simulated.
-//! - **Requests.** Each [`Action::Request`] travels one one-way latency to the peer, which serves
-//!   at most [`MAX_INBOUND_CHUNK_STREAMS`] requests at once; past that it refuses and the requester
-//!   gets [`Event::ChunkFailed`] one round trip after asking. An accepted request is a flow of the
-//!   chunk's bytes from server to requester over the sender's NIC, the sender's and receiver's
-//!   site WAN links if they differ, the receiver's NIC, and the shared host if there is one. Its
-//!   last byte gives [`Event::ChunkDone`]; the requester holds the chunk from then on and answers
-//!   the long-polls parked on it. [`Action::Cancel`] stops the flow (its bytes count as sent,
-//!   received and discarded). A request the plan expires is cancelled the same way.
+//! - **Requests.** Each [`Action::Request`] travels one one-way latency to the peer. Chunk
+//!   streams are pooled as the node pools its `ChunkClient`s: a download keeps the streams it
+//!   opened to a peer and reuses an idle one; a request that finds none idle opens a new one,
+//!   which the peer refuses when [`MAX_INBOUND_CHUNK_STREAMS`] streams are already open to it
+//!   (the requester gets [`Event::ChunkFailed`] one round trip after asking). A stream closes when
+//!   its request is cancelled or fails, and when its download ends; the server's thirty-second
+//!   idle timeout is not modelled (a download's idle streams stay open until it ends). An
+//!   accepted request is a flow of the chunk's bytes from server to requester over the sender's
+//!   NIC, the sender's and receiver's site WAN links if they differ, the receiver's NIC, and the
+//!   shared host if there is one. Its last byte gives [`Event::ChunkDone`]; the requester holds
+//!   the chunk from then on and answers the long-polls parked on it. [`Action::Cancel`] stops the
+//!   flow (its bytes count as sent, received and discarded). A request the plan expires is
+//!   cancelled the same way.
 //! - **The plan** is driven as the node drives it: [`Plan::next_actions`] after every batch of
 //!   events for a node (all events of one instant), and again at [`Plan::next_deadline`]. A call
 //!   that provably returns nothing is skipped: when only haves arrived and neither the download
@@ -159,6 +164,7 @@ enum Ev {
         from: u32,
         epoch: u32,
         to: u32,
+        slot: u32,
     },
     /// An answer from `from` (in its session `session`) reaches `to`: what `from` held at `as_of`.
     HaveAnswer {
@@ -167,11 +173,14 @@ enum Ev {
         from: u32,
         session: u32,
         as_of: Nanos,
+        /// Where `from` probably is in `to`'s candidates (checked; a hint saves a search).
+        slot: u32,
     },
     /// The same answer from `from` reaches every `(node, epoch)` of `to` (long-polls answered
     /// together when `from` got a chunk).
     Answers {
-        to: Vec<(u32, u32)>,
+        /// `(node, epoch, slot)`: see [`Ev::HaveAnswer`].
+        to: Vec<(u32, u32, u32)>,
         from: u32,
         session: u32,
         /// How many chunks `from` held when it answered.
@@ -196,6 +205,12 @@ enum Ev {
     },
     Leave(u32),
     Return(u32),
+    /// Checks whether `node`'s idle streams to `peer` have been idle for the server's timeout.
+    IdleCheck {
+        node: u32,
+        epoch: u32,
+        peer: u32,
+    },
 }
 
 impl Ev {
@@ -212,6 +227,7 @@ impl Ev {
             Ev::Wake { .. } => 7,
             Ev::Leave(_) => 8,
             Ev::Return(_) => 9,
+            Ev::IdleCheck { .. } => 7,
         }
     }
 }
@@ -263,7 +279,15 @@ struct Streams {
     session: u32,
     open: u32,
     busy: u32,
+    /// When a stream last went back idle.
+    released: Nanos,
+    /// Whether an idle check is queued.
+    check_pending: bool,
 }
+
+/// How long the chunk server keeps an idle stream open (`IDLE_TIMEOUT` in
+/// `node/src/net/chunk.rs`, which is private there).
+const STREAM_IDLE_TIMEOUT: Nanos = 30 * crate::engine::SECOND;
 
 struct Download {
     plan: Plan<u32>,
@@ -279,6 +303,8 @@ struct Parked {
     epoch: u32,
     /// When the poll reaches this node.
     arrives: Nanos,
+    /// Where this node probably is in the asker's candidates.
+    slot: u32,
 }
 
 struct Node {
@@ -634,18 +660,24 @@ impl<'a> Sim<'a> {
             Ev::Start(node) => self.on_start(node),
             Ev::LookupDone { node, epoch } => self.on_lookup(node, epoch),
             Ev::Refresh { node, epoch } => self.on_refresh(node, epoch),
-            Ev::HaveAsk { from, epoch, to } => self.on_have_ask(from, epoch, to),
+            Ev::HaveAsk {
+                from,
+                epoch,
+                to,
+                slot,
+            } => self.on_have_ask(from, epoch, to, slot),
             Ev::HaveAnswer {
                 to,
                 epoch,
                 from,
                 session,
                 as_of,
+                slot,
             } => {
                 let k = self.nodes[from as usize]
                     .log
                     .partition_point(|&(_, t)| t <= as_of) as u32;
-                self.on_have_answer(to, epoch, from, session, k);
+                self.on_have_answer(to, epoch, from, session, k, slot);
             }
             Ev::Answers {
                 to,
@@ -653,8 +685,8 @@ impl<'a> Sim<'a> {
                 session,
                 held,
             } => {
-                for (to, epoch) in to {
-                    self.on_have_answer(to, epoch, from, session, held);
+                for (to, epoch, slot) in to {
+                    self.on_have_answer(to, epoch, from, session, held, slot);
                 }
             }
             Ev::Request {
@@ -672,6 +704,7 @@ impl<'a> Sim<'a> {
                 }
             }
             Ev::Leave(node) => self.on_leave(node),
+            Ev::IdleCheck { node, epoch, peer } => self.on_idle_check(node, epoch, peer),
             Ev::Return(node) => self.on_return(node),
         }
     }
@@ -785,7 +818,9 @@ impl<'a> Sim<'a> {
         let fresh = self.sample_candidates(node);
         for peer in fresh {
             let session = self.nodes[peer as usize].session;
+            let mut slot = u32::MAX;
             if let Some(d) = self.nodes[node as usize].download.as_mut() {
+                slot = d.candidates.len() as u32;
                 d.candidates.push(Candidate {
                     peer,
                     session,
@@ -800,6 +835,7 @@ impl<'a> Sim<'a> {
                     from: node,
                     epoch,
                     to: peer,
+                    slot,
                 },
             );
         }
@@ -890,7 +926,7 @@ impl<'a> Sim<'a> {
             .push(now + nanos(CANDIDATE_REFRESH), Ev::Refresh { node, epoch });
     }
 
-    fn on_have_ask(&mut self, from: u32, epoch: u32, to: u32) {
+    fn on_have_ask(&mut self, from: u32, epoch: u32, to: u32, slot: u32) {
         let b = &self.nodes[to as usize];
         // A node answers if it holds or downloads the blob; an offline one cannot answer.
         if !b.online || b.started.is_none() {
@@ -907,12 +943,13 @@ impl<'a> Sim<'a> {
                 from: to,
                 session,
                 as_of: now,
+                slot,
             },
         );
     }
 
     /// An answer from `from`: it held the first `k` chunks of its log.
-    fn on_have_answer(&mut self, to: u32, epoch: u32, from: u32, session: u32, k: u32) {
+    fn on_have_answer(&mut self, to: u32, epoch: u32, from: u32, session: u32, k: u32, slot: u32) {
         let now = self.q.now();
         let remote = self.nodes[to as usize].site != self.nodes[from as usize].site;
         let peer_session = self.nodes[from as usize].session;
@@ -924,11 +961,13 @@ impl<'a> Sim<'a> {
         let Some(d) = a.download.as_mut() else {
             return;
         };
-        let Some(ci) = d
+        let is_it = |c: &Candidate| c.peer == from && c.session == session;
+        let hinted = d
             .candidates
-            .iter()
-            .position(|c| c.peer == from && c.session == session)
-        else {
+            .get(slot as usize)
+            .filter(|c| is_it(c))
+            .map(|_| slot as usize);
+        let Some(ci) = hinted.or_else(|| d.candidates.iter().position(is_it)) else {
             return;
         };
         let mut fed = true;
@@ -983,6 +1022,7 @@ impl<'a> Sim<'a> {
                         from,
                         session,
                         as_of: arrives,
+                        slot: ci as u32,
                     },
                 );
             } else {
@@ -990,6 +1030,7 @@ impl<'a> Sim<'a> {
                     asker: to,
                     epoch,
                     arrives: now + lat,
+                    slot: ci as u32,
                 });
             }
         }
@@ -1131,8 +1172,23 @@ impl<'a> Sim<'a> {
             return;
         };
         let req = d.requests.swap_remove(i);
-        // The stream goes back to the pool, idle.
+        // The stream goes back to the pool, idle; the server closes it if it stays idle.
         pool_release(&mut d.pool, req.peer, false);
+        let mut check = false;
+        if let Some(s) = d.pool.iter_mut().find(|s| s.peer == req.peer) {
+            s.released = now;
+            check = !std::mem::replace(&mut s.check_pending, true);
+        }
+        if check {
+            self.q.push(
+                now + STREAM_IDLE_TIMEOUT,
+                Ev::IdleCheck {
+                    node: info.to,
+                    epoch: info.epoch,
+                    peer: req.peer,
+                },
+            );
+        }
         feed(
             d,
             Event::ChunkDone {
@@ -1170,9 +1226,9 @@ impl<'a> Sim<'a> {
             let same = asker.site == site;
             if p.arrives <= now {
                 if same {
-                    local.push((p.asker, p.epoch));
+                    local.push((p.asker, p.epoch, p.slot));
                 } else {
-                    remote.push((p.asker, p.epoch));
+                    remote.push((p.asker, p.epoch, p.slot));
                 }
                 continue;
             }
@@ -1185,6 +1241,7 @@ impl<'a> Sim<'a> {
                     from: node,
                     session,
                     as_of: p.arrives,
+                    slot: p.slot,
                 },
             );
         }
@@ -1428,6 +1485,36 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// The server closes streams idle for [`STREAM_IDLE_TIMEOUT`]: when no stream of `node`'s
+    /// pool to `peer` went idle for that long, its idle streams are closed.
+    fn on_idle_check(&mut self, node: u32, epoch: u32, peer: u32) {
+        let now = self.q.now();
+        let n = &mut self.nodes[node as usize];
+        if n.epoch != epoch {
+            return;
+        }
+        let Some(s) = n
+            .download
+            .as_mut()
+            .and_then(|d| d.pool.iter_mut().find(|s| s.peer == peer))
+        else {
+            return;
+        };
+        let due = s.released + STREAM_IDLE_TIMEOUT;
+        if due > now {
+            self.q.push(due, Ev::IdleCheck { node, epoch, peer });
+            return;
+        }
+        s.check_pending = false;
+        let idle = s.open.saturating_sub(s.busy);
+        s.open -= idle;
+        let session = s.session;
+        let b = &mut self.nodes[peer as usize];
+        if b.session == session {
+            b.streams_in = b.streams_in.saturating_sub(idle as usize);
+        }
+    }
+
     fn on_leave(&mut self, node: u32) {
         let now = self.q.now();
         if !self.nodes[node as usize].online {
@@ -1573,6 +1660,8 @@ fn pool_take(pool: &mut Vec<Streams>, peer: u32, session: u32) -> bool {
                 session,
                 open: 1,
                 busy: 1,
+                released: 0,
+                check_pending: false,
             });
             true
         }
@@ -1623,4 +1712,80 @@ pub fn node_constants() -> Vec<(&'static str, String)> {
             shoal_protocol::DEFAULT_CHUNK_SIZE_BYTES.to_string(),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_is_reused_when_idle_and_opened_when_all_are_busy() {
+        let mut pool = Vec::new();
+        assert!(
+            pool_take(&mut pool, 3, 0),
+            "the first request opens a stream"
+        );
+        assert!(
+            pool_take(&mut pool, 3, 0),
+            "the second, while the first is busy, too"
+        );
+        pool_release(&mut pool, 3, false);
+        assert!(
+            !pool_take(&mut pool, 3, 0),
+            "a finished request left its stream idle"
+        );
+        pool_release(&mut pool, 3, true);
+        pool_release(&mut pool, 3, true);
+        assert!(
+            pool_take(&mut pool, 3, 0),
+            "cancelled requests closed their streams"
+        );
+        assert!(pool_take(&mut pool, 4, 0), "streams are per peer");
+        assert_eq!((pool[0].open, pool[0].busy), (1, 1));
+    }
+
+    #[test]
+    fn streams_to_an_earlier_session_of_a_peer_are_gone() {
+        let mut pool = Vec::new();
+        assert!(pool_take(&mut pool, 3, 0));
+        pool_release(&mut pool, 3, false);
+        // The peer left and came back: its idle stream did not survive.
+        assert!(pool_take(&mut pool, 3, 1));
+        assert_eq!(pool.len(), 1);
+        assert_eq!((pool[0].session, pool[0].open, pool[0].busy), (1, 1, 1));
+    }
+
+    #[test]
+    fn quantiles_use_nearest_rank_over_completed_pullers() {
+        let r = RunResult {
+            nodes: 5,
+            sites: 1,
+            image_bytes: 1,
+            seed: 0,
+            completion_secs: vec![Some(3.0), Some(1.0), None, Some(2.0), Some(4.0)],
+            node_bytes: Vec::new(),
+            holds_image: Vec::new(),
+            wan_bytes: Vec::new(),
+            nic_bytes: (0.0, 0.0),
+            wan_total_bytes: (0.0, 0.0),
+            wasted_bytes: 0.0,
+            refused: 0,
+            stalls: 0,
+            departures: 0,
+            cancels: 0,
+            timeouts: 0,
+            duplicate_bytes: 0.0,
+            loser_bytes: 0.0,
+            thinks: (0, 0),
+            end_secs: 0.0,
+            events: 0,
+            wall_secs: 0.0,
+            fills: 0,
+        };
+        assert_eq!(r.completed(), 4);
+        assert_eq!(r.quantile(0.5), Some(2.0));
+        assert_eq!(r.quantile(0.99), Some(4.0));
+        assert_eq!(r.quantile(1.0), Some(4.0));
+        assert_eq!(r.publisher_egress(), 0.0);
+    }
 }
