@@ -22,10 +22,11 @@
 //! - **Requests.** Each [`Action::Request`] travels one one-way latency to the peer. Chunk
 //!   streams are pooled as the node pools its `ChunkClient`s: a download keeps the streams it
 //!   opened to a peer and reuses an idle one; a request that finds none idle opens a new one,
-//!   which the peer refuses when [`MAX_INBOUND_CHUNK_STREAMS`] streams are already open to it
-//!   (the requester gets [`Event::ChunkFailed`] one round trip after asking). A stream closes when
-//!   its request is cancelled or fails, and when its download ends; the server's thirty-second
-//!   idle timeout is not modelled (a download's idle streams stay open until it ends). An
+//!   which the peer refuses when [`MAX_INBOUND_CHUNK_STREAMS`] streams are already open to it:
+//!   it answers "busy", and the requester feeds [`Event::ChunkBusy`] one round trip after asking
+//!   (not a strike; the plan rests the peer). A stream closes when its request is cancelled or
+//!   fails, when its download ends, and when the server's thirty-second idle timeout closes it
+//!   (per peer: a download's idle streams to a peer close once none went idle for 30 s). An
 //!   accepted request is a flow of the chunk's bytes from server to requester over the sender's
 //!   NIC, the sender's and receiver's site WAN links if they differ, the receiver's NIC, and the
 //!   shared host if there is one. Its last byte gives [`Event::ChunkDone`]; the requester holds
@@ -193,7 +194,8 @@ enum Ev {
         to: u32,
         id: u64,
     },
-    /// The refusal of request `id` reaches its requester.
+    /// The "busy" answer to request `id` (the peer had all its streams open) reaches its
+    /// requester.
     Refused {
         to: u32,
         epoch: u32,
@@ -1117,11 +1119,11 @@ impl<'a> Sim<'a> {
             return;
         };
         let req = d.requests.swap_remove(i);
-        // The stream could not be opened.
+        // The stream could not be opened: the peer answered "busy" (not a failure).
         pool_release(&mut d.pool, req.peer, true);
         feed(
             d,
-            Event::ChunkFailed {
+            Event::ChunkBusy {
                 peer: req.peer,
                 chunk: req.chunk,
             },
