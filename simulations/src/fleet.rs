@@ -13,12 +13,25 @@
 //!   it drops candidates that never answered and looks up again to fill the free places.
 //! - **Haves.** It asks each candidate what it holds (one round trip). A candidate that holds or
 //!   downloads the blob answers with its bitfield: [`Event::PeerRemote`] first if it is in another
-//!   site, then [`Event::PeerHas`]. Then the asker keeps one long-poll parked at each incomplete
-//!   candidate: the candidate answers as soon as it holds a chunk the asker has not been told of,
-//!   and the asker polls again at once. An update costs one one-way latency, and chunks that
-//!   arrive while a poll travels are batched into the next answer. New chunks are fed as
-//!   [`Event::PeerHasChunk`] (the same as a whole bitfield: chunks are never lost). The ten-second
-//!   empty answer of a long-poll changes nothing and is not simulated.
+//!   site, then [`Event::PeerHas`]. Then the asker keeps one long-poll parked at each candidate:
+//!   the candidate answers as soon as it holds a chunk the asker has not been told of, and the
+//!   asker polls again at once. An update costs one one-way latency, and chunks that arrive
+//!   while a poll travels are batched into the next answer. New chunks are fed as
+//!   [`Event::PeerHasChunk`] (the same as a whole bitfield: chunks are never lost), and only
+//!   chunks the asker misses: a poll stays parked while the candidate only gets chunks the asker
+//!   holds. The ten-second empty answer of a long-poll changes nothing and is not simulated.
+//! - **Upload reports.** A node that holds the whole blob (the publisher from the start, a
+//!   puller once complete) logs the transfers it starts from then on, as the node's chunk server
+//!   does for stored blobs: which chunks it is sending now (a cancelled or cut transfer stops
+//!   counting) and which it has sent in full at least once. Its answers carry that report, and a
+//!   poll parked at it is also answered when the report changes; the asker feeds
+//!   [`Event::PeerUploads`] and polls again. The node answers at every transfer start and end;
+//!   the model answers only when a chunk's *claim* changes (nothing, being sent, sent: see
+//!   [`claim`]), and only askers missing that chunk, because the plan acts on nothing else
+//!   (a chunk sent once stays "given away" however often it is sent again, and only missing
+//!   chunks matter). That keeps it cheap: a seeder's claims change at most a few times per
+//!   chunk, so a busy seeder is not polled at the rate of its transfers. A report is fed only
+//!   when it changes the claim on a chunk the asker misses.
 //! - **Requests.** Each [`Action::Request`] travels one one-way latency to the peer. Chunk
 //!   streams are pooled as the node pools its `ChunkClient`s: a download keeps the streams it
 //!   opened to a peer and reuses an idle one; a request that finds none idle opens a new one,
@@ -34,10 +47,14 @@
 //!   flow (its bytes count as sent, received and discarded). A request the plan expires is
 //!   cancelled the same way.
 //! - **The plan** is driven as the node drives it: [`Plan::next_actions`] after every batch of
-//!   events for a node (all events of one instant), and again at [`Plan::next_deadline`]. A call
-//!   that provably returns nothing is skipped: when only haves arrived and neither the download
-//!   nor any peer they came from has a free request slot (the last call already gave every other
-//!   free slot what it could take). A download stalled for [`STALL_LIMIT`] fails like the node's
+//!   events for a node (all events of one instant), and again at [`Plan::next_deadline`] (request
+//!   timeouts, the end of a rest after "busy", the end of a chunk's wait for a copy). A call
+//!   that provably returns nothing is skipped: when only haves arrived, none of them for a chunk
+//!   some candidate's report claimed (a new holder of such a chunk may end its wait, freeing it
+//!   for any peer), and neither the download nor any peer they came from has a free request slot
+//!   (the last call already gave every other free slot what it could take). Upload reports,
+//!   "busy" answers and every other event always lead to a call. A download stalled for
+//!   [`STALL_LIMIT`] fails like the node's
 //!   and is retried at once with a new lookup and a new plan that resumes from the chunks held
 //!   (a client retrying its pull).
 //! - **Ties.** Everything that happens at one simulated instant happens in the order it was
@@ -55,6 +72,7 @@
 //! bad peers and bans, the priority window (no client reads while downloading), partial-chunk
 //! requests, the blob index fetch, and everything in [`crate`]'s list of omissions.
 
+use std::rc::Rc;
 use std::time::Instant;
 
 use shoal_node::fetch::plan::{Action, Bitfield, Event, Plan};
@@ -114,6 +132,8 @@ pub struct RunResult {
     pub loser_bytes: f64,
     /// Calls of `Plan::next_actions`, and calls skipped because they could do nothing.
     pub thinks: (u64, u64),
+    /// Upload reports fed to plans ([`Event::PeerUploads`]).
+    pub reports: u64,
     /// Simulated time at which the run ended.
     pub end_secs: f64,
     /// Events processed.
@@ -167,25 +187,27 @@ enum Ev {
         to: u32,
         slot: u32,
     },
-    /// An answer from `from` (in its session `session`) reaches `to`: what `from` held at `as_of`.
-    HaveAnswer {
-        to: u32,
-        epoch: u32,
-        from: u32,
-        session: u32,
-        as_of: Nanos,
-        /// Where `from` probably is in `to`'s candidates (checked; a hint saves a search).
-        slot: u32,
-    },
-    /// The same answer from `from` reaches every `(node, epoch)` of `to` (long-polls answered
-    /// together when `from` got a chunk).
+    /// The same answer from `from` (in its session `session`) reaches every `(node, epoch)` of
+    /// `to`: the answer to a `Have`, or long polls answered together.
     Answers {
-        /// `(node, epoch, slot)`: see [`Ev::HaveAnswer`].
+        /// `(node, epoch, slot)`: the slot is where `from` probably is in the node's candidates
+        /// (checked; a hint saves a search).
         to: Vec<(u32, u32, u32)>,
         from: u32,
         session: u32,
-        /// How many chunks `from` held when it answered.
+        /// How many chunks `from` held when it answered (the first `held` of its log).
         held: u32,
+        /// Its upload report, if it holds the whole blob.
+        uploads: Option<Rc<Report>>,
+    },
+    /// A long poll from `asker` reaches `at` (in its session `session`), which changed since
+    /// the poll's last answer: it is answered at once.
+    PollArrives {
+        at: u32,
+        session: u32,
+        asker: u32,
+        epoch: u32,
+        slot: u32,
     },
     /// A chunk request reaches its server.
     Request {
@@ -223,7 +245,7 @@ impl Ev {
             Ev::LookupDone { .. } => 1,
             Ev::Refresh { .. } => 2,
             Ev::HaveAsk { .. } => 3,
-            Ev::HaveAnswer { .. } | Ev::Answers { .. } => 4,
+            Ev::Answers { .. } | Ev::PollArrives { .. } => 4,
             Ev::Request { .. } => 5,
             Ev::Refused { .. } => 6,
             Ev::Wake { .. } => 7,
@@ -248,6 +270,113 @@ struct Candidate {
     /// The peer's session when it became a candidate.
     session: u32,
     state: CandState,
+    /// The last upload report it sent (it holds the whole blob). The plan's view agrees with it
+    /// on every chunk this node misses.
+    report: Option<Rc<Report>>,
+}
+
+/// A seeder's upload report, as its `Have` answers carry it (`UploadReport` in the protocol).
+#[derive(Debug)]
+struct Report {
+    /// [`UploadLog::version`] when it was taken.
+    version: u32,
+    /// [`UploadLog::visible`] when it was taken.
+    visible: u32,
+    /// Chunks being sent to some peer.
+    sending: Bitfield,
+    /// Chunks sent in full at least once.
+    sent: Bitfield,
+}
+
+/// What a plan makes of one chunk of a report: 0 nothing, 1 being sent, 2 sent. Its decisions
+/// depend on nothing else (a chunk already sent counts as given away whether or not it is being
+/// sent again, and the first time a chunk was reported sent comes before any later "sending").
+fn claim(report: &Report, chunk: u32) -> u8 {
+    if report.sent.get(chunk) {
+        2
+    } else {
+        u8::from(report.sending.get(chunk))
+    }
+}
+
+/// The uploads of a node that holds the whole blob, as the node's chunk server logs them: only
+/// transfers that started once it held the whole blob (a download in progress serves from its
+/// partial file and logs nothing).
+#[derive(Debug)]
+struct UploadLog {
+    /// Chunk → transfers under way.
+    sending: Vec<u32>,
+    sent: Bitfield,
+    /// Bumped when the report changes (the node bumps it at every transfer start and end; a
+    /// start or end that leaves both bitfields as they were changes no answer's content).
+    version: u32,
+    /// Bumped when a chunk's [`claim`] changes: the only changes a plan can act on.
+    visible: u32,
+    /// The report as of `version`, shared by the answers that carry it.
+    report: Option<Rc<Report>>,
+}
+
+impl UploadLog {
+    fn new(chunk_count: u32) -> UploadLog {
+        UploadLog {
+            sending: vec![0; chunk_count as usize],
+            sent: Bitfield::new(chunk_count),
+            version: 0,
+            visible: 0,
+            report: None,
+        }
+    }
+
+    /// The current report.
+    fn report(&mut self) -> Rc<Report> {
+        if let Some(r) = self.report.as_ref().filter(|r| r.version == self.version) {
+            return r.clone();
+        }
+        let mut sending = Bitfield::new(self.sent.len());
+        for (chunk, _) in self.sending.iter().enumerate().filter(|(_, n)| **n > 0) {
+            sending.set(chunk as u32);
+        }
+        let r = Rc::new(Report {
+            version: self.version,
+            visible: self.visible,
+            sending,
+            sent: self.sent.clone(),
+        });
+        self.report = Some(r.clone());
+        r
+    }
+
+    /// A transfer of `chunk` starts; returns whether its claim changed.
+    fn start(&mut self, chunk: u32) -> bool {
+        let Some(n) = self.sending.get_mut(chunk as usize) else {
+            return false;
+        };
+        *n += 1;
+        if *n > 1 {
+            return false;
+        }
+        self.version += 1;
+        let visible = !self.sent.get(chunk);
+        self.visible += u32::from(visible);
+        visible
+    }
+
+    /// A transfer of `chunk` ends, `finished` or cut short; returns whether its claim changed.
+    fn end(&mut self, chunk: u32, finished: bool) -> bool {
+        let Some(n) = self.sending.get_mut(chunk as usize) else {
+            return false;
+        };
+        *n = n.saturating_sub(1);
+        let idle = *n == 0;
+        let was_sent = self.sent.get(chunk);
+        let newly_sent = finished && self.sent.set(chunk);
+        if idle || newly_sent {
+            self.version += 1;
+        }
+        let visible = !was_sent && (idle || newly_sent);
+        self.visible += u32::from(visible);
+        visible
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -297,6 +426,9 @@ struct Download {
     requests: Vec<Request>,
     pool: Vec<Streams>,
     stalled_since: Option<Nanos>,
+    /// Chunks some candidate's report claimed (sending or sent) when it was fed to the plan:
+    /// a superset of the chunks the plan may hold back waiting for a copy.
+    claimed_any: Bitfield,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -342,6 +474,8 @@ struct Node {
     wake_at: Nanos,
     /// Central mode: layer flows still running.
     layers_left: u32,
+    /// Its uploads, once it holds the whole blob (swarm mode).
+    uploads: Option<Box<UploadLog>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -352,6 +486,8 @@ struct FlowInfo {
     id: u64,
     chunk: u32,
     size: f64,
+    /// The sender logged it as an upload (it held the whole blob when it started).
+    logged: bool,
 }
 
 struct Sim<'a> {
@@ -386,10 +522,18 @@ struct Sim<'a> {
     publisher_uploads: Vec<u32>,
     thinks: u64,
     thinks_skipped: u64,
+    /// Upload reports fed to plans.
+    reports: u64,
     debug: bool,
     kinds: [u64; 10],
     max_queue: usize,
     flow_ends: u64,
+    next_trace: Nanos,
+    pub_requests: [u64; 7],
+    /// Debug: the current run of busy answers (node, peer, instant) and its length, and how
+    /// many runs had each length (1 to 7, 8 or more).
+    busy_burst: ((u32, u32, Nanos), u32),
+    busy_bursts: [u64; 8],
 }
 
 /// Runs `scenario` with `pullers` pullers and `seed`.
@@ -478,6 +622,7 @@ impl<'a> Sim<'a> {
                 news_from: Vec::new(),
                 wake_at: Nanos::MAX,
                 layers_left: 0,
+                uploads: None,
             });
         }
         let mut site_members = vec![Vec::new(); site_count as usize];
@@ -492,6 +637,9 @@ impl<'a> Sim<'a> {
         publisher.started = Some(0);
         publisher.completed = Some(0);
         publisher.announced = true;
+        if scenario.mode == Mode::Swarm {
+            publisher.uploads = Some(Box::new(UploadLog::new(chunk_count)));
+        }
         let mut sim = Sim {
             scenario,
             q: Queue::new(),
@@ -520,10 +668,15 @@ impl<'a> Sim<'a> {
             publisher_uploads: vec![0; chunk_count as usize],
             thinks: 0,
             thinks_skipped: 0,
+            reports: 0,
             debug: std::env::var_os("SHOAL_SIM_DEBUG").is_some(),
             kinds: [0; 10],
             max_queue: 0,
             flow_ends: 0,
+            next_trace: 0,
+            pub_requests: [0; 7],
+            busy_burst: ((0, 0, 0), 0),
+            busy_bursts: [0; 8],
         };
         for i in 1..=pullers {
             let at = nanos_from_secs(sim.rng.unit() * scenario.start_spread_secs);
@@ -557,6 +710,9 @@ impl<'a> Sim<'a> {
                 break;
             }
             self.max_queue = self.max_queue.max(self.q.len());
+            if self.debug && at >= self.next_trace {
+                self.trace(at);
+            }
             if next_flow == Some(at) {
                 self.q.advance_to(at);
                 // A flow found not done yet is moved to its new time; then nothing happens now.
@@ -595,6 +751,14 @@ impl<'a> Sim<'a> {
                 ups.iter().min().unwrap_or(&0)
             );
             eprintln!(
+                "requests to the publisher (unclaimed: no other holder, holders all full, a holder free; claimed: same; endgame duplicates): {:?}",
+                self.pub_requests
+            );
+            eprintln!(
+                "busy answers from one peer at one instant, runs of 1..7 and 8+: {:?}",
+                self.busy_bursts
+            );
+            eprintln!(
                 "endgame losers cancelled with more than MAX_IN_FLIGHT chunks still missing: {}",
                 self.early_losers
             );
@@ -612,6 +776,47 @@ impl<'a> Sim<'a> {
                 self.wasted += bytes;
             }
         }
+    }
+
+    /// Debug: the state of the rollout, every tenth of a simulated second.
+    fn trace(&mut self, at: Nanos) {
+        self.next_trace = at - at % (crate::engine::SECOND / 10) + crate::engine::SECOND / 10;
+        let held: u64 = self
+            .nodes
+            .iter()
+            .map(|n| u64::from(n.held.count_ones()))
+            .sum();
+        let mut in_flight = 0;
+        let mut resting = 0;
+        let (mut open, mut busy, mut holders) = (0, 0, 0);
+        for n in &self.nodes[1..] {
+            if let Some(d) = n.download.as_ref() {
+                for s in d.pool.iter().filter(|s| s.peer == PUBLISHER) {
+                    open += s.open;
+                    busy += s.busy;
+                    holders += u32::from(s.open > 0);
+                }
+                in_flight += d.plan.in_flight();
+                resting += usize::from(
+                    d.plan
+                        .peer_stats(&PUBLISHER)
+                        .is_some_and(|s| s.usable && s.in_flight == 0),
+                );
+            }
+        }
+        let p = &self.nodes[PUBLISHER as usize];
+        let sending = p
+            .uploads
+            .as_ref()
+            .map_or(0, |u| u.sending.iter().filter(|&&n| n > 0).count());
+        let sent = p.uploads.as_ref().map_or(0, |u| u.sent.count_ones());
+        eprintln!(
+            "t {:.2}: chunks held {held}, in flight {in_flight}, done {}, publisher streams {} sending {sending} sent {sent} parked {}, idle at publisher {resting}; pooled streams to it {open} ({busy} busy) in {holders} pools",
+            secs_from_nanos(at),
+            self.complete_count,
+            p.streams_in,
+            p.parked.len()
+        );
     }
 
     /// Ends an instant: the plans of the nodes that got events decide, then rates are shared out.
@@ -668,29 +873,24 @@ impl<'a> Sim<'a> {
                 to,
                 slot,
             } => self.on_have_ask(from, epoch, to, slot),
-            Ev::HaveAnswer {
-                to,
-                epoch,
-                from,
-                session,
-                as_of,
-                slot,
-            } => {
-                let k = self.nodes[from as usize]
-                    .log
-                    .partition_point(|&(_, t)| t <= as_of) as u32;
-                self.on_have_answer(to, epoch, from, session, k, slot);
-            }
             Ev::Answers {
                 to,
                 from,
                 session,
                 held,
+                uploads,
             } => {
                 for (to, epoch, slot) in to {
-                    self.on_have_answer(to, epoch, from, session, held, slot);
+                    self.on_have_answer(to, epoch, from, session, held, slot, uploads.as_ref());
                 }
             }
+            Ev::PollArrives {
+                at,
+                session,
+                asker,
+                epoch,
+                slot,
+            } => self.on_poll_arrives(at, session, asker, epoch, slot),
             Ev::Request {
                 from,
                 epoch,
@@ -757,6 +957,7 @@ impl<'a> Sim<'a> {
                     id: u64::MAX,
                     chunk: u32::MAX,
                     size: size as f64,
+                    logged: false,
                 },
             );
         }
@@ -812,6 +1013,7 @@ impl<'a> Sim<'a> {
                 requests: Vec::new(),
                 pool: Vec::new(),
                 stalled_since: None,
+                claimed_any: Bitfield::new(self.chunk_count),
             }));
             self.q
                 .push(now + nanos(CANDIDATE_REFRESH), Ev::Refresh { node, epoch });
@@ -827,6 +1029,7 @@ impl<'a> Sim<'a> {
                     peer,
                     session,
                     state: CandState::Asked,
+                    report: None,
                 });
             }
             self.nodes[peer as usize].watchers.push(node);
@@ -844,13 +1047,18 @@ impl<'a> Sim<'a> {
     }
 
     /// New candidates for `node`: providers first, then connected peers, each group shuffled,
-    /// up to [`MAX_CANDIDATES`] candidates in all.
+    /// up to [`MAX_CANDIDATES`] candidates in all (or the scenario's what-if cap).
     fn sample_candidates(&mut self, node: u32) -> Vec<u32> {
         let Some(d) = self.nodes[node as usize].download.as_ref() else {
             return Vec::new();
         };
         let have: Vec<u32> = d.candidates.iter().map(|c| c.peer).collect();
-        let room = MAX_CANDIDATES.saturating_sub(have.len());
+        let cap = self
+            .scenario
+            .discovery
+            .max_candidates
+            .unwrap_or(MAX_CANDIDATES);
+        let room = cap.saturating_sub(have.len());
         let mut fresh: Vec<u32> = Vec::with_capacity(room);
         let ok = |p: u32, fresh: &[u32]| p != node && !have.contains(&p) && !fresh.contains(&p);
         if self.scenario.discovery.local_first {
@@ -934,24 +1142,53 @@ impl<'a> Sim<'a> {
         if !b.online || b.started.is_none() {
             return;
         }
-        let session = b.session;
-        let now = self.q.now();
-        let lat = self.latency(from, to);
+        self.answer(to, from, epoch, slot);
+    }
+
+    /// `node` answers `asker`'s `Have` or long poll now, with what it holds and, if it holds the
+    /// whole blob, its upload report.
+    fn answer(&mut self, node: u32, asker: u32, epoch: u32, slot: u32) {
+        let lat = self.latency(node, asker);
+        let b = &mut self.nodes[node as usize];
+        let uploads = b.uploads.as_mut().map(|u| u.report());
+        let (session, held) = (b.session, b.log.len() as u32);
         self.q.push_after(
             lat,
-            Ev::HaveAnswer {
-                to: from,
-                epoch,
-                from: to,
+            Ev::Answers {
+                to: vec![(asker, epoch, slot)],
+                from: node,
                 session,
-                as_of: now,
-                slot,
+                held,
+                uploads,
             },
         );
     }
 
-    /// An answer from `from`: it held the first `k` chunks of its log.
-    fn on_have_answer(&mut self, to: u32, epoch: u32, from: u32, session: u32, k: u32, slot: u32) {
+    /// A long poll reaches `node` after it changed: answered at once.
+    fn on_poll_arrives(&mut self, node: u32, session: u32, asker: u32, epoch: u32, slot: u32) {
+        let (b, a) = (&self.nodes[node as usize], &self.nodes[asker as usize]);
+        if !b.online || b.session != session {
+            return;
+        }
+        if a.epoch != epoch || !a.online || a.completed.is_some() {
+            return;
+        }
+        self.answer(node, asker, epoch, slot);
+    }
+
+    /// An answer from `from`: it held the first `k` chunks of its log, and `uploads` is its
+    /// upload report if it holds the whole blob.
+    #[allow(clippy::too_many_arguments)]
+    fn on_have_answer(
+        &mut self,
+        to: u32,
+        epoch: u32,
+        from: u32,
+        session: u32,
+        k: u32,
+        slot: u32,
+        uploads: Option<&Rc<Report>>,
+    ) {
         let now = self.q.now();
         let remote = self.nodes[to as usize].site != self.nodes[from as usize].site;
         let peer_session = self.nodes[from as usize].session;
@@ -972,7 +1209,10 @@ impl<'a> Sim<'a> {
         let Some(ci) = hinted.or_else(|| d.candidates.iter().position(is_it)) else {
             return;
         };
-        let mut fed = true;
+        // What the plan heard: new chunks at `from` only (`haves`), or something that may free
+        // chunks for other peers too (`full`; see `think`).
+        let mut haves = false;
+        let mut full = false;
         match d.candidates[ci].state {
             CandState::Asked => {
                 if remote {
@@ -981,17 +1221,19 @@ impl<'a> Sim<'a> {
                 let mut have = Bitfield::new(chunk_count);
                 for &(c, _) in &b.log[..k as usize] {
                     have.set(c);
+                    full |= !a.held.get(c) && d.claimed_any.get(c);
                 }
                 feed(d, Event::PeerHas { peer: from, have }, now);
                 d.candidates[ci].state = CandState::Polling { told: k };
+                haves = true;
             }
             CandState::Polling { told } => {
                 // A chunk this node already holds changes none of the plan's decisions (they
                 // are all about missing chunks), so only news about missing ones is fed.
-                let mut news = false;
                 for &(c, _) in b.log.get(told as usize..k as usize).unwrap_or(&[]) {
                     if !a.held.get(c) {
-                        news = true;
+                        haves = true;
+                        full |= d.claimed_any.get(c);
                         feed(
                             d,
                             Event::PeerHasChunk {
@@ -1003,40 +1245,72 @@ impl<'a> Sim<'a> {
                     }
                 }
                 d.candidates[ci].state = CandState::Polling { told: told.max(k) };
-                // Nothing new: the plan would decide exactly as it last did.
-                if !news {
-                    fed = false;
+            }
+        }
+        // The upload report, fed when it changes the claim on a chunk this node misses (the
+        // plan's view of the others does not matter: they are never missing again).
+        if let Some(r) = uploads {
+            let cand = &mut d.candidates[ci];
+            if cand
+                .report
+                .as_ref()
+                .is_none_or(|old| old.version < r.version)
+            {
+                let changed = match &cand.report {
+                    None => r.sending.has_any_not_in(&a.held) || r.sent.has_any_not_in(&a.held),
+                    Some(old) => a.held.iter_zeros().any(|c| claim(old, c) != claim(r, c)),
+                };
+                cand.report = Some(r.clone());
+                if changed {
+                    for c in r.sending.iter_ones().chain(r.sent.iter_ones()) {
+                        d.claimed_any.set(c);
+                    }
+                    feed(
+                        d,
+                        Event::PeerUploads {
+                            peer: from,
+                            sending: r.sending.clone(),
+                            sent: r.sent.clone(),
+                        },
+                        now,
+                    );
+                    self.reports += 1;
+                    full = true;
                 }
             }
         }
-        // Poll again at once, unless the peer is complete.
-        if k < chunk_count {
-            let lat = self.latency(to, from);
-            let b = &mut self.nodes[from as usize];
-            if b.log.len() as u32 > k {
-                // News arrived while the answer travelled: the poll is answered on arrival.
-                let arrives = now + lat;
-                self.q.push(
-                    arrives + lat,
-                    Ev::HaveAnswer {
-                        to,
-                        epoch,
-                        from,
-                        session,
-                        as_of: arrives,
-                        slot: ci as u32,
-                    },
-                );
-            } else {
-                b.parked.push(Parked {
+        // Poll again at once. It is answered on arrival if the peer changed since this answer
+        // (a chunk stored, or a claim in its report); otherwise it stays parked there.
+        let lat = self.latency(to, from);
+        let b = &mut self.nodes[from as usize];
+        let changed = b.log.len() as u32 > k
+            || match (&b.uploads, uploads) {
+                (Some(log), Some(r)) => log.visible != r.visible,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+        if changed {
+            self.q.push(
+                now + lat,
+                Ev::PollArrives {
+                    at: from,
+                    session,
                     asker: to,
                     epoch,
-                    arrives: now + lat,
                     slot: ci as u32,
-                });
-            }
+                },
+            );
+        } else {
+            b.parked.push(Parked {
+                asker: to,
+                epoch,
+                arrives: now + lat,
+                slot: ci as u32,
+            });
         }
-        if fed {
+        if full {
+            self.mark(to);
+        } else if haves {
             self.mark_haves(to, from);
         }
     }
@@ -1078,6 +1352,7 @@ impl<'a> Sim<'a> {
         let size = self.chunk_len(req.chunk);
         let links = self.path(to, from);
         let flow = self.net.start(now, &links, size as f64);
+        let logged = self.upload_started(to, req.chunk);
         self.set_flow(
             flow,
             FlowInfo {
@@ -1087,6 +1362,7 @@ impl<'a> Sim<'a> {
                 id,
                 chunk: req.chunk,
                 size: size as f64,
+                logged,
             },
         );
         if let Some(r) = self.nodes[from as usize]
@@ -1121,6 +1397,18 @@ impl<'a> Sim<'a> {
         let req = d.requests.swap_remove(i);
         // The stream could not be opened: the peer answered "busy" (not a failure).
         pool_release(&mut d.pool, req.peer, true);
+        if self.debug {
+            // Busy answers to one node from one peer at one instant: a burst.
+            let key = (to, req.peer, now);
+            if self.busy_burst.0 == key {
+                self.busy_burst.1 += 1;
+            } else {
+                let len = std::mem::replace(&mut self.busy_burst, (key, 1)).1;
+                if len > 0 {
+                    self.busy_bursts[(len as usize).min(8) - 1] += 1;
+                }
+            }
+        }
         feed(
             d,
             Event::ChunkBusy {
@@ -1147,6 +1435,10 @@ impl<'a> Sim<'a> {
     fn finish_flow(&mut self, info: FlowInfo, now: Nanos) {
         let size = info.size;
         self.account(info.from, info.to, size);
+        if info.logged {
+            // The sender wrote the whole chunk, whether or not its receiver still wants it.
+            self.upload_ended(info.from, info.chunk, true);
+        }
         if info.from == PUBLISHER && info.chunk != u32::MAX {
             if let Some(n) = self.publisher_uploads.get_mut(info.chunk as usize) {
                 *n += 1;
@@ -1202,7 +1494,11 @@ impl<'a> Sim<'a> {
         );
         if a.held.set(req.chunk) {
             a.log.push((req.chunk, now));
-            self.wake_pollers(info.to);
+            if a.held.is_full() {
+                // A seeder now: its chunk server logs the transfers it starts from here on.
+                a.uploads = Some(Box::new(UploadLog::new(self.chunk_count)));
+            }
+            self.answer_polls(info.to, req.chunk);
         } else {
             self.wasted += size;
             self.duplicate_bytes += size;
@@ -1210,55 +1506,57 @@ impl<'a> Sim<'a> {
         self.mark(info.to);
     }
 
-    /// `node` got a chunk: answer the long-polls parked on it. Polls that already arrived are
-    /// answered together (one event per latency class); polls still travelling are answered
-    /// when they arrive, with what the node holds then.
-    fn wake_pollers(&mut self, node: u32) {
+    /// `node` changed in a way that concerns `chunk`: it stored the chunk, or its report's
+    /// claim on the chunk changed. Answers the long polls parked on it: those that arrived
+    /// together (one event per latency class), those still travelling when they arrive, with
+    /// what the node holds and reports then. A poll whose asker holds `chunk` stays parked: the
+    /// answer would change none of its plan's decisions (they are about missing chunks), and
+    /// the next answer carries this change too. Only when the next change comes sooner than a
+    /// re-poll would have arrived does it reach the asker earlier than with the real protocol
+    /// (by at most two one-way latencies).
+    fn answer_polls(&mut self, node: u32, chunk: u32) {
         let now = self.q.now();
         let parked = std::mem::take(&mut self.nodes[node as usize].parked);
         let session = self.nodes[node as usize].session;
         let site = self.nodes[node as usize].site;
         let mut local = Vec::new();
         let mut remote = Vec::new();
-        let chunk = self.nodes[node as usize].log.last().map(|&(c, _)| c);
         let mut keep = Vec::new();
         for p in parked {
             let asker = &self.nodes[p.asker as usize];
             if asker.epoch != p.epoch || !asker.online || asker.completed.is_some() {
                 continue;
             }
-            // The asker already holds the new chunk: the answer would change none of its plan's
-            // decisions (they are about missing chunks), so the poll stays parked and the next
-            // answer carries this chunk too. Only when the next news comes sooner than a re-poll
-            // would have arrived does it reach the asker earlier than with the real protocol (by
-            // at most two one-way latencies).
-            if p.arrives <= now && chunk.is_some_and(|c| asker.held.get(c)) {
+            if asker.held.get(chunk) {
                 keep.push(p);
                 continue;
             }
-            let same = asker.site == site;
-            if p.arrives <= now {
-                if same {
-                    local.push((p.asker, p.epoch, p.slot));
-                } else {
-                    remote.push((p.asker, p.epoch, p.slot));
-                }
+            if p.arrives > now {
+                self.q.push(
+                    p.arrives,
+                    Ev::PollArrives {
+                        at: node,
+                        session,
+                        asker: p.asker,
+                        epoch: p.epoch,
+                        slot: p.slot,
+                    },
+                );
                 continue;
             }
-            let lat = self.scenario.latency(same);
-            self.q.push(
-                p.arrives + lat,
-                Ev::HaveAnswer {
-                    to: p.asker,
-                    epoch: p.epoch,
-                    from: node,
-                    session,
-                    as_of: p.arrives,
-                    slot: p.slot,
-                },
-            );
+            if asker.site == site {
+                local.push((p.asker, p.epoch, p.slot));
+            } else {
+                remote.push((p.asker, p.epoch, p.slot));
+            }
         }
-        self.nodes[node as usize].parked = keep;
+        let n = &mut self.nodes[node as usize];
+        n.parked = keep;
+        if local.is_empty() && remote.is_empty() {
+            return;
+        }
+        let held = n.log.len() as u32;
+        let uploads = n.uploads.as_mut().map(|u| u.report());
         for (to, same) in [(local, true), (remote, false)] {
             if !to.is_empty() {
                 let lat = self.scenario.latency(same);
@@ -1268,9 +1566,33 @@ impl<'a> Sim<'a> {
                         to,
                         from: node,
                         session,
-                        held: self.nodes[node as usize].log.len() as u32,
+                        held,
+                        uploads: uploads.clone(),
                     },
                 );
+            }
+        }
+    }
+
+    /// A transfer of `chunk` from `node` starts; returns whether `node` logs it (it holds the
+    /// whole blob).
+    fn upload_started(&mut self, node: u32, chunk: u32) -> bool {
+        let n = &mut self.nodes[node as usize];
+        let Some(log) = n.uploads.as_mut() else {
+            return false;
+        };
+        if log.start(chunk) && n.online {
+            self.answer_polls(node, chunk);
+        }
+        true
+    }
+
+    /// A transfer of `chunk` that `node` logged ends, `finished` or cut short.
+    fn upload_ended(&mut self, node: u32, chunk: u32, finished: bool) {
+        let n = &mut self.nodes[node as usize];
+        if let Some(log) = n.uploads.as_mut() {
+            if log.end(chunk, finished) && n.online {
+                self.answer_polls(node, chunk);
             }
         }
     }
@@ -1296,6 +1618,9 @@ impl<'a> Sim<'a> {
         let bytes = self.net.stop(now, flow);
         self.account(info.from, info.to, bytes);
         self.wasted += bytes;
+        if info.logged {
+            self.upload_ended(info.from, info.chunk, false);
+        }
         bytes
     }
 
@@ -1323,7 +1648,10 @@ impl<'a> Sim<'a> {
         };
         // Haves alone can only lead to requests to the peers they came from: the plan's last
         // decision already gave every free slot of the other peers whatever they could take,
-        // and their holdings have not changed. Expiries have their own wake-up and cancels come
+        // and their holdings have not changed. The exception is a chunk waiting for a copy
+        // (every holder said it gave it away): a new holder ends the wait and the chunk may go
+        // to any holder; haves of chunks any report claimed are therefore not `haves_only` (see
+        // `on_have_answer`). Expiries, rests and waits have their own wake-up, and cancels come
         // from chunk events. So when the download has no free slot, or none of those peers has
         // one, the call would return nothing: skip it, it is the costly part.
         if n.haves_only {
@@ -1341,6 +1669,56 @@ impl<'a> Sim<'a> {
         }
         self.thinks += 1;
         let actions = d.plan.next_actions(duration(now));
+        if self.debug {
+            let d = self.nodes[node as usize]
+                .download
+                .as_ref()
+                .expect("download");
+            let mut counts = [0u64; 7];
+            for a in &actions {
+                if let Action::Request {
+                    peer: PUBLISHER,
+                    chunk,
+                } = *a
+                {
+                    let claimed = d
+                        .candidates
+                        .iter()
+                        .find(|c| c.peer == PUBLISHER)
+                        .and_then(|c| c.report.as_ref())
+                        .is_some_and(|r| claim(r, chunk) > 0);
+                    let (mut holders, mut free) = (0, 0);
+                    for c in &d.candidates {
+                        let told = match c.state {
+                            CandState::Polling { told } => told as usize,
+                            CandState::Asked => 0,
+                        };
+                        let log = &self.nodes[c.peer as usize].log;
+                        if c.peer != PUBLISHER
+                            && log[..told.min(log.len())].iter().any(|&(x, _)| x == chunk)
+                        {
+                            holders += 1;
+                            if let Some(s) = d.plan.peer_stats(&c.peer) {
+                                free += usize::from(s.usable && s.in_flight < s.in_flight_limit);
+                            }
+                        }
+                    }
+                    let dup = d.requests.iter().any(|r| r.chunk == chunk)
+                        || actions.iter().any(|b| {
+                            matches!(*b, Action::Request { peer, chunk: c } if c == chunk && peer != PUBLISHER)
+                        });
+                    let k = if dup {
+                        6
+                    } else {
+                        usize::from(claimed) * 3 + usize::from(holders > 0) + usize::from(free > 0)
+                    };
+                    counts[k] += 1;
+                }
+            }
+            for (a, b) in self.pub_requests.iter_mut().zip(counts) {
+                *a += b;
+            }
+        }
         // The peers' sessions, for the streams the requests use.
         let sessions: Vec<u32> = actions
             .iter()
@@ -1640,6 +2018,7 @@ impl<'a> Sim<'a> {
             duplicate_bytes: self.duplicate_bytes,
             loser_bytes: self.loser_bytes,
             thinks: (self.thinks, self.thinks_skipped),
+            reports: self.reports,
             end_secs: secs_from_nanos(self.q.now()),
             events: self.q.popped() + self.flow_ends,
             wall_secs,
@@ -1791,6 +2170,7 @@ mod tests {
             duplicate_bytes: 0.0,
             loser_bytes: 0.0,
             thinks: (0, 0),
+            reports: 0,
             end_secs: 0.0,
             events: 0,
             wall_secs: 0.0,

@@ -76,6 +76,10 @@ pub struct Discovery {
     /// the others (the node takes providers first, then connected peers, whatever their site).
     #[serde(default)]
     pub local_first: bool,
+    /// What-if: at most this many candidates instead of the node's `MAX_CANDIDATES` (a test sets
+    /// it above the fleet size so that every node sees every other).
+    #[serde(default)]
+    pub max_candidates: Option<usize>,
 }
 
 impl Default for Discovery {
@@ -84,6 +88,7 @@ impl Default for Discovery {
             lookup_rtts: default_lookup_rtts(),
             mesh_degree: default_mesh_degree(),
             local_first: false,
+            max_candidates: None,
         }
     }
 }

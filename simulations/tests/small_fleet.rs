@@ -175,3 +175,36 @@ fn central_sends_one_copy_per_puller_from_the_publisher() {
         50.0 * ideal
     );
 }
+
+#[test]
+fn upload_reports_bring_the_publishers_egress_near_one_copy() {
+    // 50 pullers that all see each other and the publisher (candidates capped above the fleet
+    // size), 256 chunks of 1 MiB. The publisher's uplink is the only source at first; every
+    // puller asks it for the chunks only it holds. Without upload reports each puller picks its
+    // own rarest chunks and the publisher sends 1.8 to 1.95 copies (seeds 1 to 3); with them, a
+    // chunk the publisher already gave away waits for the copy to appear at another peer: 1.4 to
+    // 1.45 copies. One full copy is the least it can send.
+    let text = r#"
+        name = "all-see-all"
+        mode = "swarm"
+        seed = 1
+        image_bytes = 268435456
+        chunk_bytes = 1048576
+        nodes = [50]
+        nic_mbit = 1000
+        latency_ms = 0.1
+
+        [discovery]
+        max_candidates = 64
+    "#;
+    let (scenario, r) = run(text, 1);
+    assert_eq!(r.completed(), 50);
+    assert!(r.holds_image.iter().all(|&h| h));
+    assert_conservation(&scenario, &r);
+    assert!(r.reports > 0, "the pullers heard the publisher's reports");
+    let copies = r.publisher_egress() / scenario.image_bytes as f64;
+    assert!(
+        (1.0..1.6).contains(&copies),
+        "the publisher sent {copies} copies"
+    );
+}
