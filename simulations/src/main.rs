@@ -165,6 +165,8 @@ fn calibrate(scenario: &Scenario, seed: Option<u64>) -> anyhow::Result<()> {
             nodes: n,
             simulated_secs: row.max_secs,
             measured_secs: measured,
+            simulated_egress: row.egress_copies,
+            measured_egress: scenario.measured_egress_copies.get(&n.to_string()).copied(),
         });
     }
     println!("== calibration: {}", scenario.name);

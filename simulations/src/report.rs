@@ -267,6 +267,10 @@ pub struct Calibration {
     pub simulated_secs: f64,
     /// Measured all-done time.
     pub measured_secs: f64,
+    /// Simulated publisher egress, in copies of the image.
+    pub simulated_egress: f64,
+    /// Measured origin egress, in copies of the image, if known.
+    pub measured_egress: Option<f64>,
 }
 
 impl Calibration {
@@ -274,21 +278,35 @@ impl Calibration {
     pub fn error_percent(&self) -> f64 {
         (self.simulated_secs - self.measured_secs) / self.measured_secs * 100.0
     }
+
+    /// The same for the origin's egress, if it was measured.
+    pub fn egress_error_percent(&self) -> Option<f64> {
+        self.measured_egress
+            .map(|m| (self.simulated_egress - m) / m * 100.0)
+    }
 }
 
 /// The calibration table.
 pub fn calibration_table(lines: &[Calibration]) -> String {
-    let mut out =
-        String::from("| pullers | simulated all-done (s) | measured (s) | difference |\n");
-    out.push_str("|---|---|---|---|\n");
+    let mut out = String::from(
+        "| pullers | all-done simulated (s) | measured (s) | difference | origin egress simulated (copies) | measured | difference |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|\n");
     for c in lines {
+        let (measured, diff) = match (c.measured_egress, c.egress_error_percent()) {
+            (Some(m), Some(d)) => (format!("{m:.2}"), format!("{d:+.1}%")),
+            _ => ("-".into(), "-".into()),
+        };
         let _ = writeln!(
             out,
-            "| {} | {:.1} | {:.1} | {:+.1}% |",
+            "| {} | {:.1} | {:.1} | {:+.1}% | {:.2} | {} | {} |",
             c.nodes,
             c.simulated_secs,
             c.measured_secs,
-            c.error_percent()
+            c.error_percent(),
+            c.simulated_egress,
+            measured,
+            diff
         );
     }
     out
@@ -341,8 +359,17 @@ mod tests {
             nodes: 8,
             simulated_secs: 99.0,
             measured_secs: 90.0,
+            simulated_egress: 1.5,
+            measured_egress: Some(2.0),
         };
         assert!((c.error_percent() - 10.0).abs() < 1e-9);
-        assert!(calibration_table(&[c]).contains("+10.0%"));
+        assert!((c.egress_error_percent().unwrap() + 25.0).abs() < 1e-9);
+        let table = calibration_table(std::slice::from_ref(&c));
+        assert!(table.contains("+10.0%") && table.contains("-25.0%"));
+        let unmeasured = Calibration {
+            measured_egress: None,
+            ..c
+        };
+        assert!(calibration_table(&[unmeasured]).contains("| 1.50 | - | - |"));
     }
 }

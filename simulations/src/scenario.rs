@@ -199,6 +199,10 @@ pub struct Scenario {
     /// `shoal-sim calibrate`.
     #[serde(default)]
     pub measured_all_done_secs: BTreeMap<String, f64>,
+    /// Measured bytes the origin (publisher) sent in the same real run, in copies of the image,
+    /// by fleet size, for `shoal-sim calibrate` (optional).
+    #[serde(default)]
+    pub measured_egress_copies: BTreeMap<String, f64>,
 }
 
 fn default_seed() -> u64 {
