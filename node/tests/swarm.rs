@@ -55,10 +55,12 @@ async fn six_nodes_fetch_one_blob_at_once_and_share_chunks() {
         t
     };
     println!("publisher served {publisher} bytes, the others {others}, blob {size}");
-    // Six copies were delivered; the publisher must have sent well under six. (Downloaders
-    // that start together pick some of the same publisher-only chunks, so it sends about three.)
+    // Six copies were delivered; the publisher must have sent at most two and a half. Its upload
+    // report (which chunks it is sending and sent) steers the downloaders to chunks it has not
+    // sent yet: it sent 1.3 to 1.5 copies in trials on an idle machine and 1.5 to 1.9 with two
+    // such tests sharing two cores; 2.3 to 2.6 with the report ignored on an idle machine.
     assert!(
-        publisher < 4 * size,
+        publisher <= 5 * size / 2,
         "publisher served {publisher} bytes for 6 copies of {size}"
     );
     assert!(others > 0, "no downloader served a chunk to another");

@@ -46,7 +46,7 @@
 //! # Versioning
 //!
 //! The format has no version field of its own. What is versioned is each use of it: the protocol
-//! ids and gossip topic (`/shoal/sync/1`, `/shoal/chunk/1`, `shoal/tags/1`), the signing domain
+//! ids and gossip topic (`/shoal/sync/2`, `/shoal/chunk/1`, `shoal/tags/1`), the signing domain
 //! of tag records (`shoal tag record v1`) and the key derivation context of blob index ids
 //! (`shoal blob index v1`). A breaking change to any encoded type ships under a new protocol id
 //! (and, for signed or hashed types, a new domain), and nodes speak both versions during a

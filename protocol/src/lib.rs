@@ -14,7 +14,7 @@
 //!   [`BlobRef`]) a tag names, or that it was deleted. It travels as a [`SignedTagRecord`]:
 //!   ed25519 over a domain-separated encoding, and [`SignedTagRecord::verify`] is the only way to
 //!   obtain the trusted [`VerifiedTagRecord`].
-//! - [`message`]: the peer-to-peer protocols (`shoal/tags/1` gossip, `/shoal/sync/1`,
+//! - [`message`]: the peer-to-peer protocols (`shoal/tags/1` gossip, `/shoal/sync/2`,
 //!   `/shoal/chunk/1`), their messages and their limits.
 //! - [`codec`]: the one wire encoding (fixed bincode configuration, length-prefixed frames,
 //!   [`MAX_FRAME_BYTES`](codec::MAX_FRAME_BYTES)), documented there: goals, non-goals,

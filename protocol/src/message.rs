@@ -14,7 +14,7 @@
 //! is at most [`MAX_RECORD_PAYLOAD_BYTES`](crate::record::MAX_RECORD_PAYLOAD_BYTES). A receiver
 //! verifies the record and checks that its publisher is trusted before it keeps or forwards it.
 //!
-//! # `/shoal/sync/1` (request-response)
+//! # `/shoal/sync/2` (request-response)
 //!
 //! Anti-entropy and index lookup. One [`SyncRequest`], one [`SyncResponse`], each a single
 //! codec-encoded message of at most [`MAX_FRAME_BYTES`](crate::codec::MAX_FRAME_BYTES).
@@ -29,6 +29,12 @@
 //! - `BlobIndex { digest }` → `BlobIndex(Some(index))` or `BlobIndex(None)` if the peer has no
 //!   index for that blob. The receiver checks the index's id against the `BlobRef` of a verified
 //!   record before using it.
+//! - `Have { digest }` → `Have(Some(chunks))` or `Have(None)` if the peer neither holds nor
+//!   downloads the blob. A node holding the whole blob adds an [`UploadReport`]: which chunks it is
+//!   sending and has sent, so downloaders ask it for each chunk about once.
+//! - `HaveWait { digest, held, uploads }`: `Have` as a long poll, answered when the peer holds more
+//!   than `held` chunks, when its upload report's version differs from `uploads`, when it stops
+//!   downloading, or after [`HAVE_WAIT_MAX`].
 //! - Any request may be answered with `Error(reason)`: a short reason without internal detail.
 //!
 //! # `/shoal/chunk/1` (raw stream)
@@ -56,7 +62,7 @@ use crate::record::SignedTagRecord;
 /// The gossipsub topic on which tag records are published.
 pub const TAGS_TOPIC: &str = "shoal/tags/1";
 /// The request-response protocol for record sync and blob indexes.
-pub const SYNC_PROTOCOL: &str = "/shoal/sync/1";
+pub const SYNC_PROTOCOL: &str = "/shoal/sync/2";
 /// The stream protocol for chunk transfer.
 pub const CHUNK_PROTOCOL: &str = "/shoal/chunk/1";
 
@@ -157,6 +163,9 @@ pub enum SyncRequest {
         digest: Digest,
         /// How many chunks the asker already knows the peer holds.
         held: u32,
+        /// The [`UploadReport::version`] the asker last heard from the peer (0 if none): a peer
+        /// that reports uploads answers as soon as its report changes.
+        uploads: u64,
     },
 }
 
@@ -171,12 +180,41 @@ pub struct HaveChunks {
     pub chunk_count: u32,
     /// `ceil(chunk_count / 8)` bytes.
     pub bits: Vec<u8>,
+    /// What the peer has uploaded of the blob, if it reports it (a node holding the whole blob
+    /// does), so that downloaders fetch each chunk from it about once.
+    pub uploads: Option<UploadReport>,
+}
+
+/// Which chunks of a blob a node is sending and has sent to other peers, in [`HaveChunks`]'s
+/// byte form, each `ceil(chunk_count / 8)` bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadReport {
+    /// Changes whenever the report does: a transfer of the blob started or ended.
+    pub version: u64,
+    /// Chunks being sent to some peer now.
+    pub sending: Vec<u8>,
+    /// Chunks sent in full to some peer at least once.
+    pub sent: Vec<u8>,
 }
 
 impl HaveChunks {
-    /// Checks the shape: at most `MAX_CHUNKS` chunks and a well-formed bitfield for them.
+    /// Checks the shape: at most `MAX_CHUNKS` chunks and well-formed bitfields for them.
     pub fn validate(&self) -> Result<(), MessageError> {
-        self.bitfield().map(|_| ()).ok_or(MessageError::BadBitfield)
+        self.bitfield().ok_or(MessageError::BadBitfield)?;
+        if self.uploads.is_some() && self.upload_bitfields().is_none() {
+            return Err(MessageError::BadBitfield);
+        }
+        Ok(())
+    }
+
+    /// The report's `(sending, sent)` bitfields, if there is a report and its shape is valid.
+    pub fn upload_bitfields(&self) -> Option<(Bitfield, Bitfield)> {
+        let report = self.uploads.as_ref()?;
+        self.bitfield()?;
+        Some((
+            Bitfield::from_bytes(&report.sending, self.chunk_count)?,
+            Bitfield::from_bytes(&report.sent, self.chunk_count)?,
+        ))
     }
 
     /// The bitfield, if the shape is valid.
@@ -199,6 +237,7 @@ impl From<&Bitfield> for HaveChunks {
         HaveChunks {
             chunk_count: bits.len(),
             bits: bits.to_bytes(),
+            uploads: None,
         }
     }
 }
@@ -587,7 +626,7 @@ mod tests {
     #[test]
     fn protocol_ids_are_versioned() {
         assert!(TAGS_TOPIC.ends_with("/1"));
-        assert!(SYNC_PROTOCOL.starts_with("/shoal/") && SYNC_PROTOCOL.ends_with("/1"));
+        assert!(SYNC_PROTOCOL.starts_with("/shoal/") && SYNC_PROTOCOL.ends_with("/2"));
         assert!(CHUNK_PROTOCOL.starts_with("/shoal/") && CHUNK_PROTOCOL.ends_with("/1"));
     }
 
@@ -626,15 +665,46 @@ mod tests {
         let have = HaveChunks {
             chunk_count: 10,
             bits: vec![0b1010_0000, 0b0100_0000],
+            uploads: None,
         };
         assert!(have.has(0) && !have.has(1) && have.has(2) && have.has(9) && !have.has(10));
-        round_trip(&SyncResponse::Have(Some(have)));
+        round_trip(&SyncResponse::Have(Some(have.clone())));
         round_trip(&SyncResponse::Have(None));
         let bad = SyncResponse::Have(Some(HaveChunks {
             chunk_count: 10,
             bits: vec![0],
+            uploads: None,
         }));
         assert!(decode::<SyncResponse>(&encode(&bad).unwrap()).is_err());
+        let report = UploadReport {
+            version: 3,
+            sending: vec![0b1000_0000, 0],
+            sent: vec![0b0010_0000, 0b0100_0000],
+        };
+        let with = HaveChunks {
+            uploads: Some(report.clone()),
+            ..have.clone()
+        };
+        let (sending, sent) = with.upload_bitfields().unwrap();
+        assert!(sending.get(0) && !sending.get(2) && sent.get(2) && sent.get(9));
+        round_trip(&SyncResponse::Have(Some(with)));
+        // A report whose bitfields do not fit the chunk count is refused whole.
+        for bad_report in [
+            UploadReport {
+                sending: vec![0],
+                ..report.clone()
+            },
+            UploadReport {
+                sent: vec![0, 0b0010_0000],
+                ..report.clone()
+            },
+        ] {
+            let bad = SyncResponse::Have(Some(HaveChunks {
+                uploads: Some(bad_report),
+                ..have.clone()
+            }));
+            assert!(decode::<SyncResponse>(&encode(&bad).unwrap()).is_err());
+        }
         round_trip(&ChunkRequest {
             digest: Digest::sha256(b""),
             offset: 0,
@@ -846,8 +916,13 @@ mod tests {
                 .prop_map(|(after, limit)| SyncRequest::Records { after, limit }),
             digest().prop_map(|digest| SyncRequest::BlobIndex { digest }),
             digest().prop_map(|digest| SyncRequest::Have { digest }),
-            (digest(), any::<u32>())
-                .prop_map(|(digest, held)| SyncRequest::HaveWait { digest, held }),
+            (digest(), any::<u32>(), any::<u64>()).prop_map(|(digest, held, uploads)| {
+                SyncRequest::HaveWait {
+                    digest,
+                    held,
+                    uploads,
+                }
+            }),
         ]
     }
 
@@ -862,6 +937,18 @@ mod tests {
                 .prop_map(|(records, more)| SyncResponse::Records { records, more }),
             proptest::option::of(blob_index()).prop_map(SyncResponse::BlobIndex),
             ".{0,50}".prop_map(SyncResponse::Error),
+            (0u32..40, any::<u64>(), any::<bool>()).prop_map(|(n, version, report)| {
+                let full = Bitfield::full(n).to_bytes();
+                SyncResponse::Have(Some(HaveChunks {
+                    chunk_count: n,
+                    bits: full.clone(),
+                    uploads: report.then(|| UploadReport {
+                        version,
+                        sending: Bitfield::new(n).to_bytes(),
+                        sent: full,
+                    }),
+                }))
+            }),
         ]
     }
 

@@ -146,6 +146,15 @@ impl Fetcher {
             }
         }
         providers.retain(|p| *p != self.network.peer_id());
+        // Peers known to be in this node's site first, those in another site last: a download
+        // keeps only the first `MAX_CANDIDATES`, and a site whose nodes do not know each other
+        // fetches every chunk over its WAN link once per node instead of once per site. (The
+        // sort is stable, so each group stays shuffled.)
+        providers.sort_by_key(|p| match self.network.same_site(p) {
+            Some(true) => 0,
+            None => 1,
+            Some(false) => 2,
+        });
         providers
     }
 

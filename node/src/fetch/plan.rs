@@ -70,7 +70,8 @@
 //! - **Busy.** "Busy" ([`Event::ChunkBusy`]) is a normal answer from a popular peer, not a
 //!   failure: no strike (three refusals in a millisecond would otherwise strike out a seeder that
 //!   may be the only holder of some chunks), the chunk is re-planned at once, and the peer is
-//!   asked for nothing new for 250 ms, doubled for each refusal in a row up to 4 s.
+//!   asked for nothing new for one typical request time (10 to 250 ms; 250 ms before any
+//!   request completed), doubled for each refusal in a row up to 4 s.
 //! - **Bans.** A peer that sent a chunk failing verification ([`Event::ChunkBad`]) is banned for
 //!   the life of the plan, reconnect or not: one [`Action::Ban`] is emitted, its requests are
 //!   forgotten (the driver disconnects it, so no cancel is sent) and their chunks re-planned.
@@ -105,7 +106,8 @@
 //!   copy to reach some other peer, which is then asked instead; among holders, one that has not
 //!   given the chunk away is asked first. The wait is bounded, because the copy may never reach
 //!   this node's peers: a chunk sent waits [`PlanConfig::upload_patience`] or three typical
-//!   request times, whichever is longer, and a chunk still being sent eight times that. This is
+//!   request times, whichever is longer but never more than half the request timeout, and a
+//!   chunk still being sent eight times that, never more than the request timeout. This is
 //!   BitTorrent's super-seeding (the seeder steers each downloader to pieces nobody has yet) done
 //!   from the downloader's side, so the seeder keeps serving whatever it is asked.
 //!
@@ -128,9 +130,13 @@ const MAX_SPEEDUP: u128 = 4;
 /// order relative to measured rates matters: it is above the floor given to peers measured at zero.
 const NOMINAL_RATE_BYTES_PER_SEC: u64 = 1 << 20;
 
-/// How long a peer that answered "busy" is left alone, doubled for each such answer in a row up
-/// to [`BUSY_REST_MAX`].
+/// How long a peer that answered "busy" is left alone before any request completed, doubled for
+/// each such answer in a row up to [`BUSY_REST_MAX`]. A busy server frees a slot within about one
+/// request time, so a fixed quarter second left a 10 Gbit/s seeder idle for many chunk times.
 const BUSY_REST: Duration = Duration::from_millis(250);
+/// The shortest first rest after "busy": once requests complete, the first rest is one typical
+/// request time within `[BUSY_REST_MIN, BUSY_REST]`.
+const BUSY_REST_MIN: Duration = Duration::from_millis(10);
 /// The longest rest after "busy" answers.
 const BUSY_REST_MAX: Duration = Duration::from_secs(4);
 
@@ -773,7 +779,10 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         }
         if let Some(state) = self.peers.get_mut(peer) {
             state.busy = state.busy.saturating_add(1);
-            let rest = BUSY_REST
+            let base = self
+                .chunk_time
+                .map_or(BUSY_REST, |t| t.clamp(BUSY_REST_MIN, BUSY_REST));
+            let rest = base
                 .saturating_mul(1 << state.busy.saturating_sub(1).min(8))
                 .min(BUSY_REST_MAX);
             state.rest_until = Some(now.saturating_add(rest));
@@ -1065,19 +1074,58 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         })
     }
 
+    /// This node's stripe: its position `i` among the `m` local downloaders it knows (itself and
+    /// the usable local peers not holding the whole blob), ordered by their fixed hashes. Among
+    /// equally rare chunks, each node asks first for those of its own stripe, then its
+    /// neighbours': downloaders that start together and know each other ask a seeder for
+    /// different chunks from the first request on, before any upload report can tell them
+    /// apart. `None` without [`Plan::with_self`].
+    fn stripe(&self) -> Option<(u64, u64)> {
+        let me = self.me?;
+        let max_strikes = self.config.max_strikes;
+        let (mut below, mut count) = (0u64, 1u64);
+        for state in self.peers.values() {
+            if state.usable(max_strikes)
+                && !state.remote
+                && !state.have.is_full()
+                && state.key != me
+            {
+                count += 1;
+                below += u64::from(state.key < me);
+            }
+        }
+        Some((below, count))
+    }
+
     /// How long a chunk every holder already gave away waits for a copy elsewhere: three
-    /// typical request times (the moving average, or the age of the oldest request still
-    /// outstanding if that is longer), at least [`PlanConfig::upload_patience`].
+    /// typical request times (the moving average; before any request completed, the age of the
+    /// oldest one outstanding), at least [`PlanConfig::upload_patience`] and at most half the
+    /// request timeout. The cap keeps the wait finite when requests stall: a patience that grew
+    /// with the age of a stuck request would never run out.
     fn patience(&self, now: Duration) -> Duration {
-        let oldest = self
-            .peers
-            .values()
-            .flat_map(|peer| peer.in_flight.values())
-            .map(|&issued| now.saturating_sub(issued))
-            .max()
-            .unwrap_or(Duration::ZERO);
-        let typical = self.chunk_time.unwrap_or(Duration::ZERO).max(oldest);
-        typical.saturating_mul(3).max(self.config.upload_patience)
+        let typical = self.chunk_time.unwrap_or_else(|| {
+            self.peers
+                .values()
+                .flat_map(|peer| peer.in_flight.values())
+                .map(|&issued| now.saturating_sub(issued))
+                .max()
+                .unwrap_or(Duration::ZERO)
+        });
+        self.bound_patience(typical.saturating_mul(3))
+    }
+
+    /// How long a chunk a holder is sending waits: [`SENDING_PATIENCE`] times `patience`, at
+    /// most the request timeout.
+    fn sending_patience(&self, patience: Duration) -> Duration {
+        patience
+            .saturating_mul(SENDING_PATIENCE)
+            .min(self.config.request_timeout.max(patience))
+    }
+
+    /// `patience` within [`PlanConfig::upload_patience`] and half the request timeout.
+    fn bound_patience(&self, patience: Duration) -> Duration {
+        let floor = self.config.upload_patience;
+        patience.min(self.config.request_timeout / 2).max(floor)
     }
 
     /// Whether `chunk` should not be requested yet because every usable holder says it has sent
@@ -1101,10 +1149,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 .is_some_and(|t| now >= t.saturating_add(wait))
         };
         !(over(&self.sent_seen, patience)
-            || over(
-                &self.sending_seen,
-                patience.saturating_mul(SENDING_PATIENCE),
-            ))
+            || over(&self.sending_seen, self.sending_patience(patience)))
     }
 
     /// The earliest moment after the latest call a chunk waiting for a copy may stop waiting (a
@@ -1114,11 +1159,8 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         if self.avail_claimed.is_empty() {
             return None;
         }
-        let patience = self
-            .chunk_time
-            .unwrap_or(Duration::ZERO)
-            .saturating_mul(3)
-            .max(self.config.upload_patience);
+        let patience =
+            self.bound_patience(self.chunk_time.unwrap_or(Duration::ZERO).saturating_mul(3));
         self.held
             .iter_zeros()
             .filter(|chunk| {
@@ -1131,8 +1173,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 let sent = self.sent_seen.get(i).copied().flatten();
                 let sending = self.sending_seen.get(i).copied().flatten();
                 let a = sent.map(|t| t.saturating_add(patience));
-                let b =
-                    sending.map(|t| t.saturating_add(patience.saturating_mul(SENDING_PATIENCE)));
+                let b = sending.map(|t| t.saturating_add(self.sending_patience(patience)));
                 a.into_iter().chain(b).min()
             })
             .filter(|&at| at > self.clock)
@@ -1147,14 +1188,18 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         spare: &BTreeMap<P, usize>,
         median: Option<u64>,
         remote: bool,
+        endgame: bool,
     ) -> Option<P> {
         spare
             .keys()
             .filter_map(|peer| {
                 let state = self.peers.get(peer)?;
+                // An endgame duplicate never goes to a holder that is sending the chunk already
+                // (maybe to this node) or sent it: a seeder's uplink is too dear for a spare copy.
                 if state.remote != remote
                     || !state.have.get(chunk)
                     || state.in_flight.contains_key(&chunk)
+                    || (endgame && state.claimed.get(chunk))
                 {
                     return None;
                 }
@@ -1223,10 +1268,12 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 fresh.push(chunk);
             }
         }
+        let stripe = self.stripe();
         fresh.sort_unstable_by_key(|&chunk| {
             (
                 self.window_key(chunk),
                 self.avail(chunk),
+                stripe.map_or(0, |(i, m)| (stripe_owner(chunk, m) + m - i) % m),
                 self.rank(chunk),
                 chunk,
             )
@@ -1237,13 +1284,13 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 break;
             }
             let peer = if self.avail_local(chunk) > 0 {
-                self.pick_peer(chunk, &spare, median, false)
+                self.pick_peer(chunk, &spare, median, false, false)
             } else if !self.owns(chunk) {
                 // Another downloader of this site brings it over the WAN; it is not ours to wait
                 // for, so it does not hold endgame back.
                 continue;
             } else if self.remote_in_flight < self.config.max_remote_in_flight {
-                self.pick_peer(chunk, &spare, median, true)
+                self.pick_peer(chunk, &spare, median, true, false)
             } else {
                 None
             };
@@ -1285,7 +1332,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         for (chunk, mut count) in tail {
             while count < duplicates && global > 0 && !spare.is_empty() {
                 // Never a second request over a WAN link.
-                let Some(peer) = self.pick_peer(chunk, &spare, median, false) else {
+                let Some(peer) = self.pick_peer(chunk, &spare, median, false, true) else {
                     break;
                 };
                 self.assign(peer, chunk, now, &mut spare, &mut global, out);
@@ -1316,6 +1363,11 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         }
         out.push(Action::Request { peer, chunk });
     }
+}
+
+/// The stripe (of `m`) that asks for `chunk` first; see [`Plan::stripe`].
+fn stripe_owner(chunk: u32, m: u64) -> u64 {
+    mix(u64::from(chunk).wrapping_mul(GOLDEN_GAMMA) ^ PEER_SALT) % m.max(1)
 }
 
 /// A hash of `value` that is the same on every node and every run (FNV-1a over what its `Hash`
@@ -1684,7 +1736,8 @@ mod tests {
             },
             now,
         );
-        assert_eq!(plan.next_deadline(), Some(now + BUSY_REST));
+        // The series starts over, from one typical request time (this one took no time at all).
+        assert_eq!(plan.next_deadline(), Some(now + BUSY_REST_MIN));
         assert!(!plan.is_stalled());
     }
 
@@ -1729,6 +1782,39 @@ mod tests {
     }
 
     #[test]
+    fn downloaders_that_know_each_other_ask_a_seeder_for_different_chunks() {
+        // Peer 0 seeds; downloaders 1, 2 and 3 start together and know each other.
+        let first = |me: u32| {
+            let mut plan = Plan::new(24, Bitfield::new(24), config()).with_self(&me);
+            has(&mut plan, 0, Bitfield::full(24));
+            for other in [1, 2, 3].into_iter().filter(|&p| p != me) {
+                has(&mut plan, other, Bitfield::new(24));
+            }
+            let reqs = requests(&plan.next_actions(T0));
+            assert_eq!(reqs.len(), 4, "{reqs:?}");
+            reqs.into_iter().map(|(_, c)| c).collect::<BTreeSet<u32>>()
+        };
+        let (a, b, c) = (first(1), first(2), first(3));
+        assert!(
+            a.is_disjoint(&b) && a.is_disjoint(&c) && b.is_disjoint(&c),
+            "{a:?} {b:?} {c:?}"
+        );
+    }
+
+    #[test]
+    fn an_endgame_duplicate_never_goes_to_a_holder_that_gave_the_chunk_away() {
+        let mut plan = Plan::new(1, Bitfield::new(1), config());
+        has(&mut plan, 1, Bitfield::full(1));
+        has(&mut plan, 2, Bitfield::full(1));
+        uploads(&mut plan, 1, bits(1, [0]), Bitfield::new(1), T0);
+        assert_eq!(requests(&plan.next_actions(T0)), vec![(2, 0)]);
+        assert!(
+            requests(&plan.next_actions(ms(1))).is_empty(),
+            "no duplicate at peer 1"
+        );
+    }
+
+    #[test]
     fn a_holder_that_gave_the_chunk_away_is_asked_last() {
         for seed in 0..16 {
             let mut plan = Plan::new(1, Bitfield::new(1), PlanConfig { seed, ..config() });
@@ -1736,8 +1822,12 @@ mod tests {
             has(&mut plan, 2, Bitfield::full(1));
             // Peer 1 already sent the chunk to someone; peer 2 did not.
             uploads(&mut plan, 1, Bitfield::new(1), bits(1, [0]), T0);
-            // (Peer 1 gets the endgame duplicate: the chunk is the last one.)
-            assert_eq!(requests(&plan.next_actions(T0))[0], (2, 0), "seed {seed}");
+            // (And no endgame duplicate at peer 1, though the chunk is the last one.)
+            assert_eq!(
+                requests(&plan.next_actions(T0)),
+                vec![(2, 0)],
+                "seed {seed}"
+            );
         }
     }
 

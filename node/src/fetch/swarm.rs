@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::plan::{Action, Bitfield, Event, Plan, PlanConfig};
-use crate::net::chunk::ChunkClient;
+use crate::net::chunk::{self, ChunkClient};
 use crate::net::{NetError, Network};
 use crate::store::partial::Partial;
 use crate::store::{Store, StoreError};
@@ -56,6 +56,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 pub const MAX_IN_FLIGHT: usize = 16;
 /// Capacity of the channel from request tasks back to the download loop.
 const EVENT_CAPACITY: usize = 256;
+/// A pooled chunk stream idle for longer is dropped rather than reused: the serving side closes
+/// streams idle for [`chunk::IDLE_TIMEOUT`].
+const POOLED_STREAM_MAX_IDLE: Duration =
+    Duration::from_millis(chunk::IDLE_TIMEOUT.as_millis() as u64 / 2);
 
 /// Why a download stopped.
 #[derive(Debug)]
@@ -84,6 +88,8 @@ enum ChunkOutcome {
     Done(u64),
     Bad,
     Failed,
+    /// The peer is at capacity.
+    Busy,
 }
 
 /// The bitfield a peer sent, if it is well formed and for this blob.
@@ -108,7 +114,8 @@ pub async fn download(
         Plan::new(count, held, plan_config(rand::random())).with_self(&network.peer_id());
     let (tx, mut rx) = mpsc::channel::<Msg>(EVENT_CAPACITY);
     let mut tasks: HashMap<(PeerId, u32), JoinHandle<()>> = HashMap::new();
-    let mut pool: HashMap<PeerId, Vec<Box<ChunkClient>>> = HashMap::new();
+    // Open chunk streams per peer, with when each was last used.
+    let mut pool: HashMap<PeerId, Vec<(Box<ChunkClient>, Instant)>> = HashMap::new();
     let start = Instant::now();
     let mut last_progress = Instant::now();
     let mut stalled_since: Option<Instant> = None;
@@ -125,7 +132,10 @@ pub async fn download(
         for action in plan.next_actions(start.elapsed()) {
             match action {
                 Action::Request { peer, chunk } => {
-                    let client = pool.get_mut(&peer).and_then(Vec::pop);
+                    let client = pool.get_mut(&peer).and_then(|streams| {
+                        streams.retain(|(_, used)| used.elapsed() < POOLED_STREAM_MAX_IDLE);
+                        streams.pop().map(|(c, _)| c)
+                    });
                     let job = request_chunk(
                         network.clone(),
                         partial.clone(),
@@ -176,6 +186,10 @@ pub async fn download(
                                 plan.handle(Event::PeerRemote { peer }, start.elapsed());
                             }
                             plan.handle(Event::PeerHas { peer, have: bits }, start.elapsed());
+                            if let Some((sending, sent)) = have.upload_bitfields() {
+                                let event = Event::PeerUploads { peer, sending, sent };
+                                plan.handle(event, start.elapsed());
+                            }
                         }
                     }
                     Msg::Gone(peer) => plan.handle(Event::PeerGone { peer }, start.elapsed()),
@@ -189,7 +203,7 @@ pub async fn download(
                     Msg::Chunk { peer, chunk, outcome, client } => {
                         tasks.remove(&(peer, chunk));
                         if let Some(c) = client {
-                            pool.entry(peer).or_default().push(c);
+                            pool.entry(peer).or_default().push((c, Instant::now()));
                         }
                         let event = match outcome {
                             ChunkOutcome::Done(bytes) => {
@@ -198,6 +212,7 @@ pub async fn download(
                             }
                             ChunkOutcome::Bad => Event::ChunkBad { peer, chunk },
                             ChunkOutcome::Failed => Event::ChunkFailed { peer, chunk },
+                            ChunkOutcome::Busy => Event::ChunkBusy { peer, chunk },
                         };
                         plan.handle(event, start.elapsed());
                     }
@@ -240,7 +255,8 @@ pub fn plan_config(seed: u64) -> PlanConfig {
     }
 }
 
-/// Follows what `peer` holds: a `Have`, then `HaveWait` long polls until it holds the whole blob.
+/// Follows what `peer` holds: a `Have`, then `HaveWait` long polls until it holds the whole blob,
+/// and after that too if it reports its uploads (then each answer says what it sent since).
 /// While it neither holds nor downloads the blob, asks again after [`IDLE_RETRY`], backing off.
 /// Sends `Msg::Have(peer, None)` when it stops downloading, and stops after [`HAVE_FAILURES`]
 /// failed asks in a row.
@@ -266,12 +282,16 @@ fn watch_peer(
                     idle = IDLE_RETRY;
                     known = true;
                     let held = bitfield(&have, count).map_or(0, |b| b.count_ones());
-                    if tx.send(Msg::Have(peer, Some(have))).await.is_err() || held == count {
+                    let uploads = have.uploads.as_ref().map(|u| u.version);
+                    if tx.send(Msg::Have(peer, Some(have))).await.is_err()
+                        || (held == count && uploads.is_none())
+                    {
                         return;
                     }
                     request = SyncRequest::HaveWait {
                         digest: digest.clone(),
                         held,
+                        uploads: uploads.unwrap_or(0),
                     };
                 }
                 Ok(SyncResponse::Have(None)) => {
@@ -309,45 +329,18 @@ async fn request_chunk(
     let index = partial.index();
     let (outcome, client) = match index.chunk_range(chunk) {
         None => (ChunkOutcome::Failed, client),
+        // Written by a request the plan gave up on (timed out or cancelled) after its bytes
+        // arrived: nothing to fetch.
+        Some(range) if partial.has(chunk) => (ChunkOutcome::Done(range.end - range.start), client),
         Some(range) => {
-            let client = match client {
-                Some(c) => Ok(c),
-                None => ChunkClient::open(&mut network.control(), peer)
-                    .await
-                    .map(Box::new),
-            };
-            match client {
-                Err(_) => (ChunkOutcome::Failed, None),
-                Ok(mut c) => {
-                    let mut buf = Vec::new();
-                    match c
-                        .fetch(
-                            index.digest(),
-                            range.start,
-                            range.end - range.start,
-                            &mut buf,
-                        )
-                        .await
-                    {
-                        Ok(true) => {
-                            // `write_chunk` checks the BLAKE3 hash before a byte is written.
-                            let p = partial.clone();
-                            let len = buf.len() as u64;
-                            let written =
-                                tokio::task::spawn_blocking(move || p.write_chunk(chunk, &buf))
-                                    .await;
-                            match written {
-                                Ok(Ok(())) => (ChunkOutcome::Done(len), Some(c)),
-                                Ok(Err(StoreError::Corrupt(_))) => (ChunkOutcome::Bad, None),
-                                _ => (ChunkOutcome::Failed, Some(c)),
-                            }
-                        }
-                        Ok(false) => (ChunkOutcome::Failed, Some(c)),
-                        Err(NetError::Protocol(_)) => (ChunkOutcome::Bad, None),
-                        Err(_) => (ChunkOutcome::Failed, None),
-                    }
-                }
+            let mut outcome =
+                fetch_chunk(&network, &partial, peer, chunk, range.clone(), client).await;
+            if let Err(true) = outcome {
+                // A pooled stream failed: the serving side may have closed it as idle just as it
+                // was reused. One retry on a fresh stream tells that apart from a failing peer.
+                outcome = fetch_chunk(&network, &partial, peer, chunk, range, None).await;
             }
+            outcome.unwrap_or((ChunkOutcome::Failed, None))
         }
     };
     let _ = tx
@@ -358,4 +351,50 @@ async fn request_chunk(
             client,
         })
         .await;
+}
+
+/// One attempt at `chunk` over `client` or a fresh stream. `Err(reused)`: the stream failed
+/// (not the peer's answer), and whether it was a pooled one.
+async fn fetch_chunk(
+    network: &Network,
+    partial: &Arc<Partial>,
+    peer: PeerId,
+    chunk: u32,
+    range: std::ops::Range<u64>,
+    client: Option<Box<ChunkClient>>,
+) -> Result<(ChunkOutcome, Option<Box<ChunkClient>>), bool> {
+    let reused = client.is_some();
+    let mut c = match client {
+        Some(c) => c,
+        None => match ChunkClient::open(&mut network.control(), peer).await {
+            Ok(c) => Box::new(c),
+            Err(_) => return Ok((ChunkOutcome::Failed, None)),
+        },
+    };
+    let mut buf = Vec::new();
+    let fetched = c
+        .fetch(
+            partial.index().digest(),
+            range.start,
+            range.end - range.start,
+            &mut buf,
+        )
+        .await;
+    Ok(match fetched {
+        Ok(true) => {
+            // `write_chunk` checks the BLAKE3 hash before a byte is written.
+            let p = partial.clone();
+            let len = buf.len() as u64;
+            let written = tokio::task::spawn_blocking(move || p.write_chunk(chunk, &buf)).await;
+            match written {
+                Ok(Ok(())) => (ChunkOutcome::Done(len), Some(c)),
+                Ok(Err(StoreError::Corrupt(_))) => (ChunkOutcome::Bad, None),
+                _ => (ChunkOutcome::Failed, Some(c)),
+            }
+        }
+        Ok(false) => (ChunkOutcome::Failed, Some(c)),
+        Err(NetError::Protocol(_)) => (ChunkOutcome::Bad, None),
+        Err(NetError::Busy) => (ChunkOutcome::Busy, None),
+        Err(_) => return Err(reused),
+    })
 }

@@ -19,16 +19,24 @@ use tokio::sync::Semaphore;
 
 use super::NetError;
 use super::sync::{read_frame, write_frame};
+use super::upload_log::UploadLog;
 use crate::store::Store;
 
 /// Most chunk streams served at once.
 pub const MAX_INBOUND_CHUNK_STREAMS: usize = 64;
-/// How long a served stream may sit idle between requests.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a served stream may sit idle between requests. Short: an idle stream holds one of
+/// the [`MAX_INBOUND_CHUNK_STREAMS`] permits, and a permit held by a requester that has moved on
+/// to other peers is one a waiting requester cannot use (the simulations show rollouts of 100
+/// nodes taking twice as long with 30 s as with 1 s).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long one chunk may take to arrive before the requester gives up on the peer.
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Copy buffer for serving.
 const COPY_BUFFER_BYTES: usize = 256 * 1024;
+/// Most refused streams being told "busy" at once; past it a stream is just dropped.
+const MAX_BUSY_ANSWERS: usize = 256;
+/// How long telling a refused stream "busy" may take.
+const BUSY_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The protocol id.
 pub fn protocol() -> StreamProtocol {
@@ -40,6 +48,8 @@ pub fn protocol() -> StreamProtocol {
 pub struct Uploads {
     /// Bytes of blobs sent to peers.
     pub served_bytes: std::sync::atomic::AtomicU64,
+    /// Which chunks of whole blobs are being sent and were sent.
+    pub log: UploadLog,
     limit: Option<RateLimit>,
 }
 
@@ -48,6 +58,7 @@ impl Uploads {
     pub fn new(bytes_per_sec: Option<u64>) -> Uploads {
         Uploads {
             served_bytes: Default::default(),
+            log: UploadLog::default(),
             limit: bytes_per_sec.filter(|r| *r > 0).map(RateLimit::new),
         }
     }
@@ -106,6 +117,7 @@ pub async fn serve(
         }
     };
     let limit = Arc::new(Semaphore::new(MAX_INBOUND_CHUNK_STREAMS));
+    let busy_answers = Arc::new(Semaphore::new(MAX_BUSY_ANSWERS));
     loop {
         let next = tokio::select! {
             () = cancel.cancelled() => return,
@@ -114,6 +126,21 @@ pub async fn serve(
         let Some((peer, stream)) = next else { return };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "refusing a chunk stream: too many in flight");
+            // Say so, so the requester rests this node instead of counting a failure.
+            if let Ok(permit) = busy_answers.clone().try_acquire_owned() {
+                let mut stream = stream;
+                tokio::spawn(async move {
+                    let answer = async {
+                        // The request is read first, so the answer cannot race it.
+                        read_frame(&mut stream).await?;
+                        write_frame(&mut stream, &codec::encode(&ChunkResponse::Busy)?).await?;
+                        stream.close().await?;
+                        Ok::<_, NetError>(())
+                    };
+                    let _ = tokio::time::timeout(BUSY_ANSWER_TIMEOUT, answer).await;
+                    drop(permit);
+                });
+            }
             continue;
         };
         let (store, uploads) = (store.clone(), uploads.clone());
@@ -195,6 +222,15 @@ async fn serve_stream(
             write_frame(&mut stream, &codec::encode(&answer)?).await?;
             continue;
         }
+        let log = match uploads.log.get(&request.digest) {
+            Some(log) => Some(log),
+            None => store.blob_index(&request.digest).await?.map(|index| {
+                uploads
+                    .log
+                    .blob(&request.digest, size, index.chunk_size().into())
+            }),
+        };
+        let sending = log.and_then(|log| log.start(request.offset, request.length));
         write_frame(
             &mut stream,
             &codec::encode(&ChunkResponse::Ok {
@@ -216,6 +252,9 @@ async fn serve_stream(
             left -= n as u64;
         }
         stream.flush().await?;
+        if let Some(sending) = sending {
+            sending.finish();
+        }
     }
 }
 

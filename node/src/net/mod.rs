@@ -6,7 +6,7 @@
 //!
 //! Behaviours: identify and ping; Kademlia (`/shoal/kad/1`) for provider records, one per blob a
 //! node holds; gossipsub on `shoal/tags/1` for signed tag records; mDNS for peers on the LAN;
-//! request-response `/shoal/sync/1` for anti-entropy and `BlobIndex` look-ups; raw streams
+//! request-response `/shoal/sync/2` for anti-entropy and `BlobIndex` look-ups; raw streams
 //! `/shoal/chunk/1` for blob bytes. Transports: QUIC, TCP with noise and yamux, and the in-memory
 //! transport (used by in-process tests).
 //!
@@ -16,6 +16,7 @@
 
 pub mod chunk;
 pub mod sync;
+pub mod upload_log;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -43,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{Store, StoreError};
 use crate::tags::{Ingest, Tags};
+use upload_log::{BlobLog, UploadLog};
 
 /// Capacity of the command channel into the event loop.
 const COMMAND_CAPACITY: usize = 256;
@@ -262,14 +264,18 @@ impl Network {
 
     /// Whether `peer` is in another site: both sites are known and differ.
     pub fn is_remote(&self, peer: &PeerId) -> bool {
-        let Some(mine) = &self.site else {
-            return false;
-        };
+        self.same_site(peer) == Some(false)
+    }
+
+    /// Whether `peer` is in this node's site: `None` if this node has no site or the peer's is
+    /// not known (it is not connected, or advertised none).
+    pub fn same_site(&self, peer: &PeerId) -> Option<bool> {
+        let mine = self.site.as_ref()?;
         self.peer_sites
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(peer)
-            .is_some_and(|theirs| theirs != mine)
+            .map(|theirs| theirs == mine)
     }
 
     /// Bytes of blobs this node has sent to peers.
@@ -782,7 +788,8 @@ impl EventLoop {
         };
         let (store, network) = (self.store.clone(), self.network.clone());
         tokio::spawn(async move {
-            let response = answer(&store, request).await.unwrap_or_else(|e| {
+            let log = &network.uploads.log;
+            let response = answer(&store, log, request).await.unwrap_or_else(|e| {
                 tracing::warn!(%peer, error = %e, "answering a sync request");
                 SyncResponse::Error("internal error".into())
             });
@@ -811,7 +818,11 @@ impl EventLoop {
     }
 }
 
-async fn answer(store: &Store, request: SyncRequest) -> Result<SyncResponse, NetError> {
+async fn answer(
+    store: &Store,
+    log: &UploadLog,
+    request: SyncRequest,
+) -> Result<SyncResponse, NetError> {
     Ok(match request {
         SyncRequest::Summary => store.read(|i| i.records_summary()).await?,
         SyncRequest::Records { after, limit } => {
@@ -819,10 +830,12 @@ async fn answer(store: &Store, request: SyncRequest) -> Result<SyncResponse, Net
                 .read(move |i| i.records_page(after.as_ref().map(|(r, t)| (r, t)), limit))
                 .await?
         }
-        SyncRequest::Have { digest } => SyncResponse::Have(have(store, &digest).await?),
-        SyncRequest::HaveWait { digest, held } => {
-            SyncResponse::Have(have_wait(store, &digest, held).await?)
-        }
+        SyncRequest::Have { digest } => SyncResponse::Have(have(store, log, &digest).await?),
+        SyncRequest::HaveWait {
+            digest,
+            held,
+            uploads,
+        } => SyncResponse::Have(have_wait(store, log, &digest, held, uploads).await?),
         SyncRequest::BlobIndex { digest } => {
             SyncResponse::BlobIndex(store.blob_index(&digest).await?)
         }
@@ -830,16 +843,38 @@ async fn answer(store: &Store, request: SyncRequest) -> Result<SyncResponse, Net
 }
 
 /// Which chunks of a blob this node holds: all of a stored blob, some of a download.
-async fn have(store: &Store, digest: &Digest) -> Result<Option<HaveChunks>, NetError> {
-    if store.blob_size(digest).await?.is_some() {
-        let Some(index) = store.blob_index(digest).await? else {
-            return Ok(None);
-        };
-        return Ok(Some(HaveChunks::from(&shoal_protocol::Bitfield::full(
-            index.chunk_count(),
-        ))));
+/// A stored blob's answer carries its upload report.
+async fn have(
+    store: &Store,
+    log: &UploadLog,
+    digest: &Digest,
+) -> Result<Option<HaveChunks>, NetError> {
+    if let Some(log) = stored_blob_log(store, log, digest).await? {
+        let all = shoal_protocol::Bitfield::full(log.chunk_count());
+        return Ok(Some(HaveChunks {
+            uploads: Some(log.report()),
+            ..HaveChunks::from(&all)
+        }));
     }
     Ok(store.partial_in_progress(digest).map(|p| p.have()))
+}
+
+/// The upload log of a blob this node stores whole, `None` if it does not.
+async fn stored_blob_log(
+    store: &Store,
+    log: &UploadLog,
+    digest: &Digest,
+) -> Result<Option<Arc<BlobLog>>, NetError> {
+    let Some(size) = store.blob_size(digest).await? else {
+        return Ok(None);
+    };
+    if let Some(blob) = log.get(digest) {
+        return Ok(Some(blob));
+    }
+    Ok(store
+        .blob_index(digest)
+        .await?
+        .map(|index| log.blob(digest, size, index.chunk_size().into())))
 }
 
 /// What this node says it is in identify: `shoal/<version>`, then ` site=<label>` if it has one.
@@ -860,13 +895,21 @@ fn site_of(agent_version: &str) -> Option<&str> {
         .filter(|site| !site.is_empty() && site.len() <= 64)
 }
 
-/// Like [`have`], but for a blob being downloaded, waits (at most [`HAVE_WAIT_MAX`]) until more
-/// than `held` chunks are held or the download ends.
+/// Like [`have`], but waits (at most [`HAVE_WAIT_MAX`]): for a blob being downloaded, until
+/// more than `held` chunks are held or the download ends; for a stored blob, until its upload
+/// report's version differs from `uploads`.
 async fn have_wait(
     store: &Store,
+    log: &UploadLog,
     digest: &Digest,
     held: u32,
+    uploads: u64,
 ) -> Result<Option<HaveChunks>, NetError> {
+    if let Some(blob) = stored_blob_log(store, log, digest).await? {
+        let mut version = blob.subscribe();
+        let _ = tokio::time::timeout(HAVE_WAIT_MAX, version.wait_for(|v| *v != uploads)).await;
+        return have(store, log, digest).await;
+    }
     if let Some(partial) = store.partial_in_progress(digest) {
         let mut progress = partial.progress();
         // Copied out at once: the borrowed value holds the watch's lock, which the downloader
@@ -881,7 +924,7 @@ async fn have_wait(
             return Ok(Some(partial.have()));
         }
     }
-    have(store, digest).await
+    have(store, log, digest).await
 }
 
 /// Pulls every record `peer` holds that this node lacks. Returns how many were accepted.

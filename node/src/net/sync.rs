@@ -1,4 +1,4 @@
-//! The `/shoal/sync/1` request-response codec: one length-prefixed frame each way, encoded by
+//! The `/shoal/sync/2` request-response codec: one length-prefixed frame each way, encoded by
 //! the protocol crate's codec, at most `MAX_FRAME_BYTES`. Nothing read is trusted until it is
 //! decoded and validated.
 

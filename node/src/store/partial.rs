@@ -334,6 +334,12 @@ impl Store {
     /// A partial whose bytes do not hash to its digest is discarded.
     pub async fn finish_partial(&self, partial: &Arc<Partial>) -> Result<(), StoreError> {
         let digest = partial.index.digest().clone();
+        // The last chunk's writer may not have hashed it yet (a duplicate request for it
+        // returns as soon as the bit is set): catch the hash up here rather than race it.
+        let p = partial.clone();
+        tokio::task::spawn_blocking(move || p.advance_hash(None))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
         let actual = partial
             .digest_if_complete()
             .ok_or_else(|| StoreError::Corrupt(format!("partial {digest} is not complete")))?;

@@ -1,0 +1,245 @@
+//! Which chunks of each whole blob this node is sending and has sent to peers, for the
+//! [`UploadReport`] in its `Have` answers.
+//!
+//! A downloader that knows a seeder already sent a chunk to someone waits a little for that copy
+//! to reach another peer instead of asking the seeder again (see *Seeders* in
+//! [`plan`](crate::fetch::plan)), so that a rollout costs the seeder's uplink about one copy of
+//! the blob. Only whole-chunk transfers of stored blobs are logged: a range that is not one chunk
+//! (a client's `Range` read relayed by a peer) says nothing about which chunk the asker lacks.
+//!
+//! The log lives in memory only: after a restart a seeder reports nothing sent, and downloaders
+//! simply ask it as they would have without a report. It holds at most [`MAX_LOGGED_BLOBS`]
+//! blobs; the least recently served one is forgotten first.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use shoal_protocol::message::UploadReport;
+use shoal_protocol::{Bitfield, Digest};
+use tokio::sync::watch;
+
+/// Most blobs whose uploads are logged at once.
+pub const MAX_LOGGED_BLOBS: usize = 256;
+
+/// The upload logs of the blobs this node serves.
+#[derive(Debug, Default)]
+pub struct UploadLog {
+    blobs: Mutex<Blobs>,
+}
+
+#[derive(Debug, Default)]
+struct Blobs {
+    map: HashMap<Digest, Arc<BlobLog>>,
+    /// Bumped on every use, to find the least recently used blob.
+    clock: u64,
+}
+
+/// The log of one blob.
+#[derive(Debug)]
+pub struct BlobLog {
+    chunk_size: u64,
+    chunk_count: u32,
+    size: u64,
+    state: Mutex<State>,
+    version: watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Chunk → transfers under way.
+    sending: Vec<u32>,
+    sent: Bitfield,
+    last_used: u64,
+}
+
+impl UploadLog {
+    /// The log of `digest` (a blob of `size` bytes cut in `chunk_size` chunks), created if new.
+    pub fn blob(&self, digest: &Digest, size: u64, chunk_size: u64) -> Arc<BlobLog> {
+        let mut blobs = lock(&self.blobs);
+        blobs.clock += 1;
+        let now = blobs.clock;
+        if let Some(log) = blobs.map.get(digest) {
+            let log = log.clone();
+            lock(&log.state).last_used = now;
+            return log;
+        }
+        if blobs.map.len() >= MAX_LOGGED_BLOBS {
+            let oldest = blobs
+                .map
+                .iter()
+                .min_by_key(|(_, log)| lock(&log.state).last_used)
+                .map(|(d, _)| d.clone());
+            if let Some(oldest) = oldest {
+                blobs.map.remove(&oldest);
+            }
+        }
+        let chunk_size = chunk_size.max(1);
+        let chunk_count = u32::try_from(size.div_ceil(chunk_size)).unwrap_or(u32::MAX);
+        let log = Arc::new(BlobLog {
+            chunk_size,
+            chunk_count,
+            size,
+            state: Mutex::new(State {
+                sending: vec![0; chunk_count as usize],
+                sent: Bitfield::new(chunk_count),
+                last_used: now,
+            }),
+            version: watch::Sender::new(0),
+        });
+        blobs.map.insert(digest.clone(), log.clone());
+        log
+    }
+
+    /// The log of `digest` if there is one.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<BlobLog>> {
+        let mut blobs = lock(&self.blobs);
+        blobs.clock += 1;
+        let now = blobs.clock;
+        let log = blobs.map.get(digest).cloned()?;
+        lock(&log.state).last_used = now;
+        Some(log)
+    }
+}
+
+impl BlobLog {
+    /// Logs the start of a transfer of `length` bytes at `offset`, if that is exactly one chunk.
+    /// The transfer counts as sending until the guard is dropped, and as sent if
+    /// [`Sending::finish`] was called first.
+    pub fn start(self: &Arc<Self>, offset: u64, length: u64) -> Option<Sending> {
+        if offset % self.chunk_size != 0 {
+            return None;
+        }
+        let chunk = u32::try_from(offset / self.chunk_size).ok()?;
+        let expected = self.chunk_size.min(self.size.saturating_sub(offset));
+        if chunk >= self.chunk_count || length != expected {
+            return None;
+        }
+        if let Some(count) = lock(&self.state).sending.get_mut(chunk as usize) {
+            *count = count.saturating_add(1);
+        }
+        self.bump();
+        Some(Sending {
+            log: self.clone(),
+            chunk,
+            finished: false,
+        })
+    }
+
+    /// The blob's chunk count.
+    pub fn chunk_count(&self) -> u32 {
+        self.chunk_count
+    }
+
+    /// The current report.
+    pub fn report(&self) -> UploadReport {
+        let state = lock(&self.state);
+        let mut sending = Bitfield::new(self.chunk_count);
+        for (chunk, _) in state.sending.iter().enumerate().filter(|(_, n)| **n > 0) {
+            sending.set(chunk as u32);
+        }
+        UploadReport {
+            version: *self.version.borrow(),
+            sending: sending.to_bytes(),
+            sent: state.sent.to_bytes(),
+        }
+    }
+
+    /// The report's version, to wait on for a change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1).max(1));
+    }
+}
+
+/// A transfer under way; see [`BlobLog::start`].
+#[derive(Debug)]
+pub struct Sending {
+    log: Arc<BlobLog>,
+    chunk: u32,
+    finished: bool,
+}
+
+impl Sending {
+    /// The whole chunk was written to the peer.
+    pub fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        {
+            let mut state = lock(&self.log.state);
+            if let Some(count) = state.sending.get_mut(self.chunk as usize) {
+                *count = count.saturating_sub(1);
+            }
+            if self.finished {
+                state.sent.set(self.chunk);
+            }
+        }
+        self.log.bump();
+    }
+}
+
+/// Locks a mutex, going on with the data if a panicking thread poisoned it: every update here
+/// leaves the state consistent at each step.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(report_bytes: &[u8], n: u32) -> Vec<u32> {
+        Bitfield::from_bytes(report_bytes, n)
+            .unwrap()
+            .iter_ones()
+            .collect()
+    }
+
+    #[test]
+    fn whole_chunks_are_logged_while_sending_and_once_sent() {
+        let log = UploadLog::default();
+        let digest = Digest::sha256(b"blob");
+        // 10 bytes in chunks of 4: the last chunk has 2 bytes.
+        let blob = log.blob(&digest, 10, 4);
+        let mut version = blob.subscribe();
+        assert_eq!(*version.borrow_and_update(), 0);
+        let a = blob.start(4, 4).expect("chunk 1");
+        let b = blob.start(8, 2).expect("chunk 2, short");
+        assert!(blob.start(2, 4).is_none(), "not chunk-aligned");
+        assert!(blob.start(0, 10).is_none(), "more than a chunk");
+        assert!(blob.start(12, 4).is_none(), "out of the blob");
+        assert!(version.has_changed().unwrap());
+        let report = blob.report();
+        assert_eq!(bits(&report.sending, 3), vec![1, 2]);
+        assert_eq!(bits(&report.sent, 3), Vec::<u32>::new());
+        a.finish();
+        drop(b); // cut short: not sent
+        let report = blob.report();
+        assert_eq!(bits(&report.sending, 3), Vec::<u32>::new());
+        assert_eq!(bits(&report.sent, 3), vec![1]);
+        assert!(report.version >= 4);
+        assert!(Arc::ptr_eq(&log.get(&digest).unwrap(), &blob));
+    }
+
+    #[test]
+    fn the_least_recently_served_blob_is_forgotten_first() {
+        let log = UploadLog::default();
+        let digests: Vec<Digest> = (0..=MAX_LOGGED_BLOBS)
+            .map(|i| Digest::sha256(&i.to_be_bytes()))
+            .collect();
+        for d in &digests[..MAX_LOGGED_BLOBS] {
+            log.blob(d, 8, 4);
+        }
+        log.blob(&digests[0], 8, 4); // used again
+        log.blob(&digests[MAX_LOGGED_BLOBS], 8, 4);
+        assert!(log.get(&digests[0]).is_some());
+        assert!(log.get(&digests[1]).is_none());
+        assert!(log.get(&digests[MAX_LOGGED_BLOBS]).is_some());
+    }
+}
