@@ -38,8 +38,8 @@
 //!   which the peer refuses when [`MAX_INBOUND_CHUNK_STREAMS`] streams are already open to it:
 //!   it answers "busy", and the requester feeds [`Event::ChunkBusy`] one round trip after asking
 //!   (not a strike; the plan rests the peer). A stream closes when its request is cancelled or
-//!   fails, when its download ends, and when the server's thirty-second idle timeout closes it
-//!   (per peer: a download's idle streams to a peer close once none went idle for 30 s). An
+//!   fails, when its download ends, and when the server's idle timeout (one second) closes it
+//!   (per peer: a download's idle streams to a peer close once none went idle for that long). An
 //!   accepted request is a flow of the chunk's bytes from server to requester over the sender's
 //!   NIC, the sender's and receiver's site WAN links if they differ, the receiver's NIC, and the
 //!   shared host if there is one. Its last byte gives [`Event::ChunkDone`]; the requester holds
@@ -79,7 +79,7 @@ use shoal_node::fetch::plan::{Action, Bitfield, Event, Plan};
 use shoal_node::fetch::swarm::{
     CANDIDATE_REFRESH, MAX_CANDIDATES, MAX_IN_FLIGHT, REQUEST_TIMEOUT, STALL_LIMIT, plan_config,
 };
-use shoal_node::net::chunk::MAX_INBOUND_CHUNK_STREAMS;
+use shoal_node::net::chunk::{IDLE_TIMEOUT, MAX_INBOUND_CHUNK_STREAMS};
 
 use crate::engine::{Nanos, Queue, duration, nanos, nanos_from_secs, secs_from_nanos};
 use crate::links::{FlowId, LinkId, Network, Sharing};
@@ -416,9 +416,8 @@ struct Streams {
     check_pending: bool,
 }
 
-/// How long the chunk server keeps an idle stream open (`IDLE_TIMEOUT` in
-/// `node/src/net/chunk.rs`, which is private there).
-const STREAM_IDLE_TIMEOUT: Nanos = 30 * crate::engine::SECOND;
+/// How long the chunk server keeps an idle stream open: the node's own [`IDLE_TIMEOUT`].
+const STREAM_IDLE_TIMEOUT: Nanos = IDLE_TIMEOUT.as_nanos() as Nanos;
 
 struct Download {
     plan: Plan<u32>,
@@ -1249,7 +1248,7 @@ impl<'a> Sim<'a> {
         }
         // The upload report, fed when it changes the claim on a chunk this node misses (the
         // plan's view of the others does not matter: they are never missing again).
-        if let Some(r) = uploads {
+        if let Some(r) = uploads.filter(|_| self.scenario.discovery.upload_reports) {
             let cand = &mut d.candidates[ci];
             if cand
                 .report
