@@ -72,8 +72,9 @@ pub struct Discovery {
     /// Connected peers of each node, drawn at random from the whole fleet.
     #[serde(default = "default_mesh_degree")]
     pub mesh_degree: u32,
-    /// What-if, not what the node does today: candidates from the node's own site first, then
-    /// the others (the node takes providers first, then connected peers, whatever their site).
+    /// Candidates from the node's own site first, then the others: what a node started with
+    /// `--site` does (it learns its peers' sites on connect). `false`: nodes without a site,
+    /// whose candidates are providers first, then connected peers, whatever their site.
     #[serde(default)]
     pub local_first: bool,
     /// What-if: at most this many candidates instead of the node's `MAX_CANDIDATES` (a test sets
