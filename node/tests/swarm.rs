@@ -138,6 +138,12 @@ async fn a_peer_serving_corrupt_chunks_is_banned_and_the_download_completes() {
     .await;
     evil.pull_and_check("team/evil", "1", &img).await;
     let path = shoal_node::store::Layout::new(evil.dir.path()).blob(&layer);
+    // The pull's last bytes reach the client before the download's sha256 check installs the
+    // blob file.
+    wait_until(WAIT, "blob file on 1", || async {
+        path.exists().then_some(())
+    })
+    .await;
     let mut bytes = std::fs::read(&path).unwrap();
     for i in (0..bytes.len()).step_by(4 * MIB) {
         bytes[i] ^= 0xff;
