@@ -27,7 +27,7 @@
 //!   poll parked at it is also answered when the report changes; the asker feeds
 //!   [`Event::PeerUploads`] and polls again. The node answers at every transfer start and end;
 //!   the model answers only when a chunk's *claim* changes (nothing, being sent, sent: see
-//!   [`claim`]), and only askers missing that chunk, because the plan acts on nothing else
+//!   `claim`), and only askers missing that chunk, because the plan acts on nothing else
 //!   (a chunk sent once stays "given away" however often it is sent again, and only missing
 //!   chunks matter). That keeps it cheap: a seeder's claims change at most a few times per
 //!   chunk, so a busy seeder is not polled at the rate of its transfers. A report is fed only
