@@ -222,14 +222,7 @@ async fn serve_stream(
             write_frame(&mut stream, &codec::encode(&answer)?).await?;
             continue;
         }
-        let log = match uploads.log.get(&request.digest) {
-            Some(log) => Some(log),
-            None => store.blob_index(&request.digest).await?.map(|index| {
-                uploads
-                    .log
-                    .blob(&request.digest, size, index.chunk_size().into())
-            }),
-        };
+        let log = uploads.log.for_stored(store, &request.digest, size).await?;
         let sending = log.and_then(|log| log.start(request.offset, request.length));
         write_frame(
             &mut stream,

@@ -868,13 +868,7 @@ async fn stored_blob_log(
     let Some(size) = store.blob_size(digest).await? else {
         return Ok(None);
     };
-    if let Some(blob) = log.get(digest) {
-        return Ok(Some(blob));
-    }
-    Ok(store
-        .blob_index(digest)
-        .await?
-        .map(|index| log.blob(digest, size, index.chunk_size().into())))
+    Ok(log.for_stored(store, digest, size).await?)
 }
 
 /// What this node says it is in identify: `shoal/<version>`, then ` site=<label>` if it has one.
@@ -908,6 +902,7 @@ async fn have_wait(
     if let Some(blob) = stored_blob_log(store, log, digest).await? {
         let mut version = blob.subscribe();
         let _ = tokio::time::timeout(HAVE_WAIT_MAX, version.wait_for(|v| *v != uploads)).await;
+        // Asked again: the blob may have been deleted while this waited.
         return have(store, log, digest).await;
     }
     if let Some(partial) = store.partial_in_progress(digest) {

@@ -18,6 +18,8 @@ use shoal_protocol::message::UploadReport;
 use shoal_protocol::{Bitfield, Digest};
 use tokio::sync::watch;
 
+use crate::store::{Store, StoreError};
+
 /// Most blobs whose uploads are logged at once.
 pub const MAX_LOGGED_BLOBS: usize = 256;
 
@@ -88,6 +90,23 @@ impl UploadLog {
         });
         blobs.map.insert(digest.clone(), log.clone());
         log
+    }
+
+    /// The log of `digest`, a blob of `size` bytes this node stores whole: the one there is, or
+    /// a new one cut as the blob's `BlobIndex` says (read only then). `None` without an index.
+    pub async fn for_stored(
+        &self,
+        store: &Store,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<Option<Arc<BlobLog>>, StoreError> {
+        if let Some(log) = self.get(digest) {
+            return Ok(Some(log));
+        }
+        Ok(store
+            .blob_index(digest)
+            .await?
+            .map(|index| self.blob(digest, size, index.chunk_size().into())))
     }
 
     /// The log of `digest` if there is one.
