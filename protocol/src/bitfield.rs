@@ -19,6 +19,10 @@ pub struct Bitfield {
     /// Bit `i` is bit `i % 64` of word `i / 64`; bits at and beyond `len` are always zero.
     words: Vec<u64>,
     len: u32,
+    /// How many bits are set, kept with every change so that [`Bitfield::is_full`] and
+    /// [`Bitfield::count_ones`] do not walk the words (the download plan asks for every peer,
+    /// often).
+    ones: u32,
 }
 
 impl Bitfield {
@@ -27,6 +31,7 @@ impl Bitfield {
         Bitfield {
             words: vec![0; words_for(len)],
             len,
+            ones: 0,
         }
     }
 
@@ -35,6 +40,7 @@ impl Bitfield {
         let mut bits = Bitfield {
             words: vec![u64::MAX; words_for(len)],
             len,
+            ones: len,
         };
         let spare = len % 64;
         if let Some(last) = bits.words.last_mut().filter(|_| spare != 0) {
@@ -73,6 +79,7 @@ impl Bitfield {
                 let mask = 1u64 << (i % 64);
                 let was = *w & mask != 0;
                 *w |= mask;
+                self.ones += u32::from(!was);
                 !was
             }
             None => false,
@@ -89,6 +96,7 @@ impl Bitfield {
                 let mask = 1u64 << (i % 64);
                 let was = *w & mask != 0;
                 *w &= !mask;
+                self.ones -= u32::from(was);
                 was
             }
             None => false,
@@ -97,7 +105,7 @@ impl Bitfield {
 
     /// How many chunks are held.
     pub fn count_ones(&self) -> u32 {
-        self.words.iter().map(|w| w.count_ones()).sum()
+        self.ones
     }
 
     /// Whether every chunk is held (true for a zero-length bitfield).
@@ -167,6 +175,18 @@ impl Bitfield {
             .any(|(k, &w)| w & !other.words.get(k).copied().unwrap_or(0) != 0)
     }
 
+    /// Adds the chunks held in `other` (those within this bitfield's length).
+    pub fn union_with(&mut self, other: &Bitfield) {
+        for (w, &o) in self.words.iter_mut().zip(&other.words) {
+            *w |= o;
+        }
+        let spare = self.len % 64;
+        if let Some(last) = self.words.last_mut().filter(|_| spare != 0) {
+            *last &= (1u64 << spare) - 1;
+        }
+        self.ones = self.words.iter().map(|w| w.count_ones()).sum();
+    }
+
     /// The same chunks, described as a bitfield of `len` chunks (chunks beyond `len` dropped).
     pub fn resized(&self, len: u32) -> Bitfield {
         let mut bits = Bitfield::new(len);
@@ -206,5 +226,46 @@ impl Iterator for Ones {
         let bit = self.word.trailing_zeros();
         self.word &= self.word - 1;
         Some(self.base.wrapping_add(bit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn popcount(bits: &Bitfield) -> u32 {
+        (0..bits.len()).filter(|&i| bits.get(i)).count() as u32
+    }
+
+    proptest! {
+        /// The kept count of set bits agrees with the bits after any sequence of changes, after
+        /// the wire round trip and after resizing; `is_full` agrees with it.
+        #[test]
+        fn ones_follow_the_bits(
+            len in 0u32..300,
+            start_full in any::<bool>(),
+            ops in proptest::collection::vec((any::<bool>(), 0u32..320), 0..200),
+            new_len in 0u32..300,
+        ) {
+            let mut bits = if start_full { Bitfield::full(len) } else { Bitfield::new(len) };
+            for (set, i) in ops {
+                let before = bits.get(i);
+                let changed = if set { bits.set(i) } else { bits.clear(i) };
+                prop_assert_eq!(changed, i < len && before != set);
+                prop_assert_eq!(bits.count_ones(), popcount(&bits));
+                prop_assert_eq!(bits.is_full(), popcount(&bits) == len);
+            }
+            let back = Bitfield::from_bytes(&bits.to_bytes(), len).expect("own wire form");
+            prop_assert_eq!(back.count_ones(), popcount(&bits));
+            prop_assert_eq!(&back, &bits);
+            let resized = bits.resized(new_len);
+            prop_assert_eq!(resized.count_ones(), popcount(&resized));
+            let mut union = Bitfield::new(new_len);
+            union.union_with(&bits);
+            prop_assert_eq!(&union, &resized);
+            union.union_with(&Bitfield::full(new_len));
+            prop_assert_eq!(&union, &Bitfield::full(new_len));
+        }
     }
 }

@@ -463,8 +463,9 @@ pub struct Plan<P> {
     me: Option<u64>,
     /// Requests outstanding to remote peers.
     remote_in_flight: usize,
-    /// Chunk → how many requests for it are outstanding (only chunks with at least one).
-    requesters: BTreeMap<u32, u32>,
+    /// How many requests are outstanding for each chunk (indexed by chunk: the scheduler asks
+    /// for every missing chunk on every call, so a lookup must cost no tree walk).
+    requesters: Vec<u32>,
     /// Requests outstanding, over all peers.
     total_in_flight: usize,
     peers: BTreeMap<P, PeerState>,
@@ -506,7 +507,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             chunk_count,
             held,
             config,
-            requesters: BTreeMap::new(),
+            requesters: vec![0; chunk_count as usize],
             total_in_flight: 0,
             peers: BTreeMap::new(),
             peers_seen: 0,
@@ -846,7 +847,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         if self.held.set(chunk) {
             self.missing = self.missing.saturating_sub(1);
         }
-        if self.requesters.contains_key(&chunk) {
+        if self.requested(chunk) {
             let losers: Vec<P> = self
                 .peers
                 .iter()
@@ -918,7 +919,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             state.busy_since = Some(now);
         }
         if state.in_flight.insert(chunk, now).is_none() {
-            *self.requesters.entry(chunk).or_insert(0) += 1;
+            if let Some(count) = self.requesters.get_mut(chunk as usize) {
+                *count += 1;
+            }
             self.total_in_flight += 1;
             self.remote_in_flight += usize::from(state.remote);
         }
@@ -970,11 +973,8 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         if remote {
             self.remote_in_flight = self.remote_in_flight.saturating_sub(1);
         }
-        if let Some(count) = self.requesters.get_mut(&chunk) {
+        if let Some(count) = self.requesters.get_mut(chunk as usize) {
             *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.requesters.remove(&chunk);
-            }
         }
         self.total_in_flight = self.total_in_flight.saturating_sub(1);
     }
@@ -1052,6 +1052,11 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
 
     fn avail(&self, chunk: u32) -> u32 {
         self.avail.get(chunk as usize).copied().unwrap_or(0)
+    }
+
+    /// Whether a request for `chunk` is outstanding.
+    fn requested(&self, chunk: u32) -> bool {
+        self.requesters.get(chunk as usize).is_some_and(|&n| n > 0)
     }
 
     fn avail_local(&self, chunk: u32) -> u32 {
@@ -1164,7 +1169,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         self.held
             .iter_zeros()
             .filter(|chunk| {
-                !self.requesters.contains_key(chunk)
+                !self.requested(*chunk)
                     && self.avail(*chunk) > 0
                     && self.avail_claimed.get(*chunk as usize) == Some(&self.avail(*chunk))
             })
@@ -1255,30 +1260,48 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         // flight (or another downloader of this site fetches it), not merely every available one:
         // in a rollout few chunks are available at any moment, and duplicating those would
         // spend uplinks on copies nobody needs.
+        //
+        // Only chunks some peer with a free slot holds can be assigned now; the others are
+        // left out before the sort (in a large fleet they are most of them, and a call comes
+        // with every chunk that arrives). A chunk left out here is one `pick_peer` finds no
+        // peer for, so it counts against `all_requested` exactly as it would in the loop.
+        let mut reachable = Bitfield::new(self.chunk_count);
+        for peer in spare.keys() {
+            // The count is kept in the peer's state; the words are elsewhere on the heap.
+            if let Some(state) = self.peers.get(peer).filter(|s| s.have.count_ones() > 0) {
+                reachable.union_with(&state.have);
+            }
+        }
         let mut all_requested = true;
         let patience = self.patience(now);
         let mut fresh: Vec<u32> = Vec::new();
         for chunk in self.held.iter_zeros() {
-            if self.requesters.contains_key(&chunk) {
+            if self.requested(chunk) {
                 continue;
             }
             if self.avail(chunk) == 0 || self.waits_for_copy(chunk, now, patience) {
                 all_requested = false;
-            } else {
+            } else if reachable.get(chunk) {
                 fresh.push(chunk);
+            } else if all_requested && (self.avail_local(chunk) > 0 || self.owns(chunk)) {
+                all_requested = false;
             }
         }
         let stripe = self.stripe();
-        fresh.sort_unstable_by_key(|&chunk| {
-            (
-                self.window_key(chunk),
-                self.avail(chunk),
-                stripe.map_or(0, |(i, m)| (stripe_owner(chunk, m) + m - i) % m),
-                self.rank(chunk),
-                chunk,
-            )
-        });
-        for chunk in fresh {
+        let mut keyed: Vec<_> = fresh
+            .into_iter()
+            .map(|chunk| {
+                let key = (
+                    self.window_key(chunk),
+                    self.avail(chunk),
+                    stripe.map_or(0, |(i, m)| (stripe_owner(chunk, m) + m - i) % m),
+                    self.rank(chunk),
+                );
+                (key, chunk)
+            })
+            .collect();
+        keyed.sort_unstable();
+        for (_, chunk) in keyed {
             if global == 0 || spare.is_empty() {
                 all_requested = false;
                 break;
@@ -1314,11 +1337,10 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                     .or_insert(issued);
             }
         }
-        let mut tail: Vec<(u32, usize)> = self
-            .requesters
-            .iter()
-            .map(|(&chunk, &count)| (chunk, count as usize))
-            .filter(|&(_, count)| count < duplicates)
+        let mut tail: Vec<(u32, usize)> = (0..self.chunk_count)
+            .zip(&self.requesters)
+            .map(|(chunk, &count)| (chunk, count as usize))
+            .filter(|&(_, count)| count > 0 && count < duplicates)
             .collect();
         tail.sort_unstable_by_key(|&(chunk, count)| {
             (
@@ -2530,7 +2552,7 @@ mod tests {
         fn assert_consistent(&self) {
             let max_strikes = self.config.max_strikes;
             let mut avail = vec![0u32; self.chunk_count as usize];
-            let mut requesters: BTreeMap<u32, u32> = BTreeMap::new();
+            let mut requesters = vec![0u32; self.chunk_count as usize];
             for state in self.peers.values() {
                 if state.usable(max_strikes) {
                     for c in state.have.iter_ones() {
@@ -2542,7 +2564,7 @@ mod tests {
                 assert_eq!(state.busy_since.is_some(), !state.in_flight.is_empty());
                 for &c in state.in_flight.keys() {
                     assert!(!self.held.get(c), "request for held chunk {c}");
-                    *requesters.entry(c).or_default() += 1;
+                    requesters[c as usize] += 1;
                 }
             }
             assert_eq!(avail, self.avail);
@@ -2572,7 +2594,7 @@ mod tests {
             assert_eq!(remote_in_flight, self.remote_in_flight);
             assert_eq!(requesters, self.requesters);
             assert_eq!(
-                requesters.values().map(|&n| n as usize).sum::<usize>(),
+                requesters.iter().map(|&n| n as usize).sum::<usize>(),
                 self.total_in_flight
             );
             assert_eq!(self.missing, self.chunk_count - self.held.count_ones());
