@@ -115,8 +115,11 @@ pub struct RunResult {
     pub wan_total_bytes: (f64, f64),
     /// Bytes received and thrown away: cancelled or duplicate transfers.
     pub wasted_bytes: f64,
-    /// Requests refused because the server had all its streams busy.
+    /// Requests answered "busy": the server had all its streams busy, or (`declined`) it was
+    /// sending that chunk already.
     pub refused: u64,
+    /// Of `refused`, those a seeder declined because it was sending that chunk already.
+    pub declined: u64,
     /// Downloads that stalled for the stall limit and were retried.
     pub stalls: u64,
     /// Nodes that left (churn).
@@ -519,6 +522,8 @@ struct Sim<'a> {
     early_losers: u64,
     /// Complete uploads of each chunk by the publisher.
     publisher_uploads: Vec<u32>,
+    /// Requests a seeder declined because it was sending that chunk already.
+    declined: u64,
     thinks: u64,
     thinks_skipped: u64,
     /// Upload reports fed to plans.
@@ -655,6 +660,7 @@ impl<'a> Sim<'a> {
             dirty: Vec::new(),
             wasted: 0.0,
             refused: 0,
+            declined: 0,
             stalls: 0,
             seed,
             complete_count: 0,
@@ -1348,6 +1354,28 @@ impl<'a> Sim<'a> {
         if req.new_stream {
             self.nodes[to as usize].streams_in += 1;
         }
+        // A seeder sends one copy of a chunk at a time (`BlobLog::start`): a request for a chunk
+        // it is sending already is answered "busy", and the requester drops the stream.
+        let declined = self.nodes[to as usize]
+            .uploads
+            .as_ref()
+            .is_some_and(|u| u.sending.get(req.chunk as usize).is_some_and(|&n| n > 0));
+        if declined {
+            self.refused += 1;
+            self.declined += 1;
+            let b = &mut self.nodes[to as usize];
+            b.streams_in = b.streams_in.saturating_sub(1);
+            let lat = self.latency(from, to);
+            self.q.push_after(
+                lat,
+                Ev::Refused {
+                    to: from,
+                    epoch,
+                    id,
+                },
+            );
+            return;
+        }
         let size = self.chunk_len(req.chunk);
         let links = self.path(to, from);
         let flow = self.net.start(now, &links, size as f64);
@@ -2010,6 +2038,7 @@ impl<'a> Sim<'a> {
             wan_total_bytes,
             wasted_bytes: self.wasted,
             refused: self.refused,
+            declined: self.declined,
             stalls: self.stalls,
             departures: self.departures,
             cancels: self.cancels,
@@ -2162,6 +2191,7 @@ mod tests {
             wan_total_bytes: (0.0, 0.0),
             wasted_bytes: 0.0,
             refused: 0,
+            declined: 0,
             stalls: 0,
             departures: 0,
             cancels: 0,

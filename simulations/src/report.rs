@@ -51,7 +51,7 @@ pub struct Row {
     pub completed: usize,
     /// Pullers.
     pub total: u32,
-    /// Requests refused by a server with all streams busy.
+    /// Requests answered "busy" (all streams busy, or the chunk on its way already).
     pub refused: u64,
     /// Downloads that stalled and were retried.
     pub stalls: u64,

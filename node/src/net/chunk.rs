@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::NetError;
 use super::sync::{read_frame, write_frame};
-use super::upload_log::UploadLog;
+use super::upload_log::{Start, UploadLog};
 use crate::store::Store;
 
 /// Most chunk streams served at once.
@@ -223,7 +223,16 @@ async fn serve_stream(
             continue;
         }
         let log = uploads.log.for_stored(store, &request.digest, size).await?;
-        let sending = log.and_then(|log| log.start(request.offset, request.length));
+        let sending = match log.map(|log| log.start(request.offset, request.length)) {
+            Some(Start::Declined) => {
+                // Another peer is getting this chunk from here right now; the stream stays
+                // open for this peer's next request.
+                write_frame(&mut stream, &codec::encode(&ChunkResponse::Busy)?).await?;
+                continue;
+            }
+            Some(Start::Logged(sending)) => Some(sending),
+            Some(Start::Unlogged) | None => None,
+        };
         write_frame(
             &mut stream,
             &codec::encode(&ChunkResponse::Ok {

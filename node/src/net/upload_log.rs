@@ -121,27 +121,46 @@ impl UploadLog {
 }
 
 impl BlobLog {
-    /// Logs the start of a transfer of `length` bytes at `offset`, if that is exactly one chunk.
-    /// The transfer counts as sending until the guard is dropped, and as sent if
-    /// [`Sending::finish`] was called first.
-    pub fn start(self: &Arc<Self>, offset: u64, length: u64) -> Option<Sending> {
+    /// Logs the start of a transfer of `length` bytes at `offset`, if that is exactly one chunk
+    /// and no other transfer of that chunk is under way (then it is declined: one copy of a
+    /// chunk at a time leaves a seeder). The transfer counts as sending until the guard is
+    /// dropped, and as sent if [`Sending::finish`] was called first.
+    ///
+    /// Why decline: every downloader that asks a seeder for a chunk it is sending already
+    /// would take a share of the same uplink for a copy the fleet is about to have; the
+    /// seeder's uplink is best spent on chunks nobody is getting from it, and the requester,
+    /// told "busy", asks for another chunk or another holder. The refusal ends with the
+    /// transfer, so no chunk is ever refused for good.
+    pub fn start(self: &Arc<Self>, offset: u64, length: u64) -> Start {
+        let Some(chunk) = self.whole_chunk(offset, length) else {
+            return Start::Unlogged;
+        };
+        {
+            let mut state = lock(&self.state);
+            let Some(count) = state.sending.get_mut(chunk as usize) else {
+                return Start::Unlogged;
+            };
+            if *count > 0 {
+                return Start::Declined;
+            }
+            *count = 1;
+        }
+        self.bump();
+        Start::Logged(Sending {
+            log: self.clone(),
+            chunk,
+            finished: false,
+        })
+    }
+
+    /// The chunk that `length` bytes at `offset` are exactly, if they are one.
+    fn whole_chunk(&self, offset: u64, length: u64) -> Option<u32> {
         if offset % self.chunk_size != 0 {
             return None;
         }
         let chunk = u32::try_from(offset / self.chunk_size).ok()?;
         let expected = self.chunk_size.min(self.size.saturating_sub(offset));
-        if chunk >= self.chunk_count || length != expected {
-            return None;
-        }
-        if let Some(count) = lock(&self.state).sending.get_mut(chunk as usize) {
-            *count = count.saturating_add(1);
-        }
-        self.bump();
-        Some(Sending {
-            log: self.clone(),
-            chunk,
-            finished: false,
-        })
+        (chunk < self.chunk_count && length == expected).then_some(chunk)
     }
 
     /// The blob's chunk count.
@@ -170,6 +189,27 @@ impl BlobLog {
 
     fn bump(&self) {
         self.version.send_modify(|v| *v = v.wrapping_add(1).max(1));
+    }
+}
+
+/// What [`BlobLog::start`] made of a request.
+#[derive(Debug)]
+pub enum Start {
+    /// One whole chunk, logged as sending until the guard is dropped.
+    Logged(Sending),
+    /// Not exactly one chunk (a range a resumed or streamed read asks for): served, not logged.
+    Unlogged,
+    /// The chunk is on its way to another peer already: answer "busy".
+    Declined,
+}
+
+#[cfg(test)]
+impl Start {
+    fn logged(self) -> Option<Sending> {
+        match self {
+            Start::Logged(s) => Some(s),
+            _ => None,
+        }
     }
 }
 
@@ -228,11 +268,24 @@ mod tests {
         let blob = log.blob(&digest, 10, 4);
         let mut version = blob.subscribe();
         assert_eq!(*version.borrow_and_update(), 0);
-        let a = blob.start(4, 4).expect("chunk 1");
-        let b = blob.start(8, 2).expect("chunk 2, short");
-        assert!(blob.start(2, 4).is_none(), "not chunk-aligned");
-        assert!(blob.start(0, 10).is_none(), "more than a chunk");
-        assert!(blob.start(12, 4).is_none(), "out of the blob");
+        let a = blob.start(4, 4).logged().expect("chunk 1");
+        let b = blob.start(8, 2).logged().expect("chunk 2, short");
+        assert!(
+            matches!(blob.start(2, 4), Start::Unlogged),
+            "not chunk-aligned"
+        );
+        assert!(
+            matches!(blob.start(0, 10), Start::Unlogged),
+            "more than a chunk"
+        );
+        assert!(
+            matches!(blob.start(12, 4), Start::Unlogged),
+            "out of the blob"
+        );
+        assert!(
+            matches!(blob.start(4, 4), Start::Declined),
+            "chunk 1 is on its way to another peer"
+        );
         assert!(version.has_changed().unwrap());
         let report = blob.report();
         assert_eq!(bits(&report.sending, 3), vec![1, 2]);
@@ -243,6 +296,11 @@ mod tests {
         assert_eq!(bits(&report.sending, 3), Vec::<u32>::new());
         assert_eq!(bits(&report.sent, 3), vec![1]);
         assert!(report.version >= 4);
+        let again = blob
+            .start(4, 4)
+            .logged()
+            .expect("chunk 1 again, once the first copy is out");
+        drop(again);
         assert!(Arc::ptr_eq(&log.get(&digest).unwrap(), &blob));
     }
 
