@@ -1,7 +1,7 @@
 //! Swarm transfer in one process: many nodes fetch one multi-chunk blob at once and share the
 //! chunks they hold, so the publisher serves far less than every copy; a peer serving corrupt
 //! chunks is banned while the others finish; a peer killed mid-transfer stops no one; a
-//! restarted node resumes its partial download.
+//! restarted node resumes its partial download; a seeder sends one copy of a chunk at a time.
 
 mod testnet;
 
@@ -261,4 +261,65 @@ async fn a_restarted_node_resumes_its_partial_download() {
         after <= size - u64::from(held_before) * chunk + chunk,
         "the restarted node downloaded {after} bytes again; it held {held_before} chunks"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seeder_sends_one_copy_of_a_chunk_at_a_time() {
+    use shoal_node::net::NetError;
+    use shoal_node::net::chunk::ChunkClient;
+    use shoal_protocol::DEFAULT_CHUNK_SIZE_BYTES;
+
+    let mut net = TestNet::with_identities(2);
+    // Slow enough that the first transfer is still under way when the second request comes.
+    net.upload_limits.insert(0, 2 * MIB as u64);
+    for _ in 0..2 {
+        net.start_next().await;
+    }
+    net.wait_connected(1).await;
+    let chunk = u64::from(DEFAULT_CHUNK_SIZE_BYTES);
+    let img = image(31, &[2 * chunk as usize]);
+    let layer = Digest::sha256(&img.blobs[1]);
+    net.nodes[0].push("team/one", "1", &img).await;
+    // As in a rollout: the downloader asks once it has the record naming the blob's index.
+    wait_until(WAIT, "the record on the downloader", || async {
+        net.nodes[1].has_record("team/one", "1").await.then_some(())
+    })
+    .await;
+    let seeder = net.nodes[0].node().network().peer_id();
+    let network = net.nodes[1].node().network();
+    let mut first = ChunkClient::open(&mut network.control(), seeder)
+        .await
+        .expect("first stream");
+    let mut second = ChunkClient::open(&mut network.control(), seeder)
+        .await
+        .expect("second stream");
+
+    let digest = layer.clone();
+    let first_copy = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let held = first.fetch(&digest, 0, chunk, &mut buf).await;
+        (held.map_err(|e| e.to_string()), buf)
+    });
+    wait_until(WAIT, "the first copy of chunk 0 under way", || async {
+        (served(&net, 0).await > 0).then_some(())
+    })
+    .await;
+    let mut buf = Vec::new();
+    let again = second.fetch(&layer, 0, chunk, &mut buf).await;
+    assert!(
+        matches!(again, Err(NetError::Busy)),
+        "a second copy of chunk 0 while the first is on its way: {again:?}"
+    );
+    // The stream stays usable, and another chunk is served at once.
+    let other = second.fetch(&layer, chunk, chunk, &mut buf).await;
+    assert!(matches!(other, Ok(true)), "chunk 1: {other:?}");
+    assert_eq!(&buf[..], &img.blobs[1][chunk as usize..]);
+
+    let (held, bytes) = first_copy.await.expect("first fetch task");
+    assert_eq!(held, Ok(true));
+    assert_eq!(&bytes[..], &img.blobs[1][..chunk as usize]);
+    // Once the first copy is out, the chunk is served again.
+    let later = second.fetch(&layer, 0, chunk, &mut buf).await;
+    assert!(matches!(later, Ok(true)), "chunk 0 again: {later:?}");
+    assert_eq!(&buf[..], &bytes[..]);
 }
