@@ -1339,42 +1339,27 @@ impl<'a> Sim<'a> {
             return; // The requester was told the peer is gone, and forgot the request.
         }
         if req.new_stream && b.streams_in >= MAX_INBOUND_CHUNK_STREAMS {
-            self.refused += 1;
-            let lat = self.latency(from, to);
-            self.q.push_after(
-                lat,
-                Ev::Refused {
-                    to: from,
-                    epoch,
-                    id,
-                },
-            );
+            self.refuse(from, to, epoch, id);
             return;
         }
-        if req.new_stream {
-            self.nodes[to as usize].streams_in += 1;
-        }
         // A seeder sends one copy of a chunk at a time (`BlobLog::start`): a request for a chunk
-        // it is sending already is answered "busy", and the requester drops the stream.
-        let declined = self.nodes[to as usize]
+        // it is sending already is answered "busy", and the requester drops the stream (a
+        // pooled one stops counting at the server; a new one never started to).
+        let declined = b
             .uploads
             .as_ref()
             .is_some_and(|u| u.sending.get(req.chunk as usize).is_some_and(|&n| n > 0));
         if declined {
-            self.refused += 1;
+            if !req.new_stream {
+                let b = &mut self.nodes[to as usize];
+                b.streams_in = b.streams_in.saturating_sub(1);
+            }
             self.declined += 1;
-            let b = &mut self.nodes[to as usize];
-            b.streams_in = b.streams_in.saturating_sub(1);
-            let lat = self.latency(from, to);
-            self.q.push_after(
-                lat,
-                Ev::Refused {
-                    to: from,
-                    epoch,
-                    id,
-                },
-            );
+            self.refuse(from, to, epoch, id);
             return;
+        }
+        if req.new_stream {
+            self.nodes[to as usize].streams_in += 1;
         }
         let size = self.chunk_len(req.chunk);
         let links = self.path(to, from);
@@ -1400,6 +1385,20 @@ impl<'a> Sim<'a> {
             r.flow = Some(flow);
             r.accepted = true;
         }
+    }
+
+    /// `to` answers request `id` from `from` with "busy"; the answer travels back.
+    fn refuse(&mut self, from: u32, to: u32, epoch: u32, id: u64) {
+        self.refused += 1;
+        let lat = self.latency(from, to);
+        self.q.push_after(
+            lat,
+            Ev::Refused {
+                to: from,
+                epoch,
+                id,
+            },
+        );
     }
 
     fn chunk_len(&self, chunk: u32) -> u64 {

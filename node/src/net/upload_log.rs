@@ -270,18 +270,16 @@ mod tests {
         assert_eq!(*version.borrow_and_update(), 0);
         let a = blob.start(4, 4).logged().expect("chunk 1");
         let b = blob.start(8, 2).logged().expect("chunk 2, short");
-        assert!(
-            matches!(blob.start(2, 4), Start::Unlogged),
-            "not chunk-aligned"
-        );
-        assert!(
-            matches!(blob.start(0, 10), Start::Unlogged),
-            "more than a chunk"
-        );
-        assert!(
-            matches!(blob.start(12, 4), Start::Unlogged),
-            "out of the blob"
-        );
+        for (offset, length, why) in [
+            (2, 4, "not chunk-aligned"),
+            (0, 10, "more than a chunk"),
+            (12, 4, "out of the blob"),
+        ] {
+            assert!(
+                matches!(blob.start(offset, length), Start::Unlogged),
+                "{why}"
+            );
+        }
         assert!(
             matches!(blob.start(4, 4), Start::Declined),
             "chunk 1 is on its way to another peer"
