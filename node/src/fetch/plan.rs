@@ -86,17 +86,30 @@
 //! - **Sites.** A fleet spread over sites joined by slow or metered WAN links should carry each
 //!   chunk over each site's link about once. The driver marks peers in another site with
 //!   [`Event::PeerRemote`] and tells the plan its own identity with [`Plan::with_self`]. A chunk
-//!   some usable local peer holds is asked only of local peers. A chunk only remote peers hold is
-//!   asked of a remote peer only by the one downloader of the site *responsible* for it: the
-//!   local downloader (this node or a usable local peer, that is one that said it holds or is
-//!   fetching the blob) with the least rendezvous score `mix(hash(peer) ^ chunk)`. Every node
-//!   computes the same owner from the same peer set, so the site fetches each chunk once and then
-//!   spreads it over the LAN; when the owner leaves or strikes out, the next one takes over. Two
-//!   nodes that see different local peers can both fetch a chunk (a duplicate, not a deadlock:
-//!   the least-scored node of their union fetches it in either view). A node has at most
-//!   [`PlanConfig::max_remote_in_flight`] remote requests at once, and endgame duplicates go
-//!   only to local peers, so a slow WAN is never asked twice for a chunk. With no remote peer
-//!   the plan behaves as if there were no sites.
+//!   some usable local peer holds is asked only of local peers. Only a few of the site's
+//!   downloaders (this node and the usable local peers that said they are fetching the blob) use
+//!   the WAN, its *gateways*: the site's [`PlanConfig::site_remote_in_flight`] remote requests
+//!   are dealt out one at a time to the downloaders in order of their fixed hash, each taking at
+//!   most [`PlanConfig::max_remote_in_flight`]. A chunk only remote peers hold is asked of a
+//!   remote peer only by the one gateway *responsible* for it: the one with the least rendezvous
+//!   score `mix(hash(peer) ^ chunk)`. Every node computes the same gateways and owners from the
+//!   same peer set, so the site fetches each chunk once, a few at a time, and then spreads it
+//!   over the LAN; when a gateway leaves or strikes out, the next downloader takes its place.
+//!   Without the site-wide budget, twenty nodes behind a 20 Mbit/s link each asked it for two
+//!   4 MiB chunks at once, so a chunk took a minute or more and requests timed out, throwing away
+//!   what had crossed the link (the fleet simulator's `edge-local-first`, 50 sites of 20 nodes:
+//!   7,110 timeouts and 1.34 copies of the image over each WAN link on average; with the budget
+//!   of 4, none and 1.00, together with the node's discovery of seeders). Nodes that see
+//!   different local peers (one struck another out, or a large site is cut at the candidate
+//!   cap) can disagree on the gateways: a chunk can then be fetched twice, or be left to a node
+//!   that is no gateway in its own view, so that no one fetches it. A backstop ends that: a
+//!   downloader with nothing in flight that stored no chunk for a request timeout takes the
+//!   remote-only chunks it owns by the rule without gateways, the least score among all the
+//!   site's downloaders it knows, which the least-scored node of the union of all views owns
+//!   in its own view (a duplicate at worst, never a chunk no one fetches). The budget is per
+//!   download: a node pulling three layers at once may ask the WAN for three times as much.
+//!   Endgame duplicates go only to local peers, so a slow WAN is never asked twice for a chunk.
+//!   With no remote peer the plan behaves as if there were no sites.
 //!
 //! - **Seeders.** Downloaders that start together all see the chunks only a seeder holds as
 //!   equally rare, and without more information several pick the same one: the fleet simulator
@@ -176,8 +189,13 @@ pub struct PlanConfig {
     pub endgame_duplicates: usize,
     /// Consecutive timeouts or failures after which a peer is no longer used. Default 3.
     pub max_strikes: u32,
-    /// Requests outstanding at once to peers marked remote ([`Event::PeerRemote`]). Default 2.
+    /// Requests this node has outstanding at once to peers marked remote
+    /// ([`Event::PeerRemote`]). Default 2.
     pub max_remote_in_flight: usize,
+    /// Requests outstanding at once to remote peers from this node's whole site: the site's
+    /// downloaders share them out (see *Sites* in the module documentation), so a WAN link is
+    /// asked for a few chunks at a time however many nodes sit behind it. Default 4.
+    pub site_remote_in_flight: usize,
     /// The least time a chunk that every holder has already sent to someone else waits for a
     /// copy to reach another peer before it is asked of a holder anyway (see *Seeders* in the
     /// module documentation). The wait is three typical request times when that is longer.
@@ -196,6 +214,7 @@ impl Default for PlanConfig {
             endgame_duplicates: 2,
             max_strikes: 3,
             max_remote_in_flight: 2,
+            site_remote_in_flight: 4,
             upload_patience: Duration::from_millis(250),
             seed: 0,
         }
@@ -474,6 +493,9 @@ pub struct Plan<P> {
     window: Option<(u32, u32)>,
     /// Cancels and bans decided while handling events, returned by the next `next_actions`.
     pending: Vec<Action<P>>,
+    /// When this node last stored a chunk (or first planned): the start of the wait after which
+    /// a chunk no gateway fetches is taken anyway (see [`Plan::backstop_due`]).
+    progress_at: Option<Duration>,
 }
 
 impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
@@ -491,6 +513,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             endgame_duplicates: config.endgame_duplicates.max(1),
             max_strikes: config.max_strikes.max(1),
             max_remote_in_flight: config.max_remote_in_flight.max(1),
+            site_remote_in_flight: config.site_remote_in_flight.max(1),
             ..config
         };
         Plan {
@@ -513,6 +536,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             peers_seen: 0,
             window: None,
             pending: Vec::new(),
+            progress_at: None,
         }
     }
 
@@ -589,6 +613,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
     /// Call it after every batch of events and at [`Plan::next_deadline`].
     pub fn next_actions(&mut self, now: Duration) -> Vec<Action<P>> {
         self.clock = self.clock.max(now);
+        self.progress_at.get_or_insert(now);
         self.expire(now);
         let mut out = std::mem::take(&mut self.pending);
         self.schedule(now, &mut out);
@@ -615,7 +640,11 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             .flat_map(|peer| peer.in_flight.values())
             .filter_map(|&issued| issued.checked_add(self.config.request_timeout));
         let rests = self.peers.values().filter_map(|peer| peer.rest_until);
-        timeouts.chain(rests).chain(self.copy_deadline()).min()
+        timeouts
+            .chain(rests)
+            .chain(self.copy_deadline())
+            .chain(self.backstop_deadline())
+            .min()
     }
 
     /// What the plan knows about `peer`, if it has heard of it.
@@ -823,6 +852,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             return;
         }
         self.forget_pending_cancel(peer, Some(chunk));
+        self.progress_at = Some(now);
         if let Some(state) = self.peers.get_mut(peer) {
             state.bytes_delivered = state.bytes_delivered.saturating_add(bytes);
             state.chunks_delivered = state.chunks_delivered.saturating_add(1);
@@ -1063,43 +1093,46 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         self.avail_local.get(chunk as usize).copied().unwrap_or(0)
     }
 
-    /// Whether this node is the local downloader that fetches `chunk` from remote peers: the
-    /// least rendezvous score among itself and its usable local peers.
-    fn owns(&self, chunk: u32) -> bool {
-        let Some(me) = self.me else {
-            return true;
-        };
-        let score = |key: u64| mix(key ^ GOLDEN_GAMMA.wrapping_mul(u64::from(chunk) + 1));
-        let mine = score(me);
-        !self.peers.values().any(|state| {
-            !state.remote
-                && state.key != me
-                && state.usable(self.config.max_strikes)
-                && score(state.key) < mine
-        })
-    }
-
-    /// This node's stripe: its position `i` among the `m` local downloaders it knows (itself and
-    /// the usable local peers not holding the whole blob), ordered by their fixed hashes. Among
-    /// equally rare chunks, each node asks first for those of its own stripe, then its
-    /// neighbours': downloaders that start together and know each other ask a seeder for
-    /// different chunks from the first request on, before any upload report can tell them
-    /// apart. `None` without [`Plan::with_self`].
-    fn stripe(&self) -> Option<(u64, u64)> {
+    /// The site's downloaders as this node sees them: itself and its usable local peers not
+    /// holding the whole blob. The stripe, the gateways and the owners of remote-only chunks are
+    /// all derived from it. `None` without [`Plan::with_self`].
+    fn site(&self) -> Option<SiteView> {
         let me = self.me?;
         let max_strikes = self.config.max_strikes;
-        let (mut below, mut count) = (0u64, 1u64);
-        for state in self.peers.values() {
-            if state.usable(max_strikes)
-                && !state.remote
-                && !state.have.is_full()
-                && state.key != me
-            {
-                count += 1;
-                below += u64::from(state.key < me);
-            }
+        let mut keys: Vec<u64> = self
+            .peers
+            .values()
+            .filter(|s| s.usable(max_strikes) && !s.remote && !s.have.is_full() && s.key != me)
+            .map(|s| s.key)
+            .chain([me])
+            .collect();
+        keys.sort_unstable();
+        let rank = keys.iter().position(|&k| k == me).unwrap_or(0);
+        Some(SiteView { keys, me, rank })
+    }
+
+    /// Whether this node has waited long enough for the site's gateways: nothing in flight and
+    /// no chunk stored for a request timeout. Then it takes the chunks only remote peers hold
+    /// that it owns as a backstop ([`SiteView::owns_as_backstop`]), as many as its own cap
+    /// allows. In a site that progresses, every downloader stores a chunk every few seconds.
+    fn backstop_due(&self, now: Duration) -> bool {
+        self.total_in_flight == 0
+            && self
+                .progress_at
+                .is_some_and(|t| now >= t.saturating_add(self.config.request_timeout))
+    }
+
+    /// When [`Plan::backstop_due`] becomes true, if that is still ahead and could matter.
+    fn backstop_deadline(&self) -> Option<Duration> {
+        if self.total_in_flight > 0 || self.missing == 0 || self.me.is_none() {
+            return None;
         }
-        Some((below, count))
+        if !self.peers.values().any(|s| s.remote) {
+            return None;
+        }
+        self.progress_at
+            .map(|t| t.saturating_add(self.config.request_timeout))
+            .filter(|&at| at > self.clock)
     }
 
     /// How long a chunk every holder already gave away waits for a copy elsewhere: three
@@ -1273,6 +1306,15 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             }
         }
         let mut all_requested = true;
+        // With no site view (no `with_self`), this node is its site's only gateway.
+        let site = self.site();
+        let budget = self.config.site_remote_in_flight;
+        let per_node = self.config.max_remote_in_flight;
+        let remote_share = site
+            .as_ref()
+            .map_or(per_node, |s| s.share(budget, per_node));
+        let owns = |chunk| site.as_ref().is_none_or(|s| s.owns(chunk, budget));
+        let backstop = self.backstop_due(now);
         let patience = self.patience(now);
         let mut fresh: Vec<u32> = Vec::new();
         for chunk in self.held.iter_zeros() {
@@ -1283,11 +1325,11 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 all_requested = false;
             } else if reachable.get(chunk) {
                 fresh.push(chunk);
-            } else if all_requested && (self.avail_local(chunk) > 0 || self.owns(chunk)) {
+            } else if all_requested && (self.avail_local(chunk) > 0 || owns(chunk)) {
                 all_requested = false;
             }
         }
-        let stripe = self.stripe();
+        let stripe = site.as_ref().map(SiteView::stripe);
         let mut keyed: Vec<_> = fresh
             .into_iter()
             .map(|chunk| {
@@ -1308,11 +1350,19 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             }
             let peer = if self.avail_local(chunk) > 0 {
                 self.pick_peer(chunk, &spare, median, false, false)
-            } else if !self.owns(chunk) {
+            } else if !owns(chunk) {
                 // Another downloader of this site brings it over the WAN; it is not ours to wait
-                // for, so it does not hold endgame back.
+                // for, so it does not hold endgame back. Unless no one has for a long while.
+                if backstop
+                    && self.remote_in_flight < per_node
+                    && site.as_ref().is_none_or(|s| s.owns_as_backstop(chunk))
+                {
+                    if let Some(peer) = self.pick_peer(chunk, &spare, median, true, false) {
+                        self.assign(peer, chunk, now, &mut spare, &mut global, out);
+                    }
+                }
                 continue;
-            } else if self.remote_in_flight < self.config.max_remote_in_flight {
+            } else if self.remote_in_flight < remote_share {
                 self.pick_peer(chunk, &spare, median, true, false)
             } else {
                 None
@@ -1387,7 +1437,64 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
     }
 }
 
-/// The stripe (of `m`) that asks for `chunk` first; see [`Plan::stripe`].
+/// A site's downloaders as one node sees them ([`Plan::site`]): their fixed hashes in ascending
+/// order, this node's among them, and its position.
+struct SiteView {
+    keys: Vec<u64>,
+    me: u64,
+    rank: usize,
+}
+
+impl SiteView {
+    /// This node's stripe: its position `i` among the `m` downloaders. Among equally rare
+    /// chunks, each node asks first for those of its own stripe, then its neighbours':
+    /// downloaders that start together and know each other ask a seeder for different chunks
+    /// from the first request on, before any upload report can tell them apart.
+    fn stripe(&self) -> (u64, u64) {
+        (self.rank as u64, self.keys.len() as u64)
+    }
+
+    /// The site's gateways: the downloaders the site's `budget` of remote requests is dealt out
+    /// to, one at a time from the least key.
+    fn gateways(&self, budget: usize) -> &[u64] {
+        &self.keys[..budget.min(self.keys.len())]
+    }
+
+    /// How many remote requests this node may have outstanding: its turns in dealing out
+    /// `budget`, at most `per_node`.
+    fn share(&self, budget: usize, per_node: usize) -> usize {
+        let m = self.keys.len().max(1);
+        (budget / m + usize::from(self.rank < budget % m)).min(per_node)
+    }
+
+    /// Whether this node is the gateway that fetches `chunk` from remote peers: the least
+    /// rendezvous score among the gateways.
+    fn owns(&self, chunk: u32, budget: usize) -> bool {
+        least_scored(self.gateways(budget), chunk) == Some(self.me)
+    }
+
+    /// Whether this node takes `chunk`, which only remote peers hold, when no gateway brought it
+    /// into the site ([`Plan::backstop_due`]): the least rendezvous score among all the
+    /// downloaders. Views of the site that differ can leave a chunk to a gateway that is none
+    /// in its own view, so that no node fetches it; this rule cannot: the least-scored
+    /// downloader of the union of the views owns the chunk in its own view.
+    fn owns_as_backstop(&self, chunk: u32) -> bool {
+        least_scored(&self.keys, chunk) == Some(self.me)
+    }
+}
+
+/// The key with the least rendezvous score `mix(key ^ chunk)` for `chunk` (the least key among
+/// equal scores).
+fn least_scored(keys: &[u64], chunk: u32) -> Option<u64> {
+    keys.iter().copied().min_by_key(|&key| {
+        (
+            mix(key ^ GOLDEN_GAMMA.wrapping_mul(u64::from(chunk) + 1)),
+            key,
+        )
+    })
+}
+
+/// The stripe (of `m`) that asks for `chunk` first; see [`SiteView::stripe`].
 fn stripe_owner(chunk: u32, m: u64) -> u64 {
     mix(u64::from(chunk).wrapping_mul(GOLDEN_GAMMA) ^ PEER_SALT) % m.max(1)
 }
@@ -2316,6 +2423,18 @@ mod tests {
         assert!(c.plan.is_complete());
     }
 
+    /// The members of `site` but `me`.
+    fn all_but(site: &[u32], me: u32) -> Vec<u32> {
+        site.iter().copied().filter(|&p| p != me).collect()
+    }
+
+    /// The members of `site` in the order of their fixed hashes (the order gateways are chosen in).
+    fn by_key(site: &[u32]) -> Vec<u32> {
+        let mut keyed: Vec<(u64, u32)> = site.iter().map(|&p| (stable_hash(&p), p)).collect();
+        keyed.sort_unstable();
+        keyed.into_iter().map(|(_, p)| p).collect()
+    }
+
     /// A plan for node `me` of a site whose other downloaders are `locals` (holding nothing yet),
     /// with `remote` in another site holding all `chunks`.
     fn site_plan(
@@ -2339,6 +2458,7 @@ mod tests {
         let chunks = 64;
         let config = PlanConfig {
             max_remote_in_flight: 64,
+            site_remote_in_flight: 256,
             max_in_flight: 64,
             max_in_flight_per_peer: 64,
             ..config()
@@ -2346,8 +2466,7 @@ mod tests {
         let site = [1u32, 2, 3, 4];
         let mut asked = Vec::new();
         for &me in &site {
-            let others: Vec<u32> = site.iter().copied().filter(|&p| p != me).collect();
-            let mut plan = site_plan(me, &others, 9, chunks, config.clone());
+            let mut plan = site_plan(me, &all_but(&site, me), 9, chunks, config.clone());
             let reqs = requests(&plan.next_actions(T0));
             assert!(reqs.iter().all(|&(peer, _)| peer == 9));
             assert!(!reqs.is_empty(), "node {me} owns some chunks");
@@ -2410,10 +2529,136 @@ mod tests {
     }
 
     #[test]
+    fn a_large_site_asks_the_wan_for_a_few_chunks_at_a_time_through_its_gateways() {
+        // Ten downloaders behind one WAN link, the default budget of four remote requests for
+        // the site: the four with the least keys each ask for one chunk, and no two for the same.
+        let chunks = 64;
+        let site: Vec<u32> = (1..=10).collect();
+        let keyed = by_key(&site);
+        let gateways = &keyed[..4];
+        let mut asked = Vec::new();
+        for &me in &site {
+            let mut plan = site_plan(me, &all_but(&site, me), 99, chunks, config());
+            let reqs = requests(&plan.next_actions(T0));
+            if gateways.contains(&me) {
+                assert_eq!(reqs.len(), 1, "gateway {me} asked the WAN for {reqs:?}");
+            } else {
+                assert!(
+                    reqs.is_empty(),
+                    "node {me} is no gateway but asked {reqs:?}"
+                );
+            }
+            asked.extend(reqs.into_iter().map(|(_, chunk)| chunk));
+            plan.assert_consistent();
+        }
+        let distinct: BTreeSet<u32> = asked.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            asked.len(),
+            "a chunk asked twice: {asked:?}"
+        );
+        assert_eq!(asked.len(), 4);
+
+        // A gateway leaves: the fifth downloader takes its place and its chunks.
+        let fifth = keyed[4];
+        let mut plan = site_plan(fifth, &all_but(&site, fifth), 99, chunks, config());
+        assert!(requests(&plan.next_actions(T0)).is_empty());
+        plan.handle(Event::PeerGone { peer: gateways[0] }, ms(10));
+        let reqs = requests(&plan.next_actions(ms(10)));
+        assert_eq!(
+            reqs.len(),
+            1,
+            "the new gateway asks for one chunk: {reqs:?}"
+        );
+        assert_eq!(reqs[0].0, 99);
+        // With fewer downloaders than the budget, each takes more, up to
+        // `max_remote_in_flight` (2).
+        let mut plan = site_plan(1, &[2], 99, chunks, config());
+        let reqs = requests(&plan.next_actions(T0));
+        assert_eq!(reqs.len(), 2, "two of the site's four: {reqs:?}");
+        plan.assert_consistent();
+    }
+
+    #[test]
+    fn a_chunk_no_gateway_fetches_is_taken_after_a_request_timeout() {
+        // Six downloaders in a site; one of them does not see the one with the least key (it
+        // struck it out, say), so its gateways differ from the others' and some chunk can be
+        // left to a node that is no gateway in its own view. Find such a chunk.
+        let chunks = 64;
+        let site: Vec<u32> = (1..=6).collect();
+        let keyed = by_key(&site);
+        let least = keyed[0];
+        let mut found = None;
+        for &blind in &keyed[1..] {
+            let plans: Vec<(u32, Plan<u32>)> = site
+                .iter()
+                .map(|&me| {
+                    let others: Vec<u32> = site
+                        .iter()
+                        .copied()
+                        .filter(|&p| p != me && !(me == blind && p == least))
+                        .collect();
+                    (me, site_plan(me, &others, 99, chunks, config()))
+                })
+                .collect();
+            let orphan = (0..chunks).find(|&c| {
+                plans.iter().all(|(_, plan)| {
+                    let site = plan.site().expect("with_self");
+                    let budget = plan.config().site_remote_in_flight;
+                    site.share(budget, plan.config().max_remote_in_flight) == 0
+                        || !site.owns(c, budget)
+                })
+            });
+            if let Some(c) = orphan {
+                found = Some((c, plans));
+                break;
+            }
+        }
+        let (orphan, plans) = found.expect("some view leaves a chunk to no gateway");
+        // Exactly one node owns it as a backstop, and it is no gateway: it has nothing in flight.
+        let mut owners: Vec<(u32, Plan<u32>)> = plans
+            .into_iter()
+            .filter(|(_, plan)| plan.site().is_some_and(|s| s.owns_as_backstop(orphan)))
+            .collect();
+        assert_eq!(owners.len(), 1, "one backstop owner of chunk {orphan}");
+        let (me, mut plan) = owners.remove(0);
+        assert!(
+            requests(&plan.next_actions(T0)).is_empty(),
+            "node {me} is no gateway"
+        );
+        let timeout = plan.config().request_timeout;
+        let mut now = T0;
+        for _ in 0..chunks {
+            assert_eq!(
+                plan.next_deadline(),
+                Some(now + timeout),
+                "it waits a request timeout"
+            );
+            assert!(requests(&plan.next_actions(now + timeout - ms(1))).is_empty());
+            now += timeout;
+            let reqs = requests(&plan.next_actions(now));
+            assert!(!reqs.is_empty() && reqs.len() <= 2, "{reqs:?}");
+            assert!(
+                reqs.iter()
+                    .all(|&(p, c)| p == 99 && plan.site().is_some_and(|s| s.owns_as_backstop(c)))
+            );
+            if reqs.iter().any(|&(_, c)| c == orphan) {
+                plan.assert_consistent();
+                return;
+            }
+            for (p, c) in reqs {
+                done(&mut plan, p, c, now);
+            }
+        }
+        panic!("chunk {orphan} never asked for");
+    }
+
+    #[test]
     fn when_the_owner_of_a_chunk_leaves_another_local_node_takes_it() {
         let chunks = 32;
         let config = PlanConfig {
             max_remote_in_flight: 64,
+            site_remote_in_flight: 128,
             max_in_flight: 64,
             max_in_flight_per_peer: 64,
             ..config()
@@ -2527,12 +2772,21 @@ mod tests {
             1u64..6,
             0usize..4,
             0u32..4,
-            0usize..3,
+            (0usize..3, 0usize..5),
             any::<u64>(),
             0u64..3_000,
         )
             .prop_map(
-                |(per_peer, total, timeout, duplicates, strikes, remote, seed, patience)| {
+                |(
+                    per_peer,
+                    total,
+                    timeout,
+                    duplicates,
+                    strikes,
+                    (remote, site),
+                    seed,
+                    patience,
+                )| {
                     PlanConfig {
                         max_in_flight_per_peer: per_peer,
                         max_in_flight: total,
@@ -2540,6 +2794,7 @@ mod tests {
                         endgame_duplicates: duplicates,
                         max_strikes: strikes,
                         max_remote_in_flight: remote,
+                        site_remote_in_flight: site,
                         upload_patience: ms(patience),
                         seed,
                     }
@@ -2624,7 +2879,13 @@ mod tests {
             (0..chunks).filter(|&c| held.get(c as usize) == Some(&true)),
         );
         let mut plan = Plan::new(chunks, held.clone(), config);
+        if plan.config().seed & 1 == 1 {
+            // Half the cases know who they are, so that sites have gateways and owners (node 9
+            // is none of the peers 0 to 4).
+            plan = plan.with_self(&9);
+        }
         let config = plan.config().clone();
+        let mut remote_before_marking = false;
         let mut model = Model {
             held: held.iter_ones().collect(),
             ..Model::default()
@@ -2726,7 +2987,10 @@ mod tests {
                         now,
                     );
                 }
-                Op::Remote { peer } => plan.handle(Event::PeerRemote { peer }, now),
+                Op::Remote { peer } => {
+                    remote_before_marking |= model.in_flight.iter().any(|(p, _)| *p == peer);
+                    plan.handle(Event::PeerRemote { peer }, now);
+                }
                 Op::FailedAny { peer, chunk } => {
                     model.in_flight.remove(&(peer, chunk));
                     plan.handle(Event::ChunkFailed { peer, chunk }, now);
@@ -2782,6 +3046,16 @@ mod tests {
                         prop_assert_eq!(outstanding, reported);
                         prop_assert!(reported <= 4 * config.max_in_flight_per_peer);
                     }
+                    let remote: usize = (0..5)
+                        .filter_map(|p| plan.peer_stats(&p))
+                        .filter(|s| s.remote)
+                        .map(|s| s.in_flight)
+                        .sum();
+                    // Requests sent before a peer was marked remote stay, so only new ones count.
+                    prop_assert!(
+                        remote <= config.max_remote_in_flight || remote_before_marking,
+                        "{remote} remote requests"
+                    );
                     prop_assert_eq!(
                         plan.held().iter_ones().collect::<BTreeSet<_>>(),
                         model.held.clone()
