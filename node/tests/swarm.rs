@@ -98,6 +98,17 @@ async fn a_site_pulls_each_chunk_across_the_wan_about_once() {
         })
         .await;
     }
+    // The publisher announced on the DHT that it holds the whole blob: a node with a site looks
+    // for such seeders right after its own site's peers.
+    let id = |i: usize| net.nodes[i].node().network().peer_id();
+    let seeders = |i: usize| {
+        let (network, layer) = (net.nodes[i].node().network().clone(), layer.clone());
+        async move { network.find_seeders(layer).await.unwrap_or_default() }
+    };
+    wait_until(WAIT, "the publisher found as a seeder", || async {
+        seeders(3).await.contains(&id(0)).then_some(())
+    })
+    .await;
     let path = format!("/v2/team/site/blobs/{layer}");
     let pulls = net.nodes[1..].iter().map(|n| {
         let (path, layer) = (path.clone(), layer.clone());
@@ -111,6 +122,12 @@ async fn a_site_pulls_each_chunk_across_the_wan_about_once() {
     let size = img.blobs[1].len() as u64;
     let wan = served(&net, 0).await;
     println!("hq served {wan} bytes for 3 copies of {size} in the shop");
+    // Each puller announced itself as a seeder once its copy was whole.
+    wait_until(WAIT, "every puller found as a seeder", || async {
+        let found = seeders(0).await;
+        (1..4).all(|i| found.contains(&id(i))).then_some(())
+    })
+    .await;
     // Before a node hears of its site's other downloaders it may take up to two chunks that
     // were not its share: at most 3 x 2 chunks of 4 MiB over one copy.
     assert!(

@@ -60,6 +60,9 @@ const MAX_CONCURRENT_SYNCS: usize = 8;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a provider look-up may take.
 const PROVIDER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most DHT keys with provider records one node keeps, its own and others' (each key holds at
+/// most 20 providers, a few hundred bytes apiece).
+const MAX_DHT_PROVIDER_KEYS: usize = 1 << 16;
 /// How often Kademlia refreshes its routing table.
 /// How much a peer may send on one QUIC stream ahead of what this node has read, and on one
 /// connection over all its streams. A sender keeps everything it wrote until it is
@@ -163,10 +166,29 @@ struct Behaviour {
     stream: libp2p_stream::Behaviour,
 }
 
+/// What a provider record on the DHT says a node holds of a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holding {
+    /// Some or all of it: it downloads or holds the blob (the blob's digest is the key).
+    Part,
+    /// All of it: a seeder (the key is the digest followed by ` whole`), so that a download can
+    /// find the few nodes that hold everything among the many that are still downloading.
+    Whole,
+}
+
+impl Holding {
+    fn record_key(self, digest: &Digest) -> kad::RecordKey {
+        match self {
+            Holding::Part => kad::RecordKey::new(&digest.to_string()),
+            Holding::Whole => kad::RecordKey::new(&format!("{digest} whole")),
+        }
+    }
+}
+
 enum Command {
     Publish(Vec<u8>),
-    Provide(Digest),
-    FindProviders(Digest, oneshot::Sender<Vec<PeerId>>),
+    Provide(Digest, Holding),
+    FindProviders(Digest, Holding, oneshot::Sender<Vec<PeerId>>),
     Sync(
         PeerId,
         SyncRequest,
@@ -271,6 +293,11 @@ impl Network {
         self.peer_id
     }
 
+    /// Whether this node was given a site.
+    pub fn has_site(&self) -> bool {
+        self.site.is_some()
+    }
+
     /// Whether `peer` is in another site: both sites are known and differ.
     pub fn is_remote(&self, peer: &PeerId) -> bool {
         self.same_site(peer) == Some(false)
@@ -309,15 +336,30 @@ impl Network {
         self.send(Command::Publish(bytes)).await
     }
 
-    /// Announces on the DHT that this node holds the blob.
+    /// Announces on the DHT that this node holds the whole blob: it provides it and seeds it.
     pub async fn provide(&self, digest: Digest) -> Result<(), NetError> {
-        self.send(Command::Provide(digest)).await
+        self.send(Command::Provide(digest, Holding::Whole)).await
     }
 
-    /// Peers that provide the blob, from the DHT.
+    /// Announces on the DHT that this node is downloading the blob (and serves what it has).
+    pub async fn provide_part(&self, digest: Digest) -> Result<(), NetError> {
+        self.send(Command::Provide(digest, Holding::Part)).await
+    }
+
+    /// Peers that provide the blob (whole or in part), from the DHT.
     pub async fn find_providers(&self, digest: Digest) -> Result<Vec<PeerId>, NetError> {
+        self.find(digest, Holding::Part).await
+    }
+
+    /// Peers that announced they hold the whole blob, from the DHT.
+    pub async fn find_seeders(&self, digest: Digest) -> Result<Vec<PeerId>, NetError> {
+        self.find(digest, Holding::Whole).await
+    }
+
+    async fn find(&self, digest: Digest, holding: Holding) -> Result<Vec<PeerId>, NetError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Command::FindProviders(digest, tx)).await?;
+        self.send(Command::FindProviders(digest, holding, tx))
+            .await?;
         match tokio::time::timeout(PROVIDER_LOOKUP_TIMEOUT, rx).await {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(_)) => Err(NetError::Closed),
@@ -449,8 +491,17 @@ fn build_swarm(
                 )?;
                 let mut kad_config = kad::Config::new(StreamProtocol::new("/shoal/kad/1"));
                 kad_config.set_query_timeout(PROVIDER_LOOKUP_TIMEOUT);
-                let mut kad =
-                    kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+                // The store's default of 1024 keys counts the provider records a node keeps for
+                // others as well as its own: a registry of a few hundred images holds more blobs
+                // than that, and every whole blob takes two keys (holder and seeder).
+                let store = MemoryStore::with_config(
+                    peer_id,
+                    kad::store::MemoryStoreConfig {
+                        max_provided_keys: MAX_DHT_PROVIDER_KEYS,
+                        ..Default::default()
+                    },
+                );
+                let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
                 kad.set_mode(Some(kad::Mode::Server));
                 let mdns = if with_mdns {
                     Some(mdns::tokio::Behaviour::new(
@@ -530,18 +581,20 @@ impl EventLoop {
                     tracing::debug!(error = %e, "gossip publish");
                 }
             }
-            Command::Provide(digest) => {
-                if let Err(e) = b
-                    .kad
-                    .start_providing(kad::RecordKey::new(&digest.to_string()))
-                {
-                    tracing::warn!(error = %e, %digest, "cannot announce a blob on the DHT");
+            Command::Provide(digest, holding) => {
+                // Whoever holds the whole blob is a provider too.
+                let keys = match holding {
+                    Holding::Whole => vec![Holding::Part, Holding::Whole],
+                    Holding::Part => vec![Holding::Part],
+                };
+                for key in keys {
+                    if let Err(e) = b.kad.start_providing(key.record_key(&digest)) {
+                        tracing::warn!(error = %e, %digest, "cannot announce a blob on the DHT");
+                    }
                 }
             }
-            Command::FindProviders(digest, reply) => {
-                let id = b
-                    .kad
-                    .get_providers(kad::RecordKey::new(&digest.to_string()));
+            Command::FindProviders(digest, holding, reply) => {
+                let id = b.kad.get_providers(holding.record_key(&digest));
                 self.pending_providers.insert(id, (HashSet::new(), reply));
             }
             Command::Sync(peer, request, reply) => {
