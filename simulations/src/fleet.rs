@@ -9,7 +9,11 @@
 //!   providers; the lookup completes after [`Scenario::lookup_delay`] and returns the nodes that
 //!   announced before that, the publisher included. Candidates are those providers, shuffled, then
 //!   the node's connected peers (`mesh_degree` random nodes of the fleet), shuffled, at most
-//!   [`MAX_CANDIDATES`] in all, as `Fetcher::candidates` orders them. Every [`CANDIDATE_REFRESH`]
+//!   [`MAX_CANDIDATES`] in all, as `Fetcher::candidates` orders them; with `local_first` (a
+//!   node started with `--site`), the nodes of its own site come first, then the seeders (the
+//!   publisher, and pullers once complete, which the node looks up on the DHT; here every
+//!   seeder is found at once), then the rest.
+//!   Every [`CANDIDATE_REFRESH`]
 //!   it drops candidates that never answered and looks up again to fill the free places.
 //! - **Haves.** It asks each candidate what it holds (one round trip). A candidate that holds or
 //!   downloads the blob answers with its bitfield: [`Event::PeerRemote`] first if it is in another
@@ -502,6 +506,9 @@ struct Sim<'a> {
     host: Option<LinkId>,
     /// Nodes in the order they announced themselves (provider records outlive departures).
     providers: Vec<u32>,
+    /// Nodes that announced they hold the whole blob, in order (the publisher, then pullers as
+    /// they complete): a node that knows its site takes them right after its site's peers.
+    seeders: Vec<u32>,
     flows: Vec<Option<FlowInfo>>,
     /// Nodes of each site (for the local-first what-if).
     site_members: Vec<Vec<u32>>,
@@ -652,6 +659,7 @@ impl<'a> Sim<'a> {
             wan,
             host,
             providers: vec![PUBLISHER],
+            seeders: vec![PUBLISHER],
             flows: Vec::new(),
             site_members,
             chunk_count,
@@ -1052,7 +1060,8 @@ impl<'a> Sim<'a> {
     }
 
     /// New candidates for `node`: providers first, then connected peers, each group shuffled,
-    /// up to [`MAX_CANDIDATES`] candidates in all (or the scenario's what-if cap).
+    /// up to [`MAX_CANDIDATES`] candidates in all (or the scenario's what-if cap). With
+    /// `local_first`, the node's own site and then the seeders go before all of them.
     fn sample_candidates(&mut self, node: u32) -> Vec<u32> {
         let Some(d) = self.nodes[node as usize].download.as_ref() else {
             return Vec::new();
@@ -1079,7 +1088,10 @@ impl<'a> Sim<'a> {
                 })
                 .unwrap_or_default();
             self.rng.shuffle(&mut local);
-            for p in local {
+            // Then the seeders, as the node does with a site (`Fetcher::candidates`).
+            let mut seeders = self.seeders.clone();
+            self.rng.shuffle(&mut seeders);
+            for p in local.into_iter().chain(seeders) {
                 if fresh.len() >= room {
                     break;
                 }
@@ -1837,6 +1849,7 @@ impl<'a> Sim<'a> {
                 self.close_pool(&d.pool);
             }
             self.complete_count += 1;
+            self.seeders.push(node);
             return;
         }
         let limit = nanos(STALL_LIMIT);

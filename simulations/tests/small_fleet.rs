@@ -147,14 +147,64 @@ fn two_sites_carry_about_one_copy_over_each_wan_link() {
     let (scenario, r) = run(text, 5);
     assert_eq!(r.completed(), 20);
     assert_conservation(&scenario, &r);
+    assert_wan_copies_within(&scenario, &r, 1.0..=1.2);
+}
+
+/// Every site of pullers took in a number of copies of the image within `range` over its WAN.
+fn assert_wan_copies_within(
+    scenario: &Scenario,
+    r: &RunResult,
+    range: std::ops::RangeInclusive<f64>,
+) {
     let image = scenario.image_bytes as f64;
     for (site, &(inbound, _)) in r.wan_bytes.iter().enumerate() {
         let copies = inbound / image;
         assert!(
-            (1.0..=1.2).contains(&copies),
+            range.contains(&copies),
             "site {site}: {copies} copies came in over its WAN link"
         );
     }
+}
+
+#[test]
+fn nodes_that_know_their_site_reach_the_publisher_through_few_gateways() {
+    // Eight sites of 12 nodes behind 20 Mbit/s links, the publisher in a ninth with a fat link,
+    // and room for few candidates: without the seeders among them a site seldom reaches the
+    // publisher, and with every node of a site asking over the WAN requests time out.
+    let text = r#"
+        name = "edge-small"
+        mode = "swarm"
+        seed = 3
+        image_bytes = 16777216
+        chunk_bytes = 1048576
+        nodes = [96]
+        sites = 8
+        nic_mbit = 1000
+        latency_ms = 0.1
+
+        [wan]
+        up_mbit = 20
+        down_mbit = 20
+        latency_ms = 10
+
+        [publisher]
+        site = "own"
+        wan_mbit = 1000
+
+        [discovery]
+        local_first = true
+        max_candidates = 14
+    "#;
+    let (scenario, r) = run(text, 3);
+    assert_eq!(r.completed(), 96);
+    assert_conservation(&scenario, &r);
+    assert_wan_copies_within(&scenario, &r, 1.0..=1.05);
+    let (ideal, max) = (scenario.ideal_secs(), r.quantile(1.0).unwrap());
+    assert!(
+        max < 2.0 * ideal,
+        "the last node took {max} s, ideal {ideal} s"
+    );
+    assert_eq!(r.stalls, 0);
 }
 
 #[test]
