@@ -1,7 +1,8 @@
 //! Swarm transfer in one process: many nodes fetch one multi-chunk blob at once and share the
 //! chunks they hold, so the publisher serves far less than every copy; a peer serving corrupt
 //! chunks is banned while the others finish; a peer killed mid-transfer stops no one; a
-//! restarted node resumes its partial download; a seeder sends one copy of a chunk at a time.
+//! restarted node resumes its partial download; a seeder sends one copy of a chunk at a time; a
+//! chunk stream the peer drops unanswered reads as a refusal, not a failure.
 
 mod testnet;
 
@@ -339,4 +340,70 @@ async fn a_seeder_sends_one_copy_of_a_chunk_at_a_time() {
     let later = second.fetch(&layer, 0, chunk, &mut buf).await;
     assert!(matches!(later, Ok(true)), "chunk 0 again: {later:?}");
     assert_eq!(&buf[..], &bytes[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_stream_dropped_before_an_answer_is_a_refusal() {
+    use futures::StreamExt;
+    use libp2p::core::transport::{MemoryTransport, Transport};
+    use libp2p::core::upgrade::Version;
+    use shoal_node::net::NetError;
+    use shoal_node::net::chunk::{self, ChunkClient};
+
+    let mut net = TestNet::with_identities(1);
+    net.start_next().await;
+    // A peer that drops every chunk stream unread, as libp2p-stream does to an inbound stream
+    // when the server's queue of new streams is full.
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(|key| {
+            Ok(MemoryTransport::default()
+                .upgrade(Version::V1)
+                .authenticate(libp2p::noise::Config::new(key)?)
+                .multiplex(libp2p::yamux::Config::default()))
+        })
+        .expect("transport")
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(WAIT))
+        .build();
+    let addr: libp2p::Multiaddr = format!("/memory/{}", rand::random::<u64>())
+        .parse()
+        .expect("address");
+    swarm.listen_on(addr.clone()).expect("listen");
+    let mut incoming = swarm
+        .behaviour()
+        .new_control()
+        .accept(chunk::protocol())
+        .expect("accept");
+    let dropper = *swarm.local_peer_id();
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    tokio::spawn(async move {
+        while let Some((_, stream)) = incoming.next().await {
+            drop(stream);
+        }
+    });
+
+    let network = net.nodes[0].node().network();
+    network
+        .dial(addr.with(libp2p::multiaddr::Protocol::P2p(dropper)))
+        .await
+        .expect("dial");
+    let mut client = wait_until(WAIT, "a stream to the dropping peer", || async {
+        ChunkClient::open(&mut network.control(), dropper)
+            .await
+            .ok()
+    })
+    .await;
+    let mut buf = Vec::new();
+    let answer = client.fetch(&Digest::sha256(b"any"), 0, 1, &mut buf).await;
+    // The download rests such a peer as if it had said "busy" instead of striking it out.
+    assert!(
+        matches!(answer, Err(NetError::Refused(_))),
+        "a stream dropped unanswered: {answer:?}"
+    );
 }

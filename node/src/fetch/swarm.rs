@@ -395,6 +395,10 @@ async fn fetch_chunk(
         Ok(false) => (ChunkOutcome::Failed, Some(c)),
         Err(NetError::Protocol(_)) => (ChunkOutcome::Bad, None),
         Err(NetError::Busy) => (ChunkOutcome::Busy, None),
+        // A fresh stream the peer dropped unanswered: it is swamped, so rest it as if it had
+        // said "busy" rather than count a failure (three failures would strike it out for the
+        // whole download, though it may be the only peer with the blob).
+        Err(NetError::Refused(_)) if !reused => (ChunkOutcome::Busy, None),
         Err(_) => return Err(reused),
     })
 }

@@ -302,8 +302,20 @@ impl ChunkClient {
             .validate()
             .map_err(|e| NetError::Protocol(e.to_string()))?;
         let work = async {
-            write_frame(&mut self.stream, &codec::encode(&request)?).await?;
-            let response: ChunkResponse = codec::decode(&read_frame(&mut self.stream).await?)?;
+            let frame = codec::encode(&request)?;
+            let answer = async {
+                write_frame(&mut self.stream, &frame).await?;
+                read_frame(&mut self.stream).await
+            };
+            let response: ChunkResponse = match answer.await {
+                Ok(answer) => codec::decode(&answer)?,
+                // A malformed frame header is the peer's fault.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Err(e.into()),
+                // Reset or closed before any answer: libp2p-stream drops an inbound stream when
+                // the server's queue of new streams is full, as it is when a flood of requests
+                // outruns the task that accepts them.
+                Err(e) => return Err(NetError::Refused(e.to_string())),
+            };
             match response {
                 ChunkResponse::Ok { length: l } if l == length => {}
                 ChunkResponse::Ok { length: l } => {

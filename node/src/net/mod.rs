@@ -87,6 +87,10 @@ pub enum NetError {
     /// The peer is busy.
     #[error("peer is busy")]
     Busy,
+    /// The peer dropped a stream before answering on it: its queue of new streams was full, or
+    /// it closed the stream as idle just as it was reused. Not a fault of the peer.
+    #[error("stream dropped before an answer: {0}")]
+    Refused(String),
     /// The peer broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
