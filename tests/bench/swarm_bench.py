@@ -192,9 +192,16 @@ class Proc:
         self.log.close()
 
 
+def p2p_addr(ip, port, transport):
+    """The libp2p listen address for `transport` (QUIC, or TCP with noise and yamux)."""
+    if transport == "tcp":
+        return f"/ip4/{ip}/tcp/{port}"
+    return f"/ip4/{ip}/udp/{port}/quic-v1"
+
+
 class ShoalNode:
     def __init__(self, binary, root, ns, ip, p2p_ip, peers=(), trust=(), listen_port=5000,
-                 p2p_port=4001, log_level="info"):
+                 p2p_port=4001, log_level="info", transport="quic"):
         self.root = root
         self.ns = ns
         os.makedirs(os.path.join(root, "data"), exist_ok=True)
@@ -202,7 +209,7 @@ class ShoalNode:
         env.update(XDG_CONFIG_HOME=root, XDG_DATA_HOME=root, SHOAL_LOG=log_level)
         cmd = [binary, "node", "--data-dir", os.path.join(root, "data"),
                "--listen", f"{ip}:{listen_port}", "--no-mdns",
-               "--p2p-listen", f"/ip4/{p2p_ip}/udp/{p2p_port}/quic-v1"]
+               "--p2p-listen", p2p_addr(p2p_ip, p2p_port, transport)]
         for p in peers:
             cmd += ["--peer", p]
         for k in trust:
@@ -366,12 +373,14 @@ def run_shoal(args, topo, n, image_dir, image_bytes, blobs, tmp):
     res = {}
     try:
         root = os.path.join(tmp, f"shoal-{n}")
-        origin = ShoalNode(args.shoal_bin, os.path.join(root, "n0"), topo.ns[0], addr(0), addr(0))
+        origin = ShoalNode(args.shoal_bin, os.path.join(root, "n0"), topo.ns[0], addr(0), addr(0),
+                           transport=args.transport)
         nodes.append(origin)
-        boot = f"/ip4/{addr(0)}/udp/4001/quic-v1/p2p/{origin.peer_id}"
+        boot = f"{p2p_addr(addr(0), 4001, args.transport)}/p2p/{origin.peer_id}"
         for i in range(1, n + 1):
             nodes.append(ShoalNode(args.shoal_bin, os.path.join(root, f"n{i}"), topo.ns[i],
-                                   addr(i), addr(i), peers=[boot], trust=[origin.key]))
+                                   addr(i), addr(i), peers=[boot], trust=[origin.key],
+                                   transport=args.transport))
         res["push_s"] = push(topo.ns[0], image_dir, origin.url)
         log(f"shoal, {n} pullers: pushed to n0 in {res['push_s']:.1f}s; waiting for the tag")
         t0 = time.monotonic()
@@ -459,14 +468,17 @@ def run_loopback(args, image_dir, big_digest, big_size, tmp):
     try:
         root = os.path.join(tmp, "loopback")
         a = ShoalNode(args.shoal_bin, os.path.join(root, "a"), None, "127.0.0.1", "127.0.0.1",
-                      listen_port=0, p2p_port=0)
+                      listen_port=0, p2p_port=0, transport=args.transport)
         listen = a.status()["p2p_listen"]
-        quic = [x for x in listen if "/udp/" in x and "127.0.0.1" in x]
-        if not quic:
-            raise RuntimeError(f"loopback: node a has no loopback QUIC address: {listen}")
-        boot = f"{quic[0]}/p2p/{a.peer_id}"
+        kind = "/tcp/" if args.transport == "tcp" else "/udp/"
+        mine = [x for x in listen if kind in x and "127.0.0.1" in x]
+        if not mine:
+            raise RuntimeError(f"loopback: node a has no loopback {args.transport} address: "
+                               f"{listen}")
+        boot = f"{mine[0]}/p2p/{a.peer_id}"
         b = ShoalNode(args.shoal_bin, os.path.join(root, "b"), None, "127.0.0.1", "127.0.0.1",
-                      peers=[boot], trust=[a.key], listen_port=0, p2p_port=0)
+                      peers=[boot], trust=[a.key], listen_port=0, p2p_port=0,
+                      transport=args.transport)
         push(None, image_dir, a.url)
         wait_for_tags([b], timeout=120)
         url = f"{b.url}/v2/{REPO}/blobs/{big_digest}"
@@ -507,6 +519,8 @@ def main():
     p.add_argument("--burst", default="256kb")
     p.add_argument("--latency", default="50ms")
     p.add_argument("--client", choices=["skopeo", "curl"], default="skopeo")
+    p.add_argument("--transport", choices=["quic", "tcp"], default="quic",
+                   help="node-to-node transport: QUIC, or TCP with noise and yamux (quic)")
     p.add_argument("--prefix", default=f"swb{os.getpid() % 100000}",
                    help="namespace name prefix (the shell wrapper passes a unique one)")
     p.add_argument("--skip-registry", action="store_true", help="no docker-registry baseline")
@@ -591,7 +605,8 @@ def main():
     print(f"- image: {image_mb:.1f} MB (busybox layer + {args.image_mib:g} MiB random layer, "
           f"manifest {mdigest[:19]}…)")
     print(f"- client: `{args.client}` on every puller, against its own node (Shoal) or node 0 "
-          f"(registry); all pullers start at once; time = until the last one is done")
+          f"(registry); all pullers start at once; time = until the last one is done; "
+          f"node-to-node transport: {args.transport}")
     print(f"- ideal (b): {image_mb:.1f} MB / {args.mbit:g} Mbit/s = {ideal:.1f} s computed"
           + (f"; one puller alone from docker-registry: {single:.1f} s" if single else ""))
     print(f"- machine: {os.cpu_count()} cores; shoal {sh([args.shoal_bin, '--version'], check=False).stdout.strip()}\n")
