@@ -626,7 +626,7 @@ def main():
               f"{s['tx0'] / image_bytes:.2f} | {reg_egress} | {rss:.0f} |")
     lb = results.get("loopback")
     if lb:
-        print(f"\nLoopback node-to-node (unshaped, 127.0.0.1, QUIC): {big['size'] / MB:.0f} MB blob "
+        print(f"\nLoopback node-to-node (unshaped, 127.0.0.1, {args.transport.upper()}): {big['size'] / MB:.0f} MB blob "
               f"in {lb['wall_s']:.2f} s = **{lb['mbps']:.0f} MB/s** (same blob from the node's "
               f"own disk: {lb['local_mbps']:.0f} MB/s)")
     print("\nPer-node pull times (s), Shoal: " + "; ".join(
