@@ -228,6 +228,12 @@ impl TestNode {
                 "blob {d}: {}",
                 String::from_utf8_lossy(&r.body)
             );
+            // A download that fails after the headers went out cuts the body short.
+            assert_eq!(
+                r.body.len(),
+                b.len(),
+                "blob {d}: body cut short (did the node's download stall?)"
+            );
             assert_eq!(Digest::sha256(&r.body), d, "blob bytes differ");
         }
     }
