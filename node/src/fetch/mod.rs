@@ -225,7 +225,7 @@ impl Fetcher {
             Ok(()) => {
                 tracing::info!(digest = %blob.digest, size = blob.size, elapsed_ms = started.elapsed().as_millis() as u64, "fetched blob");
                 // Now a seeder: other sites' downloads look for those first.
-                let _ = self.network.provide(blob.digest.clone()).await;
+                let _ = self.network.provide_seed(blob.digest.clone()).await;
                 Ok(())
             }
             Err(swarm::SwarmError::Stalled) => {

@@ -1116,23 +1116,22 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
     /// that it owns as a backstop ([`SiteView::owns_as_backstop`]), as many as its own cap
     /// allows. In a site that progresses, every downloader stores a chunk every few seconds.
     fn backstop_due(&self, now: Duration) -> bool {
-        self.total_in_flight == 0
-            && self
-                .progress_at
-                .is_some_and(|t| now >= t.saturating_add(self.config.request_timeout))
+        self.backstop_at().is_some_and(|at| now >= at)
+    }
+
+    /// When the backstop is due while nothing is in flight: a request timeout after the last
+    /// progress.
+    fn backstop_at(&self) -> Option<Duration> {
+        let t = self.progress_at.filter(|_| self.total_in_flight == 0)?;
+        Some(t.saturating_add(self.config.request_timeout))
     }
 
     /// When [`Plan::backstop_due`] becomes true, if that is still ahead and could matter.
     fn backstop_deadline(&self) -> Option<Duration> {
-        if self.total_in_flight > 0 || self.missing == 0 || self.me.is_none() {
+        if self.missing == 0 || self.me.is_none() || !self.peers.values().any(|s| s.remote) {
             return None;
         }
-        if !self.peers.values().any(|s| s.remote) {
-            return None;
-        }
-        self.progress_at
-            .map(|t| t.saturating_add(self.config.request_timeout))
-            .filter(|&at| at > self.clock)
+        self.backstop_at().filter(|&at| at > self.clock)
     }
 
     /// How long a chunk every holder already gave away waits for a copy elsewhere: three

@@ -191,7 +191,8 @@ impl Holding {
 
 enum Command {
     Publish(Vec<u8>),
-    Provide(Digest, Holding),
+    /// Announces each of the keys.
+    Provide(Digest, &'static [Holding]),
     FindProviders(Digest, Holding, oneshot::Sender<Vec<PeerId>>),
     Sync(
         PeerId,
@@ -342,12 +343,19 @@ impl Network {
 
     /// Announces on the DHT that this node holds the whole blob: it provides it and seeds it.
     pub async fn provide(&self, digest: Digest) -> Result<(), NetError> {
-        self.send(Command::Provide(digest, Holding::Whole)).await
+        self.send(Command::Provide(digest, &[Holding::Part, Holding::Whole]))
+            .await
     }
 
     /// Announces on the DHT that this node is downloading the blob (and serves what it has).
     pub async fn provide_part(&self, digest: Digest) -> Result<(), NetError> {
-        self.send(Command::Provide(digest, Holding::Part)).await
+        self.send(Command::Provide(digest, &[Holding::Part])).await
+    }
+
+    /// Announces on the DHT that a download of the blob finished, after [`Network::provide_part`]
+    /// announced it as a provider: only the seeder key is new.
+    pub async fn provide_seed(&self, digest: Digest) -> Result<(), NetError> {
+        self.send(Command::Provide(digest, &[Holding::Whole])).await
     }
 
     /// Peers that provide the blob (whole or in part), from the DHT.
@@ -585,12 +593,7 @@ impl EventLoop {
                     tracing::debug!(error = %e, "gossip publish");
                 }
             }
-            Command::Provide(digest, holding) => {
-                // Whoever holds the whole blob is a provider too.
-                let keys = match holding {
-                    Holding::Whole => vec![Holding::Part, Holding::Whole],
-                    Holding::Part => vec![Holding::Part],
-                };
+            Command::Provide(digest, keys) => {
                 for key in keys {
                     if let Err(e) = b.kad.start_providing(key.record_key(&digest)) {
                         tracing::warn!(error = %e, %digest, "cannot announce a blob on the DHT");
