@@ -2460,3 +2460,40 @@ fn random_manifest_bytes_never_5xx_nor_change_the_catalog() {
         panic!("{e} (reproduce with SHOAL_TEST_SEED={seed})");
     }
 }
+
+#[tokio::test]
+async fn every_upload_path_indexes_a_blob_by_its_size() {
+    // A blob's chunk size is a function of its size, so that every node indexes it the same
+    // way: whether the size came before the bytes (monolithic POST), came wrong, or came only
+    // at the end (a session of PATCHes).
+    let h = Harness::new().await;
+    let data = bytes(41, 3 * 1024 * 1024 + 5);
+    let want = shoal_protocol::chunk_size_for(data.len() as u64);
+    let mut digests = vec![h.push_blob("lib/idx", &data[..data.len() - 1]).await];
+    let loc = h.start_upload("lib/idx").await;
+    h.patch(&loc, 0, &data[..1 << 20])
+        .await
+        .expect(StatusCode::ACCEPTED);
+    h.patch(&loc, 1 << 20, &data[1 << 20..])
+        .await
+        .expect(StatusCode::ACCEPTED);
+    let d = sha256(&data);
+    h.put_upload(&loc, &d, b"")
+        .await
+        .expect(StatusCode::CREATED);
+    digests.push(d);
+    for d in digests {
+        let digest: shoal_protocol::Digest = d.parse().unwrap();
+        let index = h
+            .store()
+            .blob_index(&digest)
+            .await
+            .unwrap()
+            .expect("an index");
+        assert_eq!(index.chunk_size(), want, "{d}");
+        assert_eq!(
+            index.size(),
+            h.store().blob_size(&digest).await.unwrap().unwrap()
+        );
+    }
+}

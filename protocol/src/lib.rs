@@ -38,7 +38,8 @@ pub mod record;
 
 pub use bitfield::Bitfield;
 pub use blob_index::{
-    BlobIndex, BlobIndexError, BlobIndexId, BlobIndexer, ChunkHash, DEFAULT_CHUNK_SIZE_BYTES,
+    BlobIndex, BlobIndexError, BlobIndexId, BlobIndexer, ChunkHash, MAX_AUTO_CHUNK_SIZE_BYTES,
+    MIN_AUTO_CHUNK_SIZE_BYTES, TARGET_CHUNKS, chunk_size_for,
 };
 pub use codec::CodecError;
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};

@@ -594,7 +594,7 @@ mod tests {
         let blob = BlobRef {
             digest: Digest::of(crate::Algorithm::Sha512, b"x"),
             size: u64::MAX,
-            index: crate::BlobIndex::of(b"x", crate::DEFAULT_CHUNK_SIZE_BYTES)
+            index: crate::BlobIndex::of(b"x", crate::MAX_AUTO_CHUNK_SIZE_BYTES)
                 .unwrap()
                 .id(),
         };

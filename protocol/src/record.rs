@@ -529,7 +529,7 @@ mod tests {
                 blobs: vec![BlobRef {
                     digest: Digest::sha256(b"layer"),
                     size: 5,
-                    index: crate::BlobIndex::of(b"layer", crate::DEFAULT_CHUNK_SIZE_BYTES)
+                    index: crate::BlobIndex::of(b"layer", crate::MAX_AUTO_CHUNK_SIZE_BYTES)
                         .unwrap()
                         .id(),
                 }],

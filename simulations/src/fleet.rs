@@ -2141,8 +2141,13 @@ pub fn node_constants() -> Vec<(&'static str, String)> {
             MAX_INBOUND_CHUNK_STREAMS.to_string(),
         ),
         (
-            "DEFAULT_CHUNK_SIZE_BYTES",
-            shoal_protocol::DEFAULT_CHUNK_SIZE_BYTES.to_string(),
+            "chunk size",
+            format!(
+                "shoal_protocol::chunk_size_for: {} chunks per blob, within {}..={} bytes",
+                shoal_protocol::TARGET_CHUNKS,
+                shoal_protocol::MIN_AUTO_CHUNK_SIZE_BYTES,
+                shoal_protocol::MAX_AUTO_CHUNK_SIZE_BYTES
+            ),
         ),
     ]
 }

@@ -167,8 +167,9 @@ pub struct Scenario {
     pub seed: u64,
     /// The image (one blob) in bytes.
     pub image_bytes: u64,
-    /// Chunk size in bytes (default: the protocol's default, 4 MiB).
-    #[serde(default = "default_chunk_bytes")]
+    /// Chunk size in bytes (default: what the node picks for a blob of `image_bytes`,
+    /// `shoal_protocol::chunk_size_for`).
+    #[serde(default)]
     pub chunk_bytes: u64,
     /// Fleet sizes to run, in pullers (the publisher comes on top).
     pub nodes: Vec<u32>,
@@ -219,10 +220,6 @@ fn default_seed() -> u64 {
     1
 }
 
-fn default_chunk_bytes() -> u64 {
-    u64::from(shoal_protocol::DEFAULT_CHUNK_SIZE_BYTES)
-}
-
 fn default_sites() -> u32 {
     1
 }
@@ -262,7 +259,10 @@ impl Scenario {
 
     /// Parses and checks a scenario.
     pub fn parse(text: &str) -> anyhow::Result<Scenario> {
-        let scenario: Scenario = toml::from_str(text)?;
+        let mut scenario: Scenario = toml::from_str(text)?;
+        if scenario.chunk_bytes == 0 {
+            scenario.chunk_bytes = shoal_protocol::chunk_size_for(scenario.image_bytes).into();
+        }
         scenario.check()?;
         Ok(scenario)
     }
@@ -382,8 +382,9 @@ mod tests {
     #[test]
     fn a_minimal_scenario_gets_the_defaults() {
         let s = Scenario::parse(MINIMAL).unwrap();
-        assert_eq!(s.chunk_bytes, 4 << 20);
-        assert_eq!(s.chunk_count(), 3);
+        // What the node picks for a 10 MB blob: 256 KiB.
+        assert_eq!(s.chunk_bytes, 256 << 10);
+        assert_eq!(s.chunk_count(), 39);
         assert_eq!(s.sites, 1);
         assert_eq!(s.discovery.mesh_degree, 8);
         assert_eq!(s.latency(true), 100_000);

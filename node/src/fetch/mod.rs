@@ -316,7 +316,10 @@ impl Fetcher {
         };
         let info = manifest::parse(&bytes, None).map_err(|e| FetchError::Invalid(e.to_string()))?;
         if self.store.blob_size(digest).await?.is_none() {
-            let mut writer = self.store.blob_writer(digest.algorithm()).await?;
+            let mut writer = self
+                .store
+                .blob_writer(digest.algorithm(), Some(size))
+                .await?;
             writer.write(&bytes).await?;
             writer.finish(digest).await?;
             let _ = self.network.provide(digest.clone()).await;

@@ -165,7 +165,10 @@ pub(super) async fn put(
     }
     check_references(r, name, &info).await?;
 
-    let mut writer = r.store.blob_writer(algorithm).await?;
+    let mut writer = r
+        .store
+        .blob_writer(algorithm, Some(bytes.len() as u64))
+        .await?;
     writer.write(&bytes).await?;
     writer.finish(&digest).await?;
     let subject = info.subject.clone();

@@ -64,7 +64,7 @@ pub(super) async fn start(
     r: &Registry,
     name: &RepoName,
     q: &[(String, String)],
-    _headers: &HeaderMap,
+    headers: &HeaderMap,
     body: Body,
 ) -> Result<Response> {
     if let Some(m) = param(q, "mount") {
@@ -82,7 +82,11 @@ pub(super) async fn start(
         // Not mountable: fall back to a new session, as the spec asks.
     } else if let Some(d) = param(q, "digest") {
         let digest = parse_digest(d)?;
-        let mut writer = r.store.blob_writer(digest.algorithm()).await?;
+        // The body's length, if given, is the blob's size: it is then indexed as it arrives.
+        let size = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut writer = r.store.blob_writer(digest.algorithm(), size).await?;
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| {

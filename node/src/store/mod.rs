@@ -30,7 +30,7 @@ use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use shoal_protocol::{Algorithm, BlobIndex, BlobIndexer, DEFAULT_CHUNK_SIZE_BYTES, Digest};
+use shoal_protocol::{Algorithm, BlobIndex, BlobIndexer, Digest, chunk_size_for};
 
 pub use fsck::{FsckReport, fsck};
 pub use index::Index;
@@ -294,8 +294,13 @@ impl Store {
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Starts writing a new blob that will be hashed with `algorithm`.
-    pub async fn blob_writer(&self, algorithm: Algorithm) -> Result<BlobWriter, StoreError> {
+    /// Starts writing a new blob that will be hashed with `algorithm`, of `size` bytes if that
+    /// is known (then it is indexed as it is written).
+    pub async fn blob_writer(
+        &self,
+        algorithm: Algorithm,
+        size: Option<u64>,
+    ) -> Result<BlobWriter, StoreError> {
         let path = self
             .inner
             .layout
@@ -309,7 +314,7 @@ impl Store {
         .map_err(|e| StoreError::Task(e.to_string()))??;
         Ok(BlobWriter {
             store: self.clone(),
-            sink: Some(Sink::new(file, Some(Hashing::new(algorithm)), 0)),
+            sink: Some(Sink::new(file, Some(Hashing::new(algorithm, size)), 0)),
             tmp: TempFile(Some(path)),
         })
     }
@@ -341,19 +346,33 @@ impl Store {
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Records the `BlobIndex` computed while a blob was written. A failure only costs a
-    /// recomputation later, so it is logged, not returned.
-    pub(crate) async fn keep_blob_index(&self, indexer: BlobIndexer, digest: &Digest) {
-        let index = self.inner.index.clone();
-        let digest = digest.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            let bi = indexer
-                .finish(digest)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            index.put_blob_index(&bi)
-        })
-        .await;
-        if !matches!(result, Ok(Ok(()))) {
+    /// Records the `BlobIndex` of a blob just stored, of `size` bytes: the one computed while it
+    /// was written, or, if there was none (its size was not known before its bytes), one
+    /// computed from the file now, so that it is ready before the blob is announced. A failure
+    /// only costs a recomputation later, so it is logged, not returned.
+    pub(crate) async fn keep_blob_index(
+        &self,
+        indexer: Option<BlobIndexer>,
+        digest: &Digest,
+        size: u64,
+    ) {
+        let result = match indexer.filter(|i| i.chunk_size() == chunk_size_for(size)) {
+            Some(indexer) => {
+                let index = self.inner.index.clone();
+                let digest = digest.clone();
+                tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                    let bi = indexer
+                        .finish(digest)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    index.put_blob_index(&bi)
+                })
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))
+                .and_then(|r| r)
+            }
+            None => self.blob_index(digest).await.map(|_| ()),
+        };
+        if result.is_err() {
             tracing::warn!("could not record a blob index; it will be recomputed when needed");
         }
     }
@@ -373,7 +392,7 @@ impl Store {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
-            let mut indexer = BlobIndexer::new(DEFAULT_CHUNK_SIZE_BYTES);
+            let mut indexer = BlobIndexer::new(chunk_size_for(file.metadata()?.len()));
             scan_file(file, |block| indexer.update(block))?;
             let bi = indexer
                 .finish(digest)
@@ -458,7 +477,9 @@ impl BlobWriter {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         result?;
-        self.store.keep_blob_index(hashing.index, expected).await;
+        self.store
+            .keep_blob_index(hashing.index, expected, len)
+            .await;
         Ok(len)
     }
 }

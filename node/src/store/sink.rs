@@ -15,13 +15,14 @@ use super::StoreError;
 /// Size of each of the two buffers a sink holds.
 pub const SINK_BUFFER_BYTES: usize = 1 << 20;
 
-/// What a sink computes over the bytes passing through: the content digest and the chunk
-/// hashes of the blob's `BlobIndex`, in the same pass as the write.
+/// What a sink computes over the bytes passing through: the content digest and, when the blob's
+/// size is known before its bytes (it decides the chunk size), the chunk hashes of its
+/// `BlobIndex`, in the same pass as the write.
 pub struct Hashing {
     /// The content digest.
     pub digest: DigestHasher,
-    /// The chunk hashes.
-    pub index: BlobIndexer,
+    /// The chunk hashes, if the size was known.
+    pub index: Option<BlobIndexer>,
 }
 
 impl std::fmt::Debug for Hashing {
@@ -31,17 +32,20 @@ impl std::fmt::Debug for Hashing {
 }
 
 impl Hashing {
-    /// Fresh hashers: `algorithm` for the digest, the default chunk size for the index.
-    pub fn new(algorithm: shoal_protocol::Algorithm) -> Hashing {
+    /// Fresh hashers: `algorithm` for the digest, and the index of a blob of `size` bytes if
+    /// that is known (otherwise the store indexes the file once it is whole).
+    pub fn new(algorithm: shoal_protocol::Algorithm, size: Option<u64>) -> Hashing {
         Hashing {
             digest: DigestHasher::new(algorithm),
-            index: BlobIndexer::new(shoal_protocol::DEFAULT_CHUNK_SIZE_BYTES),
+            index: size.map(|s| BlobIndexer::new(shoal_protocol::chunk_size_for(s))),
         }
     }
 
     fn update(&mut self, bytes: &[u8]) {
         self.digest.update(bytes);
-        self.index.update(bytes);
+        if let Some(index) = &mut self.index {
+            index.update(bytes);
+        }
     }
 }
 

@@ -198,7 +198,7 @@ impl Store {
             repo: repo.clone(),
             dir: self.layout().uploads().join(&id),
             offset: 0,
-            hasher: Some(Hashing::new(Algorithm::Sha256)),
+            hasher: Some(Hashing::new(Algorithm::Sha256, None)),
             closed: false,
         };
         self.sessions()
@@ -288,9 +288,7 @@ impl Store {
             .await?;
         let data = upload.data();
         let (actual, indexer) = match upload.hasher.take() {
-            Some(h) if digest.algorithm() == Algorithm::Sha256 => {
-                (h.digest.finish(), Some(h.index))
-            }
+            Some(h) if digest.algorithm() == Algorithm::Sha256 => (h.digest.finish(), h.index),
             _ => {
                 let (p, alg) = (data.clone(), digest.algorithm());
                 let d = tokio::task::spawn_blocking(move || hash_file(&p, alg))
@@ -310,9 +308,7 @@ impl Store {
         }
         let size = upload.offset;
         self.install(data, digest).await?;
-        if let Some(indexer) = indexer {
-            self.keep_blob_index(indexer, digest).await;
-        }
+        self.keep_blob_index(indexer, digest, size).await;
         self.commit(vec![Event::Link {
             repo: repo.clone(),
             digest: digest.clone(),

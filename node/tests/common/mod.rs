@@ -228,6 +228,11 @@ impl Harness {
         }
     }
 
+    /// The store.
+    pub fn store(&self) -> &Store {
+        self.store.as_ref().expect("the registry is stopped")
+    }
+
     /// The data directory.
     pub fn path(&self) -> &Path {
         self.dir.path()
