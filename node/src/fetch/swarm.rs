@@ -50,7 +50,8 @@ pub const STALL_LIMIT: Duration = Duration::from_secs(30);
 /// How long a download may receive no chunk at all, sources or not. Long, because a seeder
 /// saturated by a whole fleet can take this long per chunk for the unlucky few.
 pub const PROGRESS_LIMIT: Duration = Duration::from_secs(300);
-/// How long one chunk request may take (4 MiB over a fair share of a busy 100 Mbit/s uplink).
+/// How long one chunk request may take (a chunk of up to 4 MiB over a fair share of a busy
+/// 100 Mbit/s uplink).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// Most chunk requests in flight for one download (each holds one chunk in memory).
 pub const MAX_IN_FLIGHT: usize = 16;
