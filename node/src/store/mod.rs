@@ -360,15 +360,10 @@ impl Store {
             Some(indexer) => {
                 let index = self.inner.index.clone();
                 let digest = digest.clone();
-                tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-                    let bi = indexer
-                        .finish(digest)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    index.put_blob_index(&bi)
-                })
-                .await
-                .map_err(|e| StoreError::Task(e.to_string()))
-                .and_then(|r| r)
+                tokio::task::spawn_blocking(move || record_index(&index, indexer, digest))
+                    .await
+                    .map_err(|e| StoreError::Task(e.to_string()))
+                    .and_then(|r| r.map(|_| ()))
             }
             None => self.blob_index(digest).await.map(|_| ()),
         };
@@ -394,11 +389,7 @@ impl Store {
             };
             let mut indexer = BlobIndexer::new(chunk_size_for(file.metadata()?.len()));
             scan_file(file, |block| indexer.update(block))?;
-            let bi = indexer
-                .finish(digest)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            index.put_blob_index(&bi)?;
-            Ok(Some(bi))
+            record_index(&index, indexer, digest).map(Some)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -411,6 +402,19 @@ impl Store {
             tracing::error!(error = %e, "flushing the index");
         }
     }
+}
+
+/// Finishes `indexer` over the blob `digest` and records the index. Blocking.
+fn record_index(
+    index: &Index,
+    indexer: BlobIndexer,
+    digest: Digest,
+) -> Result<BlobIndex, StoreError> {
+    let bi = indexer
+        .finish(digest)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    index.put_blob_index(&bi)?;
+    Ok(bi)
 }
 
 /// A temp file that is removed when dropped, unless taken.
