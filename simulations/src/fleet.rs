@@ -1694,13 +1694,7 @@ impl<'a> Sim<'a> {
         // one, the call would return nothing: skip it, it is the costly part.
         if n.haves_only {
             let full = d.plan.in_flight() >= d.plan.config().max_in_flight;
-            if full
-                || n.news_from.iter().all(|p| {
-                    d.plan
-                        .peer_stats(p)
-                        .is_none_or(|s| !s.usable || s.in_flight >= s.in_flight_limit)
-                })
-            {
+            if full || !n.news_from.iter().any(|p| d.plan.has_free_slot(p)) {
                 self.thinks_skipped += 1;
                 return;
             }

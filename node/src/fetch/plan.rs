@@ -131,7 +131,8 @@
 //! Not here: choking and upload policy (what this node serves is another module's business),
 //! requests for parts of a chunk, and bandwidth shaping.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::time::Duration;
@@ -352,7 +353,7 @@ struct PeerState {
     banned: bool,
     strikes: u32,
     /// Chunk requested from it → when.
-    in_flight: BTreeMap<u32, Duration>,
+    in_flight: InFlight,
     /// Chunks it failed or timed out on in this session: asked again only as a last resort.
     failed: BTreeSet<u32>,
     bytes_delivered: u64,
@@ -381,6 +382,113 @@ struct PeerState {
     rest_until: Option<Duration>,
 }
 
+/// The requests outstanding to one peer, chunk → when issued, in chunk order: a few (the peer's
+/// limit), so a sorted vector, which the scheduler scans without chasing tree nodes.
+#[derive(Debug, Clone, Default)]
+struct InFlight(Vec<(u32, Duration)>);
+
+impl InFlight {
+    /// Records a request; returns when the one it replaces was issued, if there was one.
+    fn insert(&mut self, chunk: u32, issued: Duration) -> Option<Duration> {
+        match self.0.binary_search_by_key(&chunk, |&(c, _)| c) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, issued)),
+            Err(i) => {
+                self.0.insert(i, (chunk, issued));
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, chunk: &u32) -> Option<Duration> {
+        let i = self.0.binary_search_by_key(chunk, |&(c, _)| c).ok()?;
+        Some(self.0.remove(i).1)
+    }
+
+    fn contains_key(&self, chunk: &u32) -> bool {
+        self.0.iter().any(|(c, _)| c == chunk)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&u32, &Duration)> {
+        self.0.iter().map(|(c, t)| (c, t))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Duration> {
+        self.0.iter().map(|(_, t)| t)
+    }
+
+    fn into_keys(self) -> impl Iterator<Item = u32> {
+        self.0.into_iter().map(|(c, _)| c)
+    }
+}
+
+/// The peers a plan has heard of, in key order: the keys in one vector, so that a lookup is a
+/// binary search over a cache line or two rather than a walk down a tree, and their states in
+/// another at the same index. A peer is never removed (one that went keeps its strikes and ban),
+/// so an index stays valid until the next insertion.
+#[derive(Debug, Clone)]
+struct Peers<P> {
+    keys: Vec<P>,
+    states: Vec<PeerState>,
+}
+
+impl<P: Ord> Peers<P> {
+    fn new() -> Self {
+        Peers {
+            keys: Vec::new(),
+            states: Vec::new(),
+        }
+    }
+
+    fn index(&self, peer: &P) -> Option<usize> {
+        self.keys.binary_search(peer).ok()
+    }
+
+    fn get(&self, peer: &P) -> Option<&PeerState> {
+        self.index(peer).map(|i| &self.states[i])
+    }
+
+    fn get_mut(&mut self, peer: &P) -> Option<&mut PeerState> {
+        self.index(peer).map(|i| &mut self.states[i])
+    }
+
+    fn contains_key(&self, peer: &P) -> bool {
+        self.index(peer).is_some()
+    }
+
+    /// The peer's state, inserted from `new` if it is not there yet.
+    fn get_or_insert_with(&mut self, peer: P, new: impl FnOnce() -> PeerState) -> &mut PeerState {
+        let i = match self.keys.binary_search(&peer) {
+            Ok(i) => i,
+            Err(i) => {
+                self.keys.insert(i, peer);
+                self.states.insert(i, new());
+                i
+            }
+        };
+        &mut self.states[i]
+    }
+
+    fn values(&self) -> std::slice::Iter<'_, PeerState> {
+        self.states.iter()
+    }
+
+    fn values_mut(&mut self) -> std::slice::IterMut<'_, PeerState> {
+        self.states.iter_mut()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&P, &PeerState)> {
+        self.keys.iter().zip(&self.states)
+    }
+}
+
 impl PeerState {
     fn new(chunk_count: u32, tiebreak: u64, key: u64) -> Self {
         PeerState {
@@ -388,7 +496,7 @@ impl PeerState {
             connected: true,
             banned: false,
             strikes: 0,
-            in_flight: BTreeMap::new(),
+            in_flight: InFlight::default(),
             failed: BTreeSet::new(),
             bytes_delivered: 0,
             chunks_delivered: 0,
@@ -487,7 +595,7 @@ pub struct Plan<P> {
     requesters: Vec<u32>,
     /// Requests outstanding, over all peers.
     total_in_flight: usize,
-    peers: BTreeMap<P, PeerState>,
+    peers: Peers<P>,
     peers_seen: u64,
     /// `[from, end)`, requested before everything else, in order.
     window: Option<(u32, u32)>,
@@ -496,6 +604,20 @@ pub struct Plan<P> {
     /// When this node last stored a chunk (or first planned): the start of the wait after which
     /// a chunk no gateway fetches is taken anyway (see [`Plan::backstop_due`]).
     progress_at: Option<Duration>,
+    /// The scheduling pass's working vectors, kept between calls so that a pass allocates
+    /// nothing.
+    scratch: Scratch,
+}
+
+/// A chunk's place in the scheduling order (least first); see [`Plan::schedule`].
+type ChunkKey = (u64, u32, u64, u64);
+
+#[derive(Debug, Clone, Default)]
+struct Scratch {
+    /// Peers with a free slot, by index in [`Plan::peers`], and how many slots.
+    spare: Vec<(usize, usize)>,
+    fresh: Vec<u32>,
+    order: BinaryHeap<Reverse<(ChunkKey, u32)>>,
 }
 
 impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
@@ -532,11 +654,12 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             config,
             requesters: vec![0; chunk_count as usize],
             total_in_flight: 0,
-            peers: BTreeMap::new(),
+            peers: Peers::new(),
             peers_seen: 0,
             window: None,
             pending: Vec::new(),
             progress_at: None,
+            scratch: Scratch::default(),
         }
     }
 
@@ -647,6 +770,20 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             .min()
     }
 
+    /// Whether `peer` is usable and has fewer requests outstanding than its limit (the
+    /// `usable` and `in_flight < in_flight_limit` of [`Plan::peer_stats`], without working out
+    /// the median rate when the peer is below the base limit, which every peer's limit is at
+    /// least).
+    pub fn has_free_slot(&self, peer: &P) -> bool {
+        let Some(state) = self.peers.get(peer) else {
+            return false;
+        };
+        let base = self.config.max_in_flight_per_peer;
+        let n = state.in_flight.len();
+        state.usable(self.config.max_strikes)
+            && (n < base || n < state.limit(base, self.median_rate()))
+    }
+
     /// What the plan knows about `peer`, if it has heard of it.
     pub fn peer_stats(&self, peer: &P) -> Option<PeerStats> {
         let state = self.peers.get(peer)?;
@@ -676,7 +813,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         let seed = self.config.seed;
         let seen = &mut self.peers_seen;
         let key = stable_hash(&peer);
-        self.peers.entry(peer).or_insert_with(|| {
+        self.peers.get_or_insert_with(peer, || {
             *seen = seen.wrapping_add(1);
             let tiebreak = mix((seed ^ PEER_SALT).wrapping_add(GOLDEN_GAMMA.wrapping_mul(*seen)));
             PeerState::new(chunk_count, tiebreak, key)
@@ -1053,15 +1190,37 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
 
     /// The lower median of the positive measured rates of usable peers.
     fn median_rate(&self) -> Option<u64> {
-        let mut rates: Vec<u64> = self
+        let rates = self
             .peers
             .values()
             .filter(|peer| peer.usable(self.config.max_strikes))
             .filter_map(|peer| peer.rate)
-            .filter(|&rate| rate > 0)
-            .collect();
-        rates.sort_unstable();
-        rates.get(rates.len().saturating_sub(1) / 2).copied()
+            .filter(|&rate| rate > 0);
+        // On the stack for the usual number of peers: this runs on every scheduling pass.
+        let mut small = [0u64; 64];
+        let mut n = 0;
+        let mut large = Vec::new();
+        for rate in rates {
+            if let Some(slot) = small.get_mut(n) {
+                *slot = rate;
+            } else {
+                if large.is_empty() {
+                    large.extend_from_slice(&small);
+                }
+                large.push(rate);
+            }
+            n += 1;
+        }
+        let rates = if large.is_empty() {
+            &mut small[..n]
+        } else {
+            &mut large[..]
+        };
+        if rates.is_empty() {
+            return None;
+        }
+        let mid = (rates.len() - 1) / 2;
+        Some(*rates.select_nth_unstable(mid).1)
     }
 
     /// The seeded position of a chunk among equally rare ones.
@@ -1222,15 +1381,15 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
     fn pick_peer(
         &self,
         chunk: u32,
-        spare: &BTreeMap<P, usize>,
+        spare: &[(usize, usize)],
         median: Option<u64>,
         remote: bool,
         endgame: bool,
-    ) -> Option<P> {
+    ) -> Option<usize> {
         spare
-            .keys()
-            .filter_map(|peer| {
-                let state = self.peers.get(peer)?;
+            .iter()
+            .filter_map(|&(peer, _)| {
+                let state = &self.peers.states[peer];
                 // An endgame duplicate never goes to a holder that is sending the chunk already
                 // (maybe to this node) or sent it: a seeder's uplink is too dear for a spare copy.
                 if state.remote != remote
@@ -1255,10 +1414,16 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 ))
             })
             .min()
-            .map(|(_, peer)| peer.clone())
+            .map(|(_, peer)| peer)
     }
 
     fn schedule(&mut self, now: Duration, out: &mut Vec<Action<P>>) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.schedule_in(now, out, &mut scratch);
+        self.scratch = scratch;
+    }
+
+    fn schedule_in(&mut self, now: Duration, out: &mut Vec<Action<P>>, scratch: &mut Scratch) {
         if self.missing == 0 {
             return;
         }
@@ -1272,17 +1437,22 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         let median = self.median_rate();
         let base = self.config.max_in_flight_per_peer;
         let max_strikes = self.config.max_strikes;
-        let mut spare: BTreeMap<P, usize> = self
-            .peers
-            .iter()
-            .filter(|(_, state)| state.usable(max_strikes) && state.rest_until.is_none())
-            .filter_map(|(peer, state)| {
-                let free = state
-                    .limit(base, median)
-                    .saturating_sub(state.in_flight.len());
-                (free > 0).then(|| (peer.clone(), free))
-            })
-            .collect();
+        // Peers with a free slot, by index in `self.peers` (no peer is added before the end),
+        // with their number of free slots.
+        let spare = &mut scratch.spare;
+        spare.clear();
+        spare.extend(
+            self.peers
+                .values()
+                .enumerate()
+                .filter(|(_, state)| state.usable(max_strikes) && state.rest_until.is_none())
+                .filter_map(|(peer, state)| {
+                    let free = state
+                        .limit(base, median)
+                        .saturating_sub(state.in_flight.len());
+                    (free > 0).then_some((peer, free))
+                }),
+        );
         if spare.is_empty() {
             return;
         }
@@ -1298,9 +1468,10 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         // with every chunk that arrives). A chunk left out here is one `pick_peer` finds no
         // peer for, so it counts against `all_requested` exactly as it would in the loop.
         let mut reachable = Bitfield::new(self.chunk_count);
-        for peer in spare.keys() {
+        for &(peer, _) in spare.iter() {
             // The count is kept in the peer's state; the words are elsewhere on the heap.
-            if let Some(state) = self.peers.get(peer).filter(|s| s.have.count_ones() > 0) {
+            let state = &self.peers.states[peer];
+            if state.have.count_ones() > 0 {
                 reachable.union_with(&state.have);
             }
         }
@@ -1315,7 +1486,8 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         let owns = |chunk| site.as_ref().is_none_or(|s| s.owns(chunk, budget));
         let backstop = self.backstop_due(now);
         let patience = self.patience(now);
-        let mut fresh: Vec<u32> = Vec::new();
+        let fresh = &mut scratch.fresh;
+        fresh.clear();
         for chunk in self.held.iter_zeros() {
             if self.requested(chunk) {
                 continue;
@@ -1329,26 +1501,26 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             }
         }
         let stripe = site.as_ref().map(SiteView::stripe);
-        let mut keyed: Vec<_> = fresh
-            .into_iter()
-            .map(|chunk| {
-                let key = (
-                    self.window_key(chunk),
-                    self.avail(chunk),
-                    stripe.map_or(0, |(i, m)| (stripe_owner(chunk, m) + m - i) % m),
-                    self.rank(chunk),
-                );
-                (key, chunk)
-            })
-            .collect();
-        keyed.sort_unstable();
-        for (_, chunk) in keyed {
+        // In order of the key, least first. A heap rather than a sort: the loop mostly stops
+        // after a few chunks (the slots run out), and there may be hundreds of them.
+        let keyed = &mut scratch.order;
+        keyed.clear();
+        keyed.extend(fresh.iter().map(|&chunk| {
+            let key = (
+                self.window_key(chunk),
+                self.avail(chunk),
+                stripe.map_or(0, |(i, m)| (stripe_owner(chunk, m) + m - i) % m),
+                self.rank(chunk),
+            );
+            Reverse((key, chunk))
+        }));
+        while let Some(Reverse((_, chunk))) = keyed.pop() {
             if global == 0 || spare.is_empty() {
                 all_requested = false;
                 break;
             }
             let peer = if self.avail_local(chunk) > 0 {
-                self.pick_peer(chunk, &spare, median, false, false)
+                self.pick_peer(chunk, spare, median, false, false)
             } else if !owns(chunk) {
                 // Another downloader of this site brings it over the WAN; it is not ours to wait
                 // for, so it does not hold endgame back. Unless no one has for a long while.
@@ -1356,18 +1528,18 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                     && self.remote_in_flight < per_node
                     && site.as_ref().is_none_or(|s| s.owns_as_backstop(chunk))
                 {
-                    if let Some(peer) = self.pick_peer(chunk, &spare, median, true, false) {
-                        self.assign(peer, chunk, now, &mut spare, &mut global, out);
+                    if let Some(peer) = self.pick_peer(chunk, spare, median, true, false) {
+                        self.assign(peer, chunk, now, spare, &mut global, out);
                     }
                 }
                 continue;
             } else if self.remote_in_flight < remote_share {
-                self.pick_peer(chunk, &spare, median, true, false)
+                self.pick_peer(chunk, spare, median, true, false)
             } else {
                 None
             };
             match peer {
-                Some(peer) => self.assign(peer, chunk, now, &mut spare, &mut global, out),
+                Some(peer) => self.assign(peer, chunk, now, spare, &mut global, out),
                 None => all_requested = false,
             }
         }
@@ -1379,7 +1551,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         }
         let mut oldest: BTreeMap<u32, Duration> = BTreeMap::new();
         for state in self.peers.values() {
-            for (&chunk, &issued) in &state.in_flight {
+            for (&chunk, &issued) in state.in_flight.iter() {
                 oldest
                     .entry(chunk)
                     .and_modify(|t| *t = (*t).min(issued))
@@ -1403,10 +1575,10 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         for (chunk, mut count) in tail {
             while count < duplicates && global > 0 && !spare.is_empty() {
                 // Never a second request over a WAN link.
-                let Some(peer) = self.pick_peer(chunk, &spare, median, false, true) else {
+                let Some(peer) = self.pick_peer(chunk, spare, median, false, true) else {
                     break;
                 };
-                self.assign(peer, chunk, now, &mut spare, &mut global, out);
+                self.assign(peer, chunk, now, spare, &mut global, out);
                 count += 1;
             }
             if global == 0 || spare.is_empty() {
@@ -1415,24 +1587,29 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         }
     }
 
+    /// Requests `chunk` from the peer at index `peer` of `self.peers`, one of `spare`.
     fn assign(
         &mut self,
-        peer: P,
+        peer: usize,
         chunk: u32,
         now: Duration,
-        spare: &mut BTreeMap<P, usize>,
+        spare: &mut Vec<(usize, usize)>,
         global: &mut usize,
         out: &mut Vec<Action<P>>,
     ) {
-        self.add_request(&peer, chunk, now);
+        let peer_id = self.peers.keys[peer].clone();
+        self.add_request(&peer_id, chunk, now);
         *global = global.saturating_sub(1);
-        if let Some(free) = spare.get_mut(&peer) {
-            *free = free.saturating_sub(1);
-            if *free == 0 {
-                spare.remove(&peer);
+        if let Some(i) = spare.iter().position(|&(p, _)| p == peer) {
+            spare[i].1 = spare[i].1.saturating_sub(1);
+            if spare[i].1 == 0 {
+                spare.remove(i);
             }
         }
-        out.push(Action::Request { peer, chunk });
+        out.push(Action::Request {
+            peer: peer_id,
+            chunk,
+        });
     }
 }
 
@@ -2132,7 +2309,11 @@ mod tests {
             let reqs = requests(&plan.next_actions(secs(strike)));
             assert!(!reqs.is_empty());
             let in_flight: Vec<u32> = (0..10)
-                .filter(|&c| plan.peers[&1].in_flight.contains_key(&c))
+                .filter(|&c| {
+                    plan.peers
+                        .get(&1)
+                        .is_some_and(|s| s.in_flight.contains_key(&c))
+                })
                 .collect();
             plan.handle(
                 Event::ChunkFailed {
@@ -2507,7 +2688,11 @@ mod tests {
         loop {
             let in_flight: Vec<(u32, u32)> = (0..16)
                 .flat_map(|c| [(8, c), (9, c)])
-                .filter(|(p, c)| plan.peers[p].in_flight.contains_key(c))
+                .filter(|(p, c)| {
+                    plan.peers
+                        .get(p)
+                        .is_some_and(|s| s.in_flight.contains_key(c))
+                })
                 .collect();
             let chunks_in_flight: BTreeSet<u32> = in_flight.iter().map(|&(_, c)| c).collect();
             assert_eq!(
@@ -2816,7 +3001,7 @@ mod tests {
                     assert!(state.in_flight.is_empty(), "unusable peer with requests");
                 }
                 assert_eq!(state.busy_since.is_some(), !state.in_flight.is_empty());
-                for &c in state.in_flight.keys() {
+                for (&c, _) in state.in_flight.iter() {
                     assert!(!self.held.get(c), "request for held chunk {c}");
                     requesters[c as usize] += 1;
                 }
