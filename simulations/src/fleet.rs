@@ -462,7 +462,8 @@ struct Node {
     /// Chunks in the order they arrived, with when.
     log: Vec<(u32, Nanos)>,
     completed: Option<Nanos>,
-    download: Option<Box<Download>>,
+    /// Inline, not boxed: every have answer reads it, and a box is one more dependent load.
+    download: Option<Download>,
     /// Chunk streams other nodes hold open to it (at most [`MAX_INBOUND_CHUNK_STREAMS`]).
     streams_in: usize,
     parked: Vec<Parked>,
@@ -1020,14 +1021,14 @@ impl<'a> Sim<'a> {
                 plan_config(self.node_seed(node, epoch)),
             )
             .with_self(&node);
-            self.nodes[node as usize].download = Some(Box::new(Download {
+            self.nodes[node as usize].download = Some(Download {
                 plan,
                 candidates: Vec::new(),
                 requests: Vec::new(),
                 pool: Vec::new(),
                 stalled_since: None,
                 claimed_any: Bitfield::new(self.chunk_count),
-            }));
+            });
             self.q
                 .push(now + nanos(CANDIDATE_REFRESH), Ev::Refresh { node, epoch });
             self.mark(node);
