@@ -604,9 +604,29 @@ pub struct Plan<P> {
     /// When this node last stored a chunk (or first planned): the start of the wait after which
     /// a chunk no gateway fetches is taken anyway (see [`Plan::backstop_due`]).
     progress_at: Option<Duration>,
+    /// Lower bounds that let [`Plan::expire`] skip its scans.
+    floors: Floors,
     /// The scheduling pass's working vectors, kept between calls so that a pass allocates
     /// nothing.
     scratch: Scratch,
+}
+
+/// No outstanding request was issued before `issued`, and no peer's rest ends before `rest`
+/// (`Duration::MAX`: none). Lowered when a request is issued or a rest begins, raised only when
+/// [`Plan::expire`] scans; so they stay lower bounds whatever ends in between.
+#[derive(Debug, Clone)]
+struct Floors {
+    issued: Duration,
+    rest: Duration,
+}
+
+impl Default for Floors {
+    fn default() -> Self {
+        Floors {
+            issued: Duration::MAX,
+            rest: Duration::MAX,
+        }
+    }
 }
 
 /// A chunk's place in the scheduling order (least first); see [`Plan::schedule`].
@@ -659,6 +679,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             window: None,
             pending: Vec::new(),
             progress_at: None,
+            floors: Floors::default(),
             scratch: Scratch::default(),
         }
     }
@@ -953,6 +974,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 .saturating_mul(1 << state.busy.saturating_sub(1).min(8))
                 .min(BUSY_REST_MAX);
             state.rest_until = Some(now.saturating_add(rest));
+            self.floors.rest = self.floors.rest.min(now.saturating_add(rest));
         }
     }
 
@@ -1085,6 +1107,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         if state.in_flight.is_empty() {
             state.busy_since = Some(now);
         }
+        self.floors.issued = self.floors.issued.min(now);
         if state.in_flight.insert(chunk, now).is_none() {
             if let Some(count) = self.requesters.get_mut(chunk as usize) {
                 *count += 1;
@@ -1147,12 +1170,28 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
     }
 
     fn expire(&mut self, now: Duration) {
-        for state in self.peers.values_mut() {
-            if state.rest_until.is_some_and(|until| now >= until) {
-                state.rest_until = None;
+        // Both scans visit every peer; the floors (lower bounds) skip them when nothing can be
+        // due, which is nearly always.
+        if self.floors.rest <= now {
+            let mut next = Duration::MAX;
+            for state in self.peers.values_mut() {
+                match state.rest_until {
+                    Some(until) if now >= until => state.rest_until = None,
+                    Some(until) => next = next.min(until),
+                    None => {}
+                }
             }
+            self.floors.rest = next;
         }
         let timeout = self.config.request_timeout;
+        if self
+            .floors
+            .issued
+            .checked_add(timeout)
+            .is_none_or(|deadline| now < deadline)
+        {
+            return;
+        }
         let expired: Vec<(P, Vec<u32>)> = self
             .peers
             .iter()
@@ -1184,6 +1223,13 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             }
             self.strike(&peer, now);
         }
+        self.floors.issued = self
+            .peers
+            .values()
+            .flat_map(|state| state.in_flight.values())
+            .copied()
+            .min()
+            .unwrap_or(Duration::MAX);
     }
 
     // ---- scheduling ----
