@@ -131,8 +131,7 @@
 //! Not here: choking and upload policy (what this node serves is another module's business),
 //! requests for parts of a chunk, and bandwidth shaping.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::time::Duration;
@@ -637,7 +636,7 @@ struct Scratch {
     /// Peers with a free slot, by index in [`Plan::peers`], and how many slots.
     spare: Vec<(usize, usize)>,
     fresh: Vec<u32>,
-    order: BinaryHeap<Reverse<(ChunkKey, u32)>>,
+    order: Vec<(ChunkKey, u32)>,
 }
 
 impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
@@ -1547,8 +1546,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             }
         }
         let stripe = site.as_ref().map(SiteView::stripe);
-        // In order of the key, least first. A heap rather than a sort: the loop mostly stops
-        // after a few chunks (the slots run out), and there may be hundreds of them.
+        // In order of the key, least first. The loop mostly stops after a few chunks (the slots
+        // run out) and there may be hundreds of them, so only the first `global` are sorted up
+        // front, the rest only if the loop gets that far (keys are distinct: the same order).
         let keyed = &mut scratch.order;
         keyed.clear();
         keyed.extend(fresh.iter().map(|&chunk| {
@@ -1558,9 +1558,18 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 stripe.map_or(0, |(i, m)| (stripe_owner(chunk, m) + m - i) % m),
                 self.rank(chunk),
             );
-            Reverse((key, chunk))
+            (key, chunk)
         }));
-        while let Some(Reverse((_, chunk))) = keyed.pop() {
+        let head = global.min(keyed.len());
+        if head < keyed.len() {
+            keyed.select_nth_unstable(head);
+        }
+        keyed[..head].sort_unstable();
+        for i in 0..keyed.len() {
+            if i == head {
+                keyed[head..].sort_unstable();
+            }
+            let chunk = keyed[i].1;
             if global == 0 || spare.is_empty() {
                 all_requested = false;
                 break;
