@@ -1235,32 +1235,13 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
 
     /// The lower median of the positive measured rates of usable peers.
     fn median_rate(&self) -> Option<u64> {
-        let rates = self
+        let mut rates: Vec<u64> = self
             .peers
             .values()
             .filter(|peer| peer.usable(self.config.max_strikes))
             .filter_map(|peer| peer.rate)
-            .filter(|&rate| rate > 0);
-        // On the stack for the usual number of peers: this runs on every scheduling pass.
-        let mut small = [0u64; 64];
-        let mut n = 0;
-        let mut large = Vec::new();
-        for rate in rates {
-            if let Some(slot) = small.get_mut(n) {
-                *slot = rate;
-            } else {
-                if large.is_empty() {
-                    large.extend_from_slice(&small);
-                }
-                large.push(rate);
-            }
-            n += 1;
-        }
-        let rates = if large.is_empty() {
-            &mut small[..n]
-        } else {
-            &mut large[..]
-        };
+            .filter(|&rate| rate > 0)
+            .collect();
         if rates.is_empty() {
             return None;
         }
