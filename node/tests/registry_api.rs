@@ -185,6 +185,31 @@ async fn blob_range_requests_are_served_as_206() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn bodies_longer_than_one_piece_come_whole_from_recycled_buffers() {
+    // A body is read a piece (1 MiB) at a time into buffers that hyper hands back when it has
+    // sent them; a piece served from a recycled buffer must hold its own bytes, not a longer
+    // earlier piece's tail or zeros.
+    let h = Harness::new().await;
+    let data = bytes(7, (3 << 20) + 12_345);
+    let d = h.push_blob("r", &data).await;
+    let uri = format!("/v2/r/blobs/{d}");
+    let whole = h.get(&uri).await;
+    whole.expect(StatusCode::OK);
+    assert!(whole.body == data, "whole body differs");
+    for (start, end) in [
+        (1, (2 << 20) + 7),
+        ((1 << 20) - 1, (1 << 20) + 1),
+        (3 << 20, data.len() - 1),
+    ] {
+        let r = h
+            .get_with(&uri, &[("range", &format!("bytes={start}-{end}"))])
+            .await;
+        r.expect(StatusCode::PARTIAL_CONTENT);
+        assert!(r.body == data[start..=end], "bytes {start}-{end} differ");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn blob_range_past_the_end_is_416_with_the_size() {
     let h = Harness::new().await;
     let data = bytes(3, 2048);

@@ -14,13 +14,12 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use shoal_protocol::Digest;
 use shoal_protocol::codec;
 use shoal_protocol::message::{CHUNK_PROTOCOL, ChunkRequest, ChunkResponse};
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt};
 use tokio::sync::Semaphore;
 
 use super::NetError;
 use super::sync::{read_frame, write_frame};
 use super::upload_log::{Start, UploadLog};
-use crate::store::Store;
+use crate::store::{Held, Store};
 
 /// Most chunk streams served at once.
 pub const MAX_INBOUND_CHUNK_STREAMS: usize = 64;
@@ -182,7 +181,7 @@ async fn serve_stream(
             .await?;
             continue;
         }
-        let Some((mut file, size)) = store.open_blob(&request.digest).await? else {
+        let Some((file, size)) = store.open_blob(&request.digest).await? else {
             // A download in progress serves the chunks it already holds, piece by piece like
             // a file, so a busy seeder holds no whole chunk in memory per stream.
             let partial = store.partial_in_progress(&request.digest);
@@ -192,26 +191,8 @@ async fn serve_stream(
                         length: request.length,
                     };
                     write_frame(&mut stream, &codec::encode(&ok)?).await?;
-                    let (mut pos, end) = (request.offset, request.offset + request.length);
-                    buf.resize(COPY_BUFFER_BYTES, 0);
-                    while pos < end {
-                        let n = usize::try_from(end - pos)
-                            .unwrap_or(usize::MAX)
-                            .min(buf.len());
-                        let (p2, mut piece) = (p.clone(), std::mem::take(&mut buf));
-                        let read = tokio::task::spawn_blocking(move || {
-                            let r = p2.read_held(pos, &mut piece[..n]);
-                            (r, piece)
-                        })
-                        .await
-                        .map_err(|e| NetError::Protocol(e.to_string()))?;
-                        buf = read.1;
-                        read.0?;
-                        uploads.spend(n).await;
-                        stream.write_all(&buf[..n]).await?;
-                        pos += n as u64;
-                    }
-                    stream.flush().await?;
+                    let held = Held::Partial(p);
+                    send_range(&mut stream, &held, &request, &mut buf, uploads).await?;
                 }
                 None => write_frame(&mut stream, &codec::encode(&ChunkResponse::NotFound)?).await?,
             }
@@ -242,24 +223,47 @@ async fn serve_stream(
             })?,
         )
         .await?;
-        file.seek(std::io::SeekFrom::Start(request.offset)).await?;
-        let mut left = request.length;
-        buf.resize(COPY_BUFFER_BYTES, 0);
-        while left > 0 {
-            let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-            let n = file.read(&mut buf[..want]).await?;
-            if n == 0 {
-                return Err(NetError::Protocol("blob file shorter than its size".into()));
-            }
-            uploads.spend(n).await;
-            stream.write_all(&buf[..n]).await?;
-            left -= n as u64;
-        }
-        stream.flush().await?;
+        send_range(&mut stream, &Held::Blob(file), &request, &mut buf, uploads).await?;
         if let Some(sending) = sending {
             sending.finish();
         }
     }
+}
+
+/// Sends the bytes `request` asks for, read from `held` into `buf` a piece at a time on the
+/// blocking pool (positioned reads straight into the stream's one buffer: no second copy, as an
+/// async file adapter would make, and no allocation per piece).
+async fn send_range(
+    stream: &mut Stream,
+    held: &Held,
+    request: &ChunkRequest,
+    buf: &mut Vec<u8>,
+    uploads: &Uploads,
+) -> Result<(), NetError> {
+    let (mut pos, end) = (
+        request.offset,
+        request.offset.saturating_add(request.length),
+    );
+    buf.resize(COPY_BUFFER_BYTES, 0);
+    while pos < end {
+        let n = usize::try_from(end - pos)
+            .unwrap_or(usize::MAX)
+            .min(COPY_BUFFER_BYTES);
+        let (source, mut piece) = (held.clone(), std::mem::take(buf));
+        let (read, piece) = tokio::task::spawn_blocking(move || {
+            let read = piece.get_mut(..n).map(|p| source.read_at(pos, p));
+            (read, piece)
+        })
+        .await
+        .map_err(|e| NetError::Protocol(e.to_string()))?;
+        *buf = piece;
+        read.ok_or_else(|| NetError::Protocol("copy buffer".into()))??;
+        uploads.spend(n).await;
+        stream.write_all(buf.get(..n).unwrap_or_default()).await?;
+        pos += n as u64;
+    }
+    stream.flush().await?;
+    Ok(())
 }
 
 /// A chunk stream to one peer, for sequential requests.

@@ -7,18 +7,21 @@ use shoal_protocol::{Digest, RepoName};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 
 use crate::fetch::Outcome;
+use crate::store::Held;
 use crate::store::partial::Partial;
 
 use super::error::RegistryError;
 use super::{Registry, Result, empty};
 use crate::store::Event;
 
-/// Read buffer for serving blob files.
-const SERVE_BUFFER_BYTES: usize = 256 * 1024;
+/// Most bytes read from a blob per piece of a response body (and per trip to the blocking pool).
+const SERVE_PIECE_BYTES: usize = 1 << 20;
+/// Idle buffers one response body keeps for its next pieces. Hyper holds a piece until the
+/// socket took it, so two or three are in use at a time.
+const BODY_BUFFERS: usize = 4;
 
 /// A single byte range, inclusive, resolved against a blob's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +99,7 @@ pub(super) async fn visible(r: &Registry, name: &RepoName, digest: &Digest) -> R
 /// Where a blob's bytes come from.
 enum Source {
     /// A complete blob file.
-    File(tokio::fs::File, u64),
+    File(Arc<std::fs::File>, u64),
     /// A download in progress, streamed as its chunks arrive.
     Partial(Arc<Partial>, watch::Receiver<Outcome>),
 }
@@ -143,48 +146,135 @@ fn stream_partial(
 ) -> impl futures_util::Stream<Item = std::result::Result<bytes::Bytes, std::io::Error>> {
     let end = start + len;
     let progress = partial.progress();
+    let pool = BodyBuffers::default();
     futures_util::stream::unfold(
         (partial, outcome, progress, start),
-        move |(partial, mut outcome, mut progress, pos)| async move {
-            if pos >= end {
-                return None;
-            }
-            let chunk_size = u64::from(partial.index().chunk_size());
-            let chunk = (pos / chunk_size) as u32;
-            loop {
-                if partial.has(chunk) {
-                    break;
+        move |(partial, mut outcome, mut progress, pos)| {
+            let pool = pool.clone();
+            async move {
+                if pos >= end {
+                    return None;
                 }
-                let state = outcome.borrow_and_update().clone();
-                if let Some(Err(e)) = state {
-                    let err = std::io::Error::other(format!("download failed: {e}"));
-                    return Some((Err(err), (partial, outcome, progress, end)));
+                let chunk_size = u64::from(partial.index().chunk_size());
+                let chunk = (pos / chunk_size) as u32;
+                loop {
+                    if partial.has(chunk) {
+                        break;
+                    }
+                    let state = outcome.borrow_and_update().clone();
+                    if let Some(Err(e)) = state {
+                        let err = std::io::Error::other(format!("download failed: {e}"));
+                        return Some((Err(err), (partial, outcome, progress, end)));
+                    }
+                    tokio::select! {
+                        r = progress.changed() => { if r.is_err() { return None; } }
+                        r = outcome.changed() => { if r.is_err() && !partial.has(chunk) { return None; } }
+                    }
                 }
-                tokio::select! {
-                    r = progress.changed() => { if r.is_err() { return None; } }
-                    r = outcome.changed() => { if r.is_err() && !partial.has(chunk) { return None; } }
+                let upto = ((u64::from(chunk) + 1) * chunk_size)
+                    .min(end)
+                    .min(pos.saturating_add(SERVE_PIECE_BYTES as u64));
+                let held = Held::Partial(partial.clone());
+                match read_piece(held, pos, upto - pos, &pool).await {
+                    Ok(piece) => Some((Ok(piece), (partial, outcome, progress, upto))),
+                    Err(e) => Some((Err(e), (partial, outcome, progress, end))),
                 }
-            }
-            let upto = ((u64::from(chunk) + 1) * chunk_size).min(end);
-            let n = usize::try_from(upto - pos).unwrap_or(0);
-            let p = partial.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; n];
-                p.read_held(pos, &mut buf).map(|()| buf)
-            })
-            .await;
-            match read {
-                Ok(Ok(buf)) => Some((
-                    Ok(bytes::Bytes::from(buf)),
-                    (partial, outcome, progress, upto),
-                )),
-                _ => Some((
-                    Err(std::io::Error::other("reading a partial blob")),
-                    (partial, outcome, progress, end),
-                )),
             }
         },
     )
+}
+
+/// Streams `[start, start + len)` of a complete blob file.
+fn stream_file(
+    file: Arc<std::fs::File>,
+    start: u64,
+    len: u64,
+) -> impl futures_util::Stream<Item = std::result::Result<bytes::Bytes, std::io::Error>> {
+    let end = start.saturating_add(len);
+    let pool = BodyBuffers::default();
+    futures_util::stream::unfold(start, move |pos| {
+        let (file, pool) = (file.clone(), pool.clone());
+        async move {
+            if pos >= end {
+                return None;
+            }
+            let upto = end.min(pos.saturating_add(SERVE_PIECE_BYTES as u64));
+            match read_piece(Held::Blob(file), pos, upto - pos, &pool).await {
+                Ok(piece) => Some((Ok(piece), upto)),
+                Err(e) => Some((Err(e), end)),
+            }
+        }
+    })
+}
+
+/// Reads `len` bytes of `held` at `pos` on the blocking pool, into a buffer of the body's pool.
+async fn read_piece(
+    held: Held,
+    pos: u64,
+    len: u64,
+    pool: &BodyBuffers,
+) -> std::result::Result<bytes::Bytes, std::io::Error> {
+    let n = usize::try_from(len).map_err(std::io::Error::other)?;
+    let mut buf = pool.take();
+    let read = tokio::task::spawn_blocking(move || {
+        // A buffer back from an earlier piece of the same size is overwritten, not zeroed.
+        buf.resize(n, 0);
+        held.read_at(pos, &mut buf).map(|()| buf)
+    })
+    .await;
+    match read {
+        Ok(Ok(buf)) => Ok(bytes::Bytes::from_owner(Piece {
+            buf,
+            pool: pool.clone(),
+        })),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading a blob for a response body");
+            Err(std::io::Error::other("reading a blob"))
+        }
+        Err(e) => Err(std::io::Error::other(e)),
+    }
+}
+
+/// The buffers of one response body: a piece handed to hyper comes back here when hyper drops
+/// it, so a body of any length costs a few allocations, not one zeroed buffer per piece.
+#[derive(Clone, Default)]
+struct BodyBuffers(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl BodyBuffers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take(&self) -> Vec<u8> {
+        self.lock().pop().unwrap_or_default()
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        let mut idle = self.lock();
+        if idle.len() < BODY_BUFFERS {
+            idle.push(buf);
+        }
+    }
+}
+
+/// One piece of a body, owned by the `Bytes` hyper sends.
+struct Piece {
+    buf: Vec<u8>,
+    pool: BodyBuffers,
+}
+
+impl AsRef<[u8]> for Piece {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Piece {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
+    }
 }
 
 /// GET and HEAD /v2/<name>/blobs/<digest>
@@ -225,18 +315,7 @@ pub(super) async fn get(
     builder = builder.header(header::CONTENT_LENGTH, len);
     let body = match source {
         _ if !with_body => Body::empty(),
-        Source::File(mut file, _) => {
-            if start > 0 {
-                file.seek(std::io::SeekFrom::Start(start))
-                    .await
-                    .map_err(crate::store::StoreError::from)?;
-            }
-            let reader = file.take(len);
-            Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-                reader,
-                SERVE_BUFFER_BYTES,
-            ))
-        }
+        Source::File(file, _) => Body::from_stream(stream_file(file, start, len)),
         Source::Partial(p, outcome) => Body::from_stream(stream_partial(p, outcome, start, len)),
     };
     builder

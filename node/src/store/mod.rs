@@ -39,6 +39,31 @@ pub use upload::{Upload, UploadMeta};
 
 use sink::{Hashing, Sink};
 
+/// Bytes of a blob this node holds, complete or not, for positioned reads from any number of
+/// readers at once (the chunk server, streaming HTTP bodies).
+#[derive(Debug, Clone)]
+pub enum Held {
+    /// A complete, verified blob file ([`Store::open_blob`]).
+    Blob(Arc<File>),
+    /// A download in progress: only the chunks it holds may be read.
+    Partial(Arc<partial::Partial>),
+}
+
+impl Held {
+    /// Fills `buf` with the bytes at `offset`. Blocking. The caller makes sure they are there:
+    /// within the blob's size, and for a partial, in chunks it holds ([`partial::Partial::covers`]).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        match self {
+            Held::Blob(file) => Ok(std::os::unix::fs::FileExt::read_exact_at(
+                file.as_ref(),
+                buf,
+                offset,
+            )?),
+            Held::Partial(p) => p.read_held(offset, buf),
+        }
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -252,19 +277,20 @@ impl Store {
         }
     }
 
-    /// Opens the blob for reading, with its size.
-    pub async fn open_blob(
-        &self,
-        digest: &Digest,
-    ) -> Result<Option<(tokio::fs::File, u64)>, StoreError> {
-        match tokio::fs::File::open(self.inner.layout.blob(digest)).await {
+    /// Opens the blob for reading, with its size ([`Held::Blob`]). The file is read with positioned reads
+    /// (`FileExt::read_exact_at`) on the blocking pool, by as many readers at once as like.
+    pub async fn open_blob(&self, digest: &Digest) -> Result<Option<(Arc<File>, u64)>, StoreError> {
+        let path = self.inner.layout.blob(digest);
+        tokio::task::spawn_blocking(move || match File::open(path) {
             Ok(f) => {
-                let len = f.metadata().await?.len();
-                Ok(Some((f, len)))
+                let len = f.metadata()?.len();
+                Ok(Some((Arc::new(f), len)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
-        }
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// Reads a whole small blob (a manifest) into memory, at most `limit` bytes.

@@ -292,7 +292,7 @@ fn read_range(file: &File, index: &BlobIndex, i: u32, buf: &mut Vec<u8>) -> Resu
     let range = index
         .chunk_range(i)
         .ok_or_else(|| StoreError::Corrupt("chunk index".into()))?;
-    buf.clear();
+    // Overwritten by the read: a reused buffer of the same length is not zeroed first.
     buf.resize(usize::try_from(range.end - range.start).unwrap_or(0), 0);
     file.read_exact_at(buf, range.start)?;
     Ok(())
