@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::fetch::Outcome;
-use crate::store::Held;
 use crate::store::partial::Partial;
+use crate::store::{Buffers, Held};
 
 use super::error::RegistryError;
 use super::{Registry, Result, empty};
@@ -146,7 +146,9 @@ fn stream_partial(
 ) -> impl futures_util::Stream<Item = std::result::Result<bytes::Bytes, std::io::Error>> {
     let end = start + len;
     let progress = partial.progress();
-    let pool = BodyBuffers::default();
+    // A piece handed to hyper comes back here when hyper drops it, so a body of any length
+    // costs a few allocations, not one zeroed buffer per piece.
+    let pool = Buffers::new(BODY_BUFFERS);
     futures_util::stream::unfold(
         (partial, outcome, progress, start),
         move |(partial, mut outcome, mut progress, pos)| {
@@ -191,7 +193,9 @@ fn stream_file(
     len: u64,
 ) -> impl futures_util::Stream<Item = std::result::Result<bytes::Bytes, std::io::Error>> {
     let end = start.saturating_add(len);
-    let pool = BodyBuffers::default();
+    // A piece handed to hyper comes back here when hyper drops it, so a body of any length
+    // costs a few allocations, not one zeroed buffer per piece.
+    let pool = Buffers::new(BODY_BUFFERS);
     futures_util::stream::unfold(start, move |pos| {
         let (file, pool) = (file.clone(), pool.clone());
         async move {
@@ -212,7 +216,7 @@ async fn read_piece(
     held: Held,
     pos: u64,
     len: u64,
-    pool: &BodyBuffers,
+    pool: &Buffers,
 ) -> std::result::Result<bytes::Bytes, std::io::Error> {
     let n = usize::try_from(len).map_err(std::io::Error::other)?;
     let mut buf = pool.take();
@@ -235,34 +239,10 @@ async fn read_piece(
     }
 }
 
-/// The buffers of one response body: a piece handed to hyper comes back here when hyper drops
-/// it, so a body of any length costs a few allocations, not one zeroed buffer per piece.
-#[derive(Clone, Default)]
-struct BodyBuffers(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
-
-impl BodyBuffers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn take(&self) -> Vec<u8> {
-        self.lock().pop().unwrap_or_default()
-    }
-
-    fn give(&self, buf: Vec<u8>) {
-        let mut idle = self.lock();
-        if idle.len() < BODY_BUFFERS {
-            idle.push(buf);
-        }
-    }
-}
-
 /// One piece of a body, owned by the `Bytes` hyper sends.
 struct Piece {
     buf: Vec<u8>,
-    pool: BodyBuffers,
+    pool: Buffers,
 }
 
 impl AsRef<[u8]> for Piece {

@@ -39,6 +39,45 @@ pub use upload::{Upload, UploadMeta};
 
 use sink::{Hashing, Sink};
 
+/// Reusable buffers for blob bytes, shared by clones: a buffer given back is taken again
+/// instead of allocating and zeroing a fresh one (the profile of a 16-node rollout showed 2.4%
+/// of all CPU in zeroing fresh chunk buffers). Keeps at most `keep` idle ones; a buffer given
+/// back past that is freed.
+#[derive(Debug, Clone)]
+pub struct Buffers {
+    idle: Arc<Mutex<Vec<Vec<u8>>>>,
+    keep: usize,
+}
+
+impl Buffers {
+    /// An empty pool that keeps up to `keep` idle buffers.
+    pub fn new(keep: usize) -> Buffers {
+        Buffers {
+            idle: Arc::default(),
+            keep,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An idle buffer (of whatever length it was given back with), or an empty one.
+    pub fn take(&self) -> Vec<u8> {
+        self.lock().pop().unwrap_or_default()
+    }
+
+    /// Gives `buf` back for a later [`Buffers::take`].
+    pub fn give(&self, buf: Vec<u8>) {
+        let mut idle = self.lock();
+        if idle.len() < self.keep {
+            idle.push(buf);
+        }
+    }
+}
+
 /// Bytes of a blob this node holds, complete or not, for positioned reads from any number of
 /// readers at once (the chunk server, streaming HTTP bodies).
 #[derive(Debug, Clone)]
