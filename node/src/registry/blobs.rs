@@ -19,8 +19,10 @@ use crate::store::Event;
 
 /// Most bytes read from a blob per piece of a response body (and per trip to the blocking pool).
 const SERVE_PIECE_BYTES: usize = 1 << 20;
-/// Idle buffers one response body keeps for its next pieces. Hyper holds a piece until the
-/// socket took it, so two or three are in use at a time.
+/// Idle buffers one response body keeps for its next pieces: a piece handed to hyper comes back
+/// to its body's pool when hyper drops it, so a body of any length costs a few allocations, not
+/// one zeroed buffer per piece. Hyper holds a piece until the socket took it, so two or three are
+/// in use at a time.
 const BODY_BUFFERS: usize = 4;
 
 /// A single byte range, inclusive, resolved against a blob's size.
@@ -146,8 +148,6 @@ fn stream_partial(
 ) -> impl futures_util::Stream<Item = std::result::Result<bytes::Bytes, std::io::Error>> {
     let end = start + len;
     let progress = partial.progress();
-    // A piece handed to hyper comes back here when hyper drops it, so a body of any length
-    // costs a few allocations, not one zeroed buffer per piece.
     let pool = Buffers::new(BODY_BUFFERS);
     futures_util::stream::unfold(
         (partial, outcome, progress, start),
@@ -193,8 +193,6 @@ fn stream_file(
     len: u64,
 ) -> impl futures_util::Stream<Item = std::result::Result<bytes::Bytes, std::io::Error>> {
     let end = start.saturating_add(len);
-    // A piece handed to hyper comes back here when hyper drops it, so a body of any length
-    // costs a few allocations, not one zeroed buffer per piece.
     let pool = Buffers::new(BODY_BUFFERS);
     futures_util::stream::unfold(start, move |pos| {
         let (file, pool) = (file.clone(), pool.clone());

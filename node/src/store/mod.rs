@@ -316,8 +316,9 @@ impl Store {
         }
     }
 
-    /// Opens the blob for reading, with its size ([`Held::Blob`]). The file is read with positioned reads
-    /// (`FileExt::read_exact_at`) on the blocking pool, by as many readers at once as like.
+    /// Opens the blob for reading, with its size ([`Held::Blob`]). The file is read with
+    /// positioned reads (`FileExt::read_exact_at`) on the blocking pool, by any number of readers
+    /// at once.
     pub async fn open_blob(&self, digest: &Digest) -> Result<Option<(Arc<File>, u64)>, StoreError> {
         let path = self.inner.layout.blob(digest);
         tokio::task::spawn_blocking(move || match File::open(path) {
