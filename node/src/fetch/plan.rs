@@ -1257,6 +1257,19 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             .wrapping_add(GOLDEN_GAMMA.wrapping_mul(u64::from(chunk) + 1)))
     }
 
+    /// The order fresh chunks are asked in, least first: the priority window, then rarest, then
+    /// this node's stripe of the site, then the seeded rank; with the chunk, which the rank
+    /// already tells apart.
+    fn chunk_key(&self, chunk: u32, stripe: Option<(u64, u64)>) -> (ChunkKey, u32) {
+        let key = (
+            self.window_key(chunk),
+            self.avail(chunk),
+            stripe.map_or(0, |(i, m)| (stripe_owner(chunk, m) + m - i) % m),
+            self.rank(chunk),
+        );
+        (key, chunk)
+    }
+
     /// Orders chunks in the priority window first, by index; all others after them.
     fn window_key(&self, chunk: u32) -> u64 {
         match self.window {
@@ -1291,8 +1304,13 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             .map(|s| s.key)
             .chain([me])
             .collect();
-        keys.sort_unstable();
-        let rank = keys.iter().position(|&k| k == me).unwrap_or(0);
+        // Only the gateways need telling apart from the rest, as a set, and the rank is a count:
+        // no sort (this runs at every scheduling pass).
+        let budget = self.config.site_remote_in_flight;
+        if budget < keys.len() {
+            keys.select_nth_unstable(budget);
+        }
+        let rank = keys.iter().filter(|&&k| k < me).count();
         Some(SiteView { keys, me, rank })
     }
 
@@ -1527,34 +1545,43 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             }
         }
         let stripe = site.as_ref().map(SiteView::stripe);
-        // In order of the key, least first. The loop mostly stops after a few chunks (the slots
-        // run out) and there may be hundreds of them, so only the first `global` are sorted up
-        // front, the rest only if the loop gets that far (keys are distinct: the same order).
+        // In order of the key, least first (keys are distinct). The loop mostly stops after a
+        // few chunks (the slots run out) and there may be hundreds of them, so one pass keeps
+        // only the first `global` in order; a chunk whose first two parts of the key (window and
+        // availability) already lose to the last of those is passed over without the rest of
+        // its key, which is most of them (rarest first: few chunks share the least
+        // availability). The rest are keyed and sorted only if the loop gets that far.
         let keyed = &mut scratch.order;
         keyed.clear();
-        keyed.extend(fresh.iter().map(|&chunk| {
-            let key = (
-                self.window_key(chunk),
-                self.avail(chunk),
-                stripe.map_or(0, |(i, m)| (stripe_owner(chunk, m) + m - i) % m),
-                self.rank(chunk),
-            );
-            (key, chunk)
-        }));
-        let head = global.min(keyed.len());
-        if head < keyed.len() {
-            keyed.select_nth_unstable(head);
-        }
-        keyed[..head].sort_unstable();
-        for i in 0..keyed.len() {
-            if i == head {
-                keyed[head..].sort_unstable();
+        let head = global.min(fresh.len());
+        for &chunk in fresh.iter() {
+            if let Some(&((window, avail, ..), _)) = keyed.get(head.wrapping_sub(1)) {
+                if (self.window_key(chunk), self.avail(chunk)) > (window, avail) {
+                    continue;
+                }
             }
-            let chunk = keyed[i].1;
+            let entry = self.chunk_key(chunk, stripe);
+            let at = keyed.partition_point(|e| *e < entry);
+            if at < head {
+                keyed.truncate(head - 1);
+                keyed.insert(at, entry);
+            }
+        }
+        for i in 0..fresh.len() {
             if global == 0 || spare.is_empty() {
                 all_requested = false;
                 break;
             }
+            if i == head {
+                // Past the first `global` with slots left: the rest, in order (the first ones
+                // are the same).
+                keyed.clear();
+                keyed.extend(fresh.iter().map(|&chunk| self.chunk_key(chunk, stripe)));
+                keyed.sort_unstable();
+            }
+            let Some(&(_, chunk)) = keyed.get(i) else {
+                break;
+            };
             let peer = if self.avail_local(chunk) > 0 {
                 self.pick_peer(chunk, spare, median, false, false)
             } else if !owns(chunk) {
@@ -1649,8 +1676,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
     }
 }
 
-/// A site's downloaders as one node sees them ([`Plan::site`]): their fixed hashes in ascending
-/// order, this node's among them, and its position.
+/// A site's downloaders as one node sees them ([`Plan::site`]): their fixed hashes, the
+/// `site_remote_in_flight` least of them first (in no order), this node's among them, and its
+/// position in ascending order.
 struct SiteView {
     keys: Vec<u64>,
     me: u64,
@@ -1667,7 +1695,8 @@ impl SiteView {
     }
 
     /// The site's gateways: the downloaders the site's `budget` of remote requests is dealt out
-    /// to, one at a time from the least key.
+    /// to, one at a time from the least key; as a set, in no order. `budget` is the plan's
+    /// `site_remote_in_flight`, which `Plan::site` put first.
     fn gateways(&self, budget: usize) -> &[u64] {
         &self.keys[..budget.min(self.keys.len())]
     }
