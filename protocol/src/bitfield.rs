@@ -10,6 +10,39 @@ fn words_for(len: u32) -> usize {
     len.div_ceil(64) as usize
 }
 
+/// Words kept in the bitfield itself: 512 chunks, [`crate::blob_index::TARGET_CHUNKS`], which is
+/// as many as the index of any blob up to 1 GiB has.
+const INLINE_WORDS: usize = 8;
+
+/// A bitfield's words: in place up to [`INLINE_WORDS`], so that reading one is not a second
+/// trip to memory (the download plan reads every peer's, often); on the heap beyond. Which one
+/// is decided by the length alone, and the words past the length are zero, so the derived
+/// comparisons and hash are those of the bits.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Words {
+    Inline([u64; INLINE_WORDS]),
+    Heap(Vec<u64>),
+}
+
+impl Default for Words {
+    fn default() -> Self {
+        Words::Inline([0; INLINE_WORDS])
+    }
+}
+
+impl Words {
+    fn new(len: u32, fill: u64) -> Words {
+        let n = words_for(len);
+        if n <= INLINE_WORDS {
+            let mut words = [0; INLINE_WORDS];
+            words[..n].fill(fill);
+            Words::Inline(words)
+        } else {
+            Words::Heap(vec![fill; n])
+        }
+    }
+}
+
 /// One bit per chunk of a blob: which chunks a peer (or this node) holds.
 ///
 /// The wire form ([`Bitfield::to_bytes`], [`Bitfield::from_bytes`]) is BitTorrent's: chunk 0 is
@@ -17,7 +50,7 @@ fn words_for(len: u32) -> usize {
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Bitfield {
     /// Bit `i` is bit `i % 64` of word `i / 64`; bits at and beyond `len` are always zero.
-    words: Vec<u64>,
+    words: Words,
     len: u32,
     /// How many bits are set, kept with every change so that [`Bitfield::is_full`] and
     /// [`Bitfield::count_ones`] do not walk the words (the download plan asks for every peer,
@@ -29,7 +62,7 @@ impl Bitfield {
     /// A bitfield of `len` chunks, none held.
     pub fn new(len: u32) -> Self {
         Bitfield {
-            words: vec![0; words_for(len)],
+            words: Words::new(len, 0),
             len,
             ones: 0,
         }
@@ -38,15 +71,37 @@ impl Bitfield {
     /// A bitfield of `len` chunks, all held.
     pub fn full(len: u32) -> Self {
         let mut bits = Bitfield {
-            words: vec![u64::MAX; words_for(len)],
+            words: Words::new(len, u64::MAX),
             len,
             ones: len,
         };
-        let spare = len % 64;
-        if let Some(last) = bits.words.last_mut().filter(|_| spare != 0) {
+        bits.clear_spare();
+        bits
+    }
+
+    /// Its words: `ceil(len / 64)` of them.
+    fn words(&self) -> &[u64] {
+        let n = words_for(self.len);
+        match &self.words {
+            Words::Inline(words) => &words[..n.min(INLINE_WORDS)],
+            Words::Heap(words) => words,
+        }
+    }
+
+    fn words_mut(&mut self) -> &mut [u64] {
+        let n = words_for(self.len);
+        match &mut self.words {
+            Words::Inline(words) => &mut words[..n.min(INLINE_WORDS)],
+            Words::Heap(words) => words,
+        }
+    }
+
+    /// Zeroes the bits at and beyond `len` in the last word.
+    fn clear_spare(&mut self) {
+        let spare = self.len % 64;
+        if let Some(last) = self.words_mut().last_mut().filter(|_| spare != 0) {
             *last &= (1u64 << spare) - 1;
         }
-        bits
     }
 
     /// The number of chunks it describes.
@@ -63,7 +118,7 @@ impl Bitfield {
     pub fn get(&self, i: u32) -> bool {
         i < self.len
             && self
-                .words
+                .words()
                 .get((i / 64) as usize)
                 .is_some_and(|w| (w >> (i % 64)) & 1 == 1)
     }
@@ -74,7 +129,7 @@ impl Bitfield {
         if i >= self.len {
             return false;
         }
-        match self.words.get_mut((i / 64) as usize) {
+        match self.words_mut().get_mut((i / 64) as usize) {
             Some(w) => {
                 let mask = 1u64 << (i % 64);
                 let was = *w & mask != 0;
@@ -91,7 +146,7 @@ impl Bitfield {
         if i >= self.len {
             return false;
         }
-        match self.words.get_mut((i / 64) as usize) {
+        match self.words_mut().get_mut((i / 64) as usize) {
             Some(w) => {
                 let mask = 1u64 << (i % 64);
                 let was = *w & mask != 0;
@@ -148,7 +203,7 @@ impl Bitfield {
 
     /// The held chunks, in increasing order.
     pub fn iter_ones(&self) -> impl Iterator<Item = u32> + '_ {
-        self.words.iter().enumerate().flat_map(|(k, &word)| Ones {
+        self.words().iter().enumerate().flat_map(|(k, &word)| Ones {
             word,
             base: (k as u32).wrapping_mul(64),
         })
@@ -157,7 +212,7 @@ impl Bitfield {
     /// The chunks not held, in increasing order.
     pub fn iter_zeros(&self) -> impl Iterator<Item = u32> + '_ {
         let len = self.len;
-        self.words
+        self.words()
             .iter()
             .enumerate()
             .flat_map(|(k, &word)| Ones {
@@ -169,22 +224,20 @@ impl Bitfield {
 
     /// Whether some chunk held here is not held in `other`.
     pub fn has_any_not_in(&self, other: &Bitfield) -> bool {
-        self.words
+        let theirs = other.words();
+        self.words()
             .iter()
             .enumerate()
-            .any(|(k, &w)| w & !other.words.get(k).copied().unwrap_or(0) != 0)
+            .any(|(k, &w)| w & !theirs.get(k).copied().unwrap_or(0) != 0)
     }
 
     /// Adds the chunks held in `other` (those within this bitfield's length).
     pub fn union_with(&mut self, other: &Bitfield) {
-        for (w, &o) in self.words.iter_mut().zip(&other.words) {
+        for (w, &o) in self.words_mut().iter_mut().zip(other.words()) {
             *w |= o;
         }
-        let spare = self.len % 64;
-        if let Some(last) = self.words.last_mut().filter(|_| spare != 0) {
-            *last &= (1u64 << spare) - 1;
-        }
-        self.ones = self.words.iter().map(|w| w.count_ones()).sum();
+        self.clear_spare();
+        self.ones = self.words().iter().map(|w| w.count_ones()).sum();
     }
 
     /// The same chunks, described as a bitfield of `len` chunks (chunks beyond `len` dropped).
