@@ -87,54 +87,44 @@ impl Default for Tolerances {
     }
 }
 
-/// A capacity that flows share.
-#[derive(Debug, Clone)]
-pub struct Link {
+/// What a fill reads of every other link of each flow on the link it fills: kept apart from
+/// the rest of the link, two to a cache line, because a fill visits one per flow.
+#[derive(Debug, Clone, Copy)]
+#[repr(align(32))]
+struct Room {
     /// Bytes per second.
-    pub capacity: f64,
+    capacity: f64,
     /// Sum of the rates of its flows.
     used: f64,
     /// The level of its last fill (see the module documentation).
     level: f64,
     /// Capacity its flows gave up since its last fill.
     freed: f64,
+}
+
+/// The rest of a link: its flows and the bytes it carried.
+#[derive(Debug, Clone, Default)]
+struct Link {
     flows: Vec<FlowId>,
     queued: bool,
     /// Bytes of ended flows that crossed it.
     bytes: f64,
 }
 
-impl Link {
-    fn new(capacity: f64) -> Link {
-        Link {
-            capacity,
-            used: 0.0,
-            level: capacity,
-            freed: 0.0,
-            flows: Vec::new(),
-            queued: false,
-            bytes: 0.0,
-        }
-    }
-}
-
+/// A flow as a fill reads and changes it: one cache line. Where it sits in its links' lists
+/// and in the due heap is kept apart (`Network::pos`, `Network::slots`).
 #[derive(Debug, Clone)]
+#[repr(align(64))]
 struct Flow {
     links: [LinkId; MAX_LINKS_PER_FLOW],
-    /// Its index in each link's `flows`.
-    pos: [u32; MAX_LINKS_PER_FLOW],
     n_links: u8,
+    live: bool,
+    raised: bool,
     rate: f64,
     /// Bytes transferred up to `updated`.
     done: f64,
     size: f64,
     updated: Nanos,
-    live: bool,
-    /// When it is expected to end (`Nanos::MAX` at rate zero); its key in the due heap.
-    due: Nanos,
-    /// Its index in the due heap (`u32::MAX` if not in it).
-    slot: u32,
-    raised: bool,
 }
 
 impl Flow {
@@ -177,8 +167,13 @@ impl Flow {
 /// Links and the flows crossing them.
 #[derive(Debug, Clone, Default)]
 pub struct Network {
+    rooms: Vec<Room>,
     links: Vec<Link>,
     flows: Vec<Flow>,
+    /// Each flow's index in each of its links' `flows`.
+    pos: Vec<[u32; MAX_LINKS_PER_FLOW]>,
+    /// Each flow's index in `heap` (`u32::MAX` if not in it).
+    slots: Vec<u32>,
     free: Vec<FlowId>,
     live_flows: usize,
     sharing: Sharing,
@@ -189,8 +184,9 @@ pub struct Network {
     caps: Vec<f64>,
     scratch: Vec<f64>,
     fills: u64,
-    /// Live flows with a finite end time, a binary min-heap by `(due, flow)`.
-    heap: Vec<FlowId>,
+    /// Live flows with a finite end time and when each is expected to end, a binary min-heap
+    /// by `(due, flow)`. The key is in the entry, so a sift compares without visiting flows.
+    heap: Vec<(Nanos, FlowId)>,
 }
 
 impl Network {
@@ -210,13 +206,20 @@ impl Network {
 
     /// Adds a link of `capacity` bytes per second.
     pub fn add_link(&mut self, capacity: f64) -> LinkId {
-        self.links.push(Link::new(capacity.max(1.0)));
+        let capacity = capacity.max(1.0);
+        self.rooms.push(Room {
+            capacity,
+            used: 0.0,
+            level: capacity,
+            freed: 0.0,
+        });
+        self.links.push(Link::default());
         LinkId::try_from(self.links.len() - 1).unwrap_or(LinkId::MAX)
     }
 
-    /// The link `id`.
-    pub fn link(&self, id: LinkId) -> &Link {
-        &self.links[id as usize]
+    /// The capacity of link `id` in bytes per second.
+    pub fn capacity(&self, id: LinkId) -> f64 {
+        self.rooms[id as usize].capacity
     }
 
     /// Bytes that crossed link `id` in flows that ended (completed or stopped).
@@ -226,8 +229,12 @@ impl Network {
 
     /// The current rate of the flows on link `id`, added up.
     pub fn link_load(&self, id: LinkId) -> f64 {
-        let link = &self.links[id as usize];
-        link.flows
+        self.sum_rates(id as usize)
+    }
+
+    fn sum_rates(&self, l: usize) -> f64 {
+        self.links[l]
+            .flows
             .iter()
             .map(|&f| self.flows[f as usize].rate)
             .sum()
@@ -261,16 +268,13 @@ impl Network {
         ids[..n].copy_from_slice(&links[..n]);
         let flow = Flow {
             links: ids,
-            pos: [0; MAX_LINKS_PER_FLOW],
             n_links: n as u8,
+            live: true,
+            raised: false,
             rate: 0.0,
             done: 0.0,
             size: size.max(0.0),
             updated: now,
-            live: true,
-            due: Nanos::MAX,
-            slot: u32::MAX,
-            raised: false,
         };
         let id = match self.free.pop() {
             Some(id) => {
@@ -279,12 +283,14 @@ impl Network {
             }
             None => {
                 self.flows.push(flow);
+                self.pos.push([0; MAX_LINKS_PER_FLOW]);
+                self.slots.push(u32::MAX);
                 FlowId::try_from(self.flows.len() - 1).unwrap_or(FlowId::MAX)
             }
         };
         for (i, &link) in ids[..n].iter().enumerate() {
             let l = link as usize;
-            self.flows[id as usize].pos[i] = self.links[l].flows.len() as u32;
+            self.pos[id as usize][i] = self.links[l].flows.len() as u32;
             self.links[l].flows.push(id);
             self.enqueue(link);
             self.changed_links += 1;
@@ -301,25 +307,24 @@ impl Network {
         };
         f.advance(now);
         f.live = false;
+        let (links, n, rate, bytes) = (f.links, usize::from(f.n_links), f.rate, f.done);
         self.heap_remove(flow);
-        let f = &self.flows[flow as usize];
-        let (links, pos, n, rate, bytes) = (f.links, f.pos, usize::from(f.n_links), f.rate, f.done);
+        let pos = self.pos[flow as usize];
         for i in 0..n {
             let l = links[i] as usize;
             let link = &mut self.links[l];
-            link.used -= rate;
             link.bytes += bytes;
             let at = pos[i] as usize;
             link.flows.swap_remove(at);
+            let empty = link.flows.is_empty();
             if let Some(&moved) = link.flows.get(at) {
-                let m = &mut self.flows[moved as usize];
+                let m = &self.flows[moved as usize];
                 if let Some(k) = m.links().iter().position(|&x| x as usize == l) {
-                    m.pos[k] = at as u32;
+                    self.pos[moved as usize][k] = at as u32;
                 }
             }
-            if self.links[l].flows.is_empty() {
-                self.links[l].used = 0.0;
-            }
+            let room = &mut self.rooms[l];
+            room.used = if empty { 0.0 } else { room.used - rate };
             self.enqueue(links[i]);
             self.changed_links += 1;
         }
@@ -335,18 +340,26 @@ impl Network {
 
     /// When the next flow is expected to end, if any flow can.
     pub fn next_due(&self) -> Option<Nanos> {
-        self.heap.first().map(|&f| self.flows[f as usize].due)
+        self.heap.first().map(|&(due, _)| due)
+    }
+
+    /// When `flow` is expected to end (`Nanos::MAX` if it is not in the heap).
+    fn due(&self, flow: FlowId) -> Nanos {
+        match self.slots[flow as usize] {
+            u32::MAX => Nanos::MAX,
+            slot => self.heap[slot as usize].0,
+        }
     }
 
     /// The next flow that has ended by `now`, stopped and removed (with the bytes it moved);
     /// `None` when no flow is due by `now`. Flows due but not done (their rate dropped since
     /// their time was computed) are moved to their new time on the way.
     pub fn pop_done(&mut self, now: Nanos) -> Option<(FlowId, f64)> {
-        while let Some(&flow) = self.heap.first() {
-            let f = &mut self.flows[flow as usize];
-            if f.due > now {
+        while let Some(&(due, flow)) = self.heap.first() {
+            if due > now {
                 return None;
             }
+            let f = &mut self.flows[flow as usize];
             f.advance(now);
             if f.size - f.done <= f.tolerance() {
                 f.done = f.size;
@@ -361,39 +374,34 @@ impl Network {
 
     /// Sets `flow`'s end time and moves it in the heap (out of it at `Nanos::MAX`).
     fn reschedule(&mut self, flow: FlowId, due: Nanos) {
-        self.flows[flow as usize].due = due;
         if due == Nanos::MAX {
             self.heap_remove(flow);
             return;
         }
-        let slot = self.flows[flow as usize].slot;
+        let slot = self.slots[flow as usize];
         if slot == u32::MAX {
-            self.heap.push(flow);
+            self.heap.push((due, flow));
             let at = self.heap.len() - 1;
-            self.flows[flow as usize].slot = at as u32;
+            self.slots[flow as usize] = at as u32;
             self.sift_up(at);
         } else {
+            self.heap[slot as usize].0 = due;
             let at = self.sift_up(slot as usize);
             self.sift_down(at);
         }
     }
 
-    fn heap_key(&self, i: usize) -> (Nanos, FlowId) {
-        let f = self.heap[i];
-        (self.flows[f as usize].due, f)
-    }
-
     fn heap_swap(&mut self, i: usize, j: usize) {
         self.heap.swap(i, j);
-        let (a, b) = (self.heap[i], self.heap[j]);
-        self.flows[a as usize].slot = i as u32;
-        self.flows[b as usize].slot = j as u32;
+        let (a, b) = (self.heap[i].1, self.heap[j].1);
+        self.slots[a as usize] = i as u32;
+        self.slots[b as usize] = j as u32;
     }
 
     fn sift_up(&mut self, mut i: usize) -> usize {
         while i > 0 {
             let parent = (i - 1) / 2;
-            if self.heap_key(i) < self.heap_key(parent) {
+            if self.heap[i] < self.heap[parent] {
                 self.heap_swap(i, parent);
                 i = parent;
             } else {
@@ -408,10 +416,10 @@ impl Network {
         loop {
             let (l, r) = (2 * i + 1, 2 * i + 2);
             let mut least = i;
-            if l < n && self.heap_key(l) < self.heap_key(least) {
+            if l < n && self.heap[l] < self.heap[least] {
                 least = l;
             }
-            if r < n && self.heap_key(r) < self.heap_key(least) {
+            if r < n && self.heap[r] < self.heap[least] {
                 least = r;
             }
             if least == i {
@@ -423,7 +431,7 @@ impl Network {
     }
 
     fn heap_remove(&mut self, flow: FlowId) {
-        let slot = self.flows[flow as usize].slot;
+        let slot = self.slots[flow as usize];
         if slot == u32::MAX {
             return;
         }
@@ -433,7 +441,7 @@ impl Network {
             self.heap_swap(i, last);
         }
         self.heap.pop();
-        self.flows[flow as usize].slot = u32::MAX;
+        self.slots[flow as usize] = u32::MAX;
         if i < self.heap.len() {
             let at = self.sift_up(i);
             self.sift_down(at);
@@ -470,8 +478,8 @@ impl Network {
             if !f.live {
                 continue;
             }
-            let (at, due) = (f.end_time(now), f.due);
-            if at < due {
+            let at = f.end_time(now);
+            if at < self.due(flow) {
                 self.reschedule(flow, at);
             }
         }
@@ -489,16 +497,16 @@ impl Network {
         }
         let (links, n) = (f.links, usize::from(f.n_links));
         for &l in &links[..n] {
-            let link = &mut self.links[l as usize];
-            link.used += delta;
+            let room = &mut self.rooms[l as usize];
+            room.used += delta;
             if Some(l) == filling {
                 continue;
             }
-            if link.used > link.capacity * (1.0 + 1e-12) {
+            if room.used > room.capacity * (1.0 + 1e-12) {
                 self.enqueue(l);
             } else if delta < 0.0 {
-                link.freed -= delta;
-                if link.freed > self.tolerances.propagate * link.capacity {
+                room.freed -= delta;
+                if room.freed > self.tolerances.propagate * room.capacity {
                     self.enqueue(l);
                 }
             }
@@ -522,15 +530,14 @@ impl Network {
     fn fill_link(&mut self, now: Nanos, l: LinkId, raise: bool) {
         self.fills += 1;
         let li = l as usize;
-        let n = self.links[li].flows.len();
-        if n == 0 {
-            let link = &mut self.links[li];
-            link.used = 0.0;
-            link.level = link.capacity;
-            link.freed = 0.0;
+        if self.links[li].flows.is_empty() {
+            let room = &mut self.rooms[li];
+            room.used = 0.0;
+            room.level = room.capacity;
+            room.freed = 0.0;
             return;
         }
-        let capacity = self.links[li].capacity;
+        let capacity = self.rooms[li].capacity;
         let mut caps = std::mem::take(&mut self.caps);
         caps.clear();
         for &flow in &self.links[li].flows {
@@ -540,7 +547,7 @@ impl Network {
                 if m == l {
                     continue;
                 }
-                let other = &self.links[m as usize];
+                let other = &self.rooms[m as usize];
                 let room = (other.capacity - other.used + f.rate).max(0.0);
                 let offer = if raise { room.max(other.level) } else { room };
                 cap = cap.min(offer);
@@ -560,18 +567,15 @@ impl Network {
                 self.set_rate(now, flow, new, Some(l));
             }
         }
-        let link = &mut self.links[li];
-        link.used = link
-            .flows
-            .iter()
-            .map(|&f| self.flows[f as usize].rate)
-            .sum();
-        link.level = if level.is_finite() {
+        let used = self.sum_rates(li);
+        let room = &mut self.rooms[li];
+        room.used = used;
+        room.level = if level.is_finite() {
             level
         } else {
-            caps.iter().copied().fold(0.0, f64::max).max(link.capacity)
+            caps.iter().copied().fold(0.0, f64::max).max(room.capacity)
         };
-        link.freed = 0.0;
+        room.freed = 0.0;
         self.caps = caps;
     }
 
@@ -590,7 +594,7 @@ impl Network {
                     .collect()
             })
             .collect();
-        let capacities: Vec<f64> = self.links.iter().map(|l| l.capacity).collect();
+        let capacities: Vec<f64> = self.rooms.iter().map(|r| r.capacity).collect();
         let rates = max_min_rates(&capacities, &paths);
         for (&flow, &rate) in live.iter().zip(&rates) {
             if rate != self.flows[flow as usize].rate {
@@ -600,20 +604,17 @@ impl Network {
         while let Some(l) = self.work.pop_front() {
             self.links[l as usize].queued = false;
         }
-        for (i, link) in self.links.iter_mut().enumerate() {
-            link.used = link
+        for l in 0..self.links.len() {
+            let used = self.sum_rates(l);
+            let top = self.links[l]
                 .flows
                 .iter()
                 .map(|&f| self.flows[f as usize].rate)
-                .sum();
-            link.freed = 0.0;
-            link.level = link.capacity.max(
-                link.flows
-                    .iter()
-                    .map(|&f| self.flows[f as usize].rate)
-                    .fold(0.0, f64::max),
-            );
-            let _ = i;
+                .fold(0.0, f64::max);
+            let room = &mut self.rooms[l];
+            room.used = used;
+            room.freed = 0.0;
+            room.level = room.capacity.max(top);
         }
     }
 }
