@@ -1,6 +1,6 @@
 //! Links, flows, and how flows share link capacity.
 //!
-//! A [`Link`] is anything with a capacity in bytes per second that transfers cross: a node's
+//! A link is anything with a capacity in bytes per second that transfers cross: a node's
 //! NIC in one direction, a site's WAN link in one direction, the shared CPU of a benchmark host.
 //! A flow is one transfer (one chunk, one layer) of a known size over a fixed list of links. At
 //! every instant each flow has a rate; the rates of the flows on a link never add up to more than
