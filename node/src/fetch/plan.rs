@@ -1311,7 +1311,12 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
             keys.select_nth_unstable(budget);
         }
         let rank = keys.iter().filter(|&&k| k < me).count();
-        Some(SiteView { keys, me, rank })
+        Some(SiteView {
+            keys,
+            me,
+            rank,
+            budget,
+        })
     }
 
     /// Whether this node has waited long enough for the site's gateways: nothing in flight and
@@ -1549,8 +1554,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         // few chunks (the slots run out) and there may be hundreds of them, so one pass keeps
         // only the first `global` in order; a chunk whose first two parts of the key (window and
         // availability) already lose to the last of those is passed over without the rest of
-        // its key, which is most of them (rarest first: few chunks share the least
-        // availability). The rest are keyed and sorted only if the loop gets that far.
+        // its key, which in a rollout is most of them (rarest first: few chunks share the
+        // least availability; where all tie, as with one seeder, each costs a full key and an
+        // insertion into a few). The rest are keyed and sorted only if the loop gets that far.
         let keyed = &mut scratch.order;
         keyed.clear();
         let head = global.min(fresh.len());
@@ -1683,6 +1689,8 @@ struct SiteView {
     keys: Vec<u64>,
     me: u64,
     rank: usize,
+    /// The budget the least keys were put first for.
+    budget: usize,
 }
 
 impl SiteView {
@@ -1698,6 +1706,10 @@ impl SiteView {
     /// to, one at a time from the least key; as a set, in no order. `budget` is the plan's
     /// `site_remote_in_flight`, which `Plan::site` put first.
     fn gateways(&self, budget: usize) -> &[u64] {
+        debug_assert_eq!(
+            budget, self.budget,
+            "the keys were partitioned for another budget"
+        );
         &self.keys[..budget.min(self.keys.len())]
     }
 
