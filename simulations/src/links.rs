@@ -217,11 +217,6 @@ impl Network {
         LinkId::try_from(self.links.len() - 1).unwrap_or(LinkId::MAX)
     }
 
-    /// The capacity of link `id` in bytes per second.
-    pub fn capacity(&self, id: LinkId) -> f64 {
-        self.rooms[id as usize].capacity
-    }
-
     /// Bytes that crossed link `id` in flows that ended (completed or stopped).
     pub fn link_bytes(&self, id: LinkId) -> f64 {
         self.links[id as usize].bytes

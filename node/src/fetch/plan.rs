@@ -1527,12 +1527,9 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         let mut all_requested = true;
         // With no site view (no `with_self`), this node is its site's only gateway.
         let site = self.site();
-        let budget = self.config.site_remote_in_flight;
         let per_node = self.config.max_remote_in_flight;
-        let remote_share = site
-            .as_ref()
-            .map_or(per_node, |s| s.share(budget, per_node));
-        let owns = |chunk| site.as_ref().is_none_or(|s| s.owns(chunk, budget));
+        let remote_share = site.as_ref().map_or(per_node, |s| s.share(per_node));
+        let owns = |chunk| site.as_ref().is_none_or(|s| s.owns(chunk));
         let backstop = self.backstop_due(now);
         let patience = self.patience(now);
         let fresh = &mut scratch.fresh;
@@ -1689,7 +1686,8 @@ struct SiteView {
     keys: Vec<u64>,
     me: u64,
     rank: usize,
-    /// The budget the least keys were put first for.
+    /// The site's budget of remote requests ([`PlanConfig::site_remote_in_flight`]): as many
+    /// of the least keys are put first, the gateways.
     budget: usize,
 }
 
@@ -1703,27 +1701,22 @@ impl SiteView {
     }
 
     /// The site's gateways: the downloaders the site's `budget` of remote requests is dealt out
-    /// to, one at a time from the least key; as a set, in no order. `budget` is the plan's
-    /// `site_remote_in_flight`, which `Plan::site` put first.
-    fn gateways(&self, budget: usize) -> &[u64] {
-        debug_assert_eq!(
-            budget, self.budget,
-            "the keys were partitioned for another budget"
-        );
-        &self.keys[..budget.min(self.keys.len())]
+    /// to, one at a time from the least key; as a set, in no order.
+    fn gateways(&self) -> &[u64] {
+        &self.keys[..self.budget.min(self.keys.len())]
     }
 
     /// How many remote requests this node may have outstanding: its turns in dealing out
-    /// `budget`, at most `per_node`.
-    fn share(&self, budget: usize, per_node: usize) -> usize {
+    /// the site's budget, at most `per_node`.
+    fn share(&self, per_node: usize) -> usize {
         let m = self.keys.len().max(1);
-        (budget / m + usize::from(self.rank < budget % m)).min(per_node)
+        (self.budget / m + usize::from(self.rank < self.budget % m)).min(per_node)
     }
 
     /// Whether this node is the gateway that fetches `chunk` from remote peers: the least
     /// rendezvous score among the gateways.
-    fn owns(&self, chunk: u32, budget: usize) -> bool {
-        least_scored(self.gateways(budget), chunk) == Some(self.me)
+    fn owns(&self, chunk: u32) -> bool {
+        least_scored(self.gateways(), chunk) == Some(self.me)
     }
 
     /// Whether this node takes `chunk`, which only remote peers hold, when no gateway brought it
@@ -2865,9 +2858,7 @@ mod tests {
             let orphan = (0..chunks).find(|&c| {
                 plans.iter().all(|(_, plan)| {
                     let site = plan.site().expect("with_self");
-                    let budget = plan.config().site_remote_in_flight;
-                    site.share(budget, plan.config().max_remote_in_flight) == 0
-                        || !site.owns(c, budget)
+                    site.share(plan.config().max_remote_in_flight) == 0 || !site.owns(c)
                 })
             });
             if let Some(c) = orphan {
