@@ -81,7 +81,8 @@ use std::time::Instant;
 
 use shoal_node::fetch::plan::{Action, Bitfield, Event, Plan};
 use shoal_node::fetch::swarm::{
-    CANDIDATE_REFRESH, MAX_CANDIDATES, MAX_IN_FLIGHT, REQUEST_TIMEOUT, STALL_LIMIT, plan_config,
+    CANDIDATE_REFRESH, MAX_CANDIDATES, MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES, REQUEST_TIMEOUT,
+    STALL_LIMIT, plan_config,
 };
 use shoal_node::net::chunk::{IDLE_TIMEOUT, MAX_INBOUND_CHUNK_STREAMS};
 
@@ -773,7 +774,7 @@ impl<'a> Sim<'a> {
                 self.busy_bursts
             );
             eprintln!(
-                "endgame losers cancelled with more than MAX_IN_FLIGHT chunks still missing: {}",
+                "endgame losers cancelled with more than max_in_flight chunks still missing: {}",
                 self.early_losers
             );
             eprintln!(
@@ -1018,7 +1019,10 @@ impl<'a> Sim<'a> {
             let plan = Plan::new(
                 self.chunk_count,
                 n.held.clone(),
-                plan_config(self.node_seed(node, epoch)),
+                plan_config(
+                    self.node_seed(node, epoch),
+                    u32::try_from(self.scenario.chunk_bytes).unwrap_or(u32::MAX),
+                ),
             )
             .with_self(&node);
             self.nodes[node as usize].download = Some(Download {
@@ -1797,7 +1801,9 @@ impl<'a> Sim<'a> {
                         }
                         // A loser: the chunk came from another peer first (endgame).
                         let loser = n.held.get(chunk);
-                        if loser && n.held.count_ones() + (MAX_IN_FLIGHT as u32) < self.chunk_count
+                        let in_flight =
+                            u32::try_from(d.plan.config().max_in_flight).unwrap_or(u32::MAX);
+                        if loser && n.held.count_ones().saturating_add(in_flight) < self.chunk_count
                         {
                             self.early_losers += 1;
                         }
@@ -2129,6 +2135,7 @@ pub fn node_constants() -> Vec<(&'static str, String)> {
         ("MAX_CANDIDATES", MAX_CANDIDATES.to_string()),
         ("CANDIDATE_REFRESH", format!("{:?}", CANDIDATE_REFRESH)),
         ("MAX_IN_FLIGHT", MAX_IN_FLIGHT.to_string()),
+        ("MAX_IN_FLIGHT_BYTES", MAX_IN_FLIGHT_BYTES.to_string()),
         ("REQUEST_TIMEOUT", format!("{:?}", REQUEST_TIMEOUT)),
         ("STALL_LIMIT", format!("{:?}", STALL_LIMIT)),
         (

@@ -53,8 +53,13 @@ pub const PROGRESS_LIMIT: Duration = Duration::from_secs(300);
 /// How long one chunk request may take (a chunk of up to 4 MiB over a fair share of a busy
 /// 100 Mbit/s uplink).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
-/// Most chunk requests in flight for one download (each holds one chunk in memory).
-pub const MAX_IN_FLIGHT: usize = 16;
+/// Most chunk requests in flight for one download. Each holds one chunk in memory, so blobs cut
+/// into large chunks get fewer: see [`max_in_flight`].
+pub const MAX_IN_FLIGHT: usize = 32;
+/// The chunk bytes one download may hold in memory for its requests in flight.
+pub const MAX_IN_FLIGHT_BYTES: u64 = 64 * 1024 * 1024;
+/// The fewest requests in flight a download is allowed, however large its chunks.
+const MIN_IN_FLIGHT: usize = 4;
 /// Capacity of the channel from request tasks back to the download loop.
 const EVENT_CAPACITY: usize = 256;
 /// A pooled chunk stream idle for longer is dropped rather than reused: the serving side closes
@@ -112,7 +117,8 @@ pub async fn download(
     let count = index.chunk_count();
     let held = bitfield(&partial.have(), count).unwrap_or_else(|| Bitfield::new(count));
     let mut plan: Plan<PeerId> =
-        Plan::new(count, held, plan_config(rand::random())).with_self(&network.peer_id());
+        Plan::new(count, held, plan_config(rand::random(), index.chunk_size()))
+            .with_self(&network.peer_id());
     let (tx, mut rx) = mpsc::channel::<Msg>(EVENT_CAPACITY);
     let mut tasks: HashMap<(PeerId, u32), JoinHandle<()>> = HashMap::new();
     // Open chunk streams per peer, with when each was last used.
@@ -126,7 +132,7 @@ pub async fn download(
     candidates.truncate(MAX_CANDIDATES);
     let mut watchers: HashMap<PeerId, JoinHandle<()>> = HashMap::new();
     // Chunk buffers reused between requests: a chunk is read into memory already allocated.
-    let buffers = Buffers::new(MAX_IN_FLIGHT);
+    let buffers = Buffers::new(plan.config().max_in_flight);
     for peer in &candidates {
         watchers.insert(*peer, watch_peer(network, &tx, *peer, blob, count));
     }
@@ -248,10 +254,21 @@ pub async fn download(
         .map_err(SwarmError::Store)
 }
 
-/// The plan configuration every download uses (the simulations use it too).
-pub fn plan_config(seed: u64) -> PlanConfig {
+/// Requests in flight for a download of chunks of `chunk_size` bytes: as many as fit in
+/// [`MAX_IN_FLIGHT_BYTES`], within `4..=`[`MAX_IN_FLIGHT`] (32 for the 1 and 2 MiB chunks of
+/// blobs up to 1 GiB, 16 for the 4 MiB chunks of larger ones).
+pub fn max_in_flight(chunk_size: u32) -> usize {
+    let fit = MAX_IN_FLIGHT_BYTES / u64::from(chunk_size.max(1));
+    usize::try_from(fit)
+        .unwrap_or(MAX_IN_FLIGHT)
+        .clamp(MIN_IN_FLIGHT, MAX_IN_FLIGHT)
+}
+
+/// The plan configuration every download of chunks of `chunk_size` bytes uses (the simulations
+/// use it too).
+pub fn plan_config(seed: u64, chunk_size: u32) -> PlanConfig {
     PlanConfig {
-        max_in_flight: MAX_IN_FLIGHT,
+        max_in_flight: max_in_flight(chunk_size),
         request_timeout: REQUEST_TIMEOUT,
         seed,
         ..PlanConfig::default()
