@@ -44,7 +44,7 @@
 //!   requests to one peer share its uplink and crawl in together, and a chunk is only passed on
 //!   once it is whole, so in a swarm they delay every chunk and its spread through the fleet: the
 //!   fleet simulator measured a base of 4 per peer at 1.34 times the ideal for 16 pullers on
-//!   100 Mbit/s links and 1.75 for 1,000 on 10 Gbit/s NICs, and one per peer at 1.05 and 1.24.
+//!   100 Mbit/s links and 1.75 for 1,000 on 10 Gbit/s NICs, and one per peer at 1.05 and 1.49.
 //!   A peer measured faster than the median gets proportionally more, up to four times as many:
 //!   `limit = base * rate / median`, clamped to `[base, 4 * base]`. A peer's rate is the
 //!   verified bytes it delivered divided by the time during which it had at least one request

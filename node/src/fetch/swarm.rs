@@ -55,7 +55,7 @@ pub const PROGRESS_LIMIT: Duration = Duration::from_secs(300);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// Most chunk requests in flight for one download. Each holds one chunk in memory, so blobs cut
 /// into large chunks get fewer: see [`max_in_flight`].
-pub const MAX_IN_FLIGHT: usize = 32;
+pub const MAX_IN_FLIGHT: usize = 16;
 /// The chunk bytes one download may hold in memory for its requests in flight.
 pub const MAX_IN_FLIGHT_BYTES: u64 = 64 * 1024 * 1024;
 /// The fewest requests in flight a download is allowed, however large its chunks.
@@ -255,8 +255,8 @@ pub async fn download(
 }
 
 /// Requests in flight for a download of chunks of `chunk_size` bytes: as many as fit in
-/// [`MAX_IN_FLIGHT_BYTES`], within `4..=`[`MAX_IN_FLIGHT`] (32 for the 1 and 2 MiB chunks of
-/// blobs up to 1 GiB, 16 for the 4 MiB chunks of larger ones).
+/// [`MAX_IN_FLIGHT_BYTES`], within `4..=`[`MAX_IN_FLIGHT`] (16 for the chunks of up to 4 MiB
+/// that blobs are cut into by default, fewer for larger chunks an index may have).
 pub fn max_in_flight(chunk_size: u32) -> usize {
     let fit = MAX_IN_FLIGHT_BYTES / u64::from(chunk_size.max(1));
     usize::try_from(fit)
@@ -439,4 +439,28 @@ async fn fetch_chunk(
         Err(NetError::Refused(_)) if !reused => (ChunkOutcome::Busy, None),
         Err(_) => return Err(reused),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_in_flight_fit_the_memory_budget() {
+        const MIB: u32 = 1024 * 1024;
+        assert_eq!(max_in_flight(256 * 1024), MAX_IN_FLIGHT);
+        assert_eq!(max_in_flight(4 * MIB), 16);
+        assert_eq!(max_in_flight(8 * MIB), 8);
+        // The largest chunks an index may have still get a few requests at once.
+        assert_eq!(max_in_flight(64 * MIB), MIN_IN_FLIGHT);
+        assert_eq!(max_in_flight(0), MAX_IN_FLIGHT);
+        for size in [64 * 1024, MIB, 3 * MIB, 4 * MIB] {
+            let n = max_in_flight(size);
+            assert!(
+                n as u64 * u64::from(size) <= MAX_IN_FLIGHT_BYTES,
+                "{size}: {n}"
+            );
+            assert_eq!(plan_config(1, size).max_in_flight, n);
+        }
+    }
 }
