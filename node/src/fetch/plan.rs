@@ -807,17 +807,22 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
     }
 
     /// Whether `peer` is usable and has fewer requests outstanding than its limit (the
-    /// `usable` and `in_flight < in_flight_limit` of [`Plan::peer_stats`], without working out
-    /// the median rate when the peer is below the base limit, which every peer's limit is at
-    /// least).
+    /// `usable` and `in_flight < in_flight_limit` of [`Plan::peer_stats`]). Every limit is at
+    /// least one and at least the base, so a peer with nothing outstanding needs neither worked
+    /// out (the base counts the usable peers), and one below the base needs no median rate.
     pub fn has_free_slot(&self, peer: &P) -> bool {
         let Some(state) = self.peers.get(peer) else {
             return false;
         };
-        let base = self.base_limit();
+        if !state.usable(self.config.max_strikes) {
+            return false;
+        }
         let n = state.in_flight.len();
-        state.usable(self.config.max_strikes)
-            && (n < base || n < state.limit(base, self.median_rate()))
+        if n == 0 {
+            return true;
+        }
+        let base = self.base_limit();
+        n < base || n < state.limit(base, self.median_rate())
     }
 
     /// What the plan knows about `peer`, if it has heard of it.
