@@ -37,8 +37,10 @@
 //!   benchmark, 2.1 s with blocks).
 //! - **Priority window.** A client reading a blob in order (a `docker pull` being streamed) needs
 //!   the next chunks, not the rarest ones. [`Plan::set_priority_window`] puts a range of chunks
-//!   ahead of rarity, in index order, like a streaming torrent client's playback head; the driver
-//!   moves it as the reader advances. There is none by default.
+//!   ahead of rarity, in index order, like a streaming torrent client's playback head, for a
+//!   driver to move as its reader advances. There is none by default, and the node's swarm sets
+//!   none: blocks in order already keep a download near its prefix, and a window ahead of rarity
+//!   would have every node of a rollout ask the seeder for the same chunks at once.
 //! - **Which peer.** A chunk goes to the holder with a free slot that is expected to deliver it
 //!   soonest: the least `(requests in flight + 1) / measured rate`, a peer with no measurement yet
 //!   counting as the median. A peer that already failed or timed out on that chunk is chosen only
