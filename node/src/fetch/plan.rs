@@ -1974,7 +1974,7 @@ mod tests {
         assert_ne!(order[16..32], other[16..32]);
         // One block for the whole blob: the seeded order alone, all over the blob.
         let unblocked = request_order(PlanConfig {
-            block_chunks: 16,
+            block_chunks: u32::MAX,
             ..config()
         });
         assert!(unblocked[..16].iter().all(|c| (48..64).contains(c)));
