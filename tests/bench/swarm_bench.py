@@ -23,7 +23,8 @@ For each N (e.g. 8 and 16):
   all pullers pull from it at once; origin egress = n0's eth0 tx bytes.
 Ideal (b): image bytes / link rate, and one puller pulling alone from docker-registry.
 Loopback: two shoal nodes on 127.0.0.1 (root namespace, no shaping); the big blob is pushed to
-one and GET from the other with curl (it fetches it from the first) -> MB/s.
+one and GET from the other with curl (it fetches it from the first) -> MB/s, and how steadily
+the body streamed: the share of the pull's time at which 25%, 50% and 75% of the bytes were in.
 
 The pull client is skopeo (`skopeo copy docker://... oci:DIR`, digests checked by skopeo) or,
 with --client curl, curl of the manifest and each blob to /dev/null.
@@ -462,6 +463,38 @@ def run_registry(args, topo, n, image_dir, image_bytes, blobs, tmp, label):
             shutil.rmtree(os.path.join(tmp, f"registry-{label}", "data"), ignore_errors=True)
 
 
+STREAM_MARKS = (0.25, 0.5, 0.75)
+
+
+def stream_with_marks(cmd, size, timeout):
+    """Runs `cmd` (a curl writing a body to stdout) and reads the body as it arrives. Returns
+    (bytes received, wall seconds, {share of the bytes: share of the wall time it took})."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    got, at = 0, {}
+    try:
+        while True:
+            if time.monotonic() - start > timeout:
+                raise RuntimeError(f"{' '.join(cmd)}: no end after {timeout}s")
+            piece = proc.stdout.read1(1 << 20)
+            if not piece:
+                break
+            got += len(piece)
+            for q in STREAM_MARKS:
+                if q not in at and got >= q * size:
+                    at[q] = time.monotonic() - start
+        err = proc.stderr.read().decode(errors="replace")
+        if proc.wait() != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {err[-2000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wall = time.monotonic() - start
+    return got, wall, {q: t / wall for q, t in at.items()}
+
+
 def run_loopback(args, image_dir, big_digest, big_size, tmp):
     log("loopback: two shoal nodes on 127.0.0.1")
     a = b = None
@@ -482,11 +515,8 @@ def run_loopback(args, image_dir, big_digest, big_size, tmp):
         push(None, image_dir, a.url)
         wait_for_tags([b], timeout=120)
         url = f"{b.url}/v2/{REPO}/blobs/{big_digest}"
-        start = time.monotonic()
-        out = sh(["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{size_download}", url],
-                 timeout=1800).stdout
-        wall = time.monotonic() - start
-        got = int(out.strip())
+        # The body is counted as it arrives: how steadily a client streaming a download gets it.
+        got, wall, marks = stream_with_marks(["curl", "-sS", "--fail", url], big_size, 1800)
         if got != big_size:
             raise RuntimeError(f"loopback: got {got} bytes, expected {big_size}")
         # Reference: the same blob served by a node that has it on disk.
@@ -495,10 +525,13 @@ def run_loopback(args, image_dir, big_digest, big_size, tmp):
            timeout=1800)
         local = time.monotonic() - start
         res = {"wall_s": wall, "mbps": big_size / wall / MB, "local_mbps": big_size / local / MB,
+               "stream_marks": marks,
                "rss_a": peak_rss_bytes(a.pid), "rss_b": peak_rss_bytes(b.pid),
                "served_a": a.status()["served_bytes"]}
         log(f"loopback: {big_size / MB:.0f} MB via peer in {wall:.2f}s = {res['mbps']:.0f} MB/s "
-            f"(from local disk {res['local_mbps']:.0f} MB/s)")
+            f"(from local disk {res['local_mbps']:.0f} MB/s); the client had "
+            + ", ".join(f"{q:.0%} at {marks[q]:.2f}" for q in STREAM_MARKS if q in marks)
+            + " of the time")
         return res
     finally:
         for nd in (a, b):
@@ -628,7 +661,10 @@ def main():
     if lb:
         print(f"\nLoopback node-to-node (unshaped, 127.0.0.1, {args.transport.upper()}): {big['size'] / MB:.0f} MB blob "
               f"in {lb['wall_s']:.2f} s = **{lb['mbps']:.0f} MB/s** (same blob from the node's "
-              f"own disk: {lb['local_mbps']:.0f} MB/s)")
+              f"own disk: {lb['local_mbps']:.0f} MB/s); streamed to the client as it arrived: "
+              + ", ".join(f"{q:.0%} of the bytes at {t:.2f}"
+                          for q, t in sorted(lb["stream_marks"].items()))
+              + " of the pull's time")
     print("\nPer-node pull times (s), Shoal: " + "; ".join(
         f"{n} pullers: min {min(results['shoal'][n]['per_node_s']):.1f}, median "
         f"{statistics.median(results['shoal'][n]['per_node_s']):.1f}, max "
