@@ -516,7 +516,9 @@ def run_loopback(args, image_dir, big_digest, big_size, tmp):
         wait_for_tags([b], timeout=120)
         url = f"{b.url}/v2/{REPO}/blobs/{big_digest}"
         # The body is counted as it arrives: how steadily a client streaming a download gets it.
-        got, wall, marks = stream_with_marks(["curl", "-sS", "--fail", url], big_size, 1800)
+        # curl's own --max-time bounds a body that stops coming (the read would wait for it).
+        got, wall, marks = stream_with_marks(["curl", "-sS", "--fail", "--max-time", "1800", url],
+                                             big_size, 1800)
         if got != big_size:
             raise RuntimeError(f"loopback: got {got} bytes, expected {big_size}")
         # Reference: the same blob served by a node that has it on disk.
