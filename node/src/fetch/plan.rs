@@ -1939,15 +1939,22 @@ mod tests {
         let mut plan = Plan::new(64, Bitfield::new(64), config);
         has(&mut plan, 1, Bitfield::full(64));
         has(&mut plan, 2, bits(64, 0..48));
+        let order = one_request_at_a_time(&mut plan);
+        assert!(plan.is_complete());
+        order
+    }
+
+    /// Drives `plan` to the end one request at a time (each answered at once by its peer), and
+    /// returns the chunks in the order they were asked for.
+    fn one_request_at_a_time(plan: &mut Plan<u32>) -> Vec<u32> {
         let mut order = Vec::new();
-        for step in 0..64 {
+        for step in 0..u64::from(plan.chunk_count()) {
             let reqs = requests(&plan.next_actions(secs(step)));
             assert_eq!(reqs.len(), 1, "step {step}: {reqs:?}");
             let (peer, chunk) = reqs[0];
             order.push(chunk);
-            done(&mut plan, peer, chunk, secs(step));
+            done(plan, peer, chunk, secs(step));
         }
-        assert!(plan.is_complete());
         order
     }
 
@@ -1992,14 +1999,7 @@ mod tests {
         has(&mut plan, 1, Bitfield::full(12));
         has(&mut plan, 2, bits(12, 0..8));
         has(&mut plan, 3, bits(12, 0..4));
-        let mut order = Vec::new();
-        for step in 0..12 {
-            let reqs = requests(&plan.next_actions(secs(step)));
-            assert_eq!(reqs.len(), 1, "step {step}: {reqs:?}");
-            let (peer, chunk) = reqs[0];
-            order.push(chunk);
-            done(&mut plan, peer, chunk, secs(step));
-        }
+        let order = one_request_at_a_time(&mut plan);
         assert!(order[..4].iter().all(|c| (8..12).contains(c)), "{order:?}");
         assert!(order[4..8].iter().all(|c| (4..8).contains(c)), "{order:?}");
         assert!(order[8..].iter().all(|c| (0..4).contains(c)), "{order:?}");
