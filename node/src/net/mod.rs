@@ -7,8 +7,9 @@
 //! Behaviours: identify and ping; Kademlia (`/shoal/kad/1`) for provider records, one per blob a
 //! node holds; gossipsub on `shoal/tags/1` for signed tag records; mDNS for peers on the LAN;
 //! request-response `/shoal/sync/2` for anti-entropy and `BlobIndex` look-ups; raw streams
-//! `/shoal/chunk/1` for blob bytes. Transports: QUIC, TCP with noise and yamux, and the in-memory
-//! transport (used by in-process tests).
+//! `/shoal/chunk/1` for blob bytes. Transports: QUIC; TCP with yamux over libp2p's TLS handshake
+//! asking for AES-GCM first ([`tls`]), or noise for a peer that offers only that; and the
+//! in-memory transport with the same TLS (used by in-process tests).
 //!
 //! Anti-entropy: when two nodes connect, each asks the other for a summary of its current
 //! records and, when the summaries differ, pages through the other's records and ingests them,
@@ -16,6 +17,7 @@
 
 pub mod chunk;
 pub mod sync;
+pub mod tls;
 pub mod upload_log;
 
 use std::collections::{HashMap, HashSet};
@@ -464,7 +466,7 @@ fn build_swarm(
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
-            noise::Config::new,
+            (tls::Config::new, noise::Config::new),
             yamux::Config::default,
         )
         .map_err(|e| setup(&e))?
@@ -474,16 +476,10 @@ fn build_swarm(
             c
         })
         .with_other_transport(|key| {
-            let noise: Box<dyn std::error::Error + Send + Sync> = match noise::Config::new(key) {
-                Ok(n) => {
-                    return Ok(MemoryTransport::default()
-                        .upgrade(Version::V1)
-                        .authenticate(n)
-                        .multiplex(yamux::Config::default()));
-                }
-                Err(e) => Box::new(e),
-            };
-            Err(noise)
+            Ok(MemoryTransport::default()
+                .upgrade(Version::V1)
+                .authenticate(tls::Config::new(key)?)
+                .multiplex(yamux::Config::default()))
         })
         .map_err(|e| setup(&e))?
         .with_behaviour(
