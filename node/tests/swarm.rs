@@ -2,7 +2,8 @@
 //! chunks they hold, so the publisher serves far less than every copy; a peer serving corrupt
 //! chunks is banned while the others finish; a peer killed mid-transfer stops no one; a
 //! restarted node resumes its partial download; a seeder sends one copy of a chunk at a time; a
-//! chunk stream the peer drops unanswered reads as a refusal, not a failure.
+//! chunk stream the peer drops unanswered reads as a refusal, not a failure; a peer speaking
+//! stock libp2p TLS, or only noise, is reached.
 
 mod testnet;
 
@@ -354,44 +355,31 @@ async fn a_seeder_sends_one_copy_of_a_chunk_at_a_time() {
     assert_eq!(&buf[..], &bytes[..]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chunk_stream_dropped_before_an_answer_is_a_refusal() {
+/// Runs `swarm` as a peer that drops every chunk stream unread, as libp2p-stream does to an
+/// inbound stream when the server's queue of new streams is full. Returns its address.
+async fn run_stream_dropper(
+    mut swarm: libp2p::Swarm<libp2p_stream::Behaviour>,
+    listen: libp2p::Multiaddr,
+) -> libp2p::Multiaddr {
     use futures::StreamExt;
-    use libp2p::core::transport::{MemoryTransport, Transport};
-    use libp2p::core::upgrade::Version;
-    use shoal_node::net::NetError;
-    use shoal_node::net::chunk::{self, ChunkClient};
+    use libp2p::swarm::SwarmEvent;
 
-    let mut net = TestNet::with_identities(1);
-    net.start_next().await;
-    // A peer that drops every chunk stream unread, as libp2p-stream does to an inbound stream
-    // when the server's queue of new streams is full.
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_other_transport(|key| {
-            Ok(MemoryTransport::default()
-                .upgrade(Version::V1)
-                .authenticate(libp2p::noise::Config::new(key)?)
-                .multiplex(libp2p::yamux::Config::default()))
-        })
-        .expect("transport")
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(WAIT))
-        .build();
-    let addr: libp2p::Multiaddr = format!("/memory/{}", rand::random::<u64>())
-        .parse()
-        .expect("address");
-    swarm.listen_on(addr.clone()).expect("listen");
+    swarm.listen_on(listen).expect("listen");
     let mut incoming = swarm
         .behaviour()
         .new_control()
-        .accept(chunk::protocol())
+        .accept(shoal_node::net::chunk::protocol())
         .expect("accept");
-    let dropper = *swarm.local_peer_id();
+    let id = *swarm.local_peer_id();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut tx = Some(tx);
     tokio::spawn(async move {
         loop {
-            swarm.select_next_some().await;
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(address);
+                }
+            }
         }
     });
     tokio::spawn(async move {
@@ -399,12 +387,44 @@ async fn a_chunk_stream_dropped_before_an_answer_is_a_refusal() {
             drop(stream);
         }
     });
+    rx.await
+        .expect("listening")
+        .with(libp2p::multiaddr::Protocol::P2p(id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_stream_dropped_before_an_answer_is_a_refusal() {
+    use libp2p::core::transport::{MemoryTransport, Transport};
+    use libp2p::core::upgrade::Version;
+    use shoal_node::net::NetError;
+    use shoal_node::net::chunk::ChunkClient;
+
+    let mut net = TestNet::with_identities(1);
+    net.start_next().await;
+    // The dropping peer speaks stock libp2p TLS, which the node's own TLS must meet.
+    let swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(|key| {
+            Ok(MemoryTransport::default()
+                .upgrade(Version::V1)
+                .authenticate(libp2p::tls::Config::new(key)?)
+                .multiplex(libp2p::yamux::Config::default()))
+        })
+        .expect("transport")
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(WAIT))
+        .build();
+    let memory = format!("/memory/{}", rand::random::<u64>())
+        .parse()
+        .expect("address");
+    let addr = run_stream_dropper(swarm, memory).await;
+    let Some(libp2p::multiaddr::Protocol::P2p(dropper)) = addr.iter().last() else {
+        panic!("no peer id in {addr}");
+    };
 
     let network = net.nodes[0].node().network();
-    network
-        .dial(addr.with(libp2p::multiaddr::Protocol::P2p(dropper)))
-        .await
-        .expect("dial");
+    network.dial(addr).await.expect("dial");
     let mut client = wait_until(WAIT, "a stream to the dropping peer", || async {
         ChunkClient::open(&mut network.control(), dropper)
             .await
@@ -418,4 +438,36 @@ async fn a_chunk_stream_dropped_before_an_answer_is_a_refusal() {
         matches!(answer, Err(NetError::Refused(_))),
         "a stream dropped unanswered: {answer:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_offers_only_noise_over_tcp_is_still_reached() {
+    use shoal_node::net::chunk::ChunkClient;
+
+    let mut net = TestNet::with_identities(1);
+    net.start_next().await;
+    // A node offers TLS first on TCP; a peer that knows only noise gets noise.
+    let swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .expect("transport")
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(WAIT))
+        .build();
+    let tcp = "/ip4/127.0.0.1/tcp/0".parse().expect("address");
+    let addr = run_stream_dropper(swarm, tcp).await;
+    let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
+        panic!("no peer id in {addr}");
+    };
+    let network = net.nodes[0].node().network();
+    network.dial(addr).await.expect("dial");
+    wait_until(WAIT, "a chunk stream to the noise-only peer", || async {
+        ChunkClient::open(&mut network.control(), peer).await.ok()
+    })
+    .await;
 }
