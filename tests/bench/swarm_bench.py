@@ -193,11 +193,16 @@ class Proc:
         self.log.close()
 
 
+def p2p_addrs(ip, port, transport):
+    """The libp2p listen addresses for `transport`: QUIC, TCP (TLS or noise, yamux), or both,
+    as a node has by default."""
+    tcp, quic = f"/ip4/{ip}/tcp/{port}", f"/ip4/{ip}/udp/{port}/quic-v1"
+    return {"tcp": [tcp], "quic": [quic], "both": [quic, tcp]}[transport]
+
+
 def p2p_addr(ip, port, transport):
-    """The libp2p listen address for `transport` (QUIC, or TCP with noise and yamux)."""
-    if transport == "tcp":
-        return f"/ip4/{ip}/tcp/{port}"
-    return f"/ip4/{ip}/udp/{port}/quic-v1"
+    """`p2p_addrs` as one `--p2p-listen` / `--peer` value."""
+    return ",".join(p2p_addrs(ip, port, transport))
 
 
 class ShoalNode:
@@ -377,7 +382,8 @@ def run_shoal(args, topo, n, image_dir, image_bytes, blobs, tmp):
         origin = ShoalNode(args.shoal_bin, os.path.join(root, "n0"), topo.ns[0], addr(0), addr(0),
                            transport=args.transport)
         nodes.append(origin)
-        boot = f"{p2p_addr(addr(0), 4001, args.transport)}/p2p/{origin.peer_id}"
+        boot = ",".join(f"{a}/p2p/{origin.peer_id}"
+                        for a in p2p_addrs(addr(0), 4001, args.transport))
         for i in range(1, n + 1):
             nodes.append(ShoalNode(args.shoal_bin, os.path.join(root, f"n{i}"), topo.ns[i],
                                    addr(i), addr(i), peers=[boot], trust=[origin.key],
@@ -502,12 +508,12 @@ def run_loopback(args, image_dir, big_digest, big_size, tmp):
         a = ShoalNode(args.shoal_bin, os.path.join(root, "a"), None, "127.0.0.1", "127.0.0.1",
                       listen_port=0, p2p_port=0, transport=args.transport)
         listen = a.status()["p2p_listen"]
-        kind = "/tcp/" if args.transport == "tcp" else "/udp/"
-        mine = [x for x in listen if kind in x and "127.0.0.1" in x]
-        if not mine:
+        kinds = {"tcp": ["/tcp/"], "quic": ["/udp/"], "both": ["/udp/", "/tcp/"]}
+        mine = [x for k in kinds[args.transport] for x in listen if k in x and "127.0.0.1" in x]
+        if len(mine) != len(kinds[args.transport]):
             raise RuntimeError(f"loopback: node a has no loopback {args.transport} address: "
                                f"{listen}")
-        boot = f"{mine[0]}/p2p/{a.peer_id}"
+        boot = ",".join(f"{x}/p2p/{a.peer_id}" for x in mine)
         b = ShoalNode(args.shoal_bin, os.path.join(root, "b"), None, "127.0.0.1", "127.0.0.1",
                       peers=[boot], trust=[a.key], listen_port=0, p2p_port=0,
                       transport=args.transport)
@@ -553,8 +559,9 @@ def main():
     p.add_argument("--burst", default="256kb")
     p.add_argument("--latency", default="50ms")
     p.add_argument("--client", choices=["skopeo", "curl"], default="skopeo")
-    p.add_argument("--transport", choices=["quic", "tcp"], default="quic",
-                   help="node-to-node transport: QUIC, or TCP with noise and yamux (quic)")
+    p.add_argument("--transport", choices=["quic", "tcp", "both"], default="quic",
+                   help="node-to-node transport: QUIC, TCP (TLS or noise, yamux), or both as "
+                        "a node listens by default (quic)")
     p.add_argument("--prefix", default=f"swb{os.getpid() % 100000}",
                    help="namespace name prefix (the shell wrapper passes a unique one)")
     p.add_argument("--skip-registry", action="store_true", help="no docker-registry baseline")
