@@ -255,19 +255,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if peers.is_empty() {
                 println!("no peers connected");
             }
-            for p in peers {
-                let addrs: Vec<String> = p["addresses"]
-                    .as_array()
+            let strings = |v: &serde_json::Value| -> Vec<String> {
+                v.as_array()
                     .map(|a| {
                         a.iter()
                             .filter_map(|x| x.as_str().map(str::to_owned))
                             .collect()
                     })
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+            };
+            for p in peers {
                 println!(
-                    "{} {}",
+                    "{} connected over {}; known at {}",
                     p["peer_id"].as_str().unwrap_or("?"),
-                    addrs.join(" ")
+                    strings(&p["connections"]).join(" "),
+                    strings(&p["addresses"]).join(" ")
                 );
             }
             Ok(ExitCode::SUCCESS)

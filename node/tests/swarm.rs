@@ -3,7 +3,8 @@
 //! chunks is banned while the others finish; a peer killed mid-transfer stops no one; a
 //! restarted node resumes its partial download; a seeder sends one copy of a chunk at a time; a
 //! chunk stream the peer drops unanswered reads as a refusal, not a failure; a peer speaking
-//! stock libp2p TLS, or only noise, is reached.
+//! stock libp2p TLS, or only noise, is reached; nodes that meet over QUIC move to TCP and go on
+//! gossiping and transferring.
 
 mod testnet;
 
@@ -470,4 +471,34 @@ async fn a_peer_that_offers_only_noise_over_tcp_is_still_reached() {
         ChunkClient::open(&mut network.control(), peer).await.ok()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_meet_over_quic_move_to_tcp_and_still_gossip_and_transfer() {
+    let mut net = TestNet::with_identities(2);
+    net.quic_and_tcp = true;
+    net.start_next().await;
+    // Dials node 0 at its QUIC address only, and hears from identify that it has TCP too.
+    net.start_next().await;
+    for i in 0..2 {
+        wait_until(WAIT, &format!("node {i} to keep only TCP"), || async {
+            let peers = net.nodes[i].node().network().peers().await.ok()?;
+            let connections = &peers.first()?.connections;
+            let tcp_only = !connections.is_empty()
+                && connections
+                    .iter()
+                    .all(|c| c.contains("/tcp/") && !c.contains("/quic"));
+            tcp_only.then_some(())
+        })
+        .await;
+    }
+    // Pushed after the QUIC connection closed: the record can only come by gossip, which needs
+    // the subscriptions the nodes exchanged on the QUIC connection to have survived it.
+    let image = image(41, &[3 * MIB]);
+    net.nodes[0].push("team/app", "1", &image).await;
+    wait_until(WAIT, "the record on node 1", || async {
+        net.nodes[1].has_record("team/app", "1").await.then_some(())
+    })
+    .await;
+    net.nodes[1].pull_and_check("team/app", "1", &image).await;
 }

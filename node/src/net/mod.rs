@@ -16,6 +16,7 @@
 //! so a node that was offline catches up without waiting for new gossip.
 
 pub mod chunk;
+pub mod links;
 pub mod sync;
 pub mod tls;
 pub mod upload_log;
@@ -30,6 +31,7 @@ use libp2p::core::upgrade::Version;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, Transport, gossipsub, identify, mdns, noise, ping,
@@ -65,7 +67,6 @@ const PROVIDER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most DHT keys with provider records one node keeps, its own and others' (each key holds at
 /// most 20 providers, a few hundred bytes apiece).
 const MAX_DHT_PROVIDER_KEYS: usize = 1 << 16;
-/// How often Kademlia refreshes its routing table.
 /// How much a peer may send on one QUIC stream ahead of what this node has read, and on one
 /// connection over all its streams. A sender keeps everything it wrote until it is
 /// acknowledged, up to the receiver's window, so the windows bound each connection's send
@@ -74,7 +75,12 @@ const MAX_DHT_PROVIDER_KEYS: usize = 1 << 16;
 /// bandwidth-delay product of 10 Gbit/s at 3 ms or 100 Mbit/s at 300 ms.
 const QUIC_STREAM_WINDOW: u32 = 2 << 20;
 const QUIC_CONNECTION_WINDOW: u32 = 4 << 20;
+/// How long a QUIC connection that TCP replaces stays open. Closed at once, it loses what
+/// gossipsub had queued on it, such as the subscriptions exchanged on a new connection (a peer
+/// that missed them never forwards this node a record).
+const QUIC_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// How often Kademlia refreshes its routing table.
 const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Why a network operation failed.
@@ -157,8 +163,11 @@ impl Default for NetConfig {
 pub struct PeerInfo {
     /// The peer id.
     pub peer_id: String,
-    /// Addresses of the open connections.
+    /// Addresses known for the peer (its entries in the DHT routing table).
     pub addresses: Vec<String>,
+    /// Remote addresses of the open connections (TCP is kept when the peer has it).
+    #[serde(default)]
+    pub connections: Vec<String>,
 }
 
 #[derive(NetworkBehaviour)]
@@ -206,6 +215,8 @@ enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial(Multiaddr),
     Disconnect(PeerId),
+    /// Closes a QUIC connection that TCP replaces ([`links`]).
+    CloseQuic(PeerId, libp2p::swarm::ConnectionId),
 }
 
 /// Handle to the network (cheap to clone).
@@ -289,6 +300,7 @@ impl Network {
             inbound: Arc::new(Semaphore::new(MAX_INBOUND_WORK)),
             have_waits: Arc::new(Semaphore::new(MAX_HAVE_WAITS)),
             syncs: Arc::new(Semaphore::new(MAX_CONCURRENT_SYNCS)),
+            links: links::Links::default(),
         };
         tasks.spawn(event_loop.run(cancel.clone()));
         tasks.spawn(chunk::serve(control, store, uploads, cancel));
@@ -555,6 +567,7 @@ pub struct EventLoop {
     inbound: Arc<Semaphore>,
     have_waits: Arc<Semaphore>,
     syncs: Arc<Semaphore>,
+    links: links::Links,
 }
 
 impl EventLoop {
@@ -619,6 +632,7 @@ impl EventLoop {
                         .map(|p| PeerInfo {
                             peer_id: p.to_string(),
                             addresses: self.addresses_of(&p),
+                            connections: self.links.connections(&p),
                         })
                         .collect(),
                 );
@@ -633,6 +647,14 @@ impl EventLoop {
             }
             Command::Disconnect(peer) => {
                 let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::CloseQuic(peer, id) => {
+                if self.swarm.close_connection(id) {
+                    tracing::debug!(%peer, "closed a QUIC connection: TCP is kept");
+                    // A record gossiped over the closed connection as it closed is lost; a
+                    // sync catches up on it.
+                    self.spawn_anti_entropy(peer);
+                }
             }
         }
     }
@@ -658,14 +680,25 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
                 let addr = endpoint.get_remote_address().clone();
                 tracing::info!(peer = %peer_id, %addr, "peer connected");
+                let close =
+                    self.links
+                        .established(peer_id, connection_id, &addr, endpoint.is_dialer());
                 if endpoint.is_dialer() {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+                for id in close {
+                    let network = self.network.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(QUIC_CLOSE_GRACE).await;
+                        let _ = network.send(Command::CloseQuic(peer_id, id)).await;
+                    });
                 }
                 if num_established.get() == 1 {
                     self.spawn_anti_entropy(peer_id);
@@ -673,9 +706,14 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
+                self.links.closed(&peer_id, connection_id);
+                if num_established > 0 {
+                    return;
+                }
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 self.network
                     .peer_sites
@@ -697,6 +735,17 @@ impl EventLoop {
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .insert(peer_id, site.to_owned());
+                }
+                let tcp = self.links.tcp_to_dial(peer_id, &info.listen_addrs);
+                if !tcp.is_empty() {
+                    tracing::debug!(peer = %peer_id, addrs = ?tcp, "dialling over TCP in place of QUIC");
+                    let opts = DialOpts::peer_id(peer_id)
+                        .condition(PeerCondition::NotDialing)
+                        .addresses(tcp)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(peer = %peer_id, error = %e, "dialling over TCP");
+                    }
                 }
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);

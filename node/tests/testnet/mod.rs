@@ -281,6 +281,9 @@ pub struct TestNet {
     pub upload_limits: std::collections::HashMap<usize, u64>,
     /// Site labels by node index.
     pub sites: std::collections::HashMap<usize, String>,
+    /// Nodes listen on QUIC and TCP on 127.0.0.1, as a real node does by default, and are
+    /// bootstrapped to the QUIC addresses of the running ones (instead of the memory transport).
+    pub quic_and_tcp: bool,
 }
 
 fn memory_addr() -> Multiaddr {
@@ -304,6 +307,7 @@ impl TestNet {
             extra_trust: Vec::new(),
             upload_limits: Default::default(),
             sites: Default::default(),
+            quic_and_tcp: false,
         }
     }
 
@@ -341,23 +345,10 @@ impl TestNet {
         )
         .expect("key");
         let memory = memory_addr();
-        let bootstrap = self
-            .nodes
-            .iter()
-            .filter(|n| n.node.is_some())
-            .map(|n| n.memory.clone())
-            .collect();
+        let (listen, bootstrap) = self.addressing(i, &memory).await;
         let limit = self.upload_limits.get(&i).copied();
         let site = self.sites.get(&i).cloned();
-        let node = start_node(
-            dir.path(),
-            memory.clone(),
-            bootstrap,
-            self.trust(),
-            limit,
-            site,
-        )
-        .await;
+        let node = start_node(dir.path(), listen, bootstrap, self.trust(), limit, site).await;
         self.nodes.push(TestNode {
             node: Some(node),
             dir,
@@ -367,33 +358,47 @@ impl TestNet {
         i
     }
 
-    /// Restarts a stopped node on its data directory.
-    pub async fn restart(&mut self, i: usize) {
-        let bootstrap = self
+    /// What node `i` listens on, and the addresses of the other running nodes it dials.
+    async fn addressing(&self, i: usize, memory: &Multiaddr) -> (Vec<Multiaddr>, Vec<Multiaddr>) {
+        let others = self
             .nodes
             .iter()
             .enumerate()
-            .filter(|(j, n)| *j != i && n.node.is_some())
-            .map(|(_, n)| n.memory.clone())
-            .collect();
+            .filter(|(j, n)| *j != i && n.node.is_some());
+        if !self.quic_and_tcp {
+            return (
+                vec![memory.clone()],
+                others.map(|(_, n)| n.memory.clone()).collect(),
+            );
+        }
+        let listen = ["/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"]
+            .map(|a| a.parse().expect("multiaddr"))
+            .to_vec();
+        let mut bootstrap = Vec::new();
+        for (_, n) in others {
+            let network = n.node().network();
+            let addrs = network.listen_addrs().await.expect("listen addresses");
+            let quic = addrs
+                .into_iter()
+                .find(|a| a.to_string().contains("/quic-v1"))
+                .expect("a QUIC listen address");
+            bootstrap.push(quic.with(libp2p::multiaddr::Protocol::P2p(network.peer_id())));
+        }
+        (listen, bootstrap)
+    }
+
+    /// Restarts a stopped node on its data directory.
+    pub async fn restart(&mut self, i: usize) {
+        // libp2p's memory transport never frees a listening port, so a restarted node gets a
+        // new address (as a real node may after a reboot); it dials the others itself.
+        let memory = memory_addr();
+        let (listen, bootstrap) = self.addressing(i, &memory).await;
         let trust = self.trust();
         let limit = self.upload_limits.get(&i).copied();
         let site = self.sites.get(&i).cloned();
         let n = &mut self.nodes[i];
-        // libp2p's memory transport never frees a listening port, so a restarted node gets a
-        // new address (as a real node may after a reboot); it dials the others itself.
-        n.memory = memory_addr();
-        n.node = Some(
-            start_node(
-                n.dir.path(),
-                n.memory.clone(),
-                bootstrap,
-                trust,
-                limit,
-                site,
-            )
-            .await,
-        );
+        n.memory = memory;
+        n.node = Some(start_node(n.dir.path(), listen, bootstrap, trust, limit, site).await);
     }
 
     /// Waits until every running node has at least `k` peers.
@@ -412,7 +417,7 @@ impl TestNet {
 
 async fn start_node(
     dir: &std::path::Path,
-    memory: Multiaddr,
+    listen: Vec<Multiaddr>,
     bootstrap: Vec<Multiaddr>,
     trust: Vec<TrustRule>,
     upload_limit: Option<u64>,
@@ -422,7 +427,7 @@ async fn start_node(
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         net: NetConfig {
-            listen: vec![memory],
+            listen,
             bootstrap,
             mdns: false,
             upload_limit_bytes_per_sec: upload_limit,
