@@ -138,6 +138,13 @@ impl Links {
         addrs
     }
 
+    /// Whether `peer` has an open TCP connection.
+    pub fn has_tcp(&self, peer: &PeerId) -> bool {
+        self.peers
+            .get(peer)
+            .is_some_and(|links| links.iter().any(|l| l.kind == Kind::Tcp))
+    }
+
     /// The remote addresses of `peer`'s open connections.
     pub fn connections(&self, peer: &PeerId) -> Vec<String> {
         self.peers
@@ -184,6 +191,11 @@ mod tests {
         links.closed(&p, d);
         assert_eq!(links.connections(&p), vec![TCP.to_owned()]);
         assert_eq!(links.connections(&q), vec![QUIC.to_owned()]);
+        assert!(links.has_tcp(&p) && !links.has_tcp(&q));
+        // The TCP connection gone, a QUIC one due to be closed for it is kept.
+        links.established(p, a, &addr(QUIC), true);
+        links.closed(&p, c);
+        assert!(!links.has_tcp(&p));
     }
 
     #[test]

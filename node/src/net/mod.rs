@@ -649,7 +649,8 @@ impl EventLoop {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
             Command::CloseQuic(peer, id) => {
-                if self.swarm.close_connection(id) {
+                // The TCP connection may have gone in the meantime: then QUIC stays.
+                if self.links.has_tcp(&peer) && self.swarm.close_connection(id) {
                     tracing::debug!(%peer, "closed a QUIC connection: TCP is kept");
                     // A record gossiped over the closed connection as it closed is lost; a
                     // sync catches up on it.
@@ -738,7 +739,7 @@ impl EventLoop {
                 }
                 let tcp = self.links.tcp_to_dial(peer_id, &info.listen_addrs);
                 if !tcp.is_empty() {
-                    tracing::debug!(peer = %peer_id, addrs = ?tcp, "dialling over TCP in place of QUIC");
+                    tracing::debug!(peer = %peer_id, addrs = ?tcp, "dialling over TCP, not QUIC");
                     let opts = DialOpts::peer_id(peer_id)
                         .condition(PeerCondition::NotDialing)
                         .addresses(tcp)
