@@ -559,9 +559,9 @@ def main():
     p.add_argument("--burst", default="256kb")
     p.add_argument("--latency", default="50ms")
     p.add_argument("--client", choices=["skopeo", "curl"], default="skopeo")
-    p.add_argument("--transport", choices=["quic", "tcp", "both"], default="quic",
+    p.add_argument("--transport", choices=["quic", "tcp", "both"], default="both",
                    help="node-to-node transport: QUIC, TCP (TLS or noise, yamux), or both as "
-                        "a node listens by default (quic)")
+                        "a node listens by default (both)")
     p.add_argument("--prefix", default=f"swb{os.getpid() % 100000}",
                    help="namespace name prefix (the shell wrapper passes a unique one)")
     p.add_argument("--skip-registry", action="store_true", help="no docker-registry baseline")
