@@ -508,9 +508,10 @@ def run_loopback(args, image_dir, big_digest, big_size, tmp):
         a = ShoalNode(args.shoal_bin, os.path.join(root, "a"), None, "127.0.0.1", "127.0.0.1",
                       listen_port=0, p2p_port=0, transport=args.transport)
         listen = a.status()["p2p_listen"]
-        kinds = {"tcp": ["/tcp/"], "quic": ["/udp/"], "both": ["/udp/", "/tcp/"]}
-        mine = [x for k in kinds[args.transport] for x in listen if k in x and "127.0.0.1" in x]
-        if len(mine) != len(kinds[args.transport]):
+        # One loopback address of each transport `p2p_addrs` gives, by its protocol part.
+        kinds = [a.split("/")[3] for a in p2p_addrs("127.0.0.1", 0, args.transport)]
+        mine = [x for k in kinds for x in listen if f"/{k}/" in x and "127.0.0.1" in x]
+        if len(mine) != len(kinds):
             raise RuntimeError(f"loopback: node a has no loopback {args.transport} address: "
                                f"{listen}")
         boot = ",".join(f"{x}/p2p/{a.peer_id}" for x in mine)

@@ -11,6 +11,7 @@ use shoal_node::Node;
 use shoal_node::config::Config;
 use shoal_node::identity::Identity;
 use shoal_node::net::NetConfig;
+use shoal_node::net::links::Kind;
 use shoal_node::trust::TrustRule;
 use shoal_protocol::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -380,7 +381,7 @@ impl TestNet {
             let addrs = network.listen_addrs().await.expect("listen addresses");
             let quic = addrs
                 .into_iter()
-                .find(|a| a.to_string().contains("/quic-v1"))
+                .find(|a| Kind::of(a) == Kind::Quic)
                 .expect("a QUIC listen address");
             bootstrap.push(quic.with(libp2p::multiaddr::Protocol::P2p(network.peer_id())));
         }
