@@ -133,6 +133,7 @@ impl Config {
                 .upload_limit_bytes_per_sec
                 .or(file.upload_limit_bytes_per_sec),
             site: flags.site.or(file.site),
+            sync_interval: defaults.sync_interval,
         };
         if let Some(site) = &net.site {
             if site.is_empty() || site.len() > 64 || site.contains(char::is_whitespace) {

@@ -302,14 +302,8 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
 
 async fn run_node(config: Config) -> anyhow::Result<()> {
     let node = Node::start(config).await?;
-    let mut addrs = Vec::new();
-    for _ in 0..50 {
-        addrs = node.network().listen_addrs().await.unwrap_or_default();
-        if !addrs.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // The node starts once each listener has its address, so this lists them all.
+    let addrs = node.network().listen_addrs().await.unwrap_or_default();
     let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
     println!(
         "shoal p2p: peer id {} listening on {}",

@@ -214,3 +214,34 @@ async fn a_provider_serving_corrupt_bytes_is_detected_and_another_is_used() {
         "corrupt bytes were stored"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_gossip_never_carried_arrives_by_the_periodic_sync() {
+    let mut net = TestNet::with_identities(2);
+    net.sync_interval = Duration::from_secs(1);
+    net.start_next().await;
+    net.start_next().await;
+    net.wait_connected(1).await;
+    // Let the sync on connect finish, so only the periodic one can carry what follows.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Committed on node 0 and never gossiped, as a record that gossip lost would be.
+    let (repo, tag) = ("team/quiet".parse().unwrap(), "v1".parse().unwrap());
+    net.nodes[0]
+        .node()
+        .tags()
+        .publish(&repo, &tag, None, Vec::new())
+        .await
+        .expect("publish");
+    assert!(net.nodes[0].has_record("team/quiet", "v1").await);
+    wait_until(
+        WAIT,
+        "the record to reach node 1 by a periodic sync",
+        || async {
+            net.nodes[1]
+                .has_record("team/quiet", "v1")
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+}

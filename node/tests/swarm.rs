@@ -502,3 +502,24 @@ async fn nodes_that_meet_over_quic_move_to_tcp_and_still_gossip_and_transfer() {
     .await;
     net.nodes[1].pull_and_check("team/app", "1", &image).await;
 }
+
+// One thread: the node's event loop runs only when the test yields, as on a loaded machine.
+#[tokio::test(flavor = "current_thread")]
+async fn a_started_node_reports_every_listen_address_at_once() {
+    // A QUIC listener binds on the swarm's first poll: a node that returned from its start
+    // before that gave peers (and `shoal run`'s first line) its TCP address only.
+    for _ in 0..20 {
+        let mut net = TestNet::with_identities(1);
+        net.quic_and_tcp = true;
+        net.start_next().await;
+        let addrs = net.nodes[0]
+            .node()
+            .network()
+            .listen_addrs()
+            .await
+            .expect("addresses");
+        let has = |proto: &str| addrs.iter().any(|a| a.to_string().contains(proto));
+        assert!(has("/quic-v1"), "no QUIC address in {addrs:?}");
+        assert!(has("/tcp/"), "no TCP address in {addrs:?}");
+    }
+}

@@ -13,7 +13,9 @@
 //!
 //! Anti-entropy: when two nodes connect, each asks the other for a summary of its current
 //! records and, when the summaries differ, pages through the other's records and ingests them,
-//! so a node that was offline catches up without waiting for new gossip.
+//! so a node that was offline catches up without waiting for new gossip. The same exchange runs
+//! with a random connected peer every [`NetConfig::sync_interval`], so a record that gossip lost
+//! while nodes stayed connected still arrives.
 
 pub mod chunk;
 pub mod links;
@@ -26,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::core::transport::MemoryTransport;
 use libp2p::core::upgrade::Version;
 use libp2p::kad::{self, store::MemoryStore};
@@ -82,6 +85,11 @@ const QUIC_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// How often Kademlia refreshes its routing table.
 const KAD_BOOTSTRAP_INTERVAL: Duration = Duration::from_secs(300);
+/// How often a node syncs its records with a random peer (see [`NetConfig::sync_interval`]).
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(60);
+/// How long `Network::start` waits for its listeners to report their addresses. A QUIC listener
+/// binds its socket on the swarm's first poll, so an address asked for at once may be missing.
+const LISTEN_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a network operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +145,10 @@ pub struct NetConfig {
     /// peers. Downloads fetch each chunk over the link to another site about once per site.
     /// `None`: the node takes every peer as local.
     pub site: Option<String>,
+    /// How often the node compares its records with one connected peer picked at random, and
+    /// catches up if they differ. Gossip can lose a record (a peer that was busy, a connection
+    /// that closed with it queued); this bounds how long the loss lasts.
+    pub sync_interval: Duration,
 }
 
 impl Default for NetConfig {
@@ -154,6 +166,7 @@ impl Default for NetConfig {
             mdns: true,
             upload_limit_bytes_per_sec: None,
             site: None,
+            sync_interval: SYNC_INTERVAL,
         }
     }
 }
@@ -245,6 +258,7 @@ impl Network {
         let peer_id = keypair.public().to_peer_id();
         let mut swarm = build_swarm(keypair, config.mdns, config.site.as_deref())?;
         let defaults = NetConfig::default().listen;
+        let mut listeners = HashSet::new();
         for addr in &config.listen {
             // libp2p's TCP listeners set SO_REUSEPORT, so a second node on this machine would
             // silently share the port (and its inbound connections). Probe the default first.
@@ -252,21 +266,26 @@ impl Network {
                 (true, true) => with_port_zero(addr).unwrap_or_else(|| addr.clone()),
                 _ => addr.clone(),
             };
-            if let Err(e) = swarm.listen_on(addr.clone()) {
-                // The default port may be taken by another node on this machine: then take any
-                // free port rather than fail a zero-config start. A chosen address must work.
-                let fallback = defaults
-                    .contains(addr)
-                    .then(|| with_port_zero(addr))
-                    .flatten();
-                let Some(fallback) = fallback else {
-                    return Err(NetError::Setup(format!("listen on {addr}: {e}")));
-                };
-                tracing::warn!(%addr, error = %e, "default p2p port unavailable; using a free port");
-                swarm
-                    .listen_on(fallback)
-                    .map_err(|e| NetError::Setup(format!("listen on {addr}: {e}")))?;
-            }
+            let listener = match swarm.listen_on(addr.clone()) {
+                Ok(id) => id,
+                Err(e) => {
+                    // The default port may be taken by another node on this machine: then take
+                    // any free port rather than fail a zero-config start. A chosen address must
+                    // work.
+                    let fallback = defaults
+                        .contains(addr)
+                        .then(|| with_port_zero(addr))
+                        .flatten();
+                    let Some(fallback) = fallback else {
+                        return Err(NetError::Setup(format!("listen on {addr}: {e}")));
+                    };
+                    tracing::warn!(%addr, error = %e, "default p2p port unavailable; using a free port");
+                    swarm
+                        .listen_on(fallback)
+                        .map_err(|e| NetError::Setup(format!("listen on {addr}: {e}")))?
+                }
+            };
+            listeners.insert(listener);
         }
         swarm
             .behaviour_mut()
@@ -289,7 +308,7 @@ impl Network {
             site: config.site.clone(),
             peer_sites: Arc::default(),
         };
-        let event_loop = EventLoop {
+        let mut event_loop = EventLoop {
             swarm,
             commands: rx,
             pending_syncs: HashMap::new(),
@@ -301,9 +320,24 @@ impl Network {
             have_waits: Arc::new(Semaphore::new(MAX_HAVE_WAITS)),
             syncs: Arc::new(Semaphore::new(MAX_CONCURRENT_SYNCS)),
             links: links::Links::default(),
+            starting: None,
+            sync_interval: config.sync_interval,
         };
+        let (ready_tx, ready_rx) = oneshot::channel();
+        if listeners.is_empty() {
+            let _ = ready_tx.send(());
+        } else {
+            event_loop.starting = Some((listeners, ready_tx));
+        }
         tasks.spawn(event_loop.run(cancel.clone()));
         tasks.spawn(chunk::serve(control, store, uploads, cancel));
+        // Return once every listener has an address, so that `listen_addrs` gives them all.
+        if tokio::time::timeout(LISTEN_READY_TIMEOUT, ready_rx)
+            .await
+            .is_err()
+        {
+            tracing::warn!("p2p listeners have not all reported an address yet");
+        }
         Ok(network)
     }
 
@@ -568,11 +602,17 @@ pub struct EventLoop {
     have_waits: Arc<Semaphore>,
     syncs: Arc<Semaphore>,
     links: links::Links,
+    /// While starting: the listeners yet to report an address, and whom to tell when none is.
+    starting: Option<(HashSet<ListenerId>, oneshot::Sender<()>)>,
+    sync_interval: Duration,
 }
 
 impl EventLoop {
     async fn run(mut self, cancel: CancellationToken) {
         let mut bootstrap = tokio::time::interval(KAD_BOOTSTRAP_INTERVAL);
+        let every = self.sync_interval.max(Duration::from_millis(100));
+        let mut sync = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
@@ -585,6 +625,7 @@ impl EventLoop {
                     // Fails only when the routing table is empty, which is fine.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
+                _ = sync.tick() => self.sync_with_a_random_peer(),
             }
         }
         tracing::debug!("network event loop stopped");
@@ -676,8 +717,20 @@ impl EventLoop {
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr {
+                address,
+                listener_id,
+            } => {
                 tracing::info!(%address, "p2p listening");
+                self.listener_settled(listener_id);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                tracing::warn!(?reason, "p2p listener closed");
+                self.listener_settled(listener_id);
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -915,6 +968,31 @@ impl EventLoop {
             let _ = network.send(Command::Respond(channel, response)).await;
             drop(permit);
         });
+    }
+
+    /// Marks a listener as having an address (or as gone); the start waits for all of them.
+    fn listener_settled(&mut self, listener: ListenerId) {
+        let Some((waiting, _)) = &mut self.starting else {
+            return;
+        };
+        waiting.remove(&listener);
+        if waiting.is_empty()
+            && let Some((_, ready)) = self.starting.take()
+        {
+            let _ = ready.send(());
+        }
+    }
+
+    /// The periodic sync: one peer at random, skipped while syncs already fill their permits
+    /// (a slow peer must not pile them up).
+    fn sync_with_a_random_peer(&self) {
+        use rand::seq::IteratorRandom;
+        if self.syncs.available_permits() == 0 {
+            return;
+        }
+        if let Some(peer) = self.swarm.connected_peers().choose(&mut rand::rng()) {
+            self.spawn_anti_entropy(*peer);
+        }
     }
 
     fn spawn_anti_entropy(&self, peer: PeerId) {

@@ -285,6 +285,8 @@ pub struct TestNet {
     /// Nodes listen on QUIC and TCP on 127.0.0.1, as a real node does by default, and are
     /// bootstrapped to the QUIC addresses of the running ones (instead of the memory transport).
     pub quic_and_tcp: bool,
+    /// How often each node syncs records with a random peer (the node's default unless set).
+    pub sync_interval: Duration,
 }
 
 fn memory_addr() -> Multiaddr {
@@ -309,6 +311,7 @@ impl TestNet {
             upload_limits: Default::default(),
             sites: Default::default(),
             quic_and_tcp: false,
+            sync_interval: shoal_node::net::SYNC_INTERVAL,
         }
     }
 
@@ -349,7 +352,17 @@ impl TestNet {
         let (listen, bootstrap) = self.addressing(i, &memory).await;
         let limit = self.upload_limits.get(&i).copied();
         let site = self.sites.get(&i).cloned();
-        let node = start_node(dir.path(), listen, bootstrap, self.trust(), limit, site).await;
+        let sync = self.sync_interval;
+        let node = start_node(
+            dir.path(),
+            listen,
+            bootstrap,
+            self.trust(),
+            limit,
+            site,
+            sync,
+        )
+        .await;
         self.nodes.push(TestNode {
             node: Some(node),
             dir,
@@ -397,9 +410,10 @@ impl TestNet {
         let trust = self.trust();
         let limit = self.upload_limits.get(&i).copied();
         let site = self.sites.get(&i).cloned();
+        let sync = self.sync_interval;
         let n = &mut self.nodes[i];
         n.memory = memory;
-        n.node = Some(start_node(n.dir.path(), listen, bootstrap, trust, limit, site).await);
+        n.node = Some(start_node(n.dir.path(), listen, bootstrap, trust, limit, site, sync).await);
     }
 
     /// Waits until every running node has at least `k` peers.
@@ -423,6 +437,7 @@ async fn start_node(
     trust: Vec<TrustRule>,
     upload_limit: Option<u64>,
     site: Option<String>,
+    sync_interval: Duration,
 ) -> Node {
     let config = Config {
         data_dir: dir.to_path_buf(),
@@ -433,6 +448,7 @@ async fn start_node(
             mdns: false,
             upload_limit_bytes_per_sec: upload_limit,
             site,
+            sync_interval,
         },
         trust,
     };
