@@ -33,6 +33,7 @@ Every process started is stopped, every namespace deleted, the temp dir removed 
 """
 
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 
 from registry_bench import write_distribution_config
 import time
@@ -472,30 +474,34 @@ def run_registry(args, topo, n, image_dir, image_bytes, blobs, tmp, label):
 STREAM_MARKS = (0.25, 0.5, 0.75)
 
 
-def stream_with_marks(cmd, size):
-    """Runs `cmd` (a curl writing a body to stdout, bounded by its own --max-time) and reads the
-    body as it arrives. Returns (bytes received, wall seconds, {share of the bytes: share of the
-    wall time it took})."""
+def stream_with_marks(url, size, timeout_s=1800):
+    """GETs `url` and reads the body as it arrives, into one reused buffer: the harness shares
+    the machine with the nodes it measures, and a client that allocates per read (fresh pages
+    each time, on a VM) or pipes the body through another process took a fifth of its CPU.
+    Returns (bytes received, wall seconds, {share of the bytes: share of the wall time it took})."""
+    parts = urllib.parse.urlsplit(url)
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    # The socket timeout bounds a body that stops coming; the deadline bounds the whole pull.
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     got, at = 0, {}
     try:
+        conn.request("GET", parts.path)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"GET {url}: {resp.status} {resp.read(2000)!r}")
+        buf = memoryview(bytearray(1 << 20))
         while True:
-            piece = proc.stdout.read1(1 << 20)
-            if not piece:
+            n = resp.readinto(buf)
+            if not n:
                 break
-            got += len(piece)
+            got += n
             for q in STREAM_MARKS:
                 if q not in at and got >= q * size:
                     at[q] = time.monotonic() - start
-        err = proc.stderr.read().decode(errors="replace")
-        if proc.wait() != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {err[-2000:]}")
+            if time.monotonic() - start > timeout_s:
+                raise RuntimeError(f"GET {url}: not done after {timeout_s} s")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        conn.close()
     wall = time.monotonic() - start
     return got, wall, {q: t / wall for q, t in at.items()}
 
@@ -522,9 +528,7 @@ def run_loopback(args, image_dir, big_digest, big_size, tmp):
         wait_for_tags([b], timeout=120)
         url = f"{b.url}/v2/{REPO}/blobs/{big_digest}"
         # The body is counted as it arrives: how steadily a client streaming a download gets it.
-        # curl's own --max-time bounds a body that stops coming (the read would wait for it).
-        got, wall, marks = stream_with_marks(["curl", "-sS", "--fail", "--max-time", "1800", url],
-                                             big_size)
+        got, wall, marks = stream_with_marks(url, big_size)
         if got != big_size:
             raise RuntimeError(f"loopback: got {got} bytes, expected {big_size}")
         # Reference: the same blob served by a node that has it on disk.
