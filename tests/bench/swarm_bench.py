@@ -203,8 +203,13 @@ def p2p_addrs(ip, port, transport):
 
 
 def p2p_addr(ip, port, transport):
-    """`p2p_addrs` as one `--p2p-listen` / `--peer` value."""
+    """`p2p_addrs` as one `--p2p-listen` value."""
     return ",".join(p2p_addrs(ip, port, transport))
+
+
+def peer_arg(addrs, peer_id):
+    """A `--peer` value: `peer_id` at each of `addrs`."""
+    return ",".join(f"{a}/p2p/{peer_id}" for a in addrs)
 
 
 class ShoalNode:
@@ -384,8 +389,7 @@ def run_shoal(args, topo, n, image_dir, image_bytes, blobs, tmp):
         origin = ShoalNode(args.shoal_bin, os.path.join(root, "n0"), topo.ns[0], addr(0), addr(0),
                            transport=args.transport)
         nodes.append(origin)
-        boot = ",".join(f"{a}/p2p/{origin.peer_id}"
-                        for a in p2p_addrs(addr(0), 4001, args.transport))
+        boot = peer_arg(p2p_addrs(addr(0), 4001, args.transport), origin.peer_id)
         for i in range(1, n + 1):
             nodes.append(ShoalNode(args.shoal_bin, os.path.join(root, f"n{i}"), topo.ns[i],
                                    addr(i), addr(i), peers=[boot], trust=[origin.key],
@@ -515,12 +519,12 @@ def run_loopback(args, image_dir, big_digest, big_size, tmp):
                       listen_port=0, p2p_port=0, transport=args.transport)
         listen = a.status()["p2p_listen"]
         # One loopback address of each transport `p2p_addrs` gives, by its protocol part.
-        kinds = [a.split("/")[3] for a in p2p_addrs("127.0.0.1", 0, args.transport)]
+        kinds = [x.split("/")[3] for x in p2p_addrs("127.0.0.1", 0, args.transport)]
         mine = [x for k in kinds for x in listen if f"/{k}/" in x and "127.0.0.1" in x]
         if len(mine) != len(kinds):
             raise RuntimeError(f"loopback: node a has no loopback {args.transport} address: "
                                f"{listen}")
-        boot = ",".join(f"{x}/p2p/{a.peer_id}" for x in mine)
+        boot = peer_arg(mine, a.peer_id)
         b = ShoalNode(args.shoal_bin, os.path.join(root, "b"), None, "127.0.0.1", "127.0.0.1",
                       peers=[boot], trust=[a.key], listen_port=0, p2p_port=0,
                       transport=args.transport)

@@ -323,18 +323,18 @@ impl Network {
             starting: None,
             sync_interval: config.sync_interval,
         };
-        let (ready_tx, ready_rx) = oneshot::channel();
-        if listeners.is_empty() {
-            let _ = ready_tx.send(());
-        } else {
-            event_loop.starting = Some((listeners, ready_tx));
-        }
+        let ready = (!listeners.is_empty()).then(|| {
+            let (tx, rx) = oneshot::channel();
+            event_loop.starting = Some((listeners, tx));
+            rx
+        });
         tasks.spawn(event_loop.run(cancel.clone()));
         tasks.spawn(chunk::serve(control, store, uploads, cancel));
         // Return once every listener has an address, so that `listen_addrs` gives them all.
-        if tokio::time::timeout(LISTEN_READY_TIMEOUT, ready_rx)
-            .await
-            .is_err()
+        if let Some(ready) = ready
+            && tokio::time::timeout(LISTEN_READY_TIMEOUT, ready)
+                .await
+                .is_err()
         {
             tracing::warn!("p2p listeners have not all reported an address yet");
         }
