@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use libp2p::Multiaddr;
 use serde::Deserialize;
 
+use crate::auth::LocalClients;
+use crate::auth::trust::TrustRule;
 use crate::net::NetConfig;
-use crate::trust::TrustRule;
 
 /// Where the registry API listens unless told otherwise: the port docker users expect.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
@@ -34,6 +35,200 @@ pub struct Config {
     pub net: NetConfig,
     /// Publishers trusted for repositories, besides this node.
     pub trust: Vec<TrustRule>,
+    /// How long each stage of a shutdown may take (requests in flight, fetches, the swarm).
+    pub shutdown_grace: std::time::Duration,
+    /// Who may use the node, and how clients reach it.
+    pub access: AccessConfig,
+    /// What HTTP clients may hold: connections, requests, time, upload sessions.
+    pub http: HttpLimits,
+    /// Garbage collection on a schedule.
+    pub gc: GcSchedule,
+    /// The disk quota and the pin rules (`max_disk`, `[[pin]]`).
+    pub quota: crate::quota::QuotaConfig,
+}
+
+/// When the node collects garbage by itself (the config file's `[gc]` table); off unless an
+/// interval is set. `shoal gc` runs one collection at any time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcSchedule {
+    /// Time between collections; `None`: only when asked.
+    pub interval: Option<std::time::Duration>,
+    /// Blobs and manifests younger than this are kept.
+    pub grace: std::time::Duration,
+}
+
+impl Default for GcSchedule {
+    fn default() -> Self {
+        GcSchedule {
+            interval: None,
+            grace: std::time::Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The config file's `[gc]` table (see [`GcSchedule`]).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcFileConfig {
+    /// See [`GcSchedule::interval`], in seconds.
+    pub interval_secs: Option<u64>,
+    /// See [`GcSchedule::grace`], in seconds.
+    pub grace_secs: Option<u64>,
+}
+
+impl GcFileConfig {
+    /// The schedule these keys set. An interval of zero is refused.
+    pub fn resolve(&self) -> Result<GcSchedule, ConfigError> {
+        let d = GcSchedule::default();
+        Ok(GcSchedule {
+            interval: match self.interval_secs {
+                Some(0) => return Err(ConfigError::Gc("interval_secs")),
+                Some(s) => Some(std::time::Duration::from_secs(s)),
+                None => d.interval,
+            },
+            grace: self
+                .grace_secs
+                .map_or(d.grace, std::time::Duration::from_secs),
+        })
+    }
+}
+
+/// Limits on what HTTP clients of the registry may hold, so that no client (careless or
+/// hostile) can take the node's connections, file descriptors, memory or disk from the others.
+/// The config file's `[http]` table sets them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Open connections in all; past it a new connection is answered `503` and closed. The node
+    /// lowers it to fit its file descriptor limit.
+    pub max_connections: usize,
+    /// Open connections from one client address.
+    pub max_connections_per_client: usize,
+    /// Requests handled at once; a request past it waits a moment, then gets `503`.
+    pub max_requests: usize,
+    /// How long a client may take to send a request's headers once it started sending them.
+    pub header_read_timeout: std::time::Duration,
+    /// How long a request body may stall (no bytes at all) before the request is cut off.
+    pub body_read_timeout: std::time::Duration,
+    /// How long a connection may stay open without a request in flight (before its first
+    /// request, or between keep-alive requests).
+    pub idle_timeout: std::time::Duration,
+    /// An upload session untouched for this long is abandoned: it is removed and answers
+    /// `404 BLOB_UPLOAD_UNKNOWN`.
+    pub upload_session_ttl: std::time::Duration,
+    /// The most bytes one upload session may hold.
+    pub max_upload_session_bytes: u64,
+    /// The most upload sessions open at once.
+    pub max_upload_sessions: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        use std::time::Duration;
+        HttpLimits {
+            max_connections: 4096,
+            max_connections_per_client: 256,
+            max_requests: 1024,
+            header_read_timeout: Duration::from_secs(20),
+            body_read_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            upload_session_ttl: Duration::from_secs(24 * 3600),
+            max_upload_session_bytes: 64 << 30,
+            max_upload_sessions: 1024,
+        }
+    }
+}
+
+/// The config file's `[http]` table (see [`HttpLimits`]); every key is optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFileConfig {
+    /// See [`HttpLimits::max_connections`].
+    pub max_connections: Option<usize>,
+    /// See [`HttpLimits::max_connections_per_client`].
+    pub max_connections_per_client: Option<usize>,
+    /// See [`HttpLimits::max_requests`].
+    pub max_requests: Option<usize>,
+    /// See [`HttpLimits::header_read_timeout`], in seconds.
+    pub header_read_timeout_secs: Option<u64>,
+    /// See [`HttpLimits::body_read_timeout`], in seconds.
+    pub body_read_timeout_secs: Option<u64>,
+    /// See [`HttpLimits::idle_timeout`], in seconds.
+    pub idle_timeout_secs: Option<u64>,
+    /// See [`HttpLimits::upload_session_ttl`], in seconds.
+    pub upload_session_ttl_secs: Option<u64>,
+    /// See [`HttpLimits::max_upload_session_bytes`].
+    pub max_upload_session_bytes: Option<u64>,
+    /// See [`HttpLimits::max_upload_sessions`].
+    pub max_upload_sessions: Option<usize>,
+}
+
+impl HttpFileConfig {
+    /// The limits these keys set, the defaults for the others. A zero is refused.
+    pub fn resolve(&self) -> Result<HttpLimits, ConfigError> {
+        use std::time::Duration;
+        let d = HttpLimits::default();
+        let count = |v: Option<usize>, default: usize, key: &'static str| match v {
+            Some(0) => Err(ConfigError::Http(key)),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let secs = |v: Option<u64>, default: Duration, key: &'static str| match v {
+            Some(0) => Err(ConfigError::Http(key)),
+            Some(v) => Ok(Duration::from_secs(v)),
+            None => Ok(default),
+        };
+        Ok(HttpLimits {
+            max_connections: count(self.max_connections, d.max_connections, "max_connections")?,
+            max_connections_per_client: count(
+                self.max_connections_per_client,
+                d.max_connections_per_client,
+                "max_connections_per_client",
+            )?,
+            max_requests: count(self.max_requests, d.max_requests, "max_requests")?,
+            header_read_timeout: secs(
+                self.header_read_timeout_secs,
+                d.header_read_timeout,
+                "header_read_timeout_secs",
+            )?,
+            body_read_timeout: secs(
+                self.body_read_timeout_secs,
+                d.body_read_timeout,
+                "body_read_timeout_secs",
+            )?,
+            idle_timeout: secs(self.idle_timeout_secs, d.idle_timeout, "idle_timeout_secs")?,
+            upload_session_ttl: secs(
+                self.upload_session_ttl_secs,
+                d.upload_session_ttl,
+                "upload_session_ttl_secs",
+            )?,
+            max_upload_session_bytes: match self.max_upload_session_bytes {
+                Some(0) => return Err(ConfigError::Http("max_upload_session_bytes")),
+                Some(v) => v,
+                None => d.max_upload_session_bytes,
+            },
+            max_upload_sessions: count(
+                self.max_upload_sessions,
+                d.max_upload_sessions,
+                "max_upload_sessions",
+            )?,
+        })
+    }
+}
+
+/// Access settings: the fleet to join, how clients are treated, HTTPS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessConfig {
+    /// A join token (`shoal fleet init` prints one): the node joins that fleet at start and
+    /// remembers it in its data directory.
+    pub join: Option<String>,
+    /// How loopback clients are treated.
+    pub local_clients: LocalClients,
+    /// Whether clients without credentials may pull public repositories.
+    pub anonymous_pull: bool,
+    /// Certificate and key (PEM files) for HTTPS on the registry port.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Allows a non-loopback registry address without HTTPS or credentials.
+    pub insecure: bool,
 }
 
 /// The config file's contents; every key is optional.
@@ -52,10 +247,32 @@ pub struct FileConfig {
     pub mdns: Option<bool>,
     /// Trust rules, `KEY=PATTERN`.
     pub trust: Option<Vec<TrustRule>>,
-    /// Cap on bytes per second sent to peers.
-    pub upload_limit_bytes_per_sec: Option<u64>,
+    /// Cap on bytes per second served to peers (`upload_limit_bytes_per_sec`, its older name,
+    /// is still read).
+    #[serde(alias = "upload_limit_bytes_per_sec")]
+    pub serve_limit_bytes_per_sec: Option<u64>,
     /// This node's site label (see [`NetConfig::site`]).
     pub site: Option<String>,
+    /// A join token (see [`AccessConfig::join`]).
+    pub join: Option<String>,
+    /// How loopback clients are treated: `open` (default) or `authenticated`.
+    pub local_clients: Option<LocalClients>,
+    /// Whether anonymous clients may pull public repositories.
+    pub anonymous_pull: Option<bool>,
+    /// PEM certificate chain for HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS.
+    pub tls_key: Option<PathBuf>,
+    /// Allow a non-loopback listener without HTTPS and credentials.
+    pub insecure: Option<bool>,
+    /// The `[http]` table: limits on HTTP clients (see [`HttpLimits`]).
+    pub http: Option<HttpFileConfig>,
+    /// The `[gc]` table: garbage collection on a schedule (see [`GcSchedule`]).
+    pub gc: Option<GcFileConfig>,
+    /// The disk quota: bytes (`"20GiB"`) or a share of the filesystem (`"80%"`).
+    pub max_disk: Option<crate::quota::MaxDisk>,
+    /// `[[pin]]` tables: `pattern = "prod/*"`, `copies = 2` (see [`crate::quota`]).
+    pub pin: Option<Vec<crate::store::evict::PinRule>>,
 }
 
 /// Why settings could not be resolved.
@@ -83,6 +300,18 @@ pub enum ConfigError {
     /// The site label is empty, longer than 64 bytes or contains white space.
     #[error("site {0:?}: a site is 1 to 64 bytes without white space")]
     Site(String),
+    /// Only one of the TLS certificate and key was given.
+    #[error("HTTPS needs both --tls-cert and --tls-key")]
+    Tls,
+    /// A limit in the `[http]` table is zero.
+    #[error("http.{0} must be more than zero")]
+    Http(&'static str),
+    /// A setting in the `[gc]` table is zero.
+    #[error("gc.{0} must be more than zero")]
+    Gc(&'static str),
+    /// A `[[pin]]` asks for no copies or too many.
+    #[error("pin {0}: copies must be 1 to {max}", max = crate::store::pins::MAX_COPIES)]
+    PinCopies(String),
 }
 
 /// The default config file, `$XDG_CONFIG_HOME/shoal/config.toml`.
@@ -129,11 +358,12 @@ impl Config {
                 .unwrap_or(defaults.listen),
             bootstrap: flags.peers.or(file.peers).unwrap_or_default(),
             mdns: flags.mdns.or(file.mdns).unwrap_or(defaults.mdns),
-            upload_limit_bytes_per_sec: flags
-                .upload_limit_bytes_per_sec
-                .or(file.upload_limit_bytes_per_sec),
+            serve_limit_bytes_per_sec: flags
+                .serve_limit_bytes_per_sec
+                .or(file.serve_limit_bytes_per_sec),
             site: flags.site.or(file.site),
             sync_interval: defaults.sync_interval,
+            redial_backoff: defaults.redial_backoff,
         };
         if let Some(site) = &net.site {
             if site.is_empty() || site.len() > 64 || site.contains(char::is_whitespace) {
@@ -143,11 +373,53 @@ impl Config {
         // Trust rules add up: the config file's and the command line's.
         let mut trust = file.trust.unwrap_or_default();
         trust.extend(flags.trust.unwrap_or_default());
+        let tls = match (
+            flags.tls_cert.or(file.tls_cert),
+            flags.tls_key.or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err(ConfigError::Tls),
+        };
+        let access = AccessConfig {
+            join: flags.join.or(file.join),
+            local_clients: flags
+                .local_clients
+                .or(file.local_clients)
+                .unwrap_or_default(),
+            anonymous_pull: flags
+                .anonymous_pull
+                .or(file.anonymous_pull)
+                .unwrap_or(false),
+            tls,
+            insecure: flags.insecure.or(file.insecure).unwrap_or(false),
+        };
+        let http = flags.http.or(file.http).unwrap_or_default().resolve()?;
+        let gc = flags.gc.or(file.gc).unwrap_or_default().resolve()?;
+        // Pin rules add up, like trust rules.
+        let mut pins = file.pin.unwrap_or_default();
+        pins.extend(flags.pin.unwrap_or_default());
+        if let Some(bad) = pins
+            .iter()
+            .find(|p| p.copies == 0 || p.copies > crate::store::pins::MAX_COPIES)
+        {
+            return Err(ConfigError::PinCopies(format!("{:?}", bad.pattern)));
+        }
+        let quota = crate::quota::QuotaConfig {
+            max_disk: flags.max_disk.or(file.max_disk),
+            pins,
+            ..Default::default()
+        };
         Ok(Config {
             data_dir,
             listen,
             net,
             trust,
+            shutdown_grace: crate::node::SHUTDOWN_GRACE,
+            access,
+            http,
+            gc,
+            quota,
         })
     }
 }
@@ -182,6 +454,50 @@ mod tests {
         let site: FileConfig = toml::from_str("site = \"dc-1\"").unwrap();
         let c = Config::resolve(FileConfig::default(), site).unwrap();
         assert_eq!(c.net.site.as_deref(), Some("dc-1"));
+        let http: FileConfig =
+            toml::from_str("[http]\nmax_connections = 10\nidle_timeout_secs = 5").unwrap();
+        let c = Config::resolve(FileConfig::default(), http).unwrap();
+        assert_eq!(c.http.max_connections, 10);
+        assert_eq!(c.http.idle_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(c.http.max_requests, HttpLimits::default().max_requests);
+        assert!(toml::from_str::<FileConfig>("[http]\nbogus = 1").is_err());
+        let gc: FileConfig = toml::from_str("[gc]\ninterval_secs = 86400").unwrap();
+        let c = Config::resolve(FileConfig::default(), gc).unwrap();
+        assert_eq!(c.gc.interval, Some(std::time::Duration::from_secs(86400)));
+        assert_eq!(c.gc.grace, GcSchedule::default().grace);
+        let c = Config::resolve(FileConfig::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.gc.interval, None, "no collection unless asked for");
+        let zero: FileConfig = toml::from_str("[gc]\ninterval_secs = 0").unwrap();
+        assert!(Config::resolve(FileConfig::default(), zero).is_err());
+        let zero: FileConfig = toml::from_str("[http]\nmax_requests = 0").unwrap();
+        assert!(Config::resolve(FileConfig::default(), zero).is_err());
+        let quota: FileConfig = toml::from_str(
+            "max_disk = \"80%\"\n[[pin]]\npattern = \"prod/*\"\ncopies = 2\n[[pin]]\npattern = \"ops/db\"\ncopies = 3",
+        )
+        .unwrap();
+        let c = Config::resolve(FileConfig::default(), quota).unwrap();
+        assert_eq!(c.quota.max_disk, Some(crate::quota::MaxDisk::Percent(80)));
+        assert_eq!(c.quota.pins.len(), 2);
+        assert_eq!(c.quota.pins[1].copies, 3);
+        for bad in [
+            "max_disk = \"0\"",
+            "max_disk = \"120%\"",
+            "max_disk = \"lots\"",
+            "[[pin]]\npattern = \"Bad Pattern\"\ncopies = 2",
+            "[[pin]]\npattern = \"prod/*\"\ncopies = -1",
+        ] {
+            assert!(toml::from_str::<FileConfig>(bad).is_err(), "{bad}");
+        }
+        for bad in [
+            "[[pin]]\npattern = \"prod/*\"\ncopies = 0",
+            "[[pin]]\npattern = \"prod/*\"\ncopies = 1000",
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            assert!(
+                Config::resolve(FileConfig::default(), file).is_err(),
+                "{bad}"
+            );
+        }
         for bad in ["", "two words", &"x".repeat(65)] {
             let flags = FileConfig {
                 data_dir: Some("/c".into()),

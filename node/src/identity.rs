@@ -27,6 +27,39 @@ pub enum IdentityError {
     Malformed(std::path::PathBuf),
 }
 
+/// Writes a secret (a key's seed) to `path` atomically, readable by its owner only (mode
+/// 0600), and makes it durable. Blocking.
+pub fn write_secret(path: &Path, secret: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("a secret's path has no directory"))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("a secret's path has no file name"))?;
+    let tmp = dir.join(format!("{}.tmp", name.to_string_lossy()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(secret).and_then(|()| f.sync_all())?;
+    std::fs::rename(&tmp, path)?;
+    crate::store::sync_dir(dir)
+}
+
+/// Reads a 32-byte secret (a key's seed) written by [`write_secret`]; `None` if there is none.
+/// Blocking.
+pub fn read_secret(path: &Path) -> std::io::Result<Option<[u8; 32]>> {
+    match std::fs::read(path) {
+        Ok(bytes) => bytes.as_slice().try_into().map(Some).map_err(|_| {
+            std::io::Error::other(format!("{} is not a 32-byte seed", path.display()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// A node's key.
 #[derive(Clone)]
 pub struct Identity {
@@ -58,17 +91,7 @@ impl Identity {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(data_dir).map_err(io)?;
                 let seed: [u8; 32] = rand::random();
-                let tmp = data_dir.join(format!("{KEY_FILE}.tmp"));
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(io)?;
-                f.write_all(&seed).and_then(|()| f.sync_all()).map_err(io)?;
-                std::fs::rename(&tmp, &path).map_err(io)?;
-                crate::store::sync_dir(data_dir).map_err(io)?;
+                write_secret(&path, &seed).map_err(io)?;
                 Ok(Identity { seed })
             }
             Err(e) => Err(io(e)),

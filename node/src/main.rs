@@ -1,14 +1,34 @@
 //! The `shoal` command.
+//!
+//! `shoal node` runs a node. Most other commands talk to the running node through its admin
+//! socket (`admin.sock` in the data directory, reachable by the node's own user only); those
+//! that edit files (`trust`, `user`) then ask the node to read them again, and `fsck`, `keys`
+//! and `audit` read the data directory directly.
+
+mod admin_client;
+mod offline;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use shoal_node::auth::audit;
+use shoal_node::auth::trust::{self, TrustRule};
+use shoal_node::auth::users::{User, Users, hash_password};
+use shoal_node::auth::{LocalClients, now_ms};
 use shoal_node::config::{self, Config, FileConfig};
 use shoal_node::identity::Identity;
-use shoal_node::trust::{self, TrustRule};
+use shoal_node::registry::admin;
 use shoal_node::{Node, store};
+use shoal_protocol::fleet::{
+    Actions, Grant, Name, PolicyBody, Principal, RepoPattern, RepoSettings, Revoked, TagMutability,
+    TagPattern, Visibility,
+};
+use shoal_protocol::lifecycle::LifecyclePolicy;
+
+use admin_client::AdminClient;
 
 /// Shoal: a peer-to-peer container image store with a standard registry API.
 #[derive(Parser)]
@@ -50,12 +70,38 @@ enum Command {
         /// Trust a publisher key for repositories: KEY=PATTERN, e.g. ed25519:ab..=team/* (repeatable)
         #[arg(long, env = "SHOAL_TRUST", value_delimiter = ',')]
         trust: Vec<TrustRule>,
-        /// Cap on bytes per second sent to peers (for metered or slow links)
-        #[arg(long, env = "SHOAL_UPLOAD_LIMIT")]
-        upload_limit_bytes_per_sec: Option<u64>,
+        /// Cap on bytes per second served to peers (for metered or slow links)
+        #[arg(
+            long,
+            env = "SHOAL_SERVE_LIMIT",
+            visible_alias = "upload-limit-bytes-per-sec"
+        )]
+        serve_limit_bytes_per_sec: Option<u64>,
         /// This node's site (e.g. a datacenter or shop); chunks cross to other sites about once
         #[arg(long, env = "SHOAL_SITE")]
         site: Option<String>,
+        /// Join the fleet of this join token (`shoal fleet init` prints one); remembered
+        #[arg(long, env = "SHOAL_JOIN")]
+        join: Option<String>,
+        /// How loopback clients are treated: open (trusted, the default) or authenticated
+        #[arg(long, env = "SHOAL_LOCAL_CLIENTS", value_parser = parse_local_clients)]
+        local_clients: Option<LocalClients>,
+        /// Let clients without credentials pull public repositories
+        #[arg(long, env = "SHOAL_ANONYMOUS_PULL")]
+        anonymous_pull: bool,
+        /// PEM certificate chain: serve the registry over HTTPS
+        #[arg(long, env = "SHOAL_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for --tls-cert
+        #[arg(long, env = "SHOAL_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve a non-loopback address without HTTPS or credentials
+        #[arg(long, env = "SHOAL_INSECURE")]
+        insecure: bool,
+        /// Disk quota: bytes (`20GiB`) or a share of the filesystem (`80%`); over it, cached
+        /// content that came from the fleet is evicted, least recently used first
+        #[arg(long, env = "SHOAL_MAX_DISK")]
+        max_disk: Option<shoal_node::quota::MaxDisk>,
     },
     /// Show this node's keys.
     Keys {
@@ -64,18 +110,76 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Manage which publishers are trusted for which repositories (takes effect at next start).
+    /// Manage which publishers this node trusts for which repositories, besides its fleet.
     Trust {
         #[command(flatten)]
         common: Common,
         #[command(subcommand)]
         command: TrustCommand,
     },
-    /// List the peers a running node is connected to.
+    /// Collect garbage: apply the fleet's retention policies, then remove the blobs no tag, live
+    /// manifest or recent push needs. Runs inside the node if one runs on the data directory
+    /// (pushes and pulls go on), else on the directory itself.
+    Gc {
+        #[command(flatten)]
+        common: Common,
+        /// List what would go and how many bytes; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep blobs and manifests younger than this (`90s`, `15m`, `12h`, `7d`).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        grace: Duration,
+    },
+    /// Compact the records log: a snapshot of the current state replaces its history. Runs
+    /// inside the node if one runs on the data directory (pushes and pulls go on), else on the
+    /// directory itself.
+    Compact {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Where the disk goes: bytes by repository (unique to it or shared), upload sessions,
+    /// downloads in progress, and what garbage collection would free.
+    Du {
+        #[command(flatten)]
+        common: Common,
+        /// Count as reclaimable what is older than this (`90s`, `15m`, `12h`, `7d`).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        grace: Duration,
+    },
+    /// Pin an image (`REPO:TAG` or `REPO@DIGEST`): the disk quota never evicts it while fewer
+    /// than the given copies would remain in the fleet, and garbage collection keeps it.
+    Pin {
+        #[command(flatten)]
+        common: Common,
+        /// The image.
+        image: String,
+        /// Copies the fleet should keep, this node's included.
+        #[arg(long, default_value_t = 1)]
+        copies: u32,
+    },
+    /// Remove a pin made with `shoal pin`.
+    Unpin {
+        #[command(flatten)]
+        common: Common,
+        /// The image, as it was pinned.
+        image: String,
+    },
+    /// List the pins (`shoal pin`) and the config's `[[pin]]` rules.
+    Pins {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Retention policies (Amazon ECR's lifecycle-policy JSON).
+    Lifecycle {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: LifecycleCommand,
+    },
+    /// List the peers the running node is connected to.
     Peers {
-        /// Registry address of the running node
-        #[arg(long, env = "SHOAL_LISTEN", default_value = config::DEFAULT_LISTEN)]
-        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        common: Common,
     },
     /// Check the data directory: hash every blob, compare the index with the records log.
     Fsck {
@@ -85,12 +189,98 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Found, join or look at a fleet.
+    Fleet {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+    /// Set a repository pattern's settings for the whole fleet (needs the admin key).
+    Repo {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: RepoCommand,
+    },
+    /// Grant a principal actions on repositories, fleet-wide (needs the admin key).
+    Grant {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: GrantCommand,
+    },
+    /// Revoke an access token, a join ticket or a node, fleet-wide (needs the admin key).
+    Revoke {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        what: RevokeCommand,
+    },
+    /// Make client credentials (needs the admin key).
+    Token {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Manage this node's own users (passwords, for people).
+    User {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Print the audit trail: pushes, tag moves, deletes, policy changes, denied requests.
+    Audit {
+        #[command(flatten)]
+        common: Common,
+        /// One JSON object per line, as stored
+        #[arg(long)]
+        json: bool,
+        /// Only the last N entries
+        #[arg(long)]
+        last: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LifecycleCommand {
+    /// Show which images of REPO a policy would expire on this node, and why. Changes nothing.
+    Preview {
+        /// The repository.
+        repo: shoal_protocol::RepoName,
+        /// The policy file, in ECR's lifecycle-policy JSON (`{"rules": [...]}`); default: the
+        /// fleet's policy for REPO
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+    /// Set the retention policy of the repositories PATTERN covers, fleet-wide (needs the admin
+    /// key). Every node applies it when it collects garbage.
+    Set {
+        /// Repository pattern ('*', 'team/*' or a name)
+        pattern: RepoPattern,
+        /// The policy file, in ECR's lifecycle-policy JSON (`{"rules": [...]}`)
+        #[arg(long)]
+        policy: PathBuf,
+    },
+    /// Withdraw the retention policy of PATTERN, fleet-wide (needs the admin key).
+    Unset {
+        /// Repository pattern
+        pattern: RepoPattern,
+    },
+    /// List the fleet's retention policies in force on the running node.
+    Show,
 }
 
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Print the peer id and the publisher key (created on first use).
     Show,
+    /// Make a fleet admin key on this node (or show the one it has) and print its public key,
+    /// for `shoal fleet init --admin KEY` on the founding node. A running node takes it up when
+    /// it restarts.
+    Admin,
 }
 
 #[derive(Subcommand)]
@@ -111,6 +301,181 @@ enum TrustCommand {
         /// Repository pattern
         pattern: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Found a fleet with the running node as its admin, and print a join token for others.
+    Init {
+        #[command(flatten)]
+        ticket: TicketArgs,
+        /// Another admin of the fleet, as `shoal keys admin` printed it on the node that holds
+        /// it (repeatable). Fixed when the fleet is founded.
+        #[arg(long = "admin")]
+        admins: Vec<String>,
+    },
+    /// Print another join token (on the node that holds the admin key).
+    Token {
+        #[command(flatten)]
+        ticket: TicketArgs,
+    },
+    /// Make the running node join the fleet of TOKEN.
+    Join {
+        /// The join token
+        token: String,
+    },
+    /// Show the running node's fleet, admins and policies.
+    Status,
+}
+
+#[derive(clap::Args)]
+struct TicketArgs {
+    /// How long the token may be used to join (e.g. 24h, 7d)
+    #[arg(long, value_parser = parse_duration)]
+    ttl: Option<Duration>,
+    /// A group the nodes that join with it belong to (repeatable)
+    #[arg(long = "group")]
+    groups: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum RepoCommand {
+    /// Set the settings of the repositories PATTERN covers.
+    Set {
+        /// Repository pattern ('*', 'team/*' or a name)
+        pattern: RepoPattern,
+        /// Only nodes and clients with a grant see them
+        #[arg(long, conflicts_with = "public")]
+        private: bool,
+        /// Every member node and authenticated client sees them (the default)
+        #[arg(long)]
+        public: bool,
+        /// A tag, once it names a manifest, names it until deleted
+        #[arg(long)]
+        immutable: bool,
+        /// A tag pattern left mutable under --immutable (repeatable; 'latest', 'dev-*')
+        #[arg(long = "except", requires = "immutable")]
+        except: Vec<TagPattern>,
+        /// The only keys that may sign tags there (repeatable; default any member)
+        #[arg(long = "publisher")]
+        publishers: Vec<shoal_protocol::PublisherKey>,
+    },
+    /// Withdraw the settings of PATTERN.
+    Unset {
+        /// Repository pattern
+        pattern: RepoPattern,
+    },
+}
+
+#[derive(Subcommand)]
+enum GrantCommand {
+    /// Grant (or replace the grant named NAME).
+    Add {
+        /// The grant's name
+        name: Name,
+        /// Who: user:NAME, group:NAME or node:ed25519:KEY
+        #[arg(long)]
+        principal: Principal,
+        /// Which repositories ('*', 'team/*' or a name)
+        #[arg(long = "repo")]
+        repos: RepoPattern,
+        /// What: pull,push,delete,admin
+        #[arg(long)]
+        actions: Actions,
+        /// For how long (e.g. 30d); until withdrawn if not given
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Withdraw the grant named NAME.
+    Rm {
+        /// The grant's name
+        name: Name,
+    },
+}
+
+#[derive(Subcommand)]
+enum RevokeCommand {
+    /// An access token, by the id `shoal token create` printed.
+    Token {
+        /// Token id
+        id: shoal_protocol::fleet::ObjectId,
+    },
+    /// A join ticket, by id: nodes that joined with it are members no more.
+    Ticket {
+        /// Ticket id
+        id: shoal_protocol::fleet::ObjectId,
+    },
+    /// A node, by key: it is a member no more and its tag records stop counting.
+    Node {
+        /// The node's publisher key
+        key: shoal_protocol::PublisherKey,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print an access token every node of the fleet accepts (as a `docker login` password).
+    Create {
+        /// Who it is for (for the audit trail)
+        #[arg(long)]
+        principal: String,
+        /// Repository pattern it covers
+        #[arg(long = "repo")]
+        repo: String,
+        /// Actions it allows there: pull,push,delete
+        #[arg(long)]
+        actions: String,
+        /// How long it lasts (e.g. 12h)
+        #[arg(long, value_parser = parse_duration, default_value = "12h")]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add (or replace) a user; reads the password from standard input.
+    Add {
+        /// Login name
+        name: Name,
+        /// Repositories the user may act on, on this node
+        #[arg(long = "repo", default_value = "*")]
+        repos: RepoPattern,
+        /// What the user may do there (pull,push,delete,admin)
+        #[arg(long, default_value = "pull")]
+        actions: Actions,
+    },
+    /// Remove a user.
+    Rm {
+        /// Login name
+        name: Name,
+    },
+    /// List users.
+    List,
+}
+
+fn parse_local_clients(s: &str) -> Result<LocalClients, String> {
+    match s {
+        "open" => Ok(LocalClients::Open),
+        "authenticated" => Ok(LocalClients::Authenticated),
+        _ => Err("open or authenticated".into()),
+    }
+}
+
+/// `90s`, `15m`, `12h`, `7d` (a bare number is seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 12h)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
 }
 
 fn resolve(common: Common, flags: FileConfig) -> anyhow::Result<Config> {
@@ -148,6 +513,72 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints a collection's report (`dry_run`: what it would do).
+fn print_gc(report: &store::GcReport, dry_run: bool) {
+    if report.expired_images > 0 || report.expired_tags > 0 {
+        println!(
+            "retention policies {} {} images ({} tags)",
+            if dry_run { "would expire" } else { "expired" },
+            report.expired_images,
+            report.expired_tags
+        );
+    }
+    if dry_run {
+        for (digest, size) in &report.swept {
+            println!("would remove {digest} ({size} bytes)");
+        }
+    }
+    println!(
+        "{} {} bytes in {} blobs; {} of {} blobs live, {} kept as younger than the grace period, {} touched meanwhile (mark {} ms, sweep {} ms)",
+        if dry_run { "would free" } else { "freed" },
+        report.bytes_freed,
+        report.swept.len(),
+        report.live,
+        report.blobs,
+        report.young,
+        report.touched,
+        report.mark_ms,
+        report.sweep_ms
+    );
+    if report.abandoned_downloads > 0 {
+        println!(
+            "{} {} abandoned downloads ({} bytes)",
+            if dry_run { "would remove" } else { "removed" },
+            report.abandoned_downloads,
+            report.abandoned_download_bytes
+        );
+    }
+}
+
+/// Runs a store operation through the node running on the data directory (`online`, over its
+/// admin socket), or, when none runs there, on the directory itself (`offline`).
+fn node_or_store<T, Fut>(
+    config: &Config,
+    online: impl FnOnce(&AdminClient) -> anyhow::Result<T>,
+    offline: impl FnOnce(store::Store) -> Fut,
+) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = Result<T, store::StoreError>>,
+{
+    let admin = AdminClient::new(&config.data_dir);
+    if admin.exists() {
+        return online(&admin);
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let dir = config.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || store::Store::open(&dir)).await??;
+        let result = offline(store.clone()).await;
+        store.close().await;
+        Ok(result?)
+    })
+}
+
+fn admin_of(common: Common) -> anyhow::Result<AdminClient> {
+    let config = resolve(common, FileConfig::default())?;
+    Ok(AdminClient::new(&config.data_dir))
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Node {
@@ -157,8 +588,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             peers,
             no_mdns,
             trust,
-            upload_limit_bytes_per_sec,
+            serve_limit_bytes_per_sec,
             site,
+            join,
+            local_clients,
+            anonymous_pull,
+            tls_cert,
+            tls_key,
+            insecure,
+            max_disk,
         } => {
             let flags = FileConfig {
                 data_dir: None,
@@ -167,14 +605,197 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 peers: (!peers.is_empty()).then_some(peers),
                 mdns: no_mdns.then_some(false),
                 trust: Some(trust),
-                upload_limit_bytes_per_sec,
+                serve_limit_bytes_per_sec,
                 site,
+                join,
+                local_clients,
+                anonymous_pull: anonymous_pull.then_some(true),
+                tls_cert,
+                tls_key,
+                insecure: insecure.then_some(true),
+                http: None,
+                gc: None,
+                max_disk,
+                pin: None,
             };
             let config = resolve(common, flags)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(run_node(config))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Gc {
+            common,
+            dry_run,
+            grace,
+        } => {
+            let config = resolve(common, FileConfig::default())?;
+            let fleet = shoal_node::auth::FleetConfig::read(&config.data_dir)?;
+            let report: store::GcReport = node_or_store(
+                &config,
+                |admin| {
+                    let ask = admin::GcRequest {
+                        dry_run,
+                        grace_secs: grace.as_secs(),
+                    };
+                    admin.post("/_shoal/v1/gc", &ask)
+                },
+                |store| async move {
+                    let retention = store
+                        .read(move |i| shoal_node::lifecycle::stored_retention(i, fleet.as_ref()))
+                        .await?;
+                    store
+                        .gc_with_retention(store::GcOptions { grace, dry_run }, &retention)
+                        .await
+                },
+            )?;
+            print_gc(&report, dry_run);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compact { common } => {
+            let config = resolve(common, FileConfig::default())?;
+            let report: store::CompactReport = node_or_store(
+                &config,
+                |admin| admin.post("/_shoal/v1/compact", &serde_json::json!({})),
+                |store| async move { store.compact().await },
+            )?;
+            println!(
+                "journal generation {}: {} bytes -> {} bytes (snapshot {} bytes of {} lines, \
+                 tail {} bytes); {} changes replayed in {} ms, pushes waited {} ms",
+                report.generation,
+                report.journal_bytes_before + report.tail_bytes,
+                report.journal_bytes_after,
+                report.snapshot_bytes,
+                report.snapshot_lines,
+                report.tail_bytes,
+                report.changes_replayed,
+                report.prepare_ms,
+                report.switch_ms
+            );
+            if report.corrupt_lines > 0 {
+                println!(
+                    "dropped {} journal lines that failed their checksum",
+                    report.corrupt_lines
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Du { common, grace } => {
+            let config = resolve(common, FileConfig::default())?;
+            let usage: store::Usage = node_or_store(
+                &config,
+                |admin| admin.get(&format!("/_shoal/v1/du?grace_secs={}", grace.as_secs())),
+                |store| async move { store.usage(grace).await },
+            )?;
+            println!(
+                "{:>14} {:>14} {:>14} {:>8}  repository",
+                "bytes", "unique", "shared", "blobs"
+            );
+            for r in &usage.repos {
+                println!(
+                    "{:>14} {:>14} {:>14} {:>8}  {}",
+                    r.bytes, r.unique_bytes, r.shared_bytes, r.blobs, r.repo
+                );
+            }
+            println!(
+                "{} bytes in {} blob files ({} in no repository); uploads {} bytes, downloads in progress {} bytes; reclaimable by gc: {} bytes",
+                usage.bytes,
+                usage.blobs,
+                usage.unheld_bytes,
+                usage.uploads_bytes,
+                usage.partial_bytes,
+                usage.reclaimable_bytes
+            );
+            if let Some(q) = &usage.quota {
+                match q.max_disk_bytes {
+                    Some(max) => println!("quota: {} of {max} bytes used", q.used_bytes),
+                    None => println!("quota: none ({} bytes used)", q.used_bytes),
+                }
+                println!(
+                    "published {} bytes, pinned {} bytes, cached {} bytes, unreferenced {} bytes; evicted since start: {} blobs, {} bytes",
+                    q.published_bytes,
+                    q.pinned_bytes,
+                    q.cached_bytes,
+                    q.unreferenced_bytes,
+                    q.evicted_blobs,
+                    q.evicted_bytes
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pin {
+            common,
+            image,
+            copies,
+        } => {
+            let config = resolve(common, FileConfig::default())?;
+            let (repo, reference) = store::pins::parse_image(&image)?;
+            if copies == 0 || copies > store::pins::MAX_COPIES {
+                anyhow::bail!(store::pins::PinError::Copies);
+            }
+            let ask = admin::PinRequest {
+                image: image.clone(),
+                copies: Some(copies),
+            };
+            let pin = store::pins::Pin {
+                repo,
+                reference,
+                copies,
+            };
+            let pinned: Option<store::pins::Pin> = node_or_store(
+                &config,
+                |admin| admin.post("/_shoal/v1/pins", &ask).map(Some),
+                |store| async move { Ok(store.pin(pin.clone()).await?.then_some(pin)) },
+            )?;
+            match pinned {
+                Some(p) => println!("pinned {p} ({} copies)", p.copies),
+                None => anyhow::bail!("{image}: no such image on this node"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Unpin { common, image } => {
+            let config = resolve(common, FileConfig::default())?;
+            let (repo, reference) = store::pins::parse_image(&image)?;
+            let ask = admin::PinRequest {
+                image: image.clone(),
+                copies: None,
+            };
+            let removed = node_or_store(
+                &config,
+                |admin| {
+                    admin
+                        .post::<_, serde_json::Value>("/_shoal/v1/unpin", &ask)
+                        .map(|_| true)
+                },
+                |store| async move { store.unpin(repo, reference).await },
+            )?;
+            if !removed {
+                anyhow::bail!("{image} is not pinned");
+            }
+            println!("unpinned {image}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pins { common } => {
+            let config = resolve(common, FileConfig::default())?;
+            let rules = config.quota.pins.clone();
+            let list: admin::PinList = node_or_store(
+                &config,
+                |admin| admin.get("/_shoal/v1/pins"),
+                |store| async move {
+                    Ok(admin::PinList {
+                        pins: store.pins().await?,
+                        rules,
+                    })
+                },
+            )?;
+            for p in &list.pins {
+                println!("{p}  copies={}", p.copies);
+            }
+            for r in &list.rules {
+                println!("{:?} (config rule)  copies={}", r.pattern, r.copies);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lifecycle { common, command } => lifecycle(common, command),
         Command::Fsck { common, repair } => {
             let config = resolve(common, FileConfig::default())?;
             let report = match store::fsck(&config.data_dir, repair) {
@@ -182,8 +803,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(e) => {
                     // Not a verdict on the store: it could not be checked at all.
                     eprintln!(
-                        "shoal fsck: could not check {}: {e}",
-                        config.data_dir.display()
+                        "shoal fsck: could not check {} (is a node running on it?): {:#}",
+                        config.data_dir.display(),
+                        anyhow::Error::from(e)
                     );
                     return Ok(ExitCode::from(2));
                 }
@@ -218,6 +840,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("publisher key: {}", id.publisher());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keys {
+            common,
+            command: KeysCommand::Admin,
+        } => {
+            let config = resolve(common, FileConfig::default())?;
+            offline::admin_key(&config.data_dir)
+        }
         Command::Trust { common, command } => {
             let config = resolve(common, FileConfig::default())?;
             let mut rules = trust::read_file(&config.data_dir)?;
@@ -234,6 +863,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     for rule in &rules {
                         println!("{rule}");
                     }
+                    return Ok(ExitCode::SUCCESS);
                 }
                 TrustCommand::Rm { key, pattern } => {
                     let before = rules.len();
@@ -245,59 +875,370 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("removed {} rule(s)", before - rules.len());
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            reload(&config)
         }
-        Command::Peers { listen } => {
-            let body = http_get(listen, "/_shoal/v1/peers")?;
-            let v: serde_json::Value =
-                serde_json::from_str(&body).context("the node's answer is not JSON")?;
-            let peers = v["peers"].as_array().cloned().unwrap_or_default();
-            if peers.is_empty() {
+        Command::Peers { common } => {
+            let answer: admin::Peers = admin_of(common)?.get("/_shoal/v1/peers")?;
+            if answer.peers.is_empty() {
                 println!("no peers connected");
             }
-            let strings = |v: &serde_json::Value| -> Vec<String> {
-                v.as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|x| x.as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
-            for p in peers {
+            for p in answer.peers {
                 println!(
                     "{} connected over {}; known at {}",
-                    p["peer_id"].as_str().unwrap_or("?"),
-                    strings(&p["connections"]).join(" "),
-                    strings(&p["addresses"]).join(" ")
+                    p.peer_id,
+                    p.connections.join(" "),
+                    p.addresses.join(" ")
                 );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Fleet { common, command } => {
+            let config = resolve(common, FileConfig::default())?;
+            let client = AdminClient::new(&config.data_dir);
+            match command {
+                // With no node running, a fleet is founded on the data directory itself; the node
+                // takes it when it starts.
+                FleetCommand::Init { ticket, admins } if !client.exists() => {
+                    offline::fleet_init(&config.data_dir, ticket.ttl, ticket.groups, &admins)
+                }
+                command => fleet(client, command),
+            }
+        }
+        Command::Repo { common, command } => {
+            let body = match command {
+                RepoCommand::Set {
+                    pattern,
+                    private,
+                    public: _,
+                    immutable,
+                    except,
+                    publishers,
+                } => PolicyBody::Repo {
+                    pattern,
+                    settings: Some(RepoSettings {
+                        visibility: if private {
+                            Visibility::Private
+                        } else {
+                            Visibility::Public
+                        },
+                        tags: if immutable {
+                            TagMutability::Immutable(except)
+                        } else {
+                            TagMutability::Mutable
+                        },
+                        publishers,
+                    }),
+                },
+                RepoCommand::Unset { pattern } => PolicyBody::Repo {
+                    pattern,
+                    settings: None,
+                },
+            };
+            policy(admin_of(common)?, body)
+        }
+        Command::Grant { common, command } => {
+            let body = match command {
+                GrantCommand::Add {
+                    name,
+                    principal,
+                    repos,
+                    actions,
+                    ttl,
+                } => PolicyBody::Grant {
+                    id: name,
+                    grant: Some(Grant {
+                        principal,
+                        repos,
+                        actions,
+                        expires_ms: ttl.map(|t| {
+                            now_ms()
+                                .saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+                        }),
+                    }),
+                },
+                GrantCommand::Rm { name } => PolicyBody::Grant {
+                    id: name,
+                    grant: None,
+                },
+            };
+            policy(admin_of(common)?, body)
+        }
+        Command::Revoke { common, what } => {
+            let revoked = match what {
+                RevokeCommand::Token { id } => Revoked::Token(id),
+                RevokeCommand::Ticket { id } => Revoked::Ticket(id),
+                RevokeCommand::Node { key } => Revoked::Node(key),
+            };
+            policy(admin_of(common)?, PolicyBody::Revoke(revoked))
+        }
+        Command::Token {
+            common,
+            command:
+                TokenCommand::Create {
+                    principal,
+                    repo,
+                    actions,
+                    ttl,
+                },
+        } => {
+            let config = resolve(common, FileConfig::default())?;
+            let client = AdminClient::new(&config.data_dir);
+            let request = admin::TokenRequest {
+                principal,
+                scopes: vec![(repo, actions)],
+                ttl_secs: ttl.as_secs(),
+            };
+            // The admin key signs offline as well: a token needs no running node.
+            let answer: admin::TokenAnswer = if client.exists() {
+                client.post("/_shoal/v1/fleet/token", &request)?
+            } else {
+                offline::token(&config.data_dir, &request)?
+            };
+            eprintln!(
+                "token {} (revoke with: shoal revoke token {})",
+                answer.id, answer.id
+            );
+            println!("{}", answer.token);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::User { common, command } => {
+            let config = resolve(common, FileConfig::default())?;
+            let users = Users::read(&config.data_dir)?;
+            match command {
+                UserCommand::Add {
+                    name,
+                    repos,
+                    actions,
+                } => {
+                    let mut password = String::new();
+                    std::io::stdin()
+                        .read_line(&mut password)
+                        .context("reading the password from standard input")?;
+                    let password = password.trim_end_matches(['\n', '\r']);
+                    anyhow::ensure!(!password.is_empty(), "the password is empty");
+                    let hash = hash_password(password)
+                        .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
+                    users
+                        .with(User {
+                            name: name.clone(),
+                            hash,
+                            repos,
+                            actions,
+                        })
+                        .write(&config.data_dir)?;
+                    println!("user {name} saved");
+                }
+                UserCommand::Rm { name } => {
+                    users.without(&name).write(&config.data_dir)?;
+                    println!("user {name} removed");
+                }
+                UserCommand::List => {
+                    for u in users.list() {
+                        println!("{} {} {}", u.name, u.repos, u.actions);
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            reload(&config)
+        }
+        Command::Audit { common, json, last } => {
+            let config = resolve(common, FileConfig::default())?;
+            let entries = audit::read(&config.data_dir).with_context(|| {
+                format!("reading the audit trail in {}", config.data_dir.display())
+            })?;
+            let skip = last.map_or(0, |n| entries.len().saturating_sub(n));
+            for e in entries.into_iter().skip(skip) {
+                if json {
+                    println!("{}", serde_json::to_string(&e)?);
+                } else {
+                    println!(
+                        "{} {} {:?} {} {} {}{}",
+                        e.time_ms,
+                        e.principal,
+                        e.action,
+                        e.repository.as_deref().unwrap_or("-"),
+                        e.reference.as_deref().unwrap_or("-"),
+                        e.outcome,
+                        e.client.map(|c| format!(" from {c}")).unwrap_or_default()
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-/// A minimal HTTP/1.1 GET to the node's own admin API on loopback.
-fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)
-        .with_context(|| format!("connecting to the node at {addr}"))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+/// Reads a lifecycle policy file, saying why it is not one.
+fn read_policy(path: &std::path::Path) -> anyhow::Result<(String, LifecyclePolicy)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let policy = LifecyclePolicy::from_json(&text)
+        .with_context(|| format!("{} is not a lifecycle policy", path.display()))?;
+    Ok((text, policy))
+}
+
+fn lifecycle(common: Common, command: LifecycleCommand) -> anyhow::Result<ExitCode> {
+    let (repo, policy) = match command {
+        LifecycleCommand::Set { pattern, policy } => {
+            let (text, _) = read_policy(&policy)?;
+            let body = PolicyBody::Lifecycle {
+                pattern,
+                policy: Some(text),
+            };
+            return self::policy(admin_of(common)?, body);
+        }
+        LifecycleCommand::Unset { pattern } => {
+            let body = PolicyBody::Lifecycle {
+                pattern,
+                policy: None,
+            };
+            return self::policy(admin_of(common)?, body);
+        }
+        LifecycleCommand::Show => {
+            let entries: Vec<admin::LifecycleEntry> =
+                admin_of(common)?.get("/_shoal/v1/lifecycle")?;
+            if entries.is_empty() {
+                println!("no retention policy is in force");
+            }
+            for e in entries {
+                println!("{}: {}", e.pattern, serde_json::to_string(&e.policy)?);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        LifecycleCommand::Preview { repo, policy } => (
+            repo,
+            policy.map(|p| read_policy(&p)).transpose()?.map(|(_, p)| p),
+        ),
+    };
+    let config = resolve(common, FileConfig::default())?;
+    let fleet = shoal_node::auth::FleetConfig::read(&config.data_dir)?;
+    // `None`: no policy was given and none of the fleet's covers the repository.
+    let expired: Option<Vec<shoal_node::lifecycle::Expired>> = node_or_store(
+        &config,
+        |admin| {
+            let ask = admin::PreviewRequest {
+                repo: repo.clone(),
+                policy: policy.clone(),
+            };
+            admin.post("/_shoal/v1/lifecycle/preview", &ask).map(Some)
+        },
+        |store| {
+            let (layout, r, policy) = (store.layout().clone(), repo.clone(), policy.clone());
+            async move {
+                store
+                    .read(move |i| {
+                        let policy = match policy {
+                            Some(p) => p,
+                            None => {
+                                let retention =
+                                    shoal_node::lifecycle::stored_retention(i, fleet.as_ref())?;
+                                match retention.for_repo(&r) {
+                                    Some((_, p)) => p.clone(),
+                                    None => return Ok(None),
+                                }
+                            }
+                        };
+                        shoal_node::lifecycle::preview(i, &layout, &r, &policy, now_ms()).map(Some)
+                    })
+                    .await
+            }
+        },
     )?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    anyhow::ensure!(
-        head.starts_with("HTTP/1.1 200"),
-        "the node answered: {}",
-        head.lines().next().unwrap_or("")
+    let Some(expired) = expired else {
+        anyhow::bail!("no retention policy of the fleet covers {repo}; give one with --policy");
+    };
+    if expired.is_empty() {
+        println!("the policy expires no image of {repo}");
+    }
+    for e in &expired {
+        let tags = if e.tags.is_empty() {
+            "untagged".to_owned()
+        } else {
+            e.tags.join(", ")
+        };
+        println!(
+            "{} ({tags}): rule {}{}: {}",
+            e.digest,
+            e.rule,
+            e.description
+                .as_deref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default(),
+            e.reason
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Tells the running node (if any) to read its trust rules and users again.
+fn reload(config: &Config) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(&config.data_dir);
+    if !client.exists() {
+        println!(
+            "no node is running on {}; it reads the change when it starts",
+            config.data_dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    client.post_empty("/_shoal/v1/reload")?;
+    println!("the running node took the change");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn policy(client: AdminClient, body: PolicyBody) -> anyhow::Result<ExitCode> {
+    let answer: serde_json::Value =
+        client.post("/_shoal/v1/fleet/policy", &admin::PolicyRequest { body })?;
+    println!(
+        "policy {} signed and sent to the fleet",
+        answer["key"].as_str().unwrap_or("?")
     );
-    Ok(body.to_owned())
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fleet(client: AdminClient, command: FleetCommand) -> anyhow::Result<ExitCode> {
+    let ticket = |t: TicketArgs| admin::TicketRequest {
+        ttl_secs: t.ttl.map(|d| d.as_secs()),
+        groups: t.groups,
+    };
+    match command {
+        FleetCommand::Init { ticket: t, admins } => {
+            let request = admin::InitRequest {
+                ticket: ticket(t),
+                admins,
+            };
+            let answer: admin::JoinTokenAnswer = client.post("/_shoal/v1/fleet/init", &request)?;
+            eprintln!("founded {}; this node holds its admin key", answer.fleet);
+            eprintln!(
+                "on every other node: shoal fleet join <token>   (or shoal node --join <token>)"
+            );
+            println!("{}", answer.token);
+        }
+        FleetCommand::Token { ticket: t } => {
+            let answer: admin::JoinTokenAnswer =
+                client.post("/_shoal/v1/fleet/ticket", &ticket(t))?;
+            println!("{}", answer.token);
+        }
+        FleetCommand::Join { token } => {
+            client.post_empty_json("/_shoal/v1/fleet/join", &admin::JoinRequest { token })?;
+            println!("joined");
+        }
+        FleetCommand::Status => {
+            let s: admin::FleetStatus = client.get("/_shoal/v1/fleet")?;
+            match &s.fleet {
+                None => println!("not in a fleet"),
+                Some(id) => {
+                    println!("fleet:    {id}");
+                    println!("admins:   {}", s.admins.join(" "));
+                    println!("member:   {}", s.member);
+                    println!("admin key here: {}", s.holds_admin_key);
+                    for p in &s.policies {
+                        println!("policy:   {p}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run_node(config: Config) -> anyhow::Result<()> {
@@ -312,7 +1253,8 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
     );
     println!("shoal publisher key: {}", node.identity().publisher());
     println!(
-        "shoal ready: registry listening on http://{}",
+        "shoal ready: registry listening on {}://{}",
+        node.registry_scheme(),
         node.registry_addr()
     );
     wait_for_signal().await?;

@@ -1,25 +1,37 @@
-//! A running node: the store and the registry API, with an orderly shutdown.
+//! A running node: the store, the network, the fetcher and the registry API, started together
+//! and stopped in stages.
 //!
-//! Shutdown order: stop accepting HTTP and let in-flight requests finish (for at most
-//! [`SHUTDOWN_GRACE`]), then flush the store. An upload cut off by the deadline keeps the chunks
-//! it had acknowledged and can be resumed after a restart.
+//! Every task a node runs belongs to one of three stages, each with its own cancellation token
+//! and task tracker. [`Node::shutdown`] stops them in order, each bounded by the grace period:
+//! 1. the HTTP server stops accepting and lets the requests in flight finish (an upload cut off
+//!    keeps the chunks it had acknowledged and can be resumed after a restart);
+//! 2. fetches are cancelled (a partial download stays on disk, to be resumed);
+//! 3. the swarm stops, with the chunk server and every task the event loop started;
+//!
+//! and then the store is closed: it waits for the writes in flight, refuses every later one,
+//! makes the chunks of partial downloads durable and flushes the index, so nothing is written
+//! to the data directory after `shutdown` returns. A node dropped without `shutdown` cancels
+//! every stage at once (its tasks end soon after) but does not wait for them.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
+use crate::auth::audit::Audit;
+use crate::auth::trust::{self, TrustError};
+use crate::auth::users::Users;
+use crate::auth::{Auth, AuthConfig, AuthError, FleetConfig, ingest};
 use crate::config::Config;
 use crate::fetch::Fetcher;
 use crate::identity::{Identity, IdentityError};
 use crate::net::{NetError, Network};
-use crate::registry::{Fleet, Registry};
+use crate::registry::{Fleet, Registry, server};
 use crate::store::{Store, StoreError};
 use crate::tags::Tags;
-use crate::trust::{self, Trust};
 
-/// How long in-flight requests may run after shutdown starts.
+/// How long each stage of a shutdown may take: requests in flight, fetches, the swarm.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Why a node could not start.
@@ -38,9 +50,28 @@ pub enum NodeError {
     Identity(#[from] IdentityError),
     /// The trust file could not be read.
     #[error(transparent)]
-    Trust(#[from] trust::TrustError),
+    Trust(#[from] TrustError),
+    /// The fleet or users file could not be read or written.
+    #[error(transparent)]
+    Access(#[from] AuthError),
+    /// The join token is not valid.
+    #[error("the join token: {0}")]
+    Join(String),
+    /// The registry would listen beyond loopback with no HTTPS or no credentials.
+    #[error(
+        "refusing to serve the registry on {0} without HTTPS and credentials: give --tls-cert \
+         and --tls-key, and join a fleet (--join) or add users (shoal user add); or pass \
+         --insecure to serve it anyway"
+    )]
+    Unsafe(SocketAddr),
+    /// The HTTPS certificate or key could not be loaded.
+    #[error("loading the HTTPS certificate and key")]
+    Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The audit trail could not be opened.
+    #[error("opening the audit trail")]
+    Audit(#[source] std::io::Error),
     /// The network could not start.
-    #[error("starting the network: {0}")]
+    #[error("starting the network")]
     Net(#[from] NetError),
     /// The registry address could not be bound.
     #[error("listening on {addr}")]
@@ -50,6 +81,42 @@ pub enum NodeError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A start-up task on the blocking pool failed.
+    #[error("a start-up task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// One stage of a node's tasks: stopped together, waited for together.
+struct Stage {
+    name: &'static str,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Stage {
+    fn new(name: &'static str, root: &CancellationToken) -> Stage {
+        Stage {
+            name,
+            cancel: root.child_token(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Cancels the stage and waits, at most `grace`, for its tasks to end.
+    async fn stop(&self, grace: Duration) {
+        self.cancel.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                stage = self.name,
+                tasks = self.tasks.len(),
+                "tasks still running after the shutdown grace period"
+            );
+        }
+    }
 }
 
 /// A running node.
@@ -59,48 +126,122 @@ pub struct Node {
     network: Network,
     tags: Tags,
     registry_addr: SocketAddr,
-    cancel: CancellationToken,
-    tasks: TaskTracker,
+    https: bool,
+    grace: Duration,
+    http: Stage,
+    fetches: Stage,
+    swarm: Stage,
+    /// Cancels every stage if the node is dropped without [`Node::shutdown`].
+    _stop_on_drop: DropGuard,
 }
 
 impl Node {
-    /// Opens the store and starts serving the registry API.
+    /// Opens the store, starts the network and serves the registry API.
     pub async fn start(config: Config) -> Result<Node, NodeError> {
         let dir = config.data_dir.clone();
         let store = tokio::task::spawn_blocking(move || Store::open(&dir))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))
-            .and_then(|r| r)
+            .await?
             .map_err(|source| NodeError::Store {
                 dir: config.data_dir.clone(),
                 source,
             })?;
         let dir = config.data_dir.clone();
-        let identity = tokio::task::spawn_blocking(move || Identity::load_or_create(&dir))
+        let identity =
+            tokio::task::spawn_blocking(move || Identity::load_or_create(&dir)).await??;
+        let mut config = config;
+        let auth = open_access(&config, &identity).await?;
+        if let Some(fleet) = auth.fleet() {
+            for addr in &fleet.bootstrap {
+                match addr.parse() {
+                    Ok(a) if !config.net.bootstrap.contains(&a) => config.net.bootstrap.push(a),
+                    Ok(_) => {}
+                    Err(_) => {
+                        tracing::warn!(%addr, "ignoring a bootstrap address of the fleet that is not a multiaddress")
+                    }
+                }
+            }
+        }
+        ingest::load(&auth, &store)
             .await
-            .map_err(|e| NodeError::Store {
+            .map_err(|source| NodeError::Store {
                 dir: config.data_dir.clone(),
-                source: StoreError::Task(e.to_string()),
-            })??;
-        let mut rules = trust::read_file(&config.data_dir)?;
-        rules.extend(config.trust.iter().cloned());
-        let tags = Tags::new(
-            store.clone(),
-            identity.signing_key(),
-            Trust::new(identity.publisher(), rules),
+                source,
+            })?;
+        if let Some(proof) = auth.own_proof() {
+            // Kept like any member's, so that peers learn it by anti-entropy too.
+            ingest::member(&auth, &store, proof, None)
+                .await
+                .map_err(|source| NodeError::Store {
+                    dir: config.data_dir.clone(),
+                    source,
+                })?;
+        }
+        // The founder enrols itself, so its membership does not end with its first ticket.
+        let enrolment = match auth.own_proof() {
+            Some(proof)
+                if auth.holds_admin_key()
+                    && auth.member(&auth.own_key()).is_none_or(|m| !m.enrolled) =>
+            {
+                let groups = proof
+                    .ticket
+                    .verify()
+                    .map(|t| t.statement().groups.clone())
+                    .unwrap_or_default();
+                let node = auth.own_key();
+                match auth.sign_policy(shoal_protocol::fleet::PolicyBody::Member { node, groups }) {
+                    Some(p) => ingest::policy(&auth, &store, p.clone())
+                        .await
+                        .map_err(|source| NodeError::Store {
+                            dir: config.data_dir.clone(),
+                            source,
+                        })
+                        .map(|_| Some(p))?,
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        if !config.listen.ip().is_loopback()
+            && !config.access.insecure
+            && (config.access.tls.is_none() || !auth.has_credentials())
+        {
+            return Err(NodeError::Unsafe(config.listen));
+        }
+        let tls = match &config.access.tls {
+            Some((cert, key)) => Some(server::tls_config(cert, key).map_err(NodeError::Tls)?),
+            None => None,
+        };
+        let audit = Audit::open(&config.data_dir).map_err(NodeError::Audit)?;
+        let tags = Tags::new(store.clone(), identity.signing_key(), auth.clone());
+        // A record that stopped counting while the node was down (a trust rule removed, say)
+        // must not stay current.
+        tags.rederive().await.map_err(|source| NodeError::Store {
+            dir: config.data_dir.clone(),
+            source,
+        })?;
+        let root = CancellationToken::new();
+        let (http, fetches, swarm) = (
+            Stage::new("http", &root),
+            Stage::new("fetches", &root),
+            Stage::new("swarm", &root),
         );
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
         let network = Network::start(
             identity.keypair(),
             config.net.clone(),
             store.clone(),
             tags.clone(),
-            cancel.child_token(),
-            &tasks,
+            swarm.cancel.clone(),
+            &swarm.tasks,
         )
         .await?;
+        swarm.tasks.spawn(rederive_on_access_changes(
+            tags.clone(),
+            swarm.cancel.clone(),
+        ));
         announce_all(&store, &network).await;
+        if let Some(p) = enrolment {
+            let _ = network.publish_policy(&p).await;
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| NodeError::Listen {
@@ -114,23 +255,51 @@ impl Node {
         let fetcher = Fetcher::new(
             store.clone(),
             network.clone(),
-            cancel.child_token(),
-            tasks.clone(),
+            fetches.cancel.clone(),
+            fetches.tasks.clone(),
         );
         let fleet = Fleet {
             network: network.clone(),
             fetcher,
         };
-        let router = Registry::with_fleet(store.clone(), tags.clone(), Some(fleet)).router();
-        let stop = cancel.clone();
-        tasks.spawn(async move {
-            let serve =
-                axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "registry server failed");
-            }
-        });
-        tasks.close();
+        let quota = crate::quota::Quota::new(
+            config.quota.clone(),
+            store.clone(),
+            Some(network.clone()),
+            auth.clone(),
+            auth.own_key(),
+        );
+        let registry = Registry::with_fleet(store.clone(), tags.clone(), Some(fleet))
+            .with_quota(quota.clone())
+            .with_audit(audit)
+            .with_data_dir(config.data_dir.clone())
+            .with_limits(config.http.clone());
+        let https = tls.is_some();
+        let router = registry.with_https(https).router();
+        http.tasks.spawn(server::serve_admin(
+            config.data_dir.join(server::ADMIN_SOCKET),
+            router.clone(),
+            http.cancel.clone(),
+            config.shutdown_grace,
+        ));
+        http.tasks.spawn(server::serve(
+            listener,
+            router,
+            tls,
+            http.cancel.clone(),
+            config.shutdown_grace,
+            config.http.clone(),
+        ));
+        if let Some(every) = config.gc.interval {
+            http.tasks.spawn(collect_garbage(
+                store.clone(),
+                auth.clone(),
+                every,
+                config.gc.grace,
+                http.cancel.clone(),
+            ));
+        }
+        http.tasks.spawn(quota.run(http.cancel.clone()));
         tracing::info!(addr = %registry_addr, data_dir = %config.data_dir.display(), "registry listening");
         Ok(Node {
             store,
@@ -138,14 +307,23 @@ impl Node {
             network,
             tags,
             registry_addr,
-            cancel,
-            tasks,
+            https,
+            grace: config.shutdown_grace,
+            http,
+            fetches,
+            swarm,
+            _stop_on_drop: root.drop_guard(),
         })
     }
 
     /// Where the registry API listens.
     pub fn registry_addr(&self) -> SocketAddr {
         self.registry_addr
+    }
+
+    /// `https` or `http`: how clients reach the registry.
+    pub fn registry_scheme(&self) -> &'static str {
+        if self.https { "https" } else { "http" }
     }
 
     /// The node's network handle.
@@ -168,18 +346,74 @@ impl Node {
         &self.store
     }
 
-    /// Stops the node: no new requests, in-flight ones get [`SHUTDOWN_GRACE`], then the store is
-    /// flushed.
+    /// Stops the node in stages (see the module doc): HTTP, fetches, the swarm, each for at
+    /// most the grace period, then closes the store. Nothing is written to the data directory
+    /// after this returns.
     pub async fn shutdown(self) {
-        self.cancel.cancel();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("requests still running after the shutdown grace period; dropping them");
+        // The server bounds its own drain by the grace period; the extra second covers the
+        // aborting of what is left.
+        self.http.stop(self.grace + Duration::from_secs(1)).await;
+        self.fetches.stop(self.grace).await;
+        self.swarm.stop(self.grace).await;
+        self.store.close().await;
+    }
+}
+
+/// Applies the fleet's retention policies and collects garbage every `every`, keeping what is
+/// younger than `grace`, until `cancel`.
+async fn collect_garbage(
+    store: Store,
+    auth: Auth,
+    every: Duration,
+    grace: Duration,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
         }
-        let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        let options = crate::store::GcOptions {
+            grace,
+            dry_run: false,
+        };
+        match store.gc_with_retention(options, &auth.retention()).await {
+            Ok(r) => tracing::info!(
+                expired_tags = r.expired_tags,
+                expired_images = r.expired_images,
+                blobs = r.swept.len(),
+                bytes = r.bytes_freed,
+                mark_ms = r.mark_ms,
+                sweep_ms = r.sweep_ms,
+                "scheduled garbage collection"
+            ),
+            Err(e) => tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "scheduled garbage collection failed"
+            ),
+        }
+    }
+}
+
+/// Re-derives the tags' current records each time the access state changes (a trust rule, a
+/// publisher list or a revocation can make a current record stop counting), until `cancel`.
+async fn rederive_on_access_changes(tags: Tags, cancel: CancellationToken) {
+    let mut changes = tags.auth().changes();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        if let Err(e) = tags.rederive().await {
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "re-deriving tags after an access change"
+            );
+        }
     }
 }
 
@@ -188,7 +422,10 @@ async fn announce_all(store: &Store, network: &Network) {
     let blobs = match store.read(|i| i.referenced_blobs()).await {
         Ok(b) => b,
         Err(e) => {
-            tracing::warn!(error = %e, "listing blobs to announce");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "listing blobs to announce"
+            );
             return;
         }
     };
@@ -198,4 +435,49 @@ async fn announce_all(store: &Store, network: &Network) {
             let _ = network.provide(digest).await;
         }
     }
+}
+
+/// The node's access state: its fleet (joined now with a token, or remembered), trust rules,
+/// users and client settings.
+async fn open_access(config: &Config, identity: &Identity) -> Result<Auth, NodeError> {
+    let dir = config.data_dir.clone();
+    let join = config.access.join.clone();
+    let (fleet, users, mut rules, admin) = tokio::task::spawn_blocking(move || {
+        let fleet = match join {
+            Some(text) => {
+                let token = shoal_protocol::fleet::JoinToken::from_text(&text)
+                    .map_err(|e| NodeError::Join(e.to_string()))?;
+                let fleet =
+                    FleetConfig::from_token(&token).map_err(|e| NodeError::Join(e.to_string()))?;
+                fleet.write(&dir)?;
+                Some(fleet)
+            }
+            None => FleetConfig::read(&dir)?,
+        };
+        let users = Users::read(&dir)?;
+        let rules = trust::read_file(&dir)?;
+        let admin = crate::identity::read_secret(&dir.join(crate::auth::ADMIN_KEY_FILE))
+            .map_err(|e| AuthError::File(dir.join(crate::auth::ADMIN_KEY_FILE), Box::new(e)))?;
+        Ok::<_, NodeError>((fleet, users, rules, admin))
+    })
+    .await??;
+    rules.extend(config.trust.iter().cloned());
+    if let Some(f) = &fleet {
+        tracing::info!(fleet = %f.id, admins = f.admins.len(), member = f.ticket.is_some(), "in a fleet");
+    }
+    let auth = Auth::new(
+        identity.signing_key(),
+        AuthConfig {
+            fleet,
+            trust: rules,
+            local_clients: config.access.local_clients,
+            anonymous_pull: config.access.anonymous_pull,
+            users,
+            insecure: config.access.insecure,
+        },
+    );
+    if let Some(seed) = admin {
+        auth.set_admin_key(shoal_protocol::SigningKey::from_seed(seed));
+    }
+    Ok(auth)
 }

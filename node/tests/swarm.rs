@@ -25,7 +25,7 @@ async fn served(net: &TestNet, i: usize) -> u64 {
 async fn six_nodes_fetch_one_blob_at_once_and_share_chunks() {
     let mut net = TestNet::with_identities(7);
     // The publisher's uplink is the bottleneck, as in a real rollout.
-    net.upload_limits.insert(0, 24 * MIB as u64);
+    net.serve_limits.insert(0, 24 * MIB as u64);
     for _ in 0..7 {
         net.start_next().await;
     }
@@ -88,7 +88,7 @@ async fn a_site_pulls_each_chunk_across_the_wan_about_once() {
         net.sites.insert(i, "shop".into());
     }
     // A slow WAN, so that the shop's nodes hear of each other before the first chunks arrive.
-    net.upload_limits.insert(0, 16 * MIB as u64);
+    net.serve_limits.insert(0, 16 * MIB as u64);
     for _ in 0..4 {
         net.start_next().await;
     }
@@ -144,7 +144,7 @@ async fn a_site_pulls_each_chunk_across_the_wan_about_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_serving_corrupt_chunks_is_banned_and_the_download_completes() {
     let mut net = TestNet::with_identities(3);
-    net.upload_limits.insert(0, 8 * MIB as u64);
+    net.serve_limits.insert(0, 8 * MIB as u64);
     for _ in 0..3 {
         net.start_next().await;
     }
@@ -183,13 +183,31 @@ async fn a_peer_serving_corrupt_chunks_is_banned_and_the_download_completes() {
         status["bad_peers"].as_u64().unwrap() >= 1,
         "the corrupt peer was not detected: {status}"
     );
+    // The ban outlasts the connection: the liar is cut off, and dialled again (as mDNS or a
+    // `--peer` would), it is refused.
+    let (evil_id, network) = (evil.node().network().peer_id(), victim.node().network());
+    wait_until(WAIT, "the liar cut off", || async {
+        let peers = network.peers().await.ok()?;
+        peers.iter().all(|p| p.peer_id != evil_id).then_some(())
+    })
+    .await;
+    assert!(network.is_banned(&evil_id));
+    for addr in evil.node().network().listen_addrs().await.unwrap() {
+        let _ = network.dial(addr).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let peers = network.peers().await.unwrap();
+    assert!(
+        peers.iter().all(|p| p.peer_id != evil_id),
+        "a banned peer got back in by dialling"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_killed_mid_transfer_does_not_stop_the_download() {
     let mut net = TestNet::with_identities(3);
-    net.upload_limits.insert(0, 8 * MIB as u64);
-    net.upload_limits.insert(1, 8 * MIB as u64);
+    net.serve_limits.insert(0, 8 * MIB as u64);
+    net.serve_limits.insert(1, 8 * MIB as u64);
     for _ in 0..3 {
         net.start_next().await;
     }
@@ -229,7 +247,7 @@ async fn a_peer_killed_mid_transfer_does_not_stop_the_download() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_node_resumes_its_partial_download() {
     let mut net = TestNet::with_identities(2);
-    net.upload_limits.insert(0, 6 * MIB as u64);
+    net.serve_limits.insert(0, 6 * MIB as u64);
     for _ in 0..2 {
         net.start_next().await;
     }
@@ -296,7 +314,7 @@ async fn a_seeder_sends_one_copy_of_a_chunk_at_a_time() {
     // (the limit allows a burst of one second's worth, then a chunk takes a second more).
     let size = 8 * MIB;
     let chunk = u64::from(shoal_protocol::chunk_size_for(size as u64));
-    net.upload_limits.insert(0, chunk / 2);
+    net.serve_limits.insert(0, chunk / 2);
     for _ in 0..2 {
         net.start_next().await;
     }
@@ -321,13 +339,13 @@ async fn a_seeder_sends_one_copy_of_a_chunk_at_a_time() {
         let held = first.fetch(&digest, 0, chunk, &mut buf).await;
         (held.map_err(|e| e.to_string()), buf)
     });
-    // The seeder's upload report says when chunk 0 is being sent.
+    // The seeder's serve report says when chunk 0 is being sent.
     wait_until(WAIT, "the first copy of chunk 0 under way", || async {
         let have = SyncRequest::Have {
             digest: layer.clone(),
         };
         match network.sync(seeder, have).await {
-            Ok(SyncResponse::Have(Some(h))) => h.upload_bitfields()?.0.get(0).then_some(()),
+            Ok(SyncResponse::Have(Some(h))) => h.serve_bitfields()?.0.get(0).then_some(()),
             _ => None,
         }
     })

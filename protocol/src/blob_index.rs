@@ -19,9 +19,9 @@
 //! the same blob makes the same index. It aims at about [`TARGET_CHUNKS`] chunks: a chunk can be
 //! passed on only once it is whole, so the smaller the chunks, the sooner a downloader serves
 //! what it got and the more of the fleet's uplinks work at once, while each chunk costs a
-//! request and a hash. The fleet simulator (`simulations/`), pulling 538 MB to 16 nodes on
-//! 100 Mbit/s links, took 1.64 times one download with 4 MiB chunks and 1.34 times with 1 MiB;
-//! 1 GiB to 1,000 nodes on 10 Gbit/s, 2.05 times with 4 MiB and 1.75 with 2 MiB.
+//! request and a hash. The fleet simulator (`simulations/`) measured rollouts markedly faster
+//! with about 512 chunks per blob than with fixed 4 MiB chunks, and the swarm benchmark agreed
+//! (`simulations/README.md`, `tests/bench/RESULTS.md`).
 
 use std::fmt;
 use std::ops::Range;
@@ -257,7 +257,7 @@ impl BlobIndex {
             chunks,
             id: BlobIndexId([0; 32]),
         };
-        let encoded = codec::encode(&index).map_err(|e| BlobIndexError::Encode(e.to_string()))?;
+        let encoded = codec::encode(&index).map_err(|e| BlobIndexError::Encode(e.describe()))?;
         let mut hasher = blake3::Hasher::new_derive_key(BLOB_INDEX_ID_CONTEXT);
         hasher.update(&encoded);
         index.id = BlobIndexId(*hasher.finalize().as_bytes());

@@ -84,11 +84,11 @@ fn config() -> bincode::config::Configuration<
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     /// The value could not be serialized.
-    #[error("encode: {0}")]
-    Encode(String),
+    #[error("encode")]
+    Encode(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The bytes are not a valid encoding of the expected type.
-    #[error("decode: {0}")]
-    Decode(String),
+    #[error("decode")]
+    Decode(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A valid value was followed by more bytes.
     #[error("trailing bytes after the encoded value")]
     TrailingBytes,
@@ -102,10 +102,25 @@ pub enum CodecError {
     },
 }
 
+impl CodecError {
+    /// The error and its causes on one line (`decode: unexpected end of input`), for errors
+    /// that carry text rather than a source (they are compared and cloned).
+    pub fn describe(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
+    }
+}
+
 /// Encodes `value`. Fails if the encoding is longer than [`MAX_FRAME_BYTES`].
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     let bytes = bincode::serde::encode_to_vec(value, config())
-        .map_err(|e| CodecError::Encode(e.to_string()))?;
+        .map_err(|e| CodecError::Encode(Box::new(e)))?;
     if bytes.len() > MAX_FRAME_BYTES {
         return Err(CodecError::FrameTooLarge {
             len: bytes.len(),
@@ -127,7 +142,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
         });
     }
     let (value, read) = bincode::serde::decode_from_slice::<T, _>(bytes, config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+        .map_err(|e| CodecError::Decode(Box::new(e)))?;
     if read != bytes.len() {
         return Err(CodecError::TrailingBytes);
     }

@@ -14,6 +14,10 @@
 //!   [`BlobRef`]) a tag names, or that it was deleted. It travels as a [`SignedTagRecord`]:
 //!   ed25519 over a domain-separated encoding, and [`SignedTagRecord::verify`] is the only way to
 //!   obtain the trusted [`VerifiedTagRecord`].
+//! - [`fleet`]: what makes a fleet: its admins' signed statements (join tickets, policies,
+//!   access tokens) and a node's proof of membership.
+//! - [`lifecycle`]: retention rules in Amazon ECR's lifecycle-policy JSON, validated as ECR
+//!   validates them, and their evaluation: a pure function, so every node expires alike.
 //! - [`message`]: the peer-to-peer protocols (`shoal/tags/1` gossip, `/shoal/sync/2`,
 //!   `/shoal/chunk/1`), their messages and their limits.
 //! - [`codec`]: the one wire encoding (fixed bincode configuration, length-prefixed frames,
@@ -32,6 +36,8 @@ pub mod bitfield;
 pub mod blob_index;
 pub mod codec;
 pub mod digest;
+pub mod fleet;
+pub mod lifecycle;
 pub mod message;
 pub mod name;
 pub mod record;

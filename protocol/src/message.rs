@@ -6,18 +6,21 @@
 //! for, a message outside them. Protocol ids carry a version; a breaking change to a message
 //! ships under a new id (see the codec docs on versioning).
 //!
-//! # `shoal/tags/1` (gossipsub topic)
+//! # `shoal/tags/2` (gossipsub topic)
 //!
-//! Nodes publish every tag record they sign or accept as a [`Gossip`] message. Messages are at
+//! Nodes publish every tag record of a public repository they sign or accept, every fleet
+//! policy and every member proof as a [`Gossip`] message. Messages are at
 //! most [`MAX_GOSSIP_BYTES`]; [`Gossip::to_bytes`] and [`Gossip::from_bytes`] check that bound
 //! (configure gossipsub's transmit size to match). Every signed record fits, because its payload
 //! is at most [`MAX_RECORD_PAYLOAD_BYTES`](crate::record::MAX_RECORD_PAYLOAD_BYTES). A receiver
 //! verifies the record and checks that its publisher is trusted before it keeps or forwards it.
 //!
-//! # `/shoal/sync/2` (request-response)
+//! # `/shoal/sync/3` (request-response)
 //!
-//! Anti-entropy and index lookup. One [`SyncRequest`], one [`SyncResponse`], each a single
-//! codec-encoded message of at most [`MAX_FRAME_BYTES`](crate::codec::MAX_FRAME_BYTES).
+//! Membership, anti-entropy and index lookup. One [`SyncRequest`], one [`SyncResponse`], each a single
+//! codec-encoded message in one frame: a request of at most [`MAX_SYNC_REQUEST_BYTES`], a response
+//! of at most [`MAX_SYNC_RESPONSE_BYTES`]. A receiver checks the announced length against the
+//! limit of the message it expects before it reads (or allocates for) the payload.
 //!
 //! - `Summary` → `Summary { records, hash }`: the count and a [`SummaryHasher`] hash of every
 //!   current record. Equal summaries mean there is nothing to exchange.
@@ -30,12 +33,21 @@
 //!   index for that blob. The receiver checks the index's id against the `BlobRef` of a verified
 //!   record before using it.
 //! - `Have { digest }` → `Have(Some(chunks))` or `Have(None)` if the peer neither holds nor
-//!   downloads the blob. A node holding the whole blob adds an [`UploadReport`]: which chunks it is
+//!   downloads the blob. A node holding the whole blob adds an [`ServeReport`]: which chunks it is
 //!   sending and has sent, so downloaders ask it for each chunk about once.
-//! - `HaveWait { digest, held, uploads }`: `Have` as a long poll, answered when the peer holds more
-//!   than `held` chunks, when its upload report's version differs from `uploads`, when it stops
+//! - `HaveWait { digest, held, serves }`: `Have` as a long poll, answered when the peer holds more
+//!   than `held` chunks, when its serve report's version differs from `serves`, when it stops
 //!   downloading, or after [`HAVE_WAIT_MAX`].
+//! - `Hello(proof)` → `Hello(proof)`: the first exchange on a connection, each way; a node in a
+//!   fleet serves nothing to a peer before its proof checks out, and disconnects a peer whose
+//!   proof does not.
+//! - `FleetSummary` → `Summary`, and `Fleet { after, limit }` → `Fleet { items, more }`: the same
+//!   exchange as for records, over the fleet's policies and member proofs ([`FleetItem`]), at
+//!   most [`MAX_SYNC_FLEET_ITEMS`] a page.
+//! - `Push(record)` → `Pushed`: a record of a private repository, sent only to peers that may
+//!   read it (it is never gossiped); the receiver checks it as any record.
 //! - Any request may be answered with `Error(reason)`: a short reason without internal detail.
+//!   A node answers a peer that may not read a repository as if the repository did not exist.
 //!
 //! # `/shoal/chunk/1` (raw stream)
 //!
@@ -56,20 +68,30 @@ use serde::{Deserialize, Serialize};
 use crate::blob_index::BlobIndex;
 use crate::codec::{self, CodecError};
 use crate::digest::Digest;
+use crate::fleet::{FleetItem, MemberProof, SignedPolicy};
 use crate::name::{RepoName, Tag};
 use crate::record::SignedTagRecord;
 
-/// The gossipsub topic on which tag records are published.
-pub const TAGS_TOPIC: &str = "shoal/tags/1";
-/// The request-response protocol for record sync and blob indexes.
-pub const SYNC_PROTOCOL: &str = "/shoal/sync/2";
+/// The gossipsub topic on which tag records, fleet policies and member proofs are published.
+pub const TAGS_TOPIC: &str = "shoal/tags/2";
+/// The request-response protocol for membership, record and policy sync, and blob indexes.
+pub const SYNC_PROTOCOL: &str = "/shoal/sync/3";
 /// The stream protocol for chunk transfer.
 pub const CHUNK_PROTOCOL: &str = "/shoal/chunk/1";
 
 /// The largest gossip message, in bytes.
 pub const MAX_GOSSIP_BYTES: usize = 256 * 1024;
+/// The largest encoded [`SyncRequest`]. The largest request is a `Push` of one signed record,
+/// which has the same encoding as a gossiped record and so fits in [`MAX_GOSSIP_BYTES`]; a
+/// `Hello`'s membership proof is far smaller.
+pub const MAX_SYNC_REQUEST_BYTES: usize = MAX_GOSSIP_BYTES;
+/// The largest encoded [`SyncResponse`]: a page of records or fleet items, or a blob index,
+/// fills at most one whole frame.
+pub const MAX_SYNC_RESPONSE_BYTES: usize = codec::MAX_FRAME_BYTES;
 /// The most records in one sync page.
 pub const MAX_SYNC_RECORDS: usize = 512;
+/// The most fleet items (policies and member proofs) in one sync page.
+pub const MAX_SYNC_FLEET_ITEMS: usize = 128;
 /// The largest byte range one chunk request may ask for.
 pub const MAX_CHUNK_REQUEST_BYTES: u64 = 64 * 1024 * 1024;
 /// The largest frame on the chunk protocol (request or response header); they are small.
@@ -103,8 +125,13 @@ pub enum MessageError {
 /// A message on the [`TAGS_TOPIC`] gossip topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Gossip {
-    /// A signed tag record, new or re-announced.
+    /// A signed tag record, new or re-announced (of a public repository: a private one's
+    /// records go only to peers that may read them, with [`SyncRequest::Push`]).
     Record(SignedTagRecord),
+    /// A fleet policy signed by an admin.
+    Policy(SignedPolicy),
+    /// A member's proof, which its publisher key's records are trusted by.
+    Member(MemberProof),
 }
 
 impl Gossip {
@@ -163,10 +190,25 @@ pub enum SyncRequest {
         digest: Digest,
         /// How many chunks the asker already knows the peer holds.
         held: u32,
-        /// The [`UploadReport::version`] the asker last heard from the peer (0 if none): a peer
-        /// that reports uploads answers as soon as its report changes.
-        uploads: u64,
+        /// The [`ServeReport::version`] the asker last heard from the peer (0 if none): a peer
+        /// that reports serves answers as soon as its report changes.
+        serves: u64,
     },
+    /// The first request on a new connection, each way: the sender's membership proof (`None`
+    /// from a node without a fleet). A node in a fleet answers a peer that fails to prove
+    /// membership with an error and disconnects it.
+    Hello(Option<MemberProof>),
+    /// The count and hash of every fleet item (policies and member proofs).
+    FleetSummary,
+    /// A page of fleet items in ascending cursor order ([`FleetItem::cursor`]).
+    Fleet {
+        /// Start after this cursor; `None` starts at the beginning.
+        after: Option<String>,
+        /// The most items wanted; capped at [`MAX_SYNC_FLEET_ITEMS`].
+        limit: u32,
+    },
+    /// A record of a private repository, sent to a peer that may read it (it is not gossiped).
+    Push(SignedTagRecord),
 }
 
 /// The longest a [`SyncRequest::HaveWait`] is held before it is answered anyway.
@@ -182,13 +224,13 @@ pub struct HaveChunks {
     pub bits: Vec<u8>,
     /// What the peer has uploaded of the blob, if it reports it (a node holding the whole blob
     /// does), so that downloaders fetch each chunk from it about once.
-    pub uploads: Option<UploadReport>,
+    pub serves: Option<ServeReport>,
 }
 
 /// Which chunks of a blob a node is sending and has sent to other peers, in [`HaveChunks`]'s
 /// byte form, each `ceil(chunk_count / 8)` bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UploadReport {
+pub struct ServeReport {
     /// Changes whenever the report does: a transfer of the blob started or ended.
     pub version: u64,
     /// Chunks being sent to some peer now.
@@ -201,15 +243,15 @@ impl HaveChunks {
     /// Checks the shape: at most `MAX_CHUNKS` chunks and well-formed bitfields for them.
     pub fn validate(&self) -> Result<(), MessageError> {
         self.bitfield().ok_or(MessageError::BadBitfield)?;
-        if self.uploads.is_some() && self.upload_bitfields().is_none() {
+        if self.serves.is_some() && self.serve_bitfields().is_none() {
             return Err(MessageError::BadBitfield);
         }
         Ok(())
     }
 
     /// The report's `(sending, sent)` bitfields, if there is a report and its shape is valid.
-    pub fn upload_bitfields(&self) -> Option<(Bitfield, Bitfield)> {
-        let report = self.uploads.as_ref()?;
+    pub fn serve_bitfields(&self) -> Option<(Bitfield, Bitfield)> {
+        let report = self.serves.as_ref()?;
         self.bitfield()?;
         Some((
             Bitfield::from_bytes(&report.sending, self.chunk_count)?,
@@ -237,7 +279,7 @@ impl From<&Bitfield> for HaveChunks {
         HaveChunks {
             chunk_count: bits.len(),
             bits: bits.to_bytes(),
-            uploads: None,
+            serves: None,
         }
     }
 }
@@ -267,6 +309,17 @@ pub enum SyncResponse {
     /// Answer to [`SyncRequest::Have`] and [`SyncRequest::HaveWait`]; `None` if the peer neither
     /// holds nor downloads the blob.
     Have(Option<HaveChunks>),
+    /// Answer to [`SyncRequest::Hello`]: the responder's proof.
+    Hello(Option<MemberProof>),
+    /// Answer to [`SyncRequest::Fleet`].
+    Fleet {
+        /// The page. Unverified.
+        items: Vec<FleetItem>,
+        /// Whether more items follow the last one.
+        more: bool,
+    },
+    /// Answer to [`SyncRequest::Push`]: received (not a statement that it was accepted).
+    Pushed,
 }
 
 /// The unvalidated wire shape of [`SyncResponse`]; variants in the same order.
@@ -283,6 +336,12 @@ enum RawSyncResponse {
     BlobIndex(Option<BlobIndex>),
     Error(String),
     Have(Option<HaveChunks>),
+    Hello(Option<MemberProof>),
+    Fleet {
+        items: Vec<FleetItem>,
+        more: bool,
+    },
+    Pushed,
 }
 
 impl TryFrom<RawSyncResponse> for SyncResponse {
@@ -295,6 +354,9 @@ impl TryFrom<RawSyncResponse> for SyncResponse {
             RawSyncResponse::BlobIndex(index) => SyncResponse::BlobIndex(index),
             RawSyncResponse::Error(reason) => SyncResponse::Error(reason),
             RawSyncResponse::Have(have) => SyncResponse::Have(have),
+            RawSyncResponse::Hello(proof) => SyncResponse::Hello(proof),
+            RawSyncResponse::Fleet { items, more } => SyncResponse::Fleet { items, more },
+            RawSyncResponse::Pushed => SyncResponse::Pushed,
         };
         response.validate()?;
         Ok(response)
@@ -315,6 +377,10 @@ impl SyncResponse {
                 Err(MessageError::ReasonTooLong)
             }
             SyncResponse::Have(Some(have)) => have.validate(),
+            SyncResponse::Fleet { items, .. } if items.len() > MAX_SYNC_FLEET_ITEMS => {
+                Err(MessageError::TooManyRecords { count: items.len() })
+            }
+            SyncResponse::Hello(_) | SyncResponse::Fleet { .. } | SyncResponse::Pushed => Ok(()),
             SyncResponse::Summary { .. }
             | SyncResponse::Records { .. }
             | SyncResponse::BlobIndex(_)
@@ -624,9 +690,22 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_sync_request_fits_its_limit() {
+        let push = encode(&SyncRequest::Push(largest_record())).unwrap();
+        assert!(push.len() <= MAX_SYNC_REQUEST_BYTES, "{} bytes", push.len());
+        let request = encode(&ChunkRequest {
+            digest: Digest::of(crate::Algorithm::Sha512, b"x"),
+            offset: u64::MAX / 2,
+            length: MAX_CHUNK_REQUEST_BYTES,
+        })
+        .unwrap();
+        assert!(request.len() <= MAX_CHUNK_FRAME_BYTES);
+    }
+
+    #[test]
     fn protocol_ids_are_versioned() {
-        assert!(TAGS_TOPIC.ends_with("/1"));
-        assert!(SYNC_PROTOCOL.starts_with("/shoal/") && SYNC_PROTOCOL.ends_with("/2"));
+        assert!(TAGS_TOPIC.ends_with("/2"));
+        assert!(SYNC_PROTOCOL.starts_with("/shoal/") && SYNC_PROTOCOL.ends_with("/3"));
         assert!(CHUNK_PROTOCOL.starts_with("/shoal/") && CHUNK_PROTOCOL.ends_with("/1"));
     }
 
@@ -665,7 +744,7 @@ mod tests {
         let have = HaveChunks {
             chunk_count: 10,
             bits: vec![0b1010_0000, 0b0100_0000],
-            uploads: None,
+            serves: None,
         };
         assert!(have.has(0) && !have.has(1) && have.has(2) && have.has(9) && !have.has(10));
         round_trip(&SyncResponse::Have(Some(have.clone())));
@@ -673,34 +752,34 @@ mod tests {
         let bad = SyncResponse::Have(Some(HaveChunks {
             chunk_count: 10,
             bits: vec![0],
-            uploads: None,
+            serves: None,
         }));
         assert!(decode::<SyncResponse>(&encode(&bad).unwrap()).is_err());
-        let report = UploadReport {
+        let report = ServeReport {
             version: 3,
             sending: vec![0b1000_0000, 0],
             sent: vec![0b0010_0000, 0b0100_0000],
         };
         let with = HaveChunks {
-            uploads: Some(report.clone()),
+            serves: Some(report.clone()),
             ..have.clone()
         };
-        let (sending, sent) = with.upload_bitfields().unwrap();
+        let (sending, sent) = with.serve_bitfields().unwrap();
         assert!(sending.get(0) && !sending.get(2) && sent.get(2) && sent.get(9));
         round_trip(&SyncResponse::Have(Some(with)));
         // A report whose bitfields do not fit the chunk count is refused whole.
         for bad_report in [
-            UploadReport {
+            ServeReport {
                 sending: vec![0],
                 ..report.clone()
             },
-            UploadReport {
+            ServeReport {
                 sent: vec![0, 0b0010_0000],
                 ..report.clone()
             },
         ] {
             let bad = SyncResponse::Have(Some(HaveChunks {
-                uploads: Some(bad_report),
+                serves: Some(bad_report),
                 ..have.clone()
             }));
             assert!(decode::<SyncResponse>(&encode(&bad).unwrap()).is_err());
@@ -916,11 +995,11 @@ mod tests {
                 .prop_map(|(after, limit)| SyncRequest::Records { after, limit }),
             digest().prop_map(|digest| SyncRequest::BlobIndex { digest }),
             digest().prop_map(|digest| SyncRequest::Have { digest }),
-            (digest(), any::<u32>(), any::<u64>()).prop_map(|(digest, held, uploads)| {
+            (digest(), any::<u32>(), any::<u64>()).prop_map(|(digest, held, serves)| {
                 SyncRequest::HaveWait {
                     digest,
                     held,
-                    uploads,
+                    serves,
                 }
             }),
         ]
@@ -942,7 +1021,7 @@ mod tests {
                 SyncResponse::Have(Some(HaveChunks {
                     chunk_count: n,
                     bits: full.clone(),
-                    uploads: report.then(|| UploadReport {
+                    serves: report.then(|| ServeReport {
                         version,
                         sending: Bitfield::new(n).to_bytes(),
                         sent: full,

@@ -141,7 +141,7 @@ impl fmt::Debug for PublisherKey {
 /// A publisher's ed25519 secret key. Its `Debug` shows only the public half, and the secret is
 /// zeroed when dropped.
 #[derive(Clone)]
-pub struct SigningKey(ed25519_dalek::SigningKey);
+pub struct SigningKey(pub(crate) ed25519_dalek::SigningKey);
 
 impl SigningKey {
     /// The key whose secret seed is `seed` (32 bytes from a CSPRNG, or read from a key file).
@@ -315,7 +315,7 @@ impl SignedTagRecord {
             signature,
             id: [0; 32],
         };
-        let encoded = codec::encode(&signed).map_err(|e| RecordError::Encode(e.to_string()))?;
+        let encoded = codec::encode(&signed).map_err(|e| RecordError::Encode(e.describe()))?;
         signed.id = *blake3::hash(&encoded).as_bytes();
         Ok(signed)
     }
@@ -329,7 +329,7 @@ impl SignedTagRecord {
             return Err(RecordError::PublisherMismatch);
         }
         record.validate()?;
-        let payload = codec::encode(record).map_err(|e| RecordError::Encode(e.to_string()))?;
+        let payload = codec::encode(record).map_err(|e| RecordError::Encode(e.describe()))?;
         if payload.len() > MAX_RECORD_PAYLOAD_BYTES {
             return Err(RecordError::Limit(format!(
                 "payload of {} bytes, more than {MAX_RECORD_PAYLOAD_BYTES}",
@@ -356,13 +356,13 @@ impl SignedTagRecord {
 
         // Only signed bytes are decoded from here on.
         let record: TagRecord =
-            codec::decode(&self.payload).map_err(|e| RecordError::Decode(e.to_string()))?;
+            codec::decode(&self.payload).map_err(|e| RecordError::Decode(e.describe()))?;
         if record.publisher != self.publisher {
             return Err(RecordError::PublisherMismatch);
         }
         // One record, one payload: otherwise a publisher's record could circulate under several
         // ids.
-        let canonical = codec::encode(&record).map_err(|e| RecordError::Encode(e.to_string()))?;
+        let canonical = codec::encode(&record).map_err(|e| RecordError::Encode(e.describe()))?;
         if canonical != self.payload {
             return Err(RecordError::Decode(
                 "payload is not canonically encoded".into(),

@@ -127,7 +127,7 @@ fn run(scenario: &Scenario, seed: Option<u64>, out: &Path) -> anyhow::Result<Vec
         eprintln!("shoal-sim: {} with {n} pullers...", scenario.name);
         let result = fleet::run(scenario, n, seed);
         eprintln!(
-            "shoal-sim: {} events, {} link fills, simulated {:.1} s in {:.1} s; {} cancels ({} timed out), {:.2} copies duplicate, {:.2} copies cut as endgame losers, {} busy ({} declined: chunk on its way already); next_actions {} calls, {} skipped; {} upload reports fed",
+            "shoal-sim: {} events, {} link fills, simulated {:.1} s in {:.1} s; {} cancels ({} timed out), {:.2} copies duplicate, {:.2} copies cut as endgame losers, {} busy ({} declined: chunk on its way already); next_actions {} calls, {} skipped; {} serve reports fed",
             result.events,
             result.fills,
             result.end_secs,

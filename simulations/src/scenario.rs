@@ -81,10 +81,10 @@ pub struct Discovery {
     /// it above the fleet size so that every node sees every other).
     #[serde(default)]
     pub max_candidates: Option<usize>,
-    /// What-if: `false` drops the upload reports seeders send (the node always sends them), to
+    /// What-if: `false` drops the serve reports seeders send (the node always sends them), to
     /// show what they are worth.
-    #[serde(default = "default_upload_reports")]
-    pub upload_reports: bool,
+    #[serde(default = "default_serve_reports", alias = "upload_reports")]
+    pub serve_reports: bool,
 }
 
 impl Default for Discovery {
@@ -94,12 +94,12 @@ impl Default for Discovery {
             mesh_degree: default_mesh_degree(),
             local_first: false,
             max_candidates: None,
-            upload_reports: true,
+            serve_reports: true,
         }
     }
 }
 
-fn default_upload_reports() -> bool {
+fn default_serve_reports() -> bool {
     true
 }
 

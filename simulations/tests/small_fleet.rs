@@ -227,10 +227,10 @@ fn central_sends_one_copy_per_puller_from_the_publisher() {
 }
 
 #[test]
-fn upload_reports_bring_the_publishers_egress_near_one_copy() {
+fn serve_reports_bring_the_publishers_egress_near_one_copy() {
     // 50 pullers that all see each other and the publisher (candidates capped above the fleet
     // size), 256 chunks of 1 MiB. The publisher's uplink is the only source at first; every
-    // puller asks it for the chunks only it holds. Without upload reports each puller picks its
+    // puller asks it for the chunks only it holds. Without serve reports each puller picks its
     // own rarest chunks and the publisher sends 2.0 to 2.4 copies (seeds 1 to 4); with them, a
     // chunk the publisher already gave away waits for the copy to appear at another peer: 1.52
     // to 1.57 copies. One full copy is the least it can send.
@@ -255,13 +255,13 @@ fn upload_reports_bring_the_publishers_egress_near_one_copy() {
     let copies = r.publisher_egress() / scenario.image_bytes as f64;
     let without = text.replace(
         "max_candidates = 64",
-        "max_candidates = 64\nupload_reports = false",
+        "max_candidates = 64\nserve_reports = false",
     );
     let (_, r0) = run(&without, 1);
     assert_eq!(r0.completed(), 50);
     assert_eq!(r0.reports, 0);
     let copies_without = r0.publisher_egress() / scenario.image_bytes as f64;
-    eprintln!("publisher: {copies:.3} copies with upload reports, {copies_without:.3} without");
+    eprintln!("publisher: {copies:.3} copies with serve reports, {copies_without:.3} without");
     assert!(
         (1.0..1.75).contains(&copies) && copies < copies_without - 0.1,
         "the publisher sent {copies} copies with reports, {copies_without} without"

@@ -212,6 +212,18 @@ def peer_arg(addrs, peer_id):
     return ",".join(f"{a}/p2p/{peer_id}" for a in addrs)
 
 
+_FLAGS = {}
+
+
+def supports_flag(binary, flag):
+    """Whether `shoal node --help` of this binary lists `flag` (benchmarks compare builds)."""
+    key = (binary, flag)
+    if key not in _FLAGS:
+        out = subprocess.run([binary, "node", "--help"], capture_output=True, text=True)
+        _FLAGS[key] = flag in out.stdout
+    return _FLAGS[key]
+
+
 class ShoalNode:
     def __init__(self, binary, root, ns, ip, p2p_ip, peers=(), trust=(), listen_port=5000,
                  p2p_port=4001, log_level="info", transport="quic"):
@@ -223,6 +235,11 @@ class ShoalNode:
         cmd = [binary, "node", "--data-dir", os.path.join(root, "data"),
                "--listen", f"{ip}:{listen_port}", "--no-mdns",
                "--p2p-listen", p2p_addr(p2p_ip, p2p_port, transport)]
+        # Each node serves its puller over the benchmark's private namespace address: an open
+        # registry beyond loopback, which a node refuses without --insecure. A node older than
+        # access control does not know the flag.
+        if supports_flag(binary, "--insecure"):
+            cmd.append("--insecure")
         for p in peers:
             cmd += ["--peer", p]
         for k in trust:

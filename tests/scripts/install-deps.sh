@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the external tools Shoal's integration tests and benchmark drive:
 # skopeo, podman, Debian's docker-registry (CNCF Distribution 2.8), wrk,
-# busybox-static (the test image's only binary) and the PyPI `oras` client.
+# busybox-static (the test image's only binary), faketime (libfaketime, for the
+# fault-injection suite's skewed clocks) and the PyPI `oras` client;
+# and cargo-deny, which CI runs against deny.toml.
 #
 # Only what is missing is installed; `apt-get update` runs at most once.
 # Needs root (or sudo) for apt-get. Safe to run again.
@@ -26,6 +28,7 @@ WANTED=(
     "docker-registry:docker-registry"
     "wrk:wrk"
     "/bin/busybox:busybox-static"
+    "faketime:faketime"
 )
 
 missing=()
@@ -75,6 +78,17 @@ if [ ! -e /etc/containers/policy.json ]; then
     $SUDO mkdir -p /etc/containers
     printf '%s\n' '{"default":[{"type":"insecureAcceptAnything"}]}' |
         $SUDO tee /etc/containers/policy.json >/dev/null
+fi
+
+# cargo-deny, pinned: deny.toml is written for this version's options. Built from source,
+# unoptimised (--debug): 2.5 minutes on the 2-core test machine instead of about 9 for a
+# release build, and its checks still take seconds. Once per machine.
+CARGO_DENY_VERSION="0.20.2"
+if [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny ${CARGO_DENY_VERSION}" ]; then
+    log "installing cargo-deny ${CARGO_DENY_VERSION} (cargo install --debug, builds from source)"
+    cargo install --locked --quiet --debug cargo-deny --version "${CARGO_DENY_VERSION}"
+else
+    log "cargo-deny ${CARGO_DENY_VERSION} present"
 fi
 
 log "done"

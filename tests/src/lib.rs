@@ -13,13 +13,22 @@
 //!   [`run`] for subprocesses with a timeout, and [`OciImage`], a locally built test image.
 //! - [`wait`]: [`wait_until`] (every wait is a polled wait with a timeout) and [`seeded_rng`]
 //!   (every random test prints its seed and can be replayed with `SHOAL_TEST_SEED`).
+//! - [`netns`]: [`netns::Lab`], network namespaces behind a private switch that a test can
+//!   partition and heal; [`lab_fleet`]: [`lab_fleet::LabFleet`], real nodes in such a lab, and
+//!   [`lab_fleet::TestImage`]; [`disk`]: [`disk::SmallDisk`], a tiny tmpfs to fill. The
+//!   fault-injection suite (`tests/faults.rs`) is built from these.
 
+pub mod disk;
 pub mod http;
+pub mod lab_fleet;
+pub mod netns;
 pub mod process;
 pub mod tools;
 pub mod wait;
 
 pub use http::{HttpResponse, RegistryClient, sha256_digest};
-pub use process::{DistributionProcess, FsckOutput, RegistryServer, ShoalProcess, shoal_binary};
+pub use process::{
+    DistributionProcess, FsckOutput, Launch, RegistryServer, ShoalProcess, shoal_binary,
+};
 pub use tools::{CmdOutput, OciImage, Tool, require, run, run_ok};
 pub use wait::{seeded_rng, wait_until};

@@ -30,7 +30,7 @@ pub const FSCK_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long building the binary may take when the tests have to do it.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// The line `shoal node` prints on stdout once it serves HTTP; the URL follows it.
-pub const READY_PREFIX: &str = "shoal ready: registry listening on http://";
+pub const READY_PREFIX: &str = "shoal ready: registry listening on ";
 
 /// Flags that keep a test node's peer-to-peer side on loopback: no mDNS (multicast on every
 /// interface), listeners on 127.0.0.1 with OS-chosen ports (so nodes can run in parallel).
@@ -52,6 +52,12 @@ const SHOAL_ENV: &[&str] = &[
     "SHOAL_PEERS",
     "SHOAL_NO_MDNS",
     "SHOAL_TRUST",
+    "SHOAL_JOIN",
+    "SHOAL_LOCAL_CLIENTS",
+    "SHOAL_ANONYMOUS_PULL",
+    "SHOAL_TLS_CERT",
+    "SHOAL_TLS_KEY",
+    "SHOAL_INSECURE",
 ];
 
 /// What `shoal fsck` did: exit status and output.
@@ -225,6 +231,10 @@ fn pump_lines(
                 let _ = writeln!(f, "[{label}] {line}");
             }
             if let Some(rest) = line.trim().strip_prefix(READY_PREFIX) {
+                let rest = rest
+                    .strip_prefix("http://")
+                    .or_else(|| rest.strip_prefix("https://"))
+                    .unwrap_or(rest);
                 if let (Some(tx), Ok(addr)) = (ready.as_ref(), rest.trim_end_matches('/').parse()) {
                     let _ = tx.try_send(addr);
                     ready = None;
@@ -234,10 +244,32 @@ fn pump_lines(
     });
 }
 
+/// How to start a node somewhere other than loopback with the default flags: inside a
+/// network namespace, with a faked clock, on a data dir the caller owns.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Words run before the binary, which they must `exec` (so that the pid the test holds is
+    /// the node's): `["ip", "netns", "exec", "<ns>"]`. Empty: the binary itself.
+    pub prefix: Vec<String>,
+    /// Extra environment variables (`LD_PRELOAD` and `FAKETIME` for a skewed clock).
+    pub env: Vec<(String, String)>,
+    /// The registry's `--listen` address.
+    pub listen: String,
+    /// Every flag after `--listen` (no loopback defaults are added).
+    pub args: Vec<String>,
+    /// The store's directory, owned by the caller; a temp dir when `None`.
+    pub data_dir: Option<PathBuf>,
+}
+
 /// The real `shoal` binary running `shoal node` on a temp data dir and a loopback port.
 pub struct ShoalProcess {
     bin: PathBuf,
+    /// Command words before the binary, and extra environment ([`Launch`]).
+    prefix: Vec<String>,
+    env: Vec<(String, String)>,
     dirs: ServerDirs,
+    /// The registry's `--listen` address.
+    listen: String,
     /// Peer-to-peer and trust flags ([`LOOPBACK_P2P_ARGS`] unless started as a fleet node).
     p2p_args: Vec<String>,
     child: Option<Child>,
@@ -265,6 +297,38 @@ impl ShoalProcess {
         Self::start_full(ServerDirs::new("shoal-test-")?, p2p_args.to_vec())
     }
 
+    /// A node whose data directory `prepare` sets up first (with `shoal` commands run on it:
+    /// [`ShoalProcess::cli_on`]), listening on `listen` (`ip:port`) with `args` after
+    /// [`LOOPBACK_P2P_ARGS`].
+    pub fn start_prepared(
+        listen: &str,
+        args: &[String],
+        prepare: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Self> {
+        let dirs = ServerDirs::new("shoal-test-")?;
+        prepare(&dirs.data)?;
+        let mut p2p: Vec<String> = LOOPBACK_P2P_ARGS.iter().map(|s| (*s).to_owned()).collect();
+        p2p.extend(args.iter().cloned());
+        Self::start_in(
+            dirs,
+            Launch {
+                listen: listen.to_owned(),
+                args: p2p,
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// Runs `shoal <args> --data-dir <data_dir>` (no node needed), failing if it fails.
+    pub fn cli_on(data_dir: &Path, args: &[&str]) -> Result<CmdOutput> {
+        let mut cmd = Command::new(shoal_binary()?);
+        cmd.args(args).arg("--data-dir").arg(data_dir);
+        for var in SHOAL_ENV {
+            cmd.env_remove(var);
+        }
+        crate::tools::run_ok(&mut cmd, FSCK_TIMEOUT)
+    }
+
     fn start_with(dirs: ServerDirs) -> Result<Self> {
         Self::start_full(
             dirs,
@@ -273,10 +337,31 @@ impl ShoalProcess {
     }
 
     fn start_full(dirs: ServerDirs, p2p_args: Vec<String>) -> Result<Self> {
-        let bin = shoal_binary()?;
+        Self::start_in(
+            dirs,
+            Launch {
+                listen: "127.0.0.1:0".to_owned(),
+                args: p2p_args,
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// Starts a node the way `launch` says (see [`Launch`]) and waits for its ready line.
+    /// Restarts use the same launch.
+    pub fn start_launched(launch: Launch) -> Result<Self> {
+        let dirs = ServerDirs::with_data("shoal-test-", launch.data_dir.as_deref())?;
+        Self::start_in(dirs, launch)
+    }
+
+    /// Starts a node on `dirs` (`launch.data_dir` is already in them).
+    fn start_in(dirs: ServerDirs, launch: Launch) -> Result<Self> {
         let mut process = Self {
-            bin,
-            p2p_args,
+            bin: shoal_binary()?,
+            prefix: launch.prefix,
+            env: launch.env,
+            listen: launch.listen,
+            p2p_args: launch.args,
             log: dirs.logs.join("shoal-0.log"),
             dirs,
             child: None,
@@ -291,11 +376,19 @@ impl ShoalProcess {
         self.starts += 1;
         self.log = self.dirs.logs.join(format!("shoal-{}.log", self.starts));
         let log = std::sync::Arc::new(Mutex::new(File::create(&self.log)?));
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match self.prefix.split_first() {
+            Some((program, words)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(words).arg(&self.bin);
+                cmd
+            }
+            None => Command::new(&self.bin),
+        };
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.arg("node")
             .arg("--data-dir")
             .arg(&self.dirs.data)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", &self.listen])
             .args(&self.p2p_args)
             // No user config file may leak into a test node.
             .env("XDG_CONFIG_HOME", &self.dirs.root_path)
@@ -448,16 +541,35 @@ impl ShoalProcess {
         self.run_fsck(true)
     }
 
-    fn run_fsck(&self, repair: bool) -> Result<FsckOutput> {
+    /// Runs `shoal <args> --data-dir <dir>`, a command for this node (`fleet init`, `token
+    /// create`, ...), and returns what it printed; fails if it fails.
+    pub fn cli(&self, args: &[&str]) -> Result<CmdOutput> {
+        crate::tools::run_ok(&mut self.command(args), FSCK_TIMEOUT)
+    }
+
+    /// `shoal <args> --data-dir <dir>`, with this node's config home and none of the caller's
+    /// `SHOAL_*` settings.
+    fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("fsck").arg("--data-dir").arg(&self.dirs.data);
-        if repair {
-            cmd.arg("--repair");
-        }
+        cmd.args(args).arg("--data-dir").arg(&self.dirs.data);
         for var in SHOAL_ENV {
             cmd.env_remove(var);
         }
         cmd.env("XDG_CONFIG_HOME", &self.dirs.root_path);
+        cmd
+    }
+
+    fn run_fsck(&self, repair: bool) -> Result<FsckOutput> {
+        let mut cmd = self.command(if repair {
+            &["fsck", "--repair"]
+        } else {
+            &["fsck"]
+        });
+        // The node's own clock (a faked one, in the fault suite): what is "from the future" is
+        // judged as the node judges it.
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
         run(&mut cmd, FSCK_TIMEOUT)
     }
 }

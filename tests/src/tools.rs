@@ -31,6 +31,37 @@ pub enum Tool {
     DockerDaemon,
     /// Debian's `docker-registry` (CNCF Distribution), the reference registry.
     DockerRegistry,
+    /// Root and iproute2's `ip`, to give the test an address of its own.
+    NetAdmin,
+    /// containerd's `ctr` and a containerd socket it can reach ([`containerd_socket`]).
+    Containerd,
+    /// libfaketime's multi-threaded preload library ([`faketime_library`]), from Debian's
+    /// `faketime` package.
+    Faketime,
+}
+
+/// libfaketime's multi-threaded preload library, if installed. Preloaded with `FAKETIME` set,
+/// it shifts the clock of the process it is loaded into (and of nothing else).
+pub fn faketime_library() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+}
+
+/// The socket of a running containerd: its own, or the one docker runs.
+pub fn containerd_socket() -> Option<PathBuf> {
+    [
+        "/run/containerd/containerd.sock",
+        "/run/docker/containerd/containerd.sock",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
 }
 
 impl Tool {
@@ -42,6 +73,9 @@ impl Tool {
             Tool::Oras => "oras",
             Tool::DockerDaemon => "docker daemon",
             Tool::DockerRegistry => "docker-registry",
+            Tool::NetAdmin => "root with iproute2 (ip)",
+            Tool::Containerd => "containerd (ctr and a containerd socket)",
+            Tool::Faketime => "libfaketime (Debian package faketime)",
         }
     }
 
@@ -51,6 +85,27 @@ impl Tool {
             Tool::Skopeo => find_in_path("skopeo").is_some(),
             Tool::Podman => find_in_path("podman").is_some(),
             Tool::DockerRegistry => find_in_path("docker-registry").is_some(),
+            Tool::NetAdmin => {
+                find_in_path("ip").is_some()
+                    && run_quiet(Command::new("ip").args(["link", "show"]), PROBE_TIMEOUT)
+                    && Command::new("id")
+                        .arg("-u")
+                        .output()
+                        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+            }
+            Tool::Containerd => {
+                find_in_path("ctr").is_some()
+                    && containerd_socket().is_some_and(|socket| {
+                        run_quiet(
+                            Command::new("ctr")
+                                .arg("--address")
+                                .arg(socket)
+                                .arg("version"),
+                            PROBE_TIMEOUT,
+                        )
+                    })
+            }
+            Tool::Faketime => faketime_library().is_some(),
             Tool::Oras => {
                 find_in_path("python3").is_some()
                     && run_quiet(

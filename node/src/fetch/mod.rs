@@ -16,13 +16,15 @@ use shoal_protocol::message::{SyncRequest, SyncResponse};
 use shoal_protocol::{BlobIndex, BlobRef, Digest, RepoName};
 use tokio::sync::watch;
 
-use crate::manifest::{self, MAX_MANIFEST_BYTES};
+use crate::manifest::{self, MAX_MANIFEST_BYTES, ManifestError};
 use crate::net::chunk::ChunkClient;
 
+pub mod candidates;
 pub mod plan;
 pub mod swarm;
 use crate::net::Network;
-use crate::store::{Event, Store, StoreError};
+use crate::store::partial::Partial;
+use crate::store::{Store, StoreError};
 
 /// Why content could not be fetched.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -31,22 +33,99 @@ pub enum FetchError {
     #[error("no peer could supply {0}")]
     Unavailable(Digest),
     /// The local store failed.
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] StoreError),
     /// The fetched manifest is not one the registry can store.
-    #[error("fetched manifest is invalid: {0}")]
-    Invalid(String),
+    #[error("fetched manifest is invalid")]
+    Invalid(#[from] ManifestError),
+    /// The node is shutting down; a blob's partial download stays on disk to be resumed.
+    #[error("cancelled: the node is shutting down")]
+    Cancelled,
 }
 
-/// The outcome of a fetch, `None` while it runs.
-pub type Outcome = Option<Result<(), FetchError>>;
+/// What one fetch is for: concurrent requests for the same key share one fetch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum FetchKey {
+    /// A blob's bytes (whichever repository asked; each is linked by its own caller).
+    Blob(Digest),
+    /// A manifest in a repository: the same manifest in two repositories is indexed twice.
+    Manifest(RepoName, Digest),
+}
+
+/// Where a fetch stands.
+#[derive(Debug, Clone)]
+pub enum DownloadState {
+    /// Looking for peers that hold it, and for the blob's index.
+    Locating,
+    /// A blob's chunks are arriving into this partial blob; every chunk it holds is verified
+    /// and can be read as soon as it lands.
+    Streaming(Arc<Partial>),
+    /// The content is stored (and, for a blob, linked into the repository that asked).
+    Done,
+    /// It failed.
+    Failed(FetchError),
+}
+
+impl DownloadState {
+    /// Whether the fetch is over, one way or the other.
+    pub fn is_finished(&self) -> bool {
+        matches!(self, DownloadState::Done | DownloadState::Failed(_))
+    }
+}
+
+/// A handle on a fetch started or joined through the [`Fetcher`]: a watch of its
+/// [`DownloadState`]. Dropping the handle does not stop the fetch (others may be waiting on
+/// it); the node's shutdown does.
+#[derive(Debug, Clone)]
+pub struct Download {
+    state: watch::Receiver<DownloadState>,
+}
+
+impl Download {
+    /// The state now.
+    pub fn state(&self) -> DownloadState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until the state changes from what was last seen (through this method or
+    /// [`Download::state`]'s siblings). Returns `false` if the fetch is gone without a final
+    /// state, which only happens when its task is aborted at shutdown.
+    pub async fn changed(&mut self) -> bool {
+        self.state.changed().await.is_ok()
+    }
+
+    /// Waits until there are bytes to read or there never will be: `Streaming`, `Done` or
+    /// `Failed`, never `Locating`.
+    pub async fn started(&mut self) -> DownloadState {
+        let state = self
+            .state
+            .wait_for(|s| !matches!(s, DownloadState::Locating))
+            .await
+            .map(|s| s.clone());
+        state.unwrap_or(DownloadState::Failed(FetchError::Cancelled))
+    }
+
+    /// Waits until the fetch is over.
+    pub async fn finished(&mut self) -> Result<(), FetchError> {
+        let state = self
+            .state
+            .wait_for(DownloadState::is_finished)
+            .await
+            .map(|s| s.clone());
+        match state {
+            Ok(DownloadState::Failed(e)) => Err(e),
+            Ok(_) => Ok(()),
+            Err(_) => Err(FetchError::Cancelled),
+        }
+    }
+}
 
 /// Fetches blobs and manifests from peers (cheap to clone).
 #[derive(Clone)]
 pub struct Fetcher {
     store: Store,
     network: Network,
-    inflight: Arc<Mutex<HashMap<Digest, watch::Receiver<Outcome>>>>,
+    inflight: Arc<Mutex<HashMap<FetchKey, watch::Receiver<DownloadState>>>>,
     bad_peers: Arc<std::sync::atomic::AtomicU64>,
     cancel: tokio_util::sync::CancellationToken,
     tasks: tokio_util::task::TaskTracker,
@@ -72,54 +151,41 @@ impl Fetcher {
     }
 
     /// Runs `work` once per key however many callers ask at the same time, in its own task (a
-    /// client hanging up does not cancel it for the others). Returns the outcome to wait on.
-    fn start<F>(&self, key: &Digest, work: F) -> watch::Receiver<Outcome>
+    /// client hanging up does not cancel it for the others), and returns a handle on it. `work`
+    /// may report progress on the sender it is given; its result becomes the final state.
+    fn start<F, Fut>(&self, key: FetchKey, work: F) -> Download
     where
-        F: std::future::Future<Output = Result<(), FetchError>> + Send + 'static,
+        F: FnOnce(watch::Sender<DownloadState>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), FetchError>> + Send + 'static,
     {
         let mut map = self
             .inflight
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(rx) = map.get(key) {
-            return rx.clone();
+        if let Some(rx) = map.get(&key) {
+            return Download { state: rx.clone() };
         }
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = watch::channel(DownloadState::Locating);
         map.insert(key.clone(), rx.clone());
+        let work = work(tx.clone());
         let inflight = self.inflight.clone();
-        let k = key.clone();
         let cancel = self.cancel.clone();
         self.tasks.spawn(async move {
+            // Cancelled, the work future is dropped, and with it every task it owns.
             let result = tokio::select! {
-                () = cancel.cancelled() => Err(FetchError::Unavailable(k.clone())),
+                () = cancel.cancelled() => Err(FetchError::Cancelled),
                 r = work => r,
             };
             inflight
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&k);
-            let _ = tx.send(Some(result));
+                .remove(&key);
+            tx.send_replace(match result {
+                Ok(()) => DownloadState::Done,
+                Err(e) => DownloadState::Failed(e),
+            });
         });
-        rx
-    }
-
-    /// Waits for an outcome from a started fetch.
-    pub async fn wait(mut rx: watch::Receiver<Outcome>, key: &Digest) -> Result<(), FetchError> {
-        loop {
-            if let Some(result) = rx.borrow_and_update().clone() {
-                return result;
-            }
-            if rx.changed().await.is_err() {
-                return Err(FetchError::Unavailable(key.clone()));
-            }
-        }
-    }
-
-    async fn once<F>(&self, key: &Digest, work: F) -> Result<(), FetchError>
-    where
-        F: std::future::Future<Output = Result<(), FetchError>> + Send + 'static,
-    {
-        Fetcher::wait(self.start(key, work), key).await
+        Download { state: rx }
     }
 
     /// Candidate peers for a digest: DHT providers first, then every connected peer (a peer that
@@ -130,8 +196,8 @@ impl Fetcher {
         // own peers: only a few downloaders of a site use its WAN link (the plan's gateways),
         // and among a thousand providers, most still downloading, a random few would seldom
         // include the publisher, whose link is the fleet's fattest at the start of a rollout
-        // (the fleet simulator's `edge-local-first`, with the plan's gateways: 4.6x the ideal
-        // without seeders first, 1.25x with them). Without a site, nothing changes: in a
+        // (the fleet simulator's `edge-local-first` scenario, with the plan's gateways, is
+        // several times slower without seeders first: `simulations/README.md`). Without a site, nothing changes: in a
         // datacenter every node asking the publisher first would only queue at it.
         let seeders = async {
             if self.network.has_site() {
@@ -146,62 +212,83 @@ impl Fetcher {
         let mut seeders = seeders.unwrap_or_default();
         providers.shuffle(&mut rand::rng());
         seeders.shuffle(&mut rand::rng());
-        for p in &seeders {
-            if !providers.contains(p) {
-                providers.push(*p);
-            }
-        }
-        let seeders: std::collections::HashSet<PeerId> = seeders.into_iter().collect();
         let mut connected: Vec<PeerId> = self
             .network
             .peers()
             .await
             .unwrap_or_default()
             .iter()
-            .filter_map(|p| p.peer_id.parse().ok())
+            .map(|p| p.peer_id)
             .collect();
         connected.shuffle(&mut rand::rng());
-        for p in connected {
-            if !providers.contains(&p) {
-                providers.push(p);
-            }
-        }
-        providers.retain(|p| *p != self.network.peer_id());
-        // Peers known to be in this node's site first, those in another site last: a download
-        // keeps only the first `MAX_CANDIDATES`, and a site whose nodes do not know each other
-        // fetches every chunk over its WAN link once per node instead of once per site. (The
-        // sort is stable, so each group stays shuffled.)
-        providers.sort_by_key(|p| match self.network.same_site(p) {
-            Some(true) => 0,
-            _ if seeders.contains(p) => 1,
-            None => 2,
-            Some(false) => 3,
-        });
-        providers
+        candidates::order(
+            providers,
+            seeders,
+            connected,
+            &self.network.peer_id(),
+            |p| self.network.same_site(p),
+        )
     }
 
     /// Makes the blob `blob` of `repo` present in the store, fetching it if needed, and links it.
     pub async fn blob(&self, repo: &RepoName, blob: &BlobRef) -> Result<(), FetchError> {
-        let this = self.clone();
-        let b = blob.clone();
-        self.once(&blob.digest, async move { this.fetch_blob(&b).await })
-            .await?;
-        self.store
-            .commit(vec![Event::Link {
-                repo: repo.clone(),
-                digest: blob.digest.clone(),
-            }])
-            .await?;
+        let (mut download, joined) = self.join_or_start(repo, blob);
+        download.finished().await?;
+        if joined {
+            self.store.link(repo, &blob.digest).await?;
+        }
         Ok(())
     }
 
-    async fn fetch_blob(&self, blob: &BlobRef) -> Result<(), FetchError> {
+    /// Starts fetching a blob (or joins the fetch under way) without waiting for it; the
+    /// repository is linked when it completes. The handle says when its bytes start to arrive.
+    pub fn download(&self, repo: &RepoName, blob: &BlobRef) -> Download {
+        let (download, joined) = self.join_or_start(repo, blob);
+        if joined {
+            // The fetch under way links the repository it was started for; this one is linked
+            // once the bytes are here, whether or not the caller still waits.
+            let (this, repo, digest) = (self.clone(), repo.clone(), blob.digest.clone());
+            let mut joined = download.clone();
+            self.tasks.spawn(async move {
+                if joined.finished().await.is_ok() {
+                    if let Err(e) = this.store.link(&repo, &digest).await {
+                        tracing::warn!(error = &e as &dyn std::error::Error, %digest, %repo, "linking a fetched blob");
+                    }
+                }
+            });
+        }
+        download
+    }
+
+    /// The fetch of `blob` under way, or a new one that links it into `repo` when it completes;
+    /// and whether it was joined (started earlier, for whichever repository asked first).
+    fn join_or_start(&self, repo: &RepoName, blob: &BlobRef) -> (Download, bool) {
+        let this = self.clone();
+        let (repo, blob) = (repo.clone(), blob.clone());
+        let mut started = false;
+        let download = self.start(FetchKey::Blob(blob.digest.clone()), |state| {
+            started = true;
+            async move {
+                this.fetch_blob(&blob, &state).await?;
+                this.store.link(&repo, &blob.digest).await?;
+                Ok(())
+            }
+        });
+        (download, !started)
+    }
+
+    async fn fetch_blob(
+        &self,
+        blob: &BlobRef,
+        state: &watch::Sender<DownloadState>,
+    ) -> Result<(), FetchError> {
         if self.store.blob_size(&blob.digest).await?.is_some() {
             return Ok(());
         }
         let candidates = self.candidates(&blob.digest).await;
         let index = self.blob_index(blob, &candidates).await?;
         let partial = self.store.partial(index).await?;
+        state.send_replace(DownloadState::Streaming(partial.clone()));
         // Announce at once: peers that come later take the chunks this node already holds.
         let _ = self.network.provide_part(blob.digest.clone()).await;
         let this = self.clone();
@@ -255,30 +342,14 @@ impl Fetcher {
                 {
                     return Ok(index);
                 }
-                tracing::warn!(%peer, digest = %blob.digest, "peer sent a BlobIndex that does not match the signed record; disconnecting it");
+                tracing::warn!(%peer, digest = %blob.digest, "peer sent a BlobIndex that does not match the signed record; banned");
                 self.bad_peers
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = self.network.disconnect(peer).await;
+                self.network
+                    .report(peer, crate::net::conduct::Offence::BadContent);
             }
         }
         Err(FetchError::Unavailable(blob.digest.clone()))
-    }
-
-    /// Starts fetching a blob (or joins the fetch under way) without waiting for it; the
-    /// repository is linked when it completes. Returns the outcome to wait on.
-    pub fn start_blob(&self, repo: &RepoName, blob: &BlobRef) -> watch::Receiver<Outcome> {
-        let this = self.clone();
-        let (r, b) = (repo.clone(), blob.clone());
-        self.start(&blob.digest, async move {
-            this.fetch_blob(&b).await?;
-            this.store
-                .commit(vec![Event::Link {
-                    repo: r,
-                    digest: b.digest.clone(),
-                }])
-                .await?;
-            Ok(())
-        })
     }
 
     /// Peers that sent bad data so far.
@@ -295,10 +366,12 @@ impl Fetcher {
     ) -> Result<(), FetchError> {
         let this = self.clone();
         let (r, d) = (repo.clone(), digest.clone());
-        // Keyed by repository too: the same manifest in two repositories is indexed twice.
-        let key = Digest::sha256(format!("manifest {r} {d}").as_bytes());
-        self.once(&key, async move { this.fetch_manifest(&r, &d, size).await })
-            .await
+        let key = FetchKey::Manifest(repo.clone(), digest.clone());
+        self.start(key, move |_| async move {
+            this.fetch_manifest(&r, &d, size).await
+        })
+        .finished()
+        .await
     }
 
     async fn fetch_manifest(
@@ -308,13 +381,15 @@ impl Fetcher {
         size: u64,
     ) -> Result<(), FetchError> {
         if size > MAX_MANIFEST_BYTES as u64 {
-            return Err(FetchError::Invalid("manifest larger than 4 MiB".into()));
+            return Err(FetchError::Invalid(ManifestError::Invalid(format!(
+                "a record says it is {size} bytes, more than {MAX_MANIFEST_BYTES}"
+            ))));
         }
         let bytes = match self.store.read_small_blob(digest, size).await? {
             Some(b) => b,
             None => self.manifest_bytes(digest, size).await?,
         };
-        let info = manifest::parse(&bytes, None).map_err(|e| FetchError::Invalid(e.to_string()))?;
+        let info = manifest::parse(&bytes, None)?;
         if self.store.blob_size(digest).await?.is_none() {
             let mut writer = self
                 .store
@@ -324,13 +399,7 @@ impl Fetcher {
             writer.finish(digest).await?;
             let _ = self.network.provide(digest.clone()).await;
         }
-        self.store
-            .commit(vec![Event::Manifest {
-                repo: repo.clone(),
-                digest: digest.clone(),
-                info,
-            }])
-            .await?;
+        self.store.add_manifest(repo, digest, info).await?;
         Ok(())
     }
 
@@ -347,8 +416,9 @@ impl Fetcher {
                     return Ok(std::mem::take(&mut buf));
                 }
                 Ok(true) => {
-                    tracing::warn!(%peer, %digest, "peer sent a manifest that fails its digest; disconnecting it");
-                    let _ = self.network.disconnect(peer).await;
+                    tracing::warn!(%peer, %digest, "peer sent a manifest that fails its digest; banned");
+                    self.network
+                        .report(peer, crate::net::conduct::Offence::BadContent);
                 }
                 Ok(false) | Err(_) => {}
             }

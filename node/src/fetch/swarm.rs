@@ -19,10 +19,11 @@ use libp2p::PeerId;
 use shoal_protocol::message::{HaveChunks, SyncRequest, SyncResponse};
 use shoal_protocol::{BlobIndex, BlobRef};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinSet};
 
 use super::plan::{Action, Bitfield, Event, Plan, PlanConfig};
 use crate::net::chunk::{self, ChunkClient};
+use crate::net::conduct::Offence;
 use crate::net::{NetError, Network};
 use crate::store::partial::Partial;
 use crate::store::{Buffers, Store, StoreError};
@@ -104,6 +105,10 @@ fn bitfield(have: &HaveChunks, count: u32) -> Option<Bitfield> {
 }
 
 /// Downloads the rest of `partial` from `candidates` (and whoever else turns up).
+///
+/// Every request and every peer watcher runs in a task of this download's own `JoinSet`: when
+/// the download ends, or its future is dropped (the fetch cancelled at shutdown), they are
+/// aborted with it.
 pub async fn download(
     store: &Store,
     network: &Network,
@@ -115,12 +120,13 @@ pub async fn download(
 ) -> Result<(), SwarmError> {
     let index: BlobIndex = partial.index().clone();
     let count = index.chunk_count();
-    let held = bitfield(&partial.have(), count).unwrap_or_else(|| Bitfield::new(count));
+    let held = partial.held();
     let mut plan: Plan<PeerId> =
         Plan::new(count, held, plan_config(rand::random(), index.chunk_size()))
             .with_self(&network.peer_id());
     let (tx, mut rx) = mpsc::channel::<Msg>(EVENT_CAPACITY);
-    let mut tasks: HashMap<(PeerId, u32), JoinHandle<()>> = HashMap::new();
+    let mut tasks = JoinSet::new();
+    let mut requests: HashMap<(PeerId, u32), AbortHandle> = HashMap::new();
     // Open chunk streams per peer, with when each was last used.
     let mut pool: HashMap<PeerId, Vec<(Box<ChunkClient>, Instant)>> = HashMap::new();
     let start = Instant::now();
@@ -130,11 +136,10 @@ pub async fn download(
     candidate_tick.tick().await;
     candidates.retain(|p| *p != network.peer_id());
     candidates.truncate(MAX_CANDIDATES);
-    let mut watchers: HashMap<PeerId, JoinHandle<()>> = HashMap::new();
     // Chunk buffers reused between requests: a chunk is read into memory already allocated.
     let buffers = Buffers::new(plan.config().max_in_flight);
     for peer in &candidates {
-        watchers.insert(*peer, watch_peer(network, &tx, *peer, blob, count));
+        tasks.spawn(watch_peer(network, &tx, *peer, blob, count));
     }
 
     let result = loop {
@@ -153,10 +158,10 @@ pub async fn download(
                         buffers.clone(),
                         tx.clone(),
                     );
-                    tasks.insert((peer, chunk), tokio::spawn(job));
+                    requests.insert((peer, chunk), tasks.spawn(job));
                 }
                 Action::Cancel { peer, chunk } => {
-                    if let Some(t) = tasks.remove(&(peer, chunk)) {
+                    if let Some(t) = requests.remove(&(peer, chunk)) {
                         t.abort();
                     }
                 }
@@ -164,10 +169,12 @@ pub async fn download(
                     bad_peers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(%peer, digest = %blob.digest, "peer sent a chunk that fails its hash; banned");
                     pool.remove(&peer);
-                    let _ = network.disconnect(peer).await;
+                    network.report(peer, Offence::BadContent);
                 }
             }
         }
+        // Finished tasks have already reported on `tx`: only their slots are freed here.
+        while tasks.try_join_next().is_some() {}
         if plan.is_complete() {
             break Ok(());
         }
@@ -195,8 +202,8 @@ pub async fn download(
                                 plan.handle(Event::PeerRemote { peer }, start.elapsed());
                             }
                             plan.handle(Event::PeerHas { peer, have: bits }, start.elapsed());
-                            if let Some((sending, sent)) = have.upload_bitfields() {
-                                let event = Event::PeerUploads { peer, sending, sent };
+                            if let Some((sending, sent)) = have.serve_bitfields() {
+                                let event = Event::PeerServes { peer, sending, sent };
                                 plan.handle(event, start.elapsed());
                             }
                         }
@@ -207,10 +214,9 @@ pub async fn download(
                         // may bring it back.
                         plan.handle(Event::PeerGone { peer }, start.elapsed());
                         candidates.retain(|p| *p != peer);
-                        watchers.remove(&peer);
                     }
                     Msg::Chunk { peer, chunk, outcome, client } => {
-                        tasks.remove(&(peer, chunk));
+                        requests.remove(&(peer, chunk));
                         if let Some(c) = client {
                             pool.entry(peer).or_default().push((c, Instant::now()));
                         }
@@ -234,19 +240,14 @@ pub async fn download(
                     }
                     if peer != network.peer_id() && !candidates.contains(&peer) {
                         candidates.push(peer);
-                        watchers.insert(peer, watch_peer(network, &tx, peer, blob, count));
+                        tasks.spawn(watch_peer(network, &tx, peer, blob, count));
                     }
                 }
             }
             () = tokio::time::sleep(wake) => {}
         }
     };
-    for (_, t) in tasks {
-        t.abort();
-    }
-    for (_, w) in watchers {
-        w.abort();
-    }
+    tasks.shutdown().await;
     result?;
     store
         .finish_partial(&partial)
@@ -276,7 +277,7 @@ pub fn plan_config(seed: u64, chunk_size: u32) -> PlanConfig {
 }
 
 /// Follows what `peer` holds: a `Have`, then `HaveWait` long polls until it holds the whole blob,
-/// and after that too if it reports its uploads (then each answer says what it sent since).
+/// and after that too if it reports its serves (then each answer says what it sent since).
 /// While it neither holds nor downloads the blob, asks again after [`IDLE_RETRY`], backing off.
 /// Sends `Msg::Have(peer, None)` when it stops downloading, and stops after [`HAVE_FAILURES`]
 /// failed asks in a row.
@@ -286,9 +287,9 @@ fn watch_peer(
     peer: PeerId,
     blob: &BlobRef,
     count: u32,
-) -> JoinHandle<()> {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let (network, tx, digest) = (network.clone(), tx.clone(), blob.digest.clone());
-    tokio::spawn(async move {
+    async move {
         let mut request = SyncRequest::Have {
             digest: digest.clone(),
         };
@@ -302,16 +303,16 @@ fn watch_peer(
                     idle = IDLE_RETRY;
                     known = true;
                     let held = bitfield(&have, count).map_or(0, |b| b.count_ones());
-                    let uploads = have.uploads.as_ref().map(|u| u.version);
+                    let serves = have.serves.as_ref().map(|u| u.version);
                     if tx.send(Msg::Have(peer, Some(have))).await.is_err()
-                        || (held == count && uploads.is_none())
+                        || (held == count && serves.is_none())
                     {
                         return;
                     }
                     request = SyncRequest::HaveWait {
                         digest: digest.clone(),
                         held,
-                        uploads: uploads.unwrap_or(0),
+                        serves: serves.unwrap_or(0),
                     };
                 }
                 Ok(SyncResponse::Have(None)) => {
@@ -335,7 +336,7 @@ fn watch_peer(
             }
         }
         let _ = tx.send(Msg::Have(peer, None)).await;
-    })
+    }
 }
 
 async fn request_chunk(
@@ -426,7 +427,7 @@ async fn fetch_chunk(
             });
             match written {
                 Ok(Ok(())) => (ChunkOutcome::Done(len), Some(c)),
-                Ok(Err(StoreError::Corrupt(_))) => (ChunkOutcome::Bad, None),
+                Ok(Err(StoreError::ChunkRejected { .. })) => (ChunkOutcome::Bad, None),
                 _ => (ChunkOutcome::Failed, Some(c)),
             }
         }

@@ -5,7 +5,19 @@
 //! bytes. Streams come from `libp2p-stream`, so bytes go from file to socket without being held
 //! as whole messages. The server limits concurrent streams; past the limit a stream is refused,
 //! and the requester tries another peer.
+//!
+//! No one peer can take the server over:
+//!
+//! - A peer gets at most [`MAX_CHUNK_STREAMS_PER_PEER`] of the [`MAX_INBOUND_CHUNK_STREAMS`]
+//!   streams; past its share it is told "busy" like everyone past the node-wide limit.
+//! - What the server writes must drain: a write that makes no progress for [`STALL_TIMEOUT`]
+//!   (a peer that asks for a chunk and never reads it) closes the stream and counts against the
+//!   peer ([`Offence::Stalled`]); a frame over a chunk request's limit, or one that does not
+//!   decode, closes it too ([`Offence::Malformed`]).
+//! - Under an upload limit, askers take turns: each peer has at most one piece waiting for the
+//!   shared rate limit at a time, so the upload is shared per peer, not per stream.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,20 +25,30 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use shoal_protocol::Digest;
 use shoal_protocol::codec;
-use shoal_protocol::message::{CHUNK_PROTOCOL, ChunkRequest, ChunkResponse};
+use shoal_protocol::message::{CHUNK_PROTOCOL, ChunkRequest, ChunkResponse, MAX_CHUNK_FRAME_BYTES};
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use super::NetError;
-use super::sync::{read_frame, write_frame};
-use super::upload_log::{Start, UploadLog};
+use super::conduct::Offence;
+use super::framing::{FrameError, read_frame, write_frame};
+use super::handle::Shared;
+use super::serve_log::{ServeLog, Start};
 use crate::store::{Held, Store};
 
 /// Most chunk streams served at once.
 pub const MAX_INBOUND_CHUNK_STREAMS: usize = 64;
+/// Most chunk streams served at once to one peer: as many as one download keeps in flight
+/// (`fetch::swarm::MAX_IN_FLIGHT`), a quarter of [`MAX_INBOUND_CHUNK_STREAMS`].
+pub const MAX_CHUNK_STREAMS_PER_PEER: usize = 16;
+/// How long a write to a peer may make no progress at all before the stream is closed and the
+/// peer is held to have stalled it. Generous: an honest peer on a slow, shared link still takes
+/// some bytes every few seconds.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a served stream may sit idle between requests. Short: an idle stream holds one of
 /// the [`MAX_INBOUND_CHUNK_STREAMS`] permits, and a permit held by a requester that has moved on
-/// to other peers is one a waiting requester cannot use (the simulations show rollouts of 100
-/// nodes taking twice as long with 30 s as with 1 s).
+/// to other peers is one a waiting requester cannot use (the fleet simulator shows long idle
+/// timeouts slowing rollouts down: `simulations/README.md`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long one chunk may take to arrive before the requester gives up on the peer.
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -42,28 +64,31 @@ pub fn protocol() -> StreamProtocol {
     StreamProtocol::new(CHUNK_PROTOCOL)
 }
 
-/// What the chunk server did, and how fast it may do it.
+/// What the chunk server sends to peers, and how fast it may.
 #[derive(Debug, Default)]
-pub struct Uploads {
+pub struct Serving {
     /// Bytes of blobs sent to peers.
     pub served_bytes: std::sync::atomic::AtomicU64,
     /// Which chunks of whole blobs are being sent and were sent.
-    pub log: UploadLog,
+    pub log: ServeLog,
     limit: Option<RateLimit>,
 }
 
-impl Uploads {
-    /// Upload accounting, limited to `bytes_per_sec` if given.
-    pub fn new(bytes_per_sec: Option<u64>) -> Uploads {
-        Uploads {
+impl Serving {
+    /// Serving accounting, limited to `bytes_per_sec` if given.
+    pub fn new(bytes_per_sec: Option<u64>) -> Serving {
+        Serving {
             served_bytes: Default::default(),
-            log: UploadLog::default(),
+            log: ServeLog::default(),
             limit: bytes_per_sec.filter(|r| *r > 0).map(RateLimit::new),
         }
     }
 
-    async fn spend(&self, bytes: usize) {
+    /// Waits until `bytes` may be sent, taking `turn` (the asking peer's) first: each peer has
+    /// at most one piece waiting at the shared limit, which serves them in turn.
+    async fn spend(&self, bytes: usize, turn: &tokio::sync::Mutex<()>) {
         if let Some(l) = &self.limit {
+            let _turn = turn.lock().await;
             l.acquire(bytes as u64).await;
         }
         self.served_bytes
@@ -71,7 +96,7 @@ impl Uploads {
     }
 }
 
-/// A token bucket shared by every upload stream of the node (one second of burst).
+/// A token bucket shared by every stream the node serves (one second of burst).
 #[derive(Debug)]
 struct RateLimit {
     bytes_per_sec: u64,
@@ -101,37 +126,135 @@ impl RateLimit {
     }
 }
 
-/// Accepts and serves chunk streams until `cancel` fires.
-pub async fn serve(
+/// The peers being served, and the share of the server each holds.
+#[derive(Default)]
+struct Askers {
+    peers: std::sync::Mutex<HashMap<PeerId, Asker>>,
+}
+
+/// One peer's streams, and its turn at the shared upload limit.
+struct Asker {
+    streams: usize,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Askers {
+    /// A stream for `peer`, if it holds fewer than [`MAX_CHUNK_STREAMS_PER_PEER`].
+    fn admit(self: &Arc<Self>, peer: PeerId) -> Option<AskerSlot> {
+        let mut peers = lock(&self.peers);
+        let asker = peers.entry(peer).or_insert_with(|| Asker {
+            streams: 0,
+            turn: Arc::default(),
+        });
+        if asker.streams >= MAX_CHUNK_STREAMS_PER_PEER {
+            return None;
+        }
+        asker.streams += 1;
+        Some(AskerSlot {
+            askers: self.clone(),
+            peer,
+            turn: asker.turn.clone(),
+        })
+    }
+
+    /// How many streams `peer` holds.
+    #[cfg(test)]
+    fn streams(&self, peer: &PeerId) -> usize {
+        lock(&self.peers).get(peer).map_or(0, |a| a.streams)
+    }
+}
+
+/// One stream of a peer's share; given back when dropped.
+struct AskerSlot {
+    askers: Arc<Askers>,
+    peer: PeerId,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for AskerSlot {
+    fn drop(&mut self) {
+        let mut peers = lock(&self.askers.peers);
+        if let Some(asker) = peers.get_mut(&self.peer) {
+            asker.streams = asker.streams.saturating_sub(1);
+            if asker.streams == 0 {
+                peers.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Locks a mutex, going on if a panic poisoned it: every update leaves the map consistent.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Why serving a stream ended early, and what it says of the peer.
+fn offence_of(e: &NetError) -> Option<Offence> {
+    match e {
+        NetError::Timeout => Some(Offence::Stalled),
+        NetError::Io(io) if FrameError::is_too_large(io) => Some(Offence::Malformed),
+        NetError::Codec(_) => Some(Offence::Malformed),
+        _ => None,
+    }
+}
+
+/// Accepts and serves chunk streams until `cancel` fires. Each stream is served by a task of
+/// the server's own; they are aborted when the server stops.
+///
+/// In a fleet, a stream from a peer that has not proved membership is dropped unanswered, and a
+/// blob only private repositories name is served only to peers that may read one of them (to
+/// others it is `NotFound`, as if this node did not have it). A peer that stalls a stream or
+/// sends a malformed request is reported to the node's [`conduct`](super::conduct).
+pub(super) async fn serve(
     mut control: libp2p_stream::Control,
-    store: Store,
-    uploads: Arc<Uploads>,
+    shared: Arc<Shared>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let mut incoming = match control.accept(protocol()) {
         Ok(i) => i,
         Err(e) => {
-            tracing::error!(error = %e, "cannot accept chunk streams");
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "cannot accept chunk streams"
+            );
             return;
         }
     };
+    let auth = shared.auth.clone();
     let limit = Arc::new(Semaphore::new(MAX_INBOUND_CHUNK_STREAMS));
+    let askers = Arc::new(Askers::default());
     let busy_answers = Arc::new(Semaphore::new(MAX_BUSY_ANSWERS));
+    let mut streams = JoinSet::new();
     loop {
         let next = tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
             next = incoming.next() => next,
+            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
         };
-        let Some((peer, stream)) = next else { return };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Some((peer, stream)) = next else { break };
+        if auth.in_fleet() && !super::publisher_of(&peer).is_some_and(|k| auth.admits(&k)) {
+            tracing::debug!(%peer, "dropping a chunk stream from a peer that is not a member");
+            continue;
+        }
+        if shared.conduct.is_banned(&peer) {
+            continue;
+        }
+        let admitted = askers.admit(peer).and_then(|slot| {
+            limit
+                .clone()
+                .try_acquire_owned()
+                .ok()
+                .map(|permit| (slot, permit))
+        });
+        let Some((slot, permit)) = admitted else {
             tracing::debug!(%peer, "refusing a chunk stream: too many in flight");
             // Say so, so the requester rests this node instead of counting a failure.
             if let Ok(permit) = busy_answers.clone().try_acquire_owned() {
                 let mut stream = stream;
-                tokio::spawn(async move {
+                streams.spawn(async move {
                     let answer = async {
                         // The request is read first, so the answer cannot race it.
-                        read_frame(&mut stream).await?;
+                        read_frame(&mut stream, MAX_CHUNK_FRAME_BYTES).await?;
                         write_frame(&mut stream, &codec::encode(&ChunkResponse::Busy)?).await?;
                         stream.close().await?;
                         Ok::<_, NetError>(())
@@ -142,25 +265,50 @@ pub async fn serve(
             }
             continue;
         };
-        let (store, uploads) = (store.clone(), uploads.clone());
-        tokio::spawn(async move {
-            if let Err(e) = serve_stream(&store, &uploads, stream).await {
-                tracing::debug!(%peer, error = %e, "chunk stream ended with an error");
+        let shared = shared.clone();
+        let reader = super::sync::Reader::of(&auth, &peer);
+        streams.spawn(async move {
+            let served = serve_stream(&shared.store, &shared.serving, &reader, &slot.turn, stream);
+            if let Err(e) = served.await {
+                match offence_of(&e) {
+                    Some(offence) => {
+                        tracing::debug!(%peer, ?offence, error = &e as &dyn std::error::Error, "closing a chunk stream: the peer misbehaved");
+                        shared.conduct.report(peer, offence);
+                    }
+                    None => {
+                        tracing::debug!(%peer, error = &e as &dyn std::error::Error, "chunk stream ended with an error");
+                    }
+                }
             }
-            drop(permit);
+            drop((slot, permit));
         });
     }
+    streams.shutdown().await;
+}
+
+/// Writes one answer frame; [`NetError::Timeout`] if it does not drain within [`STALL_TIMEOUT`].
+async fn answer(stream: &mut Stream, response: &ChunkResponse) -> Result<(), NetError> {
+    let frame = codec::encode(response)?;
+    tokio::time::timeout(STALL_TIMEOUT, write_frame(stream, &frame))
+        .await
+        .map_err(|_| NetError::Timeout)??;
+    Ok(())
 }
 
 async fn serve_stream(
     store: &Store,
-    uploads: &Uploads,
+    serving: &Serving,
+    reader: &super::sync::Reader,
+    turn: &tokio::sync::Mutex<()>,
     mut stream: Stream,
 ) -> Result<(), NetError> {
     // One copy buffer for the stream's life, not one per request.
     let mut buf = Vec::new();
+    // A stream asks for chunks of one blob after another: the last answer is kept.
+    let mut readable: Option<(Digest, bool)> = None;
     loop {
-        let frame = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut stream)).await {
+        let read = read_frame(&mut stream, MAX_CHUNK_FRAME_BYTES);
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, read).await {
             Err(_) => return Ok(()),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(r) => r?,
@@ -168,17 +316,25 @@ async fn serve_stream(
         let request: ChunkRequest = match codec::decode(&frame) {
             Ok(r) => r,
             Err(e) => {
-                let answer = ChunkResponse::Invalid(format!("bad request: {e}"));
-                write_frame(&mut stream, &codec::encode(&answer)?).await?;
-                return Ok(());
+                let reply = ChunkResponse::Invalid(format!("bad request: {e}"));
+                answer(&mut stream, &reply).await?;
+                return Err(e.into());
             }
         };
         if let Err(e) = request.validate() {
-            write_frame(
-                &mut stream,
-                &codec::encode(&ChunkResponse::Invalid(e.to_string()))?,
-            )
-            .await?;
+            answer(&mut stream, &ChunkResponse::Invalid(e.to_string())).await?;
+            continue;
+        }
+        let may_have = match &readable {
+            Some((d, ok)) if *d == request.digest => *ok,
+            _ => {
+                let ok = reader.may_have(store, &request.digest).await?;
+                readable = Some((request.digest.clone(), ok));
+                ok
+            }
+        };
+        if !may_have {
+            answer(&mut stream, &ChunkResponse::NotFound).await?;
             continue;
         }
         let Some((file, size)) = store.open_blob(&request.digest).await? else {
@@ -190,55 +346,70 @@ async fn serve_stream(
                     let ok = ChunkResponse::Ok {
                         length: request.length,
                     };
-                    write_frame(&mut stream, &codec::encode(&ok)?).await?;
+                    answer(&mut stream, &ok).await?;
                     let held = Held::Partial(p);
-                    send_range(&mut stream, &held, &request, &mut buf, uploads).await?;
+                    send_range(&mut stream, &held, &request, &mut buf, serving, turn).await?;
                 }
-                None => write_frame(&mut stream, &codec::encode(&ChunkResponse::NotFound)?).await?,
+                None => answer(&mut stream, &ChunkResponse::NotFound).await?,
             }
             continue;
         };
         let end = request.offset.saturating_add(request.length);
         if end > size {
-            let answer =
+            let reply =
                 ChunkResponse::Invalid(format!("range ends at {end}, blob is {size} bytes"));
-            write_frame(&mut stream, &codec::encode(&answer)?).await?;
+            answer(&mut stream, &reply).await?;
             continue;
         }
-        let log = uploads.log.for_stored(store, &request.digest, size).await?;
+        let log = serving.log.for_stored(store, &request.digest, size).await?;
         let sending = match log.map(|log| log.start(request.offset, request.length)) {
             Some(Start::Declined) => {
                 // Another peer is getting this chunk from here right now; the stream stays
                 // open for this peer's next request.
-                write_frame(&mut stream, &codec::encode(&ChunkResponse::Busy)?).await?;
+                answer(&mut stream, &ChunkResponse::Busy).await?;
                 continue;
             }
             Some(Start::Logged(sending)) => Some(sending),
             Some(Start::Unlogged) | None => None,
         };
-        write_frame(
-            &mut stream,
-            &codec::encode(&ChunkResponse::Ok {
-                length: request.length,
-            })?,
-        )
-        .await?;
-        send_range(&mut stream, &Held::Blob(file), &request, &mut buf, uploads).await?;
+        let ok = ChunkResponse::Ok {
+            length: request.length,
+        };
+        answer(&mut stream, &ok).await?;
+        let held = Held::Blob(file);
+        send_range(&mut stream, &held, &request, &mut buf, serving, turn).await?;
         if let Some(sending) = sending {
             sending.finish();
         }
     }
 }
 
+/// Writes all of `bytes`; [`NetError::Timeout`] if any [`STALL_TIMEOUT`] passes with none of
+/// them taken (the peer does not read).
+async fn write_draining(stream: &mut Stream, mut bytes: &[u8]) -> Result<(), NetError> {
+    while !bytes.is_empty() {
+        let n = tokio::time::timeout(STALL_TIMEOUT, stream.write(bytes))
+            .await
+            .map_err(|_| NetError::Timeout)??;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        }
+        bytes = bytes.get(n..).unwrap_or_default();
+    }
+    Ok(())
+}
+
 /// Sends the bytes `request` asks for, read from `held` into `buf` a piece at a time on the
 /// blocking pool (positioned reads straight into the stream's one buffer: no second copy, as an
-/// async file adapter would make, and no allocation per piece).
+/// async file adapter would make, and no allocation per piece). Each piece must drain (see
+/// [`write_draining`]).
 async fn send_range(
     stream: &mut Stream,
     held: &Held,
     request: &ChunkRequest,
     buf: &mut Vec<u8>,
-    uploads: &Uploads,
+    serving: &Serving,
+    turn: &tokio::sync::Mutex<()>,
 ) -> Result<(), NetError> {
     let (mut pos, end) = (
         request.offset,
@@ -254,15 +425,16 @@ async fn send_range(
             let read = piece.get_mut(..n).map(|p| source.read_at(pos, p));
             (read, piece)
         })
-        .await
-        .map_err(|e| NetError::Protocol(e.to_string()))?;
+        .await?;
         *buf = piece;
-        read.ok_or_else(|| NetError::Protocol("copy buffer".into()))??;
-        uploads.spend(n).await;
-        stream.write_all(buf.get(..n).unwrap_or_default()).await?;
+        read.ok_or_else(|| std::io::Error::other("copy buffer shorter than a piece"))??;
+        serving.spend(n, turn).await;
+        write_draining(stream, buf.get(..n).unwrap_or_default()).await?;
         pos += n as u64;
     }
-    stream.flush().await?;
+    tokio::time::timeout(STALL_TIMEOUT, stream.flush())
+        .await
+        .map_err(|_| NetError::Timeout)??;
     Ok(())
 }
 
@@ -280,8 +452,7 @@ impl ChunkClient {
     ) -> Result<ChunkClient, NetError> {
         let stream = tokio::time::timeout(CHUNK_TIMEOUT, control.open_stream(peer, protocol()))
             .await
-            .map_err(|_| NetError::Timeout)?
-            .map_err(|e| NetError::Stream(e.to_string()))?;
+            .map_err(|_| NetError::Timeout)??;
         Ok(ChunkClient { peer, stream })
     }
 
@@ -305,14 +476,12 @@ impl ChunkClient {
             offset,
             length,
         };
-        request
-            .validate()
-            .map_err(|e| NetError::Protocol(e.to_string()))?;
+        request.validate().map_err(NetError::BadRequest)?;
         let work = async {
             let frame = codec::encode(&request)?;
             let answer = async {
                 write_frame(&mut self.stream, &frame).await?;
-                read_frame(&mut self.stream).await
+                read_frame(&mut self.stream, MAX_CHUNK_FRAME_BYTES).await
             };
             let response: ChunkResponse = match answer.await {
                 Ok(answer) => codec::decode(&answer)?,
@@ -321,7 +490,7 @@ impl ChunkClient {
                 // Reset or closed before any answer: libp2p-stream drops an inbound stream when
                 // the server's queue of new streams is full, as it is when a flood of requests
                 // outruns the task that accepts them.
-                Err(e) => return Err(NetError::Refused(e.to_string())),
+                Err(e) => return Err(NetError::Refused(e)),
             };
             match response {
                 ChunkResponse::Ok { length: l } if l == length => {}
@@ -334,7 +503,8 @@ impl ChunkClient {
                 ChunkResponse::Busy => return Err(NetError::Busy),
                 ChunkResponse::Invalid(why) => return Err(NetError::Protocol(why)),
             }
-            let len = usize::try_from(length).map_err(|_| NetError::Protocol("length".into()))?;
+            let len = usize::try_from(length)
+                .map_err(|_| NetError::Protocol(format!("{length} bytes do not fit in memory")))?;
             buf.resize(len, 0);
             self.stream.read_exact(buf).await?;
             Ok(true)
@@ -342,5 +512,83 @@ impl ChunkClient {
         tokio::time::timeout(CHUNK_TIMEOUT, work)
             .await
             .map_err(|_| NetError::Timeout)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_holds_at_most_its_share_of_the_streams() {
+        let askers = Arc::new(Askers::default());
+        let (hog, other) = (PeerId::random(), PeerId::random());
+        let held: Vec<AskerSlot> = (0..MAX_CHUNK_STREAMS_PER_PEER)
+            .map(|_| askers.admit(hog).expect("within its share"))
+            .collect();
+        assert!(askers.admit(hog).is_none(), "past its share");
+        let theirs = askers.admit(other).expect("another peer has its own share");
+        assert!(
+            Arc::ptr_eq(&held[0].turn, &held[1].turn),
+            "one turn per peer"
+        );
+        assert!(!Arc::ptr_eq(&held[0].turn, &theirs.turn));
+        drop(held);
+        assert_eq!(askers.streams(&hog), 0);
+        assert!(
+            lock(&askers.peers).get(&hog).is_none(),
+            "forgotten once idle"
+        );
+        assert!(askers.admit(hog).is_some());
+        assert_eq!(askers.streams(&other), 1);
+    }
+
+    #[test]
+    fn stalls_and_bad_frames_count_against_the_peer_and_nothing_else_does() {
+        let too_large = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            FrameError::TooLarge(codec::CodecError::FrameTooLarge {
+                len: 5000,
+                max: 4096,
+            }),
+        );
+        assert_eq!(offence_of(&NetError::Timeout), Some(Offence::Stalled));
+        assert_eq!(
+            offence_of(&NetError::Io(too_large)),
+            Some(Offence::Malformed)
+        );
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(offence_of(&NetError::Io(reset)), None);
+        assert_eq!(offence_of(&NetError::Busy), None);
+    }
+
+    #[tokio::test]
+    async fn askers_take_turns_at_the_upload_limit() {
+        // 64 KiB a second, one second of burst spent: every piece waits its turn.
+        let serving = Arc::new(Serving::new(Some(64 * 1024)));
+        serving.spend(64 * 1024, &tokio::sync::Mutex::new(())).await;
+        let askers = Arc::new(Askers::default());
+        let (hog, other) = (PeerId::random(), PeerId::random());
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = JoinSet::new();
+        // The hog queues four streams' pieces before the other peer queues one.
+        for (peer, n) in [(hog, 4), (other, 1)] {
+            for _ in 0..n {
+                let slot = askers.admit(peer).unwrap();
+                let (serving, order) = (serving.clone(), order.clone());
+                tasks.spawn(async move {
+                    serving.spend(8 * 1024, &slot.turn).await;
+                    lock(&order).push(peer);
+                });
+                tokio::task::yield_now().await;
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        let order = lock(&order).clone();
+        let other_at = order.iter().position(|p| *p == other).unwrap();
+        assert!(
+            other_at <= 1,
+            "the other peer waited behind the hog's streams: {order:?}"
+        );
     }
 }

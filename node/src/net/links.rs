@@ -6,9 +6,9 @@
 //! to set up, usually wins. Streams then go over one connection or the other at random
 //! (libp2p-stream picks a connection per stream), and over QUIC a byte costs more CPU: libp2p's
 //! QUIC does its packet work in user space, a datagram at a time, and offers ChaCha20 first,
-//! where TCP has the kernel's segmentation offload and TLS with AES-GCM ([`super::tls`]). On
-//! the 2-core benchmark host a rollout to 16 nodes took 77 to 92 s with both transports, 71 to
-//! 75 s with TCP alone.
+//! where TCP has the kernel's segmentation offload and TLS with AES-GCM ([`super::tls`]). On a
+//! CPU-bound host a rollout over both transports was measurably slower than over TCP alone
+//! (the swarm benchmark, '"TCP kept when a peer listens on both"' in `tests/bench/RESULTS.md`).
 //!
 //! So a node keeps TCP when it can:
 //! - a TCP connection to a peer closes that peer's QUIC connections, and so does a QUIC

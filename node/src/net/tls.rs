@@ -8,8 +8,8 @@
 //!
 //! What differs is the order of the cipher suites a dialing node offers. `libp2p-tls` offers
 //! ChaCha20-Poly1305 first; this offers AES-GCM first on a CPU that has AES instructions, where
-//! it costs a fraction of ChaCha20's CPU per byte (on this project's 2-core benchmark machine it
-//! took a fifth of a node's user CPU off a loopback transfer). The listening side takes the
+//! it costs a fraction of ChaCha20's CPU per byte (measured in `tests/bench/RESULTS.md`, "TLS with AES-GCM on
+//! TCP"). The listening side takes the
 //! dialer's order, as TLS 1.3 servers do by default, so a dialer without AES instructions still
 //! gets ChaCha20.
 
@@ -57,14 +57,17 @@ const SCHEMES: &[SignatureScheme] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The node's certificate could not be made.
-    #[error("making the node's TLS certificate: {0}")]
-    Certificate(String),
+    #[error("making the node's TLS certificate")]
+    Certificate(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The handshake failed (the peer's certificate was refused, or the connection broke).
-    #[error("TLS handshake: {0}")]
-    Handshake(std::io::Error),
-    /// The handshake completed without exactly one valid libp2p certificate from the peer.
-    #[error("the peer's TLS certificate: {0}")]
-    PeerCertificate(String),
+    #[error("TLS handshake")]
+    Handshake(#[source] std::io::Error),
+    /// The peer's certificate is not a valid libp2p certificate.
+    #[error("the peer's TLS certificate")]
+    PeerCertificate(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The handshake completed without exactly one certificate from the peer.
+    #[error("the peer presented {0} certificates, not one")]
+    CertificateCount(usize),
 }
 
 /// The TLS security upgrade for libp2p connections (see the module docs).
@@ -85,18 +88,17 @@ impl Config {
         keypair: &Keypair,
         suites: Vec<SupportedCipherSuite>,
     ) -> Result<Config, TlsError> {
-        let setup = |e: &dyn std::fmt::Display| TlsError::Certificate(e.to_string());
-        let (cert, key) = certificate::generate(keypair).map_err(|e| setup(&e))?;
+        fn setup(e: impl std::error::Error + Send + Sync + 'static) -> TlsError {
+            TlsError::Certificate(Box::new(e))
+        }
+        let (cert, key) = certificate::generate(keypair).map_err(setup)?;
         let provider = Arc::new(rustls::crypto::CryptoProvider {
             cipher_suites: suites,
             ..rustls::crypto::aws_lc_rs::default_provider()
         });
         // Not `with_single_cert`: its check of the certificate refuses the critical libp2p
         // extension, which is the point of the certificate.
-        let signer = provider
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| setup(&e))?;
+        let signer = provider.key_provider.load_private_key(key).map_err(setup)?;
         let mine = Arc::new(SingleCertAndKey::from(CertifiedKey::new(
             vec![cert],
             signer,
@@ -104,14 +106,14 @@ impl Config {
         let verifier = Arc::new(PeerCertificate);
         let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| setup(&e))?
+            .map_err(setup)?
             .dangerous()
             .with_custom_certificate_verifier(verifier.clone())
             .with_client_cert_resolver(mine.clone());
         client.alpn_protocols = vec![ALPN.to_vec()];
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| setup(&e))?
+            .map_err(setup)?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(mine);
         server.alpn_protocols = vec![ALPN.to_vec()];
@@ -216,10 +218,8 @@ fn peer_id(state: &CommonState) -> Result<PeerId, TlsError> {
     match state.peer_certificates() {
         Some([cert]) => certificate::parse(cert)
             .map(|c| c.peer_id())
-            .map_err(|e| TlsError::PeerCertificate(e.to_string())),
-        _ => Err(TlsError::PeerCertificate(
-            "not exactly one certificate".into(),
-        )),
+            .map_err(|e| TlsError::PeerCertificate(Box::new(e))),
+        other => Err(TlsError::CertificateCount(other.map_or(0, <[_]>::len))),
     }
 }
 

@@ -5,17 +5,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use shoal_protocol::{Digest, RepoName};
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::watch;
-
-use crate::fetch::Outcome;
+use crate::fetch::{Download, DownloadState};
 use crate::store::partial::Partial;
 use crate::store::{Buffers, Held};
 
 use super::error::RegistryError;
 use super::{Registry, Result, empty};
-use crate::store::Event;
 
 /// Most bytes read from a blob per piece of a response body (and per trip to the blocking pool).
 const SERVE_PIECE_BYTES: usize = 1 << 20;
@@ -103,7 +99,7 @@ enum Source {
     /// A complete blob file.
     File(Arc<std::fs::File>, u64),
     /// A download in progress, streamed as its chunks arrive.
-    Partial(Arc<Partial>, watch::Receiver<Outcome>),
+    Partial(Arc<Partial>, Download),
 }
 
 /// Finds the blob for `name`: on disk, or (if a trusted record of the repository names it)
@@ -121,20 +117,17 @@ async fn source(r: &Registry, name: &RepoName, digest: &Digest) -> Result<Source
     let Some(blob) = r.store.read(move |i| i.record_blob(&n, &d)).await? else {
         return Err(RegistryError::BlobUnknown);
     };
-    let mut outcome = fleet.fetcher.start_blob(name, &blob);
-    loop {
-        if let Some((file, size)) = r.store.open_blob(digest).await? {
-            return Ok(Source::File(file, size));
+    let mut download = fleet.fetcher.download(name, &blob);
+    match download.started().await {
+        DownloadState::Streaming(p) => Ok(Source::Partial(p, download)),
+        DownloadState::Done | DownloadState::Locating => match r.store.open_blob(digest).await? {
+            Some((file, size)) => Ok(Source::File(file, size)),
+            None => Err(RegistryError::BlobUnknown),
+        },
+        DownloadState::Failed(e) => {
+            tracing::warn!(error = &e as &dyn std::error::Error, %digest, "blob named by a record could not be fetched");
+            Err(RegistryError::BlobUnknown)
         }
-        if let Some(p) = r.store.partial_in_progress(digest) {
-            return Ok(Source::Partial(p, outcome));
-        }
-        if let Some(Err(e)) = outcome.borrow_and_update().clone() {
-            tracing::warn!(error = %e, %digest, "blob named by a record could not be fetched");
-            return Err(RegistryError::BlobUnknown);
-        }
-        // Poll: the partial appears once the download has its BlobIndex.
-        let _ = tokio::time::timeout(Duration::from_millis(20), outcome.changed()).await;
     }
 }
 
@@ -142,7 +135,7 @@ async fn source(r: &Registry, name: &RepoName, digest: &Digest) -> Result<Source
 /// (and so verified). Ends with an error if the download fails.
 fn stream_partial(
     partial: Arc<Partial>,
-    outcome: watch::Receiver<Outcome>,
+    download: Download,
     start: u64,
     len: u64,
 ) -> impl futures_util::Stream<Item = std::result::Result<bytes::Bytes, std::io::Error>> {
@@ -150,8 +143,8 @@ fn stream_partial(
     let progress = partial.progress();
     let pool = Buffers::new(BODY_BUFFERS);
     futures_util::stream::unfold(
-        (partial, outcome, progress, start),
-        move |(partial, mut outcome, mut progress, pos)| {
+        (partial, download, progress, start),
+        move |(partial, mut download, mut progress, pos)| {
             let pool = pool.clone();
             async move {
                 if pos >= end {
@@ -163,14 +156,13 @@ fn stream_partial(
                     if partial.has(chunk) {
                         break;
                     }
-                    let state = outcome.borrow_and_update().clone();
-                    if let Some(Err(e)) = state {
-                        let err = std::io::Error::other(format!("download failed: {e}"));
-                        return Some((Err(err), (partial, outcome, progress, end)));
+                    if let DownloadState::Failed(e) = download.state() {
+                        let err = std::io::Error::other(e);
+                        return Some((Err(err), (partial, download, progress, end)));
                     }
                     tokio::select! {
                         r = progress.changed() => { if r.is_err() { return None; } }
-                        r = outcome.changed() => { if r.is_err() && !partial.has(chunk) { return None; } }
+                        alive = download.changed() => { if !alive && !partial.has(chunk) { return None; } }
                     }
                 }
                 let upto = ((u64::from(chunk) + 1) * chunk_size)
@@ -178,8 +170,8 @@ fn stream_partial(
                     .min(pos.saturating_add(SERVE_PIECE_BYTES as u64));
                 let held = Held::Partial(partial.clone());
                 match read_piece(held, pos, upto - pos, &pool).await {
-                    Ok(piece) => Some((Ok(piece), (partial, outcome, progress, upto))),
-                    Err(e) => Some((Err(e), (partial, outcome, progress, end))),
+                    Ok(piece) => Some((Ok(piece), (partial, download, progress, upto))),
+                    Err(e) => Some((Err(e), (partial, download, progress, end))),
                 }
             }
         },
@@ -230,7 +222,10 @@ async fn read_piece(
             pool: pool.clone(),
         })),
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "reading a blob for a response body");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "reading a blob for a response body"
+            );
             Err(std::io::Error::other("reading a blob"))
         }
         Err(e) => Err(std::io::Error::other(e)),
@@ -294,28 +289,37 @@ pub(super) async fn get(
     let body = match source {
         _ if !with_body => Body::empty(),
         Source::File(file, _) => Body::from_stream(stream_file(file, start, len)),
-        Source::Partial(p, outcome) => Body::from_stream(stream_partial(p, outcome, start, len)),
+        Source::Partial(p, download) => Body::from_stream(stream_partial(p, download, start, len)),
     };
-    builder
-        .body(body)
-        .map_err(|e| RegistryError::Internal(crate::store::StoreError::Task(e.to_string())))
+    builder.body(body).map_err(RegistryError::Response)
 }
 
 /// DELETE /v2/<name>/blobs/<digest>
 ///
-/// Removes the blob from the repository. The file stays while other repositories link it;
-/// garbage collection removes unreferenced files.
-pub(super) async fn delete(r: &Registry, name: &RepoName, digest: &Digest) -> Result<Response> {
+/// Removes the blob from the repository: after the `202`, the repository serves it no more,
+/// whatever record once named it. The file stays while other repositories link it; garbage
+/// collection removes unreferenced files.
+pub(super) async fn delete(
+    r: &Registry,
+    request: &super::Request<'_>,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<Response> {
     let (n, d) = (name.clone(), digest.clone());
-    if !r.store.read(move |i| i.is_linked(&n, &d)).await? {
+    let held = r
+        .store
+        .read(move |i| Ok(i.is_linked(&n, &d)? || i.record_blob(&n, &d)?.is_some()))
+        .await?;
+    if !held {
         return Err(RegistryError::BlobUnknown);
     }
-    r.store
-        .commit(vec![Event::Unlink {
-            repo: name.clone(),
-            digest: digest.clone(),
-        }])
-        .await?;
+    r.store.unlink(name, digest).await?;
+    r.audit.record(
+        request
+            .audit(crate::auth::audit::Event::Delete, "ok")
+            .repository(name)
+            .reference(digest),
+    );
     empty(
         StatusCode::ACCEPTED,
         &[("docker-content-digest", digest.to_string())],

@@ -68,9 +68,53 @@ pub enum RegistryError {
     /// No endpoint at this path.
     #[error("not found")]
     NotFound,
+    /// The request needs credentials, or the ones sent are wrong. The value is the
+    /// `WWW-Authenticate` challenge pointing at the token endpoint.
+    #[error("{message}")]
+    Unauthorized {
+        /// The `WWW-Authenticate` header's value.
+        challenge: String,
+        /// What went wrong (no secret).
+        message: String,
+    },
+    /// The caller is known but may not do this; the text says what is missing.
+    #[error("requested access to the resource is denied: {0}")]
+    Denied(String),
+    /// A bearer token that does not cover the request, for an action its client never asked
+    /// for: `403` with a challenge saying `error="insufficient_scope"` and the scope needed
+    /// (RFC 6750, section 3.1), so that the client fetches a token that covers it.
+    #[error("{message}")]
+    InsufficientScope {
+        /// The `WWW-Authenticate` header's value.
+        challenge: String,
+        /// What is missing.
+        message: String,
+    },
+    /// The client failed to log in too often; it may try again after this many seconds.
+    #[error("too many failed logins from this address")]
+    TooManyRequests {
+        /// Seconds until it may try again.
+        retry_after_secs: u64,
+    },
+    /// Too many upload sessions are open (the value is the limit).
+    #[error("{0} upload sessions are open, the most this registry keeps; finish or cancel some")]
+    TooManyUploads(usize),
+    /// A tag that may not move (an immutable tag naming another manifest).
+    #[error("{0}")]
+    TagImmutable(String),
+    /// The node cannot serve this now (it is shutting down, or its network is not running);
+    /// the text says what, for the client.
+    #[error("service unavailable: {0}")]
+    Unavailable(&'static str),
+    /// The node's disk is full: nothing of the request was kept.
+    #[error("the registry's disk is full; nothing of this request was stored")]
+    InsufficientStorage(#[source] StoreError),
     /// Something inside the node failed.
     #[error("internal error")]
     Internal(#[source] StoreError),
+    /// A response could not be built (a header value the node made is not valid).
+    #[error("building the response")]
+    Response(#[source] axum::http::Error),
 }
 
 impl RegistryError {
@@ -96,7 +140,15 @@ impl RegistryError {
             E::Unsupported(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED"),
             E::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             E::NotFound => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
-            E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+            E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            E::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            E::Denied(_) | E::InsufficientScope { .. } => (StatusCode::FORBIDDEN, "DENIED"),
+            E::TooManyRequests { .. } | E::TooManyUploads(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS")
+            }
+            E::TagImmutable(_) => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
+            E::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "UNKNOWN"),
+            E::Internal(_) | E::Response(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }
     }
 }
@@ -105,8 +157,18 @@ impl IntoResponse for RegistryError {
     fn into_response(self) -> Response {
         let (status, code) = self.parts();
         let message = match &self {
-            RegistryError::Internal(e) => {
-                tracing::error!(error = %e, "internal error while serving a registry request");
+            RegistryError::InsufficientStorage(_) => {
+                tracing::error!(
+                    error = &self as &dyn std::error::Error,
+                    "the disk is full: a registry request was refused"
+                );
+                self.to_string()
+            }
+            RegistryError::Internal(_) | RegistryError::Response(_) => {
+                tracing::error!(
+                    error = &self as &dyn std::error::Error,
+                    "internal error while serving a registry request"
+                );
                 "internal server error".to_owned()
             }
             other => other.to_string(),
@@ -127,6 +189,17 @@ impl IntoResponse for RegistryError {
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allowed));
         }
+        if let RegistryError::Unauthorized { challenge, .. }
+        | RegistryError::InsufficientScope { challenge, .. } = &self
+            && let Ok(v) = HeaderValue::from_str(challenge)
+        {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        if let RegistryError::TooManyRequests { retry_after_secs } = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
         response
     }
 }
@@ -144,25 +217,43 @@ impl From<StoreError> for RegistryError {
             StoreError::ChunkLength { declared, got } => RegistryError::SizeInvalid(format!(
                 "chunk is {got} bytes, Content-Range/Length says {declared}"
             )),
-            StoreError::Stream(msg) => {
-                RegistryError::BlobUploadInvalid(format!("request body failed: {msg}"))
+            StoreError::Stream(cause) => {
+                RegistryError::BlobUploadInvalid(format!("request body failed: {cause}"))
             }
+            StoreError::Closed => RegistryError::Unavailable("the node is shutting down"),
+            StoreError::BlobGone(d) => RegistryError::ManifestBlobUnknown(format!(
+                "blob {d} was garbage-collected; push it again"
+            )),
+            StoreError::Busy(what) => RegistryError::Unavailable(what),
+            e if e.is_disk_full() => RegistryError::InsufficientStorage(e),
             e @ (StoreError::Io(_)
             | StoreError::Index(_)
             | StoreError::Corrupt(_)
+            | StoreError::Decode { .. }
+            | StoreError::Encode { .. }
+            | StoreError::ChunkRejected { .. }
             | StoreError::Task(_)
-            | StoreError::Closed) => RegistryError::Internal(e),
+            | StoreError::Invariant(_)) => RegistryError::Internal(e),
         }
     }
 }
 
-impl From<RouteError> for RegistryError {
-    fn from(e: RouteError) -> Self {
+impl RegistryError {
+    /// The answer to a path that is not a route, for a request with this `method`: a manifest
+    /// that is not found is a 404 whatever its reference looks like; only a `PUT` of a bad
+    /// reference is a 400.
+    pub fn from_route(e: RouteError, method: &axum::http::Method) -> Self {
         match e {
             RouteError::NotFound => RegistryError::NotFound,
             RouteError::NameInvalid => RegistryError::NameInvalid,
-            RouteError::TagInvalid => RegistryError::TagInvalid,
             RouteError::DigestInvalid => RegistryError::DigestInvalid("malformed digest".into()),
+            RouteError::ReferenceInvalid { .. } if method != axum::http::Method::PUT => {
+                RegistryError::ManifestUnknown
+            }
+            RouteError::ReferenceInvalid { digest: false } => RegistryError::TagInvalid,
+            RouteError::ReferenceInvalid { digest: true } => {
+                RegistryError::DigestInvalid("malformed digest".into())
+            }
         }
     }
 }
@@ -175,5 +266,47 @@ impl From<ManifestError> for RegistryError {
                 "manifest media type {t:?} is not supported"
             )),
         }
+    }
+}
+
+impl From<crate::tags::PublishError> for RegistryError {
+    fn from(e: crate::tags::PublishError) -> Self {
+        use crate::tags::PublishError as P;
+        match e {
+            e @ P::Immutable { .. } => RegistryError::TagImmutable(e.to_string()),
+            e @ P::NotAPublisher(_) => RegistryError::Denied(e.to_string()),
+            P::Lost { .. } => {
+                RegistryError::Unavailable("the tag was moved by a concurrent push; push again")
+            }
+            P::Store(e) => e.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_507_with_a_spec_body_and_other_io_errors_stay_500() {
+        for full in [
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+            std::io::Error::from_raw_os_error(libc::EDQUOT),
+            std::io::Error::from(std::io::ErrorKind::StorageFull),
+        ] {
+            let e = RegistryError::from(StoreError::from(full));
+            assert_eq!(e.parts(), (StatusCode::INSUFFICIENT_STORAGE, "UNKNOWN"));
+            assert!(e.to_string().contains("disk is full"));
+        }
+        let sled_full = sled::Error::Io(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(
+            RegistryError::from(StoreError::from(sled_full)).parts().0,
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        let other = StoreError::from(std::io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(
+            RegistryError::from(other).parts(),
+            (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
+        );
     }
 }

@@ -1,5 +1,7 @@
-//! Listing endpoints: `GET /v2/_catalog`, `GET /v2/<name>/tags/list` (both paginated with `n`
-//! and `last` and a `Link` header to the next page) and `GET /v2/<name>/referrers/<digest>`.
+//! Listing endpoints: `GET /v2/_catalog`, `GET /v2/<name>/tags/list` and
+//! `GET /v2/<name>/referrers/<digest>`, all paginated with `n` and `last` and a `Link` header
+//! to the next page. A page has a default and a largest size whatever `n` asks, and is read
+//! from the index range at its cursor: no listing loads the whole set.
 
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -8,18 +10,25 @@ use shoal_protocol::{Digest, RepoName};
 use super::error::RegistryError;
 use super::{Registry, Result, param};
 use crate::manifest::OCI_INDEX;
+use crate::store::index::ReferrersPage;
 
-/// Largest page served, whatever `n` asks; a client gets a `Link` to the rest.
+/// Page size when `n` is not given; a client gets a `Link` to the rest.
+const DEFAULT_PAGE_ENTRIES: usize = 1000;
+/// Largest page served, whatever `n` asks.
 const MAX_PAGE_ENTRIES: usize = 10_000;
+/// Largest page of referrers, whatever `n` asks (their descriptors are larger).
+const MAX_REFERRERS_ENTRIES: usize = 1000;
+/// About the most bytes of descriptors in a page of referrers (at least one is served).
+const MAX_REFERRERS_BYTES: usize = 1 << 20;
 
-/// Reads `n` and `last`. `n` is clamped to [`MAX_PAGE_ENTRIES`].
-fn page(q: &[(String, String)]) -> Result<(usize, Option<String>)> {
+/// Reads `n` and `last`. `n` defaults to [`DEFAULT_PAGE_ENTRIES`] and is clamped to `max`.
+fn page(q: &[(String, String)], max: usize) -> Result<(usize, Option<String>)> {
     let n = match param(q, "n") {
-        None => MAX_PAGE_ENTRIES,
+        None => DEFAULT_PAGE_ENTRIES.min(max),
         Some(v) => v
             .parse::<usize>()
             .map_err(|_| RegistryError::PaginationInvalid(format!("n={v:?} is not a number")))?
-            .min(MAX_PAGE_ENTRIES),
+            .min(max),
     };
     Ok((n, param(q, "last").map(str::to_owned)))
 }
@@ -45,8 +54,15 @@ fn escape(s: &str) -> String {
 }
 
 /// GET /v2/_catalog
-pub(super) async fn catalog(r: &Registry, q: &[(String, String)]) -> Result<Response> {
-    let (n, last) = page(q)?;
+///
+/// Lists only the repositories the caller may pull (a page may then hold fewer than `n`; the
+/// `Link` still leads on).
+pub(super) async fn catalog(
+    r: &Registry,
+    caller: &crate::auth::Caller,
+    q: &[(String, String)],
+) -> Result<Response> {
+    let (n, last) = page(q, MAX_PAGE_ENTRIES)?;
     // One more than asked tells whether there is a next page.
     let mut repos = r
         .store
@@ -54,6 +70,7 @@ pub(super) async fn catalog(r: &Registry, q: &[(String, String)]) -> Result<Resp
         .await?;
     let more = repos.len() > n;
     repos.truncate(n);
+    // The cursor is the last name read, whether or not the caller sees it.
     let next = match repos.last() {
         Some(l) if more => Some(format!(
             "</v2/_catalog?n={n}&last={}>; rel=\"next\"",
@@ -61,6 +78,11 @@ pub(super) async fn catalog(r: &Registry, q: &[(String, String)]) -> Result<Resp
         )),
         _ => None,
     };
+    let auth = r.auth();
+    repos.retain(|repo| {
+        auth.allowed(caller, repo)
+            .contains(shoal_protocol::fleet::Action::Pull)
+    });
     let names: Vec<&str> = repos.iter().map(RepoName::as_str).collect();
     Ok(with_link(
         serde_json::json!({ "repositories": names }),
@@ -74,7 +96,7 @@ pub(super) async fn tags(
     name: &RepoName,
     q: &[(String, String)],
 ) -> Result<Response> {
-    let (n, last) = page(q)?;
+    let (n, last) = page(q, MAX_PAGE_ENTRIES)?;
     let repo = name.clone();
     let found = r
         .store
@@ -106,22 +128,53 @@ pub(super) async fn tags(
 }
 
 /// GET /v2/<name>/referrers/<digest>
+///
+/// Paginated like the other listings (the spec lets a registry page referrers with a `Link`);
+/// `last` is the digest the previous page ended with.
 pub(super) async fn referrers(
     r: &Registry,
     name: &RepoName,
     subject: &Digest,
     q: &[(String, String)],
 ) -> Result<Response> {
-    let (n, s) = (name.clone(), subject.clone());
-    let found = r.store.read(move |i| i.referrers(&n, &s)).await?;
-    let filter = param(q, "artifactType");
+    let (n, last) = page(q, MAX_REFERRERS_ENTRIES)?;
+    let filter = param(q, "artifactType").map(str::to_owned);
+    let (repo, s, f) = (name.clone(), subject.clone(), filter.clone());
+    let (found, more) = r
+        .store
+        .read(move |i| {
+            i.referrers_page(
+                &repo,
+                &s,
+                &ReferrersPage {
+                    after: last.as_deref(),
+                    n,
+                    max_bytes: MAX_REFERRERS_BYTES,
+                    artifact_type: f.as_deref(),
+                },
+            )
+        })
+        .await?;
+    let next = match found.last() {
+        Some(l) if more => {
+            let mut link = format!(
+                "</v2/{name}/referrers/{subject}?n={n}&last={}",
+                escape(&l.digest.to_string())
+            );
+            if let Some(f) = &filter {
+                link.push_str(&format!("&artifactType={}", escape(f)));
+            }
+            link.push_str(">; rel=\"next\"");
+            Some(link)
+        }
+        _ => None,
+    };
     let manifests: Vec<serde_json::Value> = found
         .into_iter()
-        .filter(|(_, info)| filter.is_none_or(|f| info.artifact_type.as_deref() == Some(f)))
-        .map(|(digest, info)| {
+        .map(|info| {
             let mut d = serde_json::json!({
                 "mediaType": info.media_type,
-                "digest": digest.to_string(),
+                "digest": info.digest.to_string(),
                 "size": info.size,
             });
             if let Some(t) = info.artifact_type {
@@ -135,7 +188,7 @@ pub(super) async fn referrers(
         .collect();
     let body =
         serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
-    let mut response = axum::Json(body).into_response();
+    let mut response = with_link(body, next);
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));

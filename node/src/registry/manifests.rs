@@ -4,12 +4,14 @@ use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use http_body_util::BodyExt;
-use shoal_protocol::{Algorithm, Digest, Reference, RepoName};
+use shoal_protocol::record::{MAX_RECORD_BLOBS, MAX_RECORD_PAYLOAD_BYTES, TagRecord, TagTarget};
+use shoal_protocol::{Algorithm, Digest, Reference, RepoName, SigningKey, Tag};
 
 use super::error::RegistryError;
 use super::{Registry, Result, empty};
+use crate::auth::audit::Event;
 use crate::manifest::{self, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, ManifestInfo};
-use crate::store::{Event, StoreError};
+use crate::store::{Batch, StoreError};
 
 /// The manifest digest a reference names in the repository, with what the index knows of it.
 /// A manifest that a trusted record names but this node lacks is fetched from the fleet.
@@ -51,7 +53,7 @@ async fn resolve(
         .manifest(name, &digest, size)
         .await
         .map_err(|e| {
-            tracing::warn!(error = %e, %digest, "manifest named by a record could not be fetched");
+            tracing::warn!(error = &e as &dyn std::error::Error, %digest, "manifest named by a record could not be fetched");
             RegistryError::ManifestUnknown
         })?;
     let (n, d) = (name.clone(), digest.clone());
@@ -67,7 +69,10 @@ async fn resolve(
 async fn gossip(r: &Registry, record: &shoal_protocol::VerifiedTagRecord) {
     if let Some(f) = &r.fleet {
         if let Err(e) = f.network.publish(record.signed()).await {
-            tracing::warn!(error = %e, "could not gossip a tag record");
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "could not gossip a tag record"
+            );
         }
     }
 }
@@ -120,14 +125,13 @@ pub(super) async fn get(
     } else {
         Body::empty()
     };
-    builder
-        .body(body)
-        .map_err(|e| RegistryError::Internal(StoreError::Task(e.to_string())))
+    builder.body(body).map_err(RegistryError::Response)
 }
 
 /// PUT /v2/<name>/manifests/<reference>
 pub(super) async fn put(
     r: &Registry,
+    request: &super::Request<'_>,
     name: &RepoName,
     reference: &Reference,
     headers: &HeaderMap,
@@ -164,6 +168,15 @@ pub(super) async fn put(
         }
     }
     check_references(r, name, &info).await?;
+    // A tag's target must fit in a signed record: refused before anything is written.
+    let target = match reference {
+        Reference::Tag(tag) => {
+            let target = r.tags.target_for(name, &digest, &info).await?;
+            fits_in_a_record(name, tag, &target)?;
+            Some(target)
+        }
+        Reference::Digest(_) => None,
+    };
 
     let mut writer = r
         .store
@@ -172,24 +185,48 @@ pub(super) async fn put(
     writer.write(&bytes).await?;
     writer.finish(&digest).await?;
     let subject = info.subject.clone();
-    match reference {
-        Reference::Tag(tag) => {
-            let target = r.tags.target_for(name, &digest, &info).await?;
-            let event = Event::Manifest {
-                repo: name.clone(),
-                digest: digest.clone(),
-                info,
+    // Checked above; still there when the manifest commits, whatever garbage collection does.
+    let references: Vec<Digest> = info.blobs.iter().chain(&info.manifests).cloned().collect();
+    match (reference, target) {
+        (Reference::Tag(tag), Some(target)) => {
+            let manifest = Batch::new()
+                .manifest(name, &digest, info)
+                .requiring(references);
+            let record = match r.tags.publish(name, tag, Some(target), manifest).await {
+                Ok(record) => record,
+                Err(e) => {
+                    let e = RegistryError::from(e);
+                    r.audit.record(
+                        request
+                            .audit(Event::TagMove, e.to_string())
+                            .repository(name)
+                            .reference(tag),
+                    );
+                    return Err(e);
+                }
             };
-            let record = r.tags.publish(name, tag, Some(target), vec![event]).await?;
             gossip(r, &record).await;
+            r.audit.record(
+                request
+                    .audit(Event::TagMove, "ok")
+                    .repository(name)
+                    .reference(format!("{tag}={digest}")),
+            );
         }
-        Reference::Digest(_) => {
-            let event = Event::Manifest {
-                repo: name.clone(),
-                digest: digest.clone(),
-                info,
-            };
-            r.store.commit(vec![event]).await?;
+        (Reference::Digest(_), _) | (Reference::Tag(_), None) => {
+            r.store
+                .commit(
+                    Batch::new()
+                        .manifest(name, &digest, info)
+                        .requiring(references),
+                )
+                .await?;
+            r.audit.record(
+                request
+                    .audit(Event::Push, "ok")
+                    .repository(name)
+                    .reference(&digest),
+            );
         }
     }
     r.announce(&digest).await;
@@ -202,6 +239,35 @@ pub(super) async fn put(
         headers.push(("oci-subject", s.to_string()));
     }
     empty(StatusCode::CREATED, &headers)
+}
+
+/// Refuses a tag target that no signed tag record can carry: too many blobs (about 2,000
+/// sha256 blobs fill a record, whose size the gossip message limit bounds).
+fn fits_in_a_record(name: &RepoName, tag: &Tag, target: &TagTarget) -> Result<()> {
+    let too_big = |why: String| {
+        RegistryError::ManifestInvalid(format!(
+            "a tag can name at most {MAX_RECORD_BLOBS} blobs in a record of at most \
+             {MAX_RECORD_PAYLOAD_BYTES} bytes; this manifest names {} ({why}); push it by \
+             digest, or split it",
+            target.blobs.len()
+        ))
+    };
+    target.validate().map_err(|e| too_big(e.to_string()))?;
+    // The largest the record's other fields can be.
+    let record = TagRecord {
+        repo: name.clone(),
+        tag: tag.clone(),
+        target: Some(target.clone()),
+        timestamp_ms: u64::MAX,
+        sequence: u64::MAX,
+        publisher: SigningKey::from_seed([0; 32]).public(),
+    };
+    let payload = shoal_protocol::codec::encode(&record)
+        .map_err(|e| too_big(format!("cannot encode it: {}", e.describe())))?;
+    if payload.len() > MAX_RECORD_PAYLOAD_BYTES {
+        return Err(too_big(format!("a record of {} bytes", payload.len())));
+    }
+    Ok(())
 }
 
 /// Refuses a manifest that names blobs (or, for an index, manifests) the repository lacks.
@@ -244,6 +310,7 @@ async fn check_references(r: &Registry, name: &RepoName, info: &ManifestInfo) ->
 /// By digest: the manifest and every tag naming it. By tag: only the tag.
 pub(super) async fn delete(
     r: &Registry,
+    request: &super::Request<'_>,
     name: &RepoName,
     reference: &Reference,
 ) -> Result<Response> {
@@ -252,10 +319,8 @@ pub(super) async fn delete(
         Reference::Digest(_) => {
             let (n, d) = (name.clone(), digest.clone());
             let tags = r.store.read(move |i| i.tags_naming(&n, &d)).await?;
-            let mut before = vec![Event::DeleteManifest {
-                repo: name.clone(),
-                digest,
-            }];
+            // The manifest goes with the first tombstone, in one batch.
+            let mut before = Batch::new().delete_manifest(name, &digest);
             for tag in tags {
                 let record = r
                     .tags
@@ -263,15 +328,19 @@ pub(super) async fn delete(
                     .await?;
                 gossip(r, &record).await;
             }
-            if !before.is_empty() {
-                r.store.commit(before).await?;
-            }
+            r.store.commit(before).await?;
         }
         Reference::Tag(tag) => {
-            let record = r.tags.publish(name, tag, None, Vec::new()).await?;
+            let record = r.tags.publish(name, tag, None, Batch::new()).await?;
             gossip(r, &record).await;
         }
     }
+    r.audit.record(
+        request
+            .audit(Event::Delete, "ok")
+            .repository(name)
+            .reference(reference),
+    );
     empty(StatusCode::ACCEPTED, &[])
 }
 

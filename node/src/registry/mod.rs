@@ -6,12 +6,14 @@
 //! way a failure becomes a response. Handlers stream blob bodies in both directions; only
 //! manifests (at most 4 MiB) are ever held in memory whole.
 
-mod admin;
+pub mod access;
+pub mod admin;
 mod blobs;
 pub mod error;
 mod listing;
 mod manifests;
 pub mod path;
+pub mod server;
 mod uploads;
 
 use axum::Router;
@@ -20,11 +22,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::auth::audit::{Audit, Entry, Event};
+use crate::auth::{Auth, Caller};
 use crate::fetch::Fetcher;
 use crate::net::Network;
 use crate::store::Store;
 use crate::tags::Tags;
-use crate::trust::Trust;
 use error::RegistryError;
 use path::Route;
 use shoal_protocol::{Digest, SigningKey};
@@ -44,27 +47,82 @@ pub struct Registry {
     store: Store,
     tags: Tags,
     fleet: Option<Fleet>,
+    audit: Audit,
+    failures: std::sync::Arc<access::Failures>,
+    /// Whether clients reach this registry over HTTPS (for the token endpoint's realm).
+    https: bool,
+    /// The data directory, for the admin API's changes to fleet, trust and users files.
+    data_dir: Option<std::path::PathBuf>,
+    /// Limits on clients (the upload session ones are enforced by the handlers).
+    limits: std::sync::Arc<crate::config::HttpLimits>,
+    /// When abandoned upload sessions were last looked for, in seconds since the Unix epoch.
+    uploads_swept: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The node's disk quota and pin rules, for the admin API.
+    quota: Option<crate::quota::Quota>,
 }
 
 /// The result type of handlers.
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
 impl Registry {
-    /// A registry serving `store` alone, signing its tag records with a throwaway key.
+    /// A registry serving `store` alone, open to local clients, signing its tag records with a
+    /// throwaway key.
     pub fn new(store: Store) -> Registry {
         let key = SigningKey::from_seed(rand::random());
-        let trust = Trust::new(key.public(), Vec::new());
-        let tags = Tags::new(store.clone(), key, trust);
+        let tags = Tags::new(store.clone(), key.clone(), Auth::open(key));
+        Registry::with_fleet(store, tags, None)
+    }
+
+    /// A registry serving `store`, with tag state `tags` (and its access rules), reaching
+    /// `fleet` if any.
+    pub fn with_fleet(store: Store, tags: Tags, fleet: Option<Fleet>) -> Registry {
         Registry {
             store,
             tags,
-            fleet: None,
+            fleet,
+            audit: Audit::default(),
+            failures: std::sync::Arc::default(),
+            https: false,
+            data_dir: None,
+            limits: std::sync::Arc::default(),
+            uploads_swept: std::sync::Arc::default(),
+            quota: None,
         }
     }
 
-    /// A registry serving `store`, with tag state `tags`, reaching `fleet` if any.
-    pub fn with_fleet(store: Store, tags: Tags, fleet: Option<Fleet>) -> Registry {
-        Registry { store, tags, fleet }
+    /// Answers the admin API's quota questions from `quota`.
+    pub fn with_quota(mut self, quota: crate::quota::Quota) -> Registry {
+        self.quota = Some(quota);
+        self
+    }
+
+    /// Holds clients to `limits`.
+    pub fn with_limits(mut self, limits: crate::config::HttpLimits) -> Registry {
+        self.limits = std::sync::Arc::new(limits);
+        self
+    }
+
+    /// Writes an audit trail.
+    pub fn with_audit(mut self, audit: Audit) -> Registry {
+        self.audit = audit;
+        self
+    }
+
+    /// Lets the admin API change the node's files in `data_dir`.
+    pub fn with_data_dir(mut self, data_dir: std::path::PathBuf) -> Registry {
+        self.data_dir = Some(data_dir);
+        self
+    }
+
+    /// Says clients reach the registry over HTTPS.
+    pub fn with_https(mut self, https: bool) -> Registry {
+        self.https = https;
+        self
+    }
+
+    /// The access rules the registry enforces.
+    pub fn auth(&self) -> &Auth {
+        self.tags.auth()
     }
 
     /// Tells the fleet this node holds a blob (no-op without a fleet).
@@ -80,8 +138,45 @@ impl Registry {
             .route("/v2", axum::routing::any(dispatch))
             .route("/v2/", axum::routing::any(dispatch))
             .route("/v2/{*rest}", axum::routing::any(dispatch))
+            .route("/token", axum::routing::get(access::token))
             .route("/_shoal/v1/peers", axum::routing::get(admin::peers))
             .route("/_shoal/v1/status", axum::routing::get(admin::status))
+            .route("/_shoal/v1/fleet", axum::routing::get(admin::fleet_status))
+            .route(
+                "/_shoal/v1/fleet/init",
+                axum::routing::post(admin::fleet_init),
+            )
+            .route(
+                "/_shoal/v1/fleet/join",
+                axum::routing::post(admin::fleet_join),
+            )
+            .route(
+                "/_shoal/v1/fleet/ticket",
+                axum::routing::post(admin::fleet_ticket),
+            )
+            .route(
+                "/_shoal/v1/fleet/policy",
+                axum::routing::post(admin::fleet_policy),
+            )
+            .route(
+                "/_shoal/v1/fleet/token",
+                axum::routing::post(admin::fleet_token),
+            )
+            .route("/_shoal/v1/reload", axum::routing::post(admin::reload))
+            .route("/_shoal/v1/gc", axum::routing::post(admin::gc))
+            .route("/_shoal/v1/compact", axum::routing::post(admin::compact))
+            .route("/_shoal/v1/du", axum::routing::get(admin::du))
+            .route("/_shoal/v1/lifecycle", axum::routing::get(admin::lifecycle))
+            .route(
+                "/_shoal/v1/pins",
+                axum::routing::get(admin::pins).post(admin::pin),
+            )
+            .route("/_shoal/v1/unpin", axum::routing::post(admin::unpin))
+            .route("/_shoal/v1/quota", axum::routing::post(admin::quota_round))
+            .route(
+                "/_shoal/v1/lifecycle/preview",
+                axum::routing::post(admin::lifecycle_preview),
+            )
             .fallback(|| async { RegistryError::NotFound })
             .layer(axum::middleware::map_response(api_version_header))
             .with_state(self)
@@ -117,32 +212,85 @@ fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
     q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
+/// The client's address; a request without one came from inside the process (an embedding or
+/// a test driving the router directly) and counts as loopback.
+fn client_of(client: Option<axum::Extension<access::ClientAddr>>) -> Option<std::net::SocketAddr> {
+    client.map(|c| c.0.0)
+}
+
 async fn dispatch(
     State(registry): State<Registry>,
+    client: Option<axum::Extension<access::ClientAddr>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let client = client_of(client);
     let result = match Route::parse(&decode_path(uri.path())) {
-        Ok(route) => route_request(&registry, route, &method, &uri, &headers, body).await,
-        Err(e) => Err(e.into()),
+        Ok(route) => {
+            let q = query(&uri);
+            let caller = access::caller(&registry, &headers, client).and_then(|caller| {
+                let needs = access::needs(&route, &method, &q);
+                access::authorize(&registry, &caller, &headers, &needs, client)?;
+                Ok(caller)
+            });
+            match caller {
+                Ok(caller) => {
+                    let request = Request {
+                        caller: &caller,
+                        client,
+                        method: &method,
+                        uri: &uri,
+                        headers: &headers,
+                    };
+                    route_request(&registry, route, &request, body).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(RegistryError::from_route(e, &method)),
     };
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// What the handlers know of a request besides its route and body.
+pub(crate) struct Request<'a> {
+    /// Who is asking (already allowed what the route needs).
+    pub caller: &'a Caller,
+    /// The client's address.
+    pub client: Option<std::net::SocketAddr>,
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+}
+
+impl Request<'_> {
+    /// An audit entry of `action` by this request's caller.
+    pub fn audit(&self, action: Event, outcome: impl Into<String>) -> Entry {
+        Entry::new(self.caller.name(), action, outcome).client(self.client)
+    }
 }
 
 async fn route_request(
     r: &Registry,
     route: Route,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
+    request: &Request<'_>,
     body: Body,
 ) -> Result<Response> {
+    let (method, uri, headers) = (request.method, request.uri, request.headers);
     let q = query(uri);
     match (route, method.clone()) {
+        (Route::Base, Method::GET | Method::HEAD) if *request.caller == Caller::Anonymous => {
+            // Docker, podman and the rest log in only when asked to: an anonymous client is
+            // asked, even where it may pull public repositories anonymously.
+            Err(RegistryError::Unauthorized {
+                challenge: access::challenge(r, headers, &[]),
+                message: "authentication required".into(),
+            })
+        }
         (Route::Base, Method::GET | Method::HEAD) => Ok(base()),
-        (Route::Catalog, Method::GET) => listing::catalog(r, &q).await,
+        (Route::Catalog, Method::GET) => listing::catalog(r, request.caller, &q).await,
         (Route::Tags(name), Method::GET) => listing::tags(r, &name, &q).await,
         (Route::Referrers(name, digest), Method::GET) => {
             listing::referrers(r, &name, &digest, &q).await
@@ -153,9 +301,11 @@ async fn route_request(
         (Route::Blob(name, digest), Method::HEAD) => {
             blobs::get(r, &name, &digest, headers, false).await
         }
-        (Route::Blob(name, digest), Method::DELETE) => blobs::delete(r, &name, &digest).await,
+        (Route::Blob(name, digest), Method::DELETE) => {
+            blobs::delete(r, request, &name, &digest).await
+        }
         (Route::UploadStart(name), Method::POST) => {
-            uploads::start(r, &name, &q, headers, body).await
+            uploads::start(r, request.caller, &name, &q, headers, body).await
         }
         (Route::Upload(name, id), Method::PATCH) => {
             uploads::patch(r, &name, &id, headers, body).await
@@ -172,10 +322,10 @@ async fn route_request(
             manifests::get(r, &name, &reference, headers, false).await
         }
         (Route::Manifest(name, reference), Method::PUT) => {
-            manifests::put(r, &name, &reference, headers, body).await
+            manifests::put(r, request, &name, &reference, headers, body).await
         }
         (Route::Manifest(name, reference), Method::DELETE) => {
-            manifests::delete(r, &name, &reference).await
+            manifests::delete(r, request, &name, &reference).await
         }
         (route, _) => Err(RegistryError::MethodNotAllowed(allowed(&route))),
     }
@@ -214,7 +364,5 @@ fn empty(status: axum::http::StatusCode, headers: &[(&str, String)]) -> Result<R
     {
         builder = builder.header(header::CONTENT_LENGTH, "0");
     }
-    builder
-        .body(Body::empty())
-        .map_err(|e| RegistryError::Internal(crate::store::StoreError::Task(e.to_string())))
+    builder.body(Body::empty()).map_err(RegistryError::Response)
 }

@@ -35,10 +35,15 @@ pub enum RouteError {
     NotFound,
     /// The repository name breaks the grammar.
     NameInvalid,
-    /// The manifest reference is not a valid tag.
-    TagInvalid,
     /// The digest in the path is not a valid digest.
     DigestInvalid,
+    /// The manifest reference is neither a valid tag nor a valid digest (`digest`: it has a
+    /// digest's `algorithm:` form). A `PUT` answers `TAG_INVALID` or `DIGEST_INVALID`; a read or a
+    /// delete answers `MANIFEST_UNKNOWN`, as for any manifest that is not there.
+    ReferenceInvalid {
+        /// Whether it looked like a digest.
+        digest: bool,
+    },
 }
 
 fn name(segments: &[&str]) -> Result<RepoName, RouteError> {
@@ -83,9 +88,8 @@ impl Route {
             (_, Some("blobs"), Some(d)) => Ok(Route::Blob(name(&segs[..n - 2])?, digest(d)?)),
             (_, Some("manifests"), Some(r)) => {
                 let repo = name(&segs[..n - 2])?;
-                let reference = r.parse().map_err(|e| match e {
-                    NameError::InvalidDigest(_) => RouteError::DigestInvalid,
-                    _ => RouteError::TagInvalid,
+                let reference = r.parse().map_err(|e| RouteError::ReferenceInvalid {
+                    digest: matches!(e, NameError::InvalidDigest(_)),
                 })?;
                 Ok(Route::Manifest(repo, reference))
             }
@@ -177,11 +181,11 @@ mod tests {
         );
         assert_eq!(
             Route::parse("/v2/x/manifests/-bad"),
-            Err(RouteError::TagInvalid)
+            Err(RouteError::ReferenceInvalid { digest: false })
         );
         assert_eq!(
             Route::parse("/v2/x/manifests/sha256:zz"),
-            Err(RouteError::DigestInvalid)
+            Err(RouteError::ReferenceInvalid { digest: true })
         );
         assert_eq!(
             Route::parse("/v2/x/blobs/sha256:zz"),

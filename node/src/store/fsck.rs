@@ -1,7 +1,8 @@
 //! `shoal fsck`: checks a data directory against its own truth, and rebuilds the index.
 //!
-//! The check hashes every blob file and compares it with its name, replays the journal into a
-//! scratch index and compares that with the real one, and checks that every blob the index
+//! The check hashes every blob file and compares it with its name, replays the journal (its
+//! snapshot and tail, if it was compacted) into a scratch index and compares that with the real
+//! one, and checks that every blob the index
 //! names is on disk. `--repair` moves corrupt blob files to `quarantine/` and rebuilds the index
 //! from the journal and the upload directories. It must run while no node uses the directory
 //! (sled holds a lock on the index).
@@ -55,9 +56,9 @@ pub fn fsck(root: &Path, repair: bool) -> Result<FsckReport, StoreError> {
     check_blobs(&layout, repair, &mut report)?;
 
     let scratch = Index::temporary()?;
-    let scan = journal::read(&layout.journal(), 0, |event, end| {
+    let scan = journal::read(&layout.journal(), 0, |change, end| {
         report.records += 1;
-        scratch.apply(&event, end)
+        scratch.apply(&change, end)
     })?;
     for offset in scan.corrupt {
         report.problems.push(format!(
@@ -65,17 +66,16 @@ pub fn fsck(root: &Path, repair: bool) -> Result<FsckReport, StoreError> {
         ));
     }
 
-    let index = Index::open(&layout.index()).map_err(|e| {
-        StoreError::Corrupt(format!(
-            "cannot open the index (is a node running on this directory?): {e}"
-        ))
-    })?;
-    // What a node start does: apply the journal tail the index has not seen.
-    let applied = index.applied_offset()?;
-    journal::read(&layout.journal(), applied, |event, end| {
-        index.apply(&event, end)
-    })?;
-    let (ours, replayed) = (index.dump_journal_trees()?, scratch.dump_journal_trees()?);
+    // Fails while a node holds the index's lock; `shoal fsck` says so.
+    let index = Index::open(&layout.index())?;
+    // What a node start does: apply the journal tail the index has not seen (or rebuild it, if
+    // it was applied to another generation of the journal).
+    journal::replay(&layout.journal(), &index)?;
+    // Stale `blob_repos.v1` entries aside: a compaction drops them, and they change nothing.
+    let (ours, replayed) = (
+        index.dump_comparable_trees()?,
+        scratch.dump_comparable_trees()?,
+    );
     let differs: Vec<&str> = ours
         .iter()
         .zip(&replayed)
@@ -86,7 +86,9 @@ pub fn fsck(root: &Path, repair: bool) -> Result<FsckReport, StoreError> {
         let what = format!("index trees {} differ from the journal", differs.join(", "));
         if repair {
             index.clear_journal_state()?;
-            journal::read(&layout.journal(), 0, |event, end| index.apply(&event, end))?;
+            journal::read(&layout.journal(), 0, |change, end| {
+                index.apply(&change, end)
+            })?;
             report
                 .repaired
                 .push(format!("{what}: rebuilt from the journal"));
@@ -97,6 +99,25 @@ pub fn fsck(root: &Path, repair: bool) -> Result<FsckReport, StoreError> {
     if repair {
         upload::reconcile(&layout, &index)?;
     }
+    // A current record from beyond the clock skew would pin its tag until that time comes; a
+    // node refuses such records, and re-derives the tag at start (see `tags`).
+    let latest =
+        crate::auth::now_ms().saturating_add(crate::auth::MAX_CLOCK_SKEW.as_millis() as u64);
+    let mut ahead = Vec::new();
+    let _all = index.visit_records(None, |signed| {
+        if let Ok(v) = signed.verify()
+            && v.record().timestamp_ms > latest
+        {
+            let r = v.record();
+            ahead.push(format!(
+                "{}:{} is named by a record from the future (timestamp {} ms, publisher {}); \
+                 the next node start falls back to an earlier record",
+                r.repo, r.tag, r.timestamp_ms, r.publisher
+            ));
+        }
+        std::ops::ControlFlow::Continue(())
+    })?;
+    report.problems.extend(ahead);
     for (repo, digest) in index.referenced_blobs()? {
         if !layout.blob(&digest).is_file() {
             report

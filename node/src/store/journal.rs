@@ -2,96 +2,58 @@
 //! acknowledged. With the blob files it is the truth; the sled index is rebuilt from it.
 //!
 //! Format (`journal.v1.log`): one record per line, `<16 hex: first 8 bytes of BLAKE3 of the
-//! JSON> <JSON event>\n`. A line without its newline at the end of the file is a write that a
+//! JSON> <JSON change>\n`. A line without its newline at the end of the file is a write that a
 //! crash cut short; it was never acknowledged, and opening the journal truncates it. A complete
 //! line whose checksum does not match is corruption: it is skipped and reported by `fsck`.
 //!
-//! One thread owns the file. Callers queue batches of events on a bounded channel; the thread
+//! One thread owns the file. Callers queue batches of changes on a bounded channel; the thread
 //! writes everything queued, fsyncs once for all of it (group commit), applies it to the index
 //! in log order, and only then answers, so the index never runs ahead of the log and concurrent
 //! pushes share one fsync.
-
+//!
+//! Compaction keeps the log from growing forever (see [`super::compact`]): a snapshot of the
+//! state (the changes that rebuild the index) replaces everything before it, and the file starts
+//! a new *generation*. Offsets in the index are *logical*: the generation in the top 16 bits,
+//! the byte offset in the file below, so an index applied to one generation is never read
+//! against another (it is rebuilt from the file instead). A journal that was never compacted is
+//! generation 0, whose logical offsets are its byte offsets.
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-use shoal_protocol::{Digest, RepoName, SignedTagRecord};
 use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
+use super::change::{Change, Kept};
+use super::compact::{self, AutoCompact, CompactReport, Prepared};
+use super::gate::Gate;
 use super::index::Index;
-use crate::manifest::ManifestInfo;
 
 /// Capacity of the queue of batches waiting for the journal thread.
 const JOURNAL_QUEUE_CAPACITY: usize = 1024;
 /// Most batches written under one fsync.
 const GROUP_COMMIT_MAX_BATCHES: usize = 256;
+/// Bits of a logical offset that hold the byte offset in the file (256 TiB per generation).
+const OFFSET_BITS: u32 = 48;
 
-/// One change to the repository state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Event {
-    /// The repository links a blob (an upload finished or a blob was mounted).
-    Link {
-        /// Repository.
-        repo: RepoName,
-        /// Blob.
-        digest: Digest,
-    },
-    /// The blob was deleted from the repository (the file stays for other repositories).
-    Unlink {
-        /// Repository.
-        repo: RepoName,
-        /// Blob.
-        digest: Digest,
-    },
-    /// A manifest was pushed to the repository; its bytes are the blob `digest`.
-    Manifest {
-        /// Repository.
-        repo: RepoName,
-        /// Manifest digest.
-        digest: Digest,
-        /// What the index keeps about it.
-        info: ManifestInfo,
-    },
-    /// The manifest and every tag naming it were deleted from the repository.
-    DeleteManifest {
-        /// Repository.
-        repo: RepoName,
-        /// Manifest digest.
-        digest: Digest,
-    },
-    /// A verified, trusted tag record (or tombstone). It becomes the tag's current record if
-    /// it is newer than the one held, by (timestamp, sequence, publisher).
-    Record {
-        /// The record, as signed.
-        #[serde(with = "record_hex")]
-        record: SignedTagRecord,
-    },
+/// The logical offset of byte `offset` of the journal of generation `generation`.
+pub fn logical(generation: u16, offset: u64) -> u64 {
+    (u64::from(generation) << OFFSET_BITS) | (offset & ((1 << OFFSET_BITS) - 1))
 }
 
-/// Signed records are kept in the journal in their exact signed encoding, hex-encoded, so the
-/// signature still verifies when the journal is replayed.
-mod record_hex {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use shoal_protocol::{SignedTagRecord, codec};
-
-    pub fn serialize<S: Serializer>(r: &SignedTagRecord, s: S) -> Result<S::Ok, S::Error> {
-        let bytes = codec::encode(r).map_err(serde::ser::Error::custom)?;
-        s.serialize_str(&hex::encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SignedTagRecord, D::Error> {
-        let text = String::deserialize(d)?;
-        let bytes = hex::decode(text).map_err(serde::de::Error::custom)?;
-        codec::decode(&bytes).map_err(serde::de::Error::custom)
-    }
+/// The generation and the byte offset of a logical offset.
+pub fn split(logical: u64) -> (u16, u64) {
+    // The shift leaves 16 bits, so the conversion cannot fail.
+    let generation = u16::try_from(logical >> OFFSET_BITS).unwrap_or(u16::MAX);
+    (generation, logical & ((1 << OFFSET_BITS) - 1))
 }
 
-/// Encodes one event as a journal line.
-fn encode(event: &Event) -> Result<Vec<u8>, StoreError> {
-    let json = serde_json::to_vec(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+/// Encodes one change as a journal line.
+pub(super) fn encode(change: &Change) -> Result<Vec<u8>, StoreError> {
+    let json = serde_json::to_vec(change).map_err(StoreError::encode("a journal line"))?;
     let sum = blake3::hash(&json);
     let mut line = Vec::with_capacity(json.len() + 18);
     line.extend_from_slice(hex::encode(&sum.as_bytes()[..8]).as_bytes());
@@ -102,7 +64,7 @@ fn encode(event: &Event) -> Result<Vec<u8>, StoreError> {
 }
 
 /// Decodes one complete line (without its newline).
-fn decode(line: &[u8]) -> Option<Event> {
+fn decode(line: &[u8]) -> Option<Change> {
     let (sum, json) = (line.get(..16)?, line.get(17..)?);
     if line.get(16) != Some(&b' ') {
         return None;
@@ -114,31 +76,64 @@ fn decode(line: &[u8]) -> Option<Event> {
     serde_json::from_slice(json).ok()
 }
 
+/// The generation of the journal open as `file`: what its header line says, or 0 (a journal
+/// never compacted has no header).
+fn generation_of(file: &File) -> Result<u16, StoreError> {
+    let mut first = Vec::new();
+    BufReader::new(file.take(4096)).read_until(b'\n', &mut first)?;
+    if first.last() != Some(&b'\n') {
+        return Ok(0);
+    }
+    Ok(match decode(&first[..first.len() - 1]) {
+        Some(Change::Kept {
+            entry: Kept::Header { generation },
+        }) => generation,
+        _ => 0,
+    })
+}
+
 /// What reading a journal found.
 #[derive(Debug, Default)]
 pub struct Scan {
-    /// Length of the file up to the end of its last complete line.
+    /// The journal's generation.
+    pub generation: u16,
+    /// Length of the file up to the end of its last complete line (bytes, not logical).
     pub complete_len: u64,
     /// Complete lines that did not decode (checksum or JSON), with their byte offsets.
     pub corrupt: Vec<u64>,
+    /// Where the snapshot of a compacted journal ends, if the lines read went past it.
+    pub snapshot_end: Option<u64>,
 }
 
-/// Reads the journal from `from` and hands each good event and the offset just past it to `f`.
+/// Reads the journal from byte `from` and hands each good change and the logical offset just
+/// past it to `f`.
 pub fn read(
     path: &Path,
     from: u64,
-    mut f: impl FnMut(Event, u64) -> Result<(), StoreError>,
+    f: impl FnMut(Change, u64) -> Result<(), StoreError>,
 ) -> Result<Scan, StoreError> {
-    let file = match File::open(path) {
+    read_range(path, from, u64::MAX, f)
+}
+
+/// [`read`], stopping at byte `to` (a line boundary).
+pub(super) fn read_range(
+    path: &Path,
+    from: u64,
+    to: u64,
+    mut f: impl FnMut(Change, u64) -> Result<(), StoreError>,
+) -> Result<Scan, StoreError> {
+    let mut file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scan::default()),
         Err(e) => return Err(e.into()),
     };
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    reader.seek(SeekFrom::Start(from))?;
+    let generation = generation_of(&file)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file.take(to.saturating_sub(from)));
     let mut scan = Scan {
+        generation,
         complete_len: from,
-        corrupt: Vec::new(),
+        ..Scan::default()
     };
     let mut line = Vec::new();
     loop {
@@ -150,33 +145,113 @@ pub fn read(
         let start = scan.complete_len;
         scan.complete_len += n as u64;
         match decode(&line[..n - 1]) {
-            Some(event) => f(event, scan.complete_len)?,
+            Some(change) => {
+                if matches!(
+                    change,
+                    Change::Kept {
+                        entry: Kept::SnapshotEnd
+                    }
+                ) {
+                    scan.snapshot_end = Some(scan.complete_len);
+                }
+                f(change, logical(generation, scan.complete_len))?
+            }
             None => scan.corrupt.push(start),
         }
     }
     Ok(scan)
 }
 
-struct Batch {
-    events: Vec<Event>,
+/// Brings `index` up to the journal at `path`, as a start does: applies what it has not seen
+/// yet, or, if it was applied to another generation of the journal (a crash came between a
+/// compaction's switch and the index's note of it), rebuilds it from the whole file.
+pub fn replay(path: &Path, index: &Index) -> Result<Scan, StoreError> {
+    let generation = match File::open(path) {
+        Ok(file) => generation_of(&file)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e.into()),
+    };
+    let applied = index.applied_offset()?;
+    let (applied_generation, offset) = split(applied);
+    let from = if applied == 0 {
+        0
+    } else if applied_generation == generation {
+        offset
+    } else {
+        tracing::warn!(
+            index = applied_generation,
+            journal = generation,
+            "the index was applied to another generation of the journal; rebuilding it"
+        );
+        index.clear_journal_state()?;
+        0
+    };
+    read(path, from, |change, end| index.apply(&change, end))
+}
+
+/// Where the snapshot of the compacted journal at `path` ends (0 if it has none). Reads the
+/// snapshot.
+fn snapshot_len(path: &Path, generation: u16) -> Result<u64, StoreError> {
+    if generation == 0 {
+        return Ok(0);
+    }
+    // The end marker is always the same line: compared, not decoded.
+    let marker = encode(&Change::Kept {
+        entry: Kept::SnapshotEnd,
+    })?;
+    let mut file = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let (mut at, mut line) = (0u64, Vec::new());
+    loop {
+        line.clear();
+        let n = file.read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Ok(0);
+        }
+        at += n as u64;
+        if line == marker {
+            return Ok(at);
+        }
+    }
+}
+
+struct Queued {
+    changes: Vec<Change>,
     done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Who is waiting for a compaction (nobody for an automatic one).
+type CompactWaiter = Option<oneshot::Sender<Result<CompactReport, StoreError>>>;
+
+/// What the journal thread is asked.
+enum Command {
+    /// Write a batch.
+    Commit(Queued),
+    /// Compact now.
+    Compact(oneshot::Sender<Result<CompactReport, StoreError>>),
+    /// A compaction's snapshot is ready (or failed): switch to it.
+    Switch(Result<Prepared, StoreError>),
 }
 
 /// Handle to the journal thread.
 #[derive(Clone)]
 pub struct Journal {
-    queue: mpsc::Sender<Batch>,
+    queue: mpsc::Sender<Command>,
 }
 
 impl Journal {
     /// Opens the journal at `path`, truncates a torn last line, replays what the index has not
-    /// applied yet, and starts the writer thread.
+    /// applied yet, and starts the writer thread. Compactions write their snapshot in
+    /// `tmp_dir` (on the same file system, cleared at start) and run by themselves as `auto`
+    /// says.
     pub fn open(
         path: &Path,
+        tmp_dir: &Path,
         index: Index,
+        gate: Arc<Gate>,
+        auto: AutoCompact,
     ) -> Result<(Journal, std::thread::JoinHandle<()>), StoreError> {
         let applied = index.applied_offset()?;
-        let scan = read(path, applied, |event, end| index.apply(&event, end))?;
+        let scan = replay(path, &index)?;
         for offset in &scan.corrupt {
             tracing::error!(
                 offset,
@@ -189,7 +264,12 @@ impl Journal {
             .append(true)
             .open(path)?;
         let len = file.metadata()?.len();
-        let end = scan.complete_len.max(applied);
+        let (applied_generation, applied_at) = split(applied);
+        let end = if applied_generation == scan.generation {
+            scan.complete_len.max(applied_at)
+        } else {
+            scan.complete_len
+        };
         if len > end {
             tracing::warn!(
                 torn_bytes = len - end,
@@ -199,78 +279,313 @@ impl Journal {
             file.sync_all()?;
         }
         file.seek(SeekFrom::End(0))?;
+        let snapshot_bytes = snapshot_len(path, scan.generation)?;
         let (queue, inbox) = mpsc::channel(JOURNAL_QUEUE_CAPACITY);
+        let writer = Writer {
+            path: path.to_owned(),
+            tmp_dir: tmp_dir.to_owned(),
+            file,
+            generation: scan.generation,
+            offset: end,
+            snapshot_bytes,
+            auto,
+            retry_after: 0,
+            compacting: None,
+            index,
+            gate,
+            myself: queue.downgrade(),
+        };
         let thread = std::thread::Builder::new()
             .name("shoal-journal".into())
-            .spawn(move || run(file, end, index, inbox))?;
+            .spawn(move || writer.run(inbox))?;
         Ok((Journal { queue }, thread))
     }
 
-    /// Appends `events` durably and applies them to the index.
+    /// Appends `changes` durably and applies them to the index.
     ///
-    /// When this returns `Ok` the events are on disk. If the future is cancelled after the batch
+    /// When this returns `Ok` the changes are on disk. If the future is cancelled after the batch
     /// was queued, the batch is still written: cancellation never tears a batch.
-    pub async fn commit(&self, events: Vec<Event>) -> Result<(), StoreError> {
+    pub async fn commit(&self, changes: Vec<Change>) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
         self.queue
-            .send(Batch { events, done })
+            .send(Command::Commit(Queued { changes, done }))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Compacts the journal now (see [`super::compact`]), or waits for the compaction under
+    /// way. Commits go on meanwhile, except during the switch. Cancelling the future does not
+    /// stop the compaction.
+    pub async fn compact(&self) -> Result<CompactReport, StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.queue
+            .send(Command::Compact(done))
             .await
             .map_err(|_| StoreError::Closed)?;
         wait.await.map_err(|_| StoreError::Closed)?
     }
 }
 
-fn run(mut file: File, mut offset: u64, index: Index, mut inbox: mpsc::Receiver<Batch>) {
-    let mut batches = Vec::new();
-    while let Some(first) = inbox.blocking_recv() {
-        batches.push(first);
-        while batches.len() < GROUP_COMMIT_MAX_BATCHES {
-            match inbox.try_recv() {
-                Ok(b) => batches.push(b),
-                Err(_) => break,
-            }
-        }
-        let result = write_and_apply(&mut file, &mut offset, &index, &batches);
-        for batch in batches.drain(..) {
-            // A caller that went away does not need its answer; its events are written.
-            let _ = batch.done.send(result.clone());
-        }
-    }
-    if let Err(e) = index.flush() {
-        tracing::error!(error = %e, "flushing the index at shutdown");
-    }
+/// The journal thread's state.
+struct Writer {
+    path: PathBuf,
+    tmp_dir: PathBuf,
+    /// The journal, open for appending.
+    file: File,
+    generation: u16,
+    /// Bytes of the journal (all complete lines).
+    offset: u64,
+    /// Bytes of its snapshot (0 if it was never compacted).
+    snapshot_bytes: u64,
+    auto: AutoCompact,
+    /// After a failed automatic compaction, the next waits until the journal is this long.
+    retry_after: u64,
+    /// The waiters of the compaction under way, if one is.
+    compacting: Option<Vec<CompactWaiter>>,
+    index: Index,
+    gate: Arc<Gate>,
+    /// For compactions to hand their snapshot back, without keeping the thread alive.
+    myself: mpsc::WeakSender<Command>,
 }
 
-fn write_and_apply(
-    file: &mut File,
-    offset: &mut u64,
-    index: &Index,
-    batches: &[Batch],
-) -> Result<(), StoreError> {
-    let mut buf = Vec::new();
-    let mut ends = Vec::new();
-    for event in batches.iter().flat_map(|b| &b.events) {
-        buf.extend_from_slice(&encode(event)?);
-        ends.push(*offset + buf.len() as u64);
+impl Writer {
+    fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+        let mut batches = Vec::new();
+        while let Some(first) = inbox.blocking_recv() {
+            let mut other = None;
+            match first {
+                Command::Commit(b) => batches.push(b),
+                command => other = Some(command),
+            }
+            while other.is_none() && !batches.is_empty() && batches.len() < GROUP_COMMIT_MAX_BATCHES
+            {
+                match inbox.try_recv() {
+                    Ok(Command::Commit(b)) => batches.push(b),
+                    Ok(command) => other = Some(command),
+                    Err(_) => break,
+                }
+            }
+            if !batches.is_empty() {
+                // A closed store writes nothing more: every batch queued after the close is
+                // refused.
+                let gate = self.gate.clone();
+                let result = gate
+                    .enter()
+                    .and_then(|_open| self.write_and_apply(&batches));
+                for batch in batches.drain(..) {
+                    // A caller that went away does not need its answer; its changes are written.
+                    let _ = batch.done.send(result.clone());
+                }
+                if self.compacting.is_none()
+                    && self.offset >= self.retry_after
+                    && self.auto.is_due(self.offset, self.snapshot_bytes)
+                {
+                    tracing::info!(
+                        journal_bytes = self.offset,
+                        snapshot_bytes = self.snapshot_bytes,
+                        "compacting the journal"
+                    );
+                    self.start_compaction(None);
+                }
+            }
+            match other {
+                None | Some(Command::Commit(_)) => {}
+                Some(Command::Compact(done)) => self.start_compaction(Some(done)),
+                Some(Command::Switch(prepared)) => self.finish_compaction(prepared),
+            }
+        }
+        if let Some(_open) = self.gate.try_enter()
+            && let Err(e) = self.index.flush()
+        {
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "flushing the index at shutdown"
+            );
+        }
     }
-    if let Err(e) = file.write_all(&buf).and_then(|()| file.sync_data()) {
-        // Leave no half-written line behind for the next batch to append to.
-        let _ = file.set_len(*offset);
-        return Err(e.into());
+
+    fn write_and_apply(&mut self, batches: &[Queued]) -> Result<(), StoreError> {
+        let mut buf = Vec::new();
+        let mut ends = Vec::new();
+        for change in batches.iter().flat_map(|b| &b.changes) {
+            buf.extend_from_slice(&encode(change)?);
+            ends.push(self.offset + buf.len() as u64);
+        }
+        if let Err(e) = self
+            .file
+            .write_all(&buf)
+            .and_then(|()| self.file.sync_data())
+        {
+            // Leave no half-written line behind for the next batch to append to.
+            let _ = self.file.set_len(self.offset);
+            return Err(e.into());
+        }
+        self.offset += buf.len() as u64;
+        for (change, end) in batches.iter().flat_map(|b| &b.changes).zip(ends) {
+            self.index.apply(change, logical(self.generation, end))?;
+        }
+        Ok(())
     }
-    *offset += buf.len() as u64;
-    for (event, end) in batches.iter().flat_map(|b| &b.events).zip(ends) {
-        index.apply(event, end)?;
+
+    /// Starts a compaction of the journal as it is now on a thread of its own, or joins `done`
+    /// to the one under way.
+    fn start_compaction(&mut self, done: CompactWaiter) {
+        if let Some(waiters) = &mut self.compacting {
+            waiters.push(done);
+            return;
+        }
+        let Some(next) = self.generation.checked_add(1) else {
+            if let Some(done) = done {
+                let _ = done.send(Err(StoreError::Invariant(
+                    "the journal ran out of generations",
+                )));
+            }
+            return;
+        };
+        let job = compact::Job {
+            path: self.path.clone(),
+            tmp_dir: self.tmp_dir.clone(),
+            upto: self.offset,
+            generation: next,
+            gate: self.gate.clone(),
+            crash: self.auto.clone(),
+        };
+        let myself = self.myself.clone();
+        let spawned = std::thread::Builder::new()
+            .name("shoal-compact".into())
+            .spawn(move || {
+                let prepared = compact::prepare(&job);
+                let sent = match myself.upgrade() {
+                    Some(queue) => queue
+                        .blocking_send(Command::Switch(prepared))
+                        .map_err(|e| e.0),
+                    None => Err(Command::Switch(prepared)),
+                };
+                // The store is gone: its next start clears the snapshot from tmp/.
+                if let Err(Command::Switch(Ok(prepared))) = sent {
+                    prepared.discard(&job.gate);
+                }
+            });
+        match spawned {
+            Ok(_) => self.compacting = Some(vec![done]),
+            Err(e) => {
+                if let Some(done) = done {
+                    let _ = done.send(Err(e.into()));
+                }
+            }
+        }
     }
-    Ok(())
+
+    /// Switches to a compaction's snapshot, if it is ready, and answers who waits for it.
+    fn finish_compaction(&mut self, prepared: Result<Prepared, StoreError>) {
+        let started = Instant::now();
+        let result = prepared.and_then(|p| {
+            let tmp = p.tmp.clone();
+            let gate = self.gate.clone();
+            let switched = match gate.enter() {
+                Ok(_open) => self.switch(p),
+                // Closed: the snapshot stays in tmp/ for the next start to clear.
+                Err(e) => return Err(e),
+            };
+            // Before the switch, the old journal stays in force and the snapshot goes (after
+            // it, there is nothing left at that path).
+            if switched.is_err()
+                && let Some(_open) = gate.try_enter()
+            {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            switched
+        });
+        let result = result.map(|mut report| {
+            report.switch_ms = started.elapsed().as_millis() as u64;
+            report
+        });
+        match &result {
+            Ok(report) => {
+                self.retry_after = 0;
+                tracing::info!(?report, "journal compacted");
+            }
+            Err(e) => {
+                self.retry_after = self.offset.saturating_add(self.auto.min_bytes);
+                tracing::error!(
+                    error = e as &dyn std::error::Error,
+                    "compacting the journal failed; the journal is as it was"
+                );
+            }
+        }
+        for done in self.compacting.take().into_iter().flatten().flatten() {
+            let _ = done.send(result.clone());
+        }
+    }
+
+    /// Appends the tail (what was written since the snapshot was taken) to the snapshot and
+    /// makes it the journal. Blocks commits for the time it takes to copy the tail and fsync.
+    fn switch(&mut self, p: Prepared) -> Result<CompactReport, StoreError> {
+        let Prepared {
+            tmp,
+            mut file,
+            upto,
+            generation,
+            snapshot_bytes,
+            mut report,
+        } = p;
+        if upto > self.offset {
+            return Err(StoreError::Invariant(
+                "a compaction's snapshot is ahead of the journal",
+            ));
+        }
+        let mut buf = vec![0u8; super::sink::SINK_BUFFER_BYTES];
+        let mut at = upto;
+        while at < self.offset {
+            let n = usize::try_from(self.offset - at)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let chunk = buf.get_mut(..n).unwrap_or_default();
+            self.file.read_exact_at(chunk, at)?;
+            file.write_all(chunk)?;
+            at += n as u64;
+        }
+        file.sync_all()?;
+        self.auto.crash_point(compact::Step::TailCopied)?;
+        // The switch: before the rename the old journal is in force, after it the new one, and
+        // from here on every write goes to the new one, whatever fails next.
+        std::fs::rename(&tmp, &self.path)?;
+        let tail = self.offset - upto;
+        let new_len = snapshot_bytes + tail;
+        let old_generation = self.generation;
+        self.file = file;
+        self.generation = generation;
+        self.offset = new_len;
+        self.snapshot_bytes = snapshot_bytes;
+        self.auto.crash_point(compact::Step::Renamed)?;
+        super::sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
+        self.auto.crash_point(compact::Step::DirSynced)?;
+        // Where the index is in the new journal: the same changes, moved by the compaction.
+        let (applied_generation, applied) = split(self.index.applied_offset()?);
+        if applied_generation == old_generation && applied >= upto && applied - upto <= tail {
+            self.index
+                .set_applied_offset(logical(generation, snapshot_bytes + applied - upto))?;
+        } else {
+            // The index missed a change of the old journal (an apply failed): rebuild it.
+            self.index.clear_journal_state()?;
+            read(&self.path, 0, |change, end| self.index.apply(&change, end))?;
+        }
+        // So that a crash now does not cost a rebuild of the index at the next start.
+        self.index.flush()?;
+        report.tail_bytes = tail;
+        report.journal_bytes_after = new_len;
+        Ok(report)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoal_protocol::Digest;
 
-    fn event(n: u8) -> Event {
-        Event::Link {
+    fn event(n: u8) -> Change {
+        Change::Link {
             repo: "a/b".parse().unwrap(),
             digest: Digest::sha256(&[n]),
         }

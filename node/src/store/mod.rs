@@ -8,6 +8,7 @@
 //! uploads/<id>/{repo,data}    resumable upload sessions (the registry's POST/PATCH/PUT)
 //! partial/<alg>/<hex>/        downloads from peers in progress, resumable (see `partial`)
 //! journal.v1.log              the records log: what each repository links, tags and indexes
+//!                             (once compacted: a snapshot of that state, then what came since)
 //! index/                      sled: the index, rebuilt from the above by `shoal fsck --repair`
 //! ```
 //!
@@ -19,29 +20,40 @@
 //!   the journal and of `uploads/`, so losing it loses nothing.
 //! - Never a whole blob in memory: writes go through a [`sink::Sink`] with two 1 MiB buffers.
 
+pub mod change;
+pub mod compact;
+pub mod evict;
 mod fsck;
+pub mod gate;
+pub mod gc;
 pub mod index;
 pub mod journal;
 pub mod partial;
+pub mod pins;
 pub mod sink;
 pub mod upload;
+pub mod usage;
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use shoal_protocol::{Algorithm, BlobIndex, BlobIndexer, Digest, chunk_size_for};
+use shoal_protocol::{Algorithm, BlobIndex, BlobIndexer, Digest, RepoName, chunk_size_for};
 
+pub use change::{Batch, Change};
+pub use compact::CompactReport;
 pub use fsck::{FsckReport, fsck};
+pub use gc::{GcOptions, GcReport};
 pub use index::Index;
-pub use journal::{Event, Journal};
+pub use journal::Journal;
 pub use upload::{Upload, UploadMeta};
+pub use usage::{RepoUsage, Usage};
 
 use sink::{Hashing, Sink};
 
 /// Reusable buffers for blob bytes, shared by clones: a buffer given back is taken again
-/// instead of allocating and zeroing a fresh one (the profile of a 16-node rollout showed 2.4%
-/// of all CPU in zeroing fresh chunk buffers). Keeps at most `keep` idle ones; a buffer given
+/// instead of allocating and zeroing a fresh one (zeroing fresh chunk buffers showed in the
+/// profile of a rollout: `tests/bench/RESULTS.md`). Keeps at most `keep` idle ones; a buffer given
 /// back past that is freed.
 #[derive(Debug, Clone)]
 pub struct Buffers {
@@ -103,22 +115,49 @@ impl Held {
     }
 }
 
-/// Why a store operation failed.
+/// Why a store operation failed. Clone, so that one outcome can answer every caller that
+/// waits on it (a journal batch, a shared download); causes are kept behind an `Arc`.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// Disk I/O failed.
-    #[error("I/O: {0}")]
+    #[error("disk I/O")]
     Io(#[from] Arc<std::io::Error>),
     /// The sled index failed.
-    #[error("index: {0}")]
-    Index(String),
-    /// Something on disk is not what the store wrote.
+    #[error("the index")]
+    Index(#[from] sled::Error),
+    /// Something on disk is not what the store wrote; the text says what.
     #[error("corrupt store: {0}")]
     Corrupt(String),
-    /// A blocking task failed.
-    #[error("background task: {0}")]
-    Task(String),
-    /// The store is shutting down.
+    /// A value the store wrote (index entry, journal line, partial's index) does not decode.
+    #[error("corrupt store: {what} does not decode")]
+    Decode {
+        /// Which value.
+        what: &'static str,
+        /// Why.
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// A value could not be encoded for the index or the journal.
+    #[error("encoding {what}")]
+    Encode {
+        /// Which value.
+        what: &'static str,
+        /// Why.
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// A chunk received for a download does not match its hash in the signed `BlobIndex`: the
+    /// peer that sent it is at fault, not this node's disk. Nothing was written.
+    #[error("chunk {chunk} does not match its hash")]
+    ChunkRejected {
+        /// The chunk.
+        chunk: u32,
+    },
+    /// A task on the blocking pool failed (it panicked, or was cancelled at shutdown).
+    #[error("a task on the blocking pool failed")]
+    Task(#[source] Arc<tokio::task::JoinError>),
+    /// Code that holds the store's state broke one of its own rules.
+    #[error("internal invariant broken: {0}")]
+    Invariant(&'static str),
+    /// The store is closed (the node is shutting down).
     #[error("the store is closed")]
     Closed,
     /// The bytes do not hash to the digest they were sent under.
@@ -148,9 +187,52 @@ pub enum StoreError {
         /// Received.
         got: u64,
     },
-    /// The other side closed the byte stream early.
-    #[error("client stream failed: {0}")]
-    Stream(String),
+    /// The other side's byte stream failed before it ended (a client hung up).
+    #[error("the client's byte stream failed")]
+    Stream(#[source] Arc<dyn std::error::Error + Send + Sync>),
+    /// A change needs a blob that garbage collection has just swept; pushing the blob again
+    /// brings it back.
+    #[error("blob {0} was garbage-collected")]
+    BlobGone(Digest),
+    /// The store is doing something that runs one at a time; the text says what.
+    #[error("busy: {0}")]
+    Busy(&'static str),
+}
+
+impl StoreError {
+    /// Whether the disk ran out of space (or quota): nothing of the write was kept, and the
+    /// same request may succeed once there is room.
+    pub fn is_disk_full(&self) -> bool {
+        let io_full = |e: &std::io::Error| {
+            e.kind() == std::io::ErrorKind::StorageFull
+                || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        };
+        match self {
+            StoreError::Io(e) => io_full(e),
+            StoreError::Index(sled::Error::Io(e)) => io_full(e),
+            _ => false,
+        }
+    }
+
+    /// For `map_err`: a stored value of kind `what` that does not decode.
+    pub(crate) fn decode<E: std::error::Error + Send + Sync + 'static>(
+        what: &'static str,
+    ) -> impl FnOnce(E) -> StoreError {
+        move |e| StoreError::Decode {
+            what,
+            source: Arc::new(e),
+        }
+    }
+
+    /// For `map_err`: a value of kind `what` that does not encode.
+    pub(crate) fn encode<E: std::error::Error + Send + Sync + 'static>(
+        what: &'static str,
+    ) -> impl FnOnce(E) -> StoreError {
+        move |e| StoreError::Encode {
+            what,
+            source: Arc::new(e),
+        }
+    }
 }
 
 impl From<std::io::Error> for StoreError {
@@ -159,9 +241,9 @@ impl From<std::io::Error> for StoreError {
     }
 }
 
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
-        StoreError::Index(e.to_string())
+impl From<tokio::task::JoinError> for StoreError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        StoreError::Task(Arc::new(e))
     }
 }
 
@@ -220,10 +302,18 @@ impl Layout {
 
 struct Inner {
     layout: Layout,
+    /// Every write to the data directory passes it; [`Store::close`] shuts it.
+    gate: Arc<gate::Gate>,
     index: Index,
     journal: Journal,
     uploads: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<Upload>>>>,
     partials: Mutex<std::collections::HashMap<Digest, Arc<partial::Partial>>>,
+    /// Keeps garbage collection and writes out of each other's way.
+    gc: gc::Guard,
+    /// When blobs were last used and which are being read, for the disk quota.
+    uses: evict::Uses,
+    /// Serializes changes to the pins file.
+    pins: pins::PinsLock,
 }
 
 /// Handle to a node's store (cheap to clone).
@@ -257,6 +347,11 @@ impl Store {
     /// Opens the data directory at `root`, creating it if needed. Blocking: call it from a
     /// blocking context. Replays the journal into the index and reconciles upload sessions.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Store::open_with(root, compact::AutoCompact::default())
+    }
+
+    /// [`Store::open`], compacting the journal by itself as `auto` says.
+    pub(crate) fn open_with(root: &Path, auto: compact::AutoCompact) -> Result<Store, StoreError> {
         let layout = Layout::new(root);
         for dir in [layout.blobs(), layout.tmp(), layout.uploads()] {
             fs::create_dir_all(&dir)?;
@@ -265,21 +360,33 @@ impl Store {
         for entry in fs::read_dir(layout.tmp())? {
             let path = entry?.path();
             if let Err(e) = fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "removing a stale temp file");
+                tracing::warn!(path = %path.display(), error = &e as &dyn std::error::Error, "removing a stale temp file");
             }
         }
         let index = Index::open(&layout.index())?;
+        let gate = Arc::new(gate::Gate::new());
         // The journal thread lives until the last handle to the store is dropped, then flushes
-        // the index and ends.
-        let (journal, _thread) = Journal::open(&layout.journal(), index.clone())?;
+        // the index and ends. Its writes pass the gate like every other.
+        let (journal, _thread) = Journal::open(
+            &layout.journal(),
+            &layout.tmp(),
+            index.clone(),
+            gate.clone(),
+            auto,
+        )?;
         upload::reconcile(&layout, &index)?;
+        let uses = evict::Uses::load(layout.root());
         Ok(Store {
             inner: Arc::new(Inner {
                 layout,
+                gate,
                 index,
                 journal,
                 uploads: Mutex::new(Default::default()),
                 partials: Mutex::new(Default::default()),
+                gc: gc::Guard::default(),
+                uses,
+                pins: pins::PinsLock::default(),
             }),
         })
     }
@@ -295,16 +402,74 @@ impl Store {
         f: impl FnOnce(&Index) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let index = self.inner.index.clone();
-        tokio::task::spawn_blocking(move || f(&index))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || f(&index)).await?
     }
 
-    /// Appends events to the journal durably and applies them to the index.
+    /// Appends a batch of changes to the journal durably and applies them to the index.
     ///
     /// Cancel-safe in the sense that matters: once queued, a batch is written whole or not at all.
-    pub async fn commit(&self, events: Vec<Event>) -> Result<(), StoreError> {
-        self.inner.journal.commit(events).await
+    /// A batch that needs a blob garbage collection has just swept fails with
+    /// [`StoreError::BlobGone`] and changes nothing.
+    pub async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (changes, requires) = batch.into_parts();
+        let _shared = self.inner.gc.shared().await;
+        self.inner.gc.admit(&changes, &requires)?;
+        // What is linked now is as good as new to the grace period of the next collection (a
+        // blob mounted now may wait a while for the manifest that names it).
+        let linked: Vec<PathBuf> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Link { digest, .. } => Some(self.inner.layout.blob(digest)),
+                _ => None,
+            })
+            .collect();
+        if !linked.is_empty() {
+            tokio::task::spawn_blocking(move || {
+                let now = std::time::SystemTime::now();
+                for path in linked {
+                    // A missing file or a read-only one only costs an earlier collection.
+                    if let Ok(f) = File::options().write(true).open(&path) {
+                        let _ = f.set_modified(now);
+                    }
+                }
+            })
+            .await?;
+        }
+        self.inner.journal.commit(changes).await
+    }
+
+    /// Collects garbage: see [`gc`]. One collection runs at a time; pushes and pulls go on.
+    pub async fn gc(&self, options: GcOptions) -> Result<GcReport, StoreError> {
+        gc::collect(self, options).await
+    }
+
+    /// Compacts the records log: see [`compact`]. One compaction runs at a time (a call while
+    /// one runs waits for that one); pushes and pulls go on, and wait only for the switch.
+    pub async fn compact(&self) -> Result<CompactReport, StoreError> {
+        self.inner.journal.compact().await
+    }
+
+    /// `repo` links the blob `digest` (an upload finished, a blob was mounted or fetched).
+    pub async fn link(&self, repo: &RepoName, digest: &Digest) -> Result<(), StoreError> {
+        self.commit(Batch::new().link(repo, digest)).await
+    }
+
+    /// `repo` no longer links the blob `digest` (the file stays for other repositories).
+    pub async fn unlink(&self, repo: &RepoName, digest: &Digest) -> Result<(), StoreError> {
+        self.commit(Batch::new().unlink(repo, digest)).await
+    }
+
+    /// The manifest `digest`, already stored as a blob, is in `repo`.
+    pub async fn add_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        info: crate::manifest::ManifestInfo,
+    ) -> Result<(), StoreError> {
+        self.commit(Batch::new().manifest(repo, digest, info)).await
     }
 
     /// Size of the blob if the store holds it.
@@ -321,7 +486,7 @@ impl Store {
     /// at once.
     pub async fn open_blob(&self, digest: &Digest) -> Result<Option<(Arc<File>, u64)>, StoreError> {
         let path = self.inner.layout.blob(digest);
-        tokio::task::spawn_blocking(move || match File::open(path) {
+        let opened = tokio::task::spawn_blocking(move || match File::open(path) {
             Ok(f) => {
                 let len = f.metadata()?.len();
                 Ok(Some((Arc::new(f), len)))
@@ -329,8 +494,11 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        .await?;
+        if let Ok(Some((file, _))) = &opened {
+            self.inner.uses.opened(digest, file);
+        }
+        opened
     }
 
     /// Reads a whole small blob (a manifest) into memory, at most `limit` bytes.
@@ -356,8 +524,7 @@ impl Store {
             }
             Ok(Some(bytes))
         })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        .await?
     }
 
     /// Starts writing a new blob that will be hashed with `algorithm`, of `size` bytes if that
@@ -372,29 +539,40 @@ impl Store {
             .layout
             .tmp()
             .join(uuid::Uuid::new_v4().simple().to_string());
-        let p = path.clone();
-        let file = tokio::task::spawn_blocking(move || {
-            OpenOptions::new().write(true).create_new(true).open(&p)
+        let (p, gate) = (path.clone(), self.inner.gate.clone());
+        let file = tokio::task::spawn_blocking(move || -> Result<File, StoreError> {
+            let _open = gate.enter()?;
+            Ok(OpenOptions::new().write(true).create_new(true).open(&p)?)
         })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))??;
+        .await??;
+        let hashing = Some(Hashing::new(algorithm, size));
         Ok(BlobWriter {
             store: self.clone(),
-            sink: Some(Sink::new(file, Some(Hashing::new(algorithm, size)), 0)),
-            tmp: TempFile(Some(path)),
+            sink: Some(Sink::new(file, hashing, 0, self.inner.gate.clone())),
+            tmp: TempFile(Some(path), self.inner.gate.clone()),
         })
     }
 
     /// Moves a complete, verified, fsynced file into place as the blob `digest`.
     /// If the blob is already there the file is dropped.
+    /// A blob installed (or found already there) is safe from a garbage collection running now
+    /// and, through its file's time, from the next ones for their grace period.
     pub(crate) async fn install(&self, from: PathBuf, digest: &Digest) -> Result<(), StoreError> {
         let to = self.inner.layout.blob(digest);
+        let gate = self.inner.gate.clone();
+        let _shared = self.inner.gc.shared().await;
+        self.inner.gc.installing(digest);
+        self.inner.uses.installed(digest);
         tokio::task::spawn_blocking(move || {
+            let _open = gate.enter()?;
             let dir = to
                 .parent()
                 .ok_or_else(|| StoreError::Corrupt("blob path has no parent".into()))?;
             if to.exists() {
                 fs::remove_file(&from)?;
+                if let Ok(f) = File::options().write(true).open(&to) {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
                 return Ok(());
             }
             let new_dir = !dir.exists();
@@ -408,8 +586,7 @@ impl Store {
             }
             Ok(())
         })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        .await?
     }
 
     /// Records the `BlobIndex` of a blob just stored, of `size` bytes: the one computed while it
@@ -424,11 +601,11 @@ impl Store {
     ) {
         let result = match indexer.filter(|i| i.chunk_size() == chunk_size_for(size)) {
             Some(indexer) => {
-                let index = self.inner.index.clone();
+                let (index, gate) = (self.inner.index.clone(), self.inner.gate.clone());
                 let digest = digest.clone();
-                tokio::task::spawn_blocking(move || record_index(&index, indexer, digest))
+                tokio::task::spawn_blocking(move || record_index(&index, &gate, indexer, digest))
                     .await
-                    .map_err(|e| StoreError::Task(e.to_string()))
+                    .map_err(StoreError::from)
                     .and_then(|r| r.map(|_| ()))
             }
             None => self.blob_index(digest).await.map(|_| ()),
@@ -441,7 +618,7 @@ impl Store {
     /// The `BlobIndex` of a blob the store holds, computed from the file (and kept) if it was
     /// not recorded when the blob was written. `None` if the blob is not here.
     pub async fn blob_index(&self, digest: &Digest) -> Result<Option<BlobIndex>, StoreError> {
-        let index = self.inner.index.clone();
+        let (index, gate) = (self.inner.index.clone(), self.inner.gate.clone());
         let path = self.inner.layout.blob(digest);
         let digest = digest.clone();
         tokio::task::spawn_blocking(move || {
@@ -455,36 +632,91 @@ impl Store {
             };
             let mut indexer = BlobIndexer::new(chunk_size_for(file.metadata()?.len()));
             scan_file(file, |block| indexer.update(block))?;
-            record_index(&index, indexer, digest).map(Some)
+            record_index(&index, &gate, indexer, digest).map(Some)
         })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        .await?
     }
 
-    /// Flushes the index to disk (the last step of a clean shutdown). Nothing is lost without
-    /// it, since the journal is the truth, but the next start replays less.
-    pub fn flush(&self) {
-        if let Err(e) = self.inner.index.flush() {
-            tracing::error!(error = %e, "flushing the index");
+    /// Every tag record the journal holds for one of `tags`, in the order it was accepted, with
+    /// whether its tag was immutable then. Reads the whole journal on the blocking pool: it is
+    /// for the rare re-derivation of a tag's current record after trust changed.
+    pub async fn journal_records(
+        &self,
+        tags: std::collections::HashSet<(RepoName, shoal_protocol::Tag)>,
+    ) -> Result<Vec<(shoal_protocol::SignedTagRecord, bool)>, StoreError> {
+        let path = self.inner.layout.journal();
+        tokio::task::spawn_blocking(move || {
+            let mut found = Vec::new();
+            journal::read(&path, 0, |change, _| {
+                // A compacted journal keeps the records that were current then.
+                let (record, immutable) = match change {
+                    Change::Record { record, immutable } => (record, immutable),
+                    Change::Kept {
+                        entry: change::Kept::Record { record },
+                    } => (record, false),
+                    _ => return Ok(()),
+                };
+                if let Ok(v) = record.verify()
+                    && tags.contains(&(v.record().repo.clone(), v.record().tag.clone()))
+                {
+                    found.push((record, immutable));
+                }
+                Ok(())
+            })?;
+            Ok(found)
+        })
+        .await?
+    }
+
+    /// Closes the store, the last step of a clean shutdown: waits for the writes in flight,
+    /// refuses every later one (through any handle) with [`StoreError::Closed`], makes the
+    /// chunks of downloads in progress durable, and flushes the index. Nothing acknowledged
+    /// depends on it, since the journal is the truth, but the next start resumes every chunk
+    /// and replays less. Nothing is written to the data directory after it returns.
+    pub async fn close(&self) {
+        let (gate, index) = (self.inner.gate.clone(), self.inner.index.clone());
+        let partials: Vec<_> = self.partials().values().cloned().collect();
+        let closed = tokio::task::spawn_blocking(move || {
+            let _last_words = gate.close();
+            for p in partials {
+                p.persist_held();
+            }
+            if let Err(e) = index.flush() {
+                tracing::error!(error = &e as &dyn std::error::Error, "flushing the index");
+            }
+        })
+        .await;
+        if let Err(e) = closed {
+            tracing::error!(error = &e as &dyn std::error::Error, "closing the store");
         }
+    }
+
+    /// Whether [`Store::close`] has run.
+    pub fn is_closed(&self) -> bool {
+        !self.inner.gate.is_open()
     }
 }
 
-/// Finishes `indexer` over the blob `digest` and records the index. Blocking.
+/// Finishes `indexer` over the blob `digest` and records the index, unless the store is closed
+/// (then the index is only returned: it can be computed again). Blocking.
 fn record_index(
     index: &Index,
+    gate: &gate::Gate,
     indexer: BlobIndexer,
     digest: Digest,
 ) -> Result<BlobIndex, StoreError> {
     let bi = indexer
         .finish(digest)
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    index.put_blob_index(&bi)?;
+        .map_err(StoreError::encode("a blob index"))?;
+    if let Ok(_open) = gate.enter() {
+        index.put_blob_index(&bi)?;
+    }
     Ok(bi)
 }
 
-/// A temp file that is removed when dropped, unless taken.
-struct TempFile(Option<PathBuf>);
+/// A temp file that is removed when dropped, unless taken; left for the next start to clear if
+/// the store is closed by then.
+struct TempFile(Option<PathBuf>, Arc<gate::Gate>);
 
 impl TempFile {
     fn take(&mut self) -> Option<PathBuf> {
@@ -494,7 +726,9 @@ impl TempFile {
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
+        if let Some(p) = self.0.take()
+            && let Some(_open) = self.1.try_enter()
+        {
             let _ = fs::remove_file(p);
         }
     }
@@ -533,7 +767,7 @@ impl BlobWriter {
         let len = sink.len();
         let (_file, hashing) = sink.finish().await?;
         let hashing =
-            hashing.ok_or_else(|| StoreError::Task("blob writer lost its hasher".into()))?;
+            hashing.ok_or_else(|| StoreError::Invariant("blob writer lost its hasher"))?;
         let actual = hashing.digest.finish();
         if &actual != expected {
             return Err(StoreError::DigestMismatch {
@@ -542,11 +776,11 @@ impl BlobWriter {
             });
         }
         let tmp = self.tmp.take().ok_or(StoreError::Closed)?;
-        let result = self.store.install(tmp.clone(), expected).await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
+        if let Err(e) = self.store.install(tmp.clone(), expected).await {
+            // Removed when the writer drops, if the store is still open.
+            self.tmp.0 = Some(tmp);
+            return Err(e);
         }
-        result?;
         self.store
             .keep_blob_index(hashing.index, expected, len)
             .await;

@@ -5,9 +5,9 @@
 //! chunk is written at its offset and held at once in memory (servable to peers, readable by a
 //! streaming client: the bytes are in the page cache). The `chunks` file is written only after
 //! an fsync of the data, with the bits taken before that fsync, so a persisted bit never claims
-//! bytes that a crash could lose. The fsync is batched, once per [`SYNC_EVERY_BYTES`] or
-//! [`SYNC_INTERVAL`]: one fsync per 4 MiB chunk capped a download at the disk's synchronous
-//! write rate (about 200 MB/s here); a crash costs at most a batch of re-downloaded chunks. On
+//! bytes that a crash could lose. The fsync is batched, once per [`FSYNC_EVERY_BYTES`] or
+//! [`FSYNC_INTERVAL`]: one fsync per chunk capped a download at the disk's synchronous
+//! write rate; a crash costs at most a batch of re-downloaded chunks. On
 //! resume every claimed chunk is checked against its BLAKE3 hash once more.
 //!
 //! The blob's sha256 is computed in order as the contiguous prefix of held chunks grows (the
@@ -20,10 +20,10 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use shoal_protocol::message::HaveChunks;
 use shoal_protocol::{Bitfield, BlobIndex, Digest, DigestHasher, codec};
 use tokio::sync::watch;
 
+use super::gate::Gate;
 use super::{Layout, Store, StoreError, sync_dir};
 
 /// How far a partial blob has come.
@@ -38,9 +38,9 @@ pub struct Progress {
 }
 
 /// Bytes written after which the data is fsynced and the `chunks` file rewritten.
-pub const SYNC_EVERY_BYTES: u64 = 64 << 20;
+pub const FSYNC_EVERY_BYTES: u64 = 64 << 20;
 /// Time after which written chunks are made durable with the next chunk, however few.
-pub const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+pub const FSYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct State {
     held: Bitfield,
@@ -59,28 +59,17 @@ pub struct Partial {
     file: File,
     state: Mutex<State>,
     progress: watch::Sender<Progress>,
+    /// The store's write gate.
+    gate: Arc<Gate>,
 }
 
 impl Drop for Partial {
-    /// Makes the chunks written since the last batch durable, so a node stopped in order (the
-    /// store dropped at shutdown) resumes with every chunk it held. After a crash the batch is
-    /// re-downloaded instead.
+    /// Makes the chunks written since the last batch durable, so that a download dropped while
+    /// the store stays open resumes with every chunk it held. A closing store does the same for
+    /// the partials it holds ([`Store::close`]); after a crash the batch is re-downloaded.
     fn drop(&mut self) {
-        let state = self
-            .state
-            .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if state.unsynced == 0 || self.dir.join("chunks").metadata().is_err() {
-            // Nothing new, or the partial was finished or removed.
-            return;
-        }
-        let bits = state.held.to_bytes();
-        if let Err(e) = self
-            .file
-            .sync_data()
-            .and_then(|()| fs::write(self.dir.join("chunks"), bits))
-        {
-            tracing::warn!(digest = %self.index.digest(), error = %e, "saving a partial download's chunk list");
+        if let Some(_open) = self.gate.try_enter() {
+            self.persist_held();
         }
     }
 }
@@ -101,7 +90,8 @@ fn dir_of(layout: &Layout, digest: &Digest) -> PathBuf {
 
 impl Partial {
     /// Opens the partial blob for `index`, resuming what a previous run left. Blocking.
-    fn open(layout: &Layout, index: BlobIndex) -> Result<Partial, StoreError> {
+    fn open(layout: &Layout, index: BlobIndex, gate: Arc<Gate>) -> Result<Partial, StoreError> {
+        let open = gate.enter()?;
         let dir = dir_of(layout, index.digest());
         let count = index.chunk_count();
         let resumable = fs::read(dir.join("index"))
@@ -123,7 +113,7 @@ impl Partial {
             fs::create_dir_all(&dir)?;
             fs::write(
                 dir.join("index"),
-                codec::encode(&index).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                codec::encode(&index).map_err(StoreError::encode("a blob index"))?,
             )?;
             let file = OpenOptions::new()
                 .read(true)
@@ -155,12 +145,14 @@ impl Partial {
             synced_at: std::time::Instant::now(),
         };
         let (progress, _) = watch::channel(Progress::default());
+        drop(open);
         let partial = Partial {
             index,
             dir,
             file,
             state: Mutex::new(state),
             progress,
+            gate,
         };
         if held > 0 {
             tracing::info!(digest = %partial.index.digest(), held, count, "resuming a partial download");
@@ -181,8 +173,8 @@ impl Partial {
     }
 
     /// Which chunks are held.
-    pub fn have(&self) -> HaveChunks {
-        HaveChunks::from(&self.lock().held)
+    pub fn held(&self) -> Bitfield {
+        self.lock().held.clone()
     }
 
     /// Whether chunk `i` is held.
@@ -195,28 +187,28 @@ impl Partial {
         self.progress.subscribe()
     }
 
-    /// Writes chunk `i` (already verified against the index by the caller), durably, and
-    /// marks it held. Blocking.
+    /// Checks chunk `i` against its hash in the index, then writes it, durably within a batch,
+    /// and marks it held. A chunk that fails its hash is [`StoreError::ChunkRejected`] and
+    /// writes nothing. Blocking.
     pub fn write_chunk(&self, i: u32, bytes: &[u8]) -> Result<(), StoreError> {
         if self.has(i) {
             return Ok(());
         }
         if !self.index.verify_chunk(i, bytes) {
-            return Err(StoreError::Corrupt(format!(
-                "chunk {i} does not match its hash"
-            )));
+            return Err(StoreError::ChunkRejected { chunk: i });
         }
         let range = self
             .index
             .chunk_range(i)
-            .ok_or_else(|| StoreError::Corrupt("chunk index".into()))?;
+            .ok_or(StoreError::Invariant("a chunk that verified has no range"))?;
+        let _open = self.gate.enter()?;
         self.file.write_all_at(bytes, range.start)?;
         let persist = {
             let mut state = self.lock();
             state.held.set(i);
             state.unsynced += bytes.len() as u64;
             let due =
-                state.unsynced >= SYNC_EVERY_BYTES || state.synced_at.elapsed() >= SYNC_INTERVAL;
+                state.unsynced >= FSYNC_EVERY_BYTES || state.synced_at.elapsed() >= FSYNC_INTERVAL;
             due.then(|| {
                 state.unsynced = 0;
                 state.synced_at = std::time::Instant::now();
@@ -230,6 +222,27 @@ impl Partial {
             fs::write(self.dir.join("chunks"), bits)?;
         }
         self.advance_hash(Some((i, bytes)))
+    }
+
+    /// Makes the chunks written since the last batch durable: fsyncs the data, then records
+    /// them in `chunks`. Blocking; the caller holds the store's gate (open, or closing).
+    pub(super) fn persist_held(&self) {
+        let bits = {
+            let mut state = self.lock();
+            if state.unsynced == 0 || self.dir.join("chunks").metadata().is_err() {
+                // Nothing new, or the partial was finished or removed.
+                return;
+            }
+            state.unsynced = 0;
+            state.held.to_bytes()
+        };
+        if let Err(e) = self
+            .file
+            .sync_data()
+            .and_then(|()| fs::write(self.dir.join("chunks"), bits))
+        {
+            tracing::warn!(digest = %self.index.digest(), error = &e as &dyn std::error::Error, "saving a partial download's chunk list");
+        }
     }
 
     /// Hashes the contiguous prefix as far as it goes and publishes progress.
@@ -291,7 +304,7 @@ impl Partial {
 fn read_range(file: &File, index: &BlobIndex, i: u32, buf: &mut Vec<u8>) -> Result<(), StoreError> {
     let range = index
         .chunk_range(i)
-        .ok_or_else(|| StoreError::Corrupt("chunk index".into()))?;
+        .ok_or(StoreError::Invariant("a chunk past the end of its index"))?;
     // Overwritten by the read: a reused buffer of the same length is not zeroed first.
     buf.resize(usize::try_from(range.end - range.start).unwrap_or(0), 0);
     file.read_exact_at(buf, range.start)?;
@@ -308,10 +321,8 @@ impl Store {
                 return Ok(p.clone());
             }
         }
-        let layout = self.layout().clone();
-        let p = tokio::task::spawn_blocking(move || Partial::open(&layout, index))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let (layout, gate) = (self.layout().clone(), self.inner.gate.clone());
+        let p = tokio::task::spawn_blocking(move || Partial::open(&layout, index, gate)).await??;
         let mut map = self.partials();
         Ok(map.entry(digest).or_insert_with(|| Arc::new(p)).clone())
     }
@@ -321,7 +332,7 @@ impl Store {
         self.partials().get(digest).cloned()
     }
 
-    fn partials(
+    pub(super) fn partials(
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Digest, Arc<Partial>>> {
         self.inner
@@ -337,34 +348,39 @@ impl Store {
         // The last chunk's writer may not have hashed it yet (a duplicate request for it
         // returns as soon as the bit is set): catch the hash up here rather than race it.
         let p = partial.clone();
-        tokio::task::spawn_blocking(move || p.advance_hash(None))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        tokio::task::spawn_blocking(move || p.advance_hash(None)).await??;
         let actual = partial
             .digest_if_complete()
             .ok_or_else(|| StoreError::Corrupt(format!("partial {digest} is not complete")))?;
-        let p = partial.clone();
+        let (p, gate) = (partial.clone(), self.inner.gate.clone());
         if actual != digest {
             self.partials().remove(&digest);
-            let _ = tokio::task::spawn_blocking(move || fs::remove_dir_all(&p.dir)).await;
+            let _ = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                let _open = gate.enter()?;
+                Ok(fs::remove_dir_all(&p.dir)?)
+            })
+            .await;
             return Err(StoreError::DigestMismatch {
                 expected: digest,
                 actual,
             });
         }
-        tokio::task::spawn_blocking(move || p.file.sync_all())
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let g = gate.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let _open = g.enter()?;
+            Ok(p.file.sync_all()?)
+        })
+        .await??;
         self.install(partial.dir.join("data"), &digest).await?;
         let index = self.inner.index.clone();
         let (bi, dir) = (partial.index.clone(), partial.dir.clone());
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let _open = gate.enter()?;
             index.put_blob_index(&bi)?;
             fs::remove_dir_all(&dir)?;
             Ok(())
         })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))??;
+        .await??;
         self.partials().remove(&digest);
         Ok(())
     }

@@ -6,11 +6,13 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::Arc;
 
 use shoal_protocol::{BlobIndexer, DigestHasher};
 use tokio::task::JoinHandle;
 
 use super::StoreError;
+use super::gate::Gate;
 
 /// Size of each of the two buffers a sink holds.
 pub const SINK_BUFFER_BYTES: usize = 1 << 20;
@@ -55,7 +57,9 @@ type Parts = (File, Option<Hashing>, Vec<u8>);
 pub struct Sink {
     /// The file and hasher, when no write is in flight.
     idle: Option<(File, Option<Hashing>)>,
-    in_flight: Option<JoinHandle<std::io::Result<Parts>>>,
+    in_flight: Option<JoinHandle<Result<Parts, StoreError>>>,
+    /// The store's write gate: a write goes ahead only while it is open.
+    gate: Arc<Gate>,
     buf: Vec<u8>,
     spare: Vec<u8>,
     written: u64,
@@ -64,10 +68,12 @@ pub struct Sink {
 impl Sink {
     /// A sink appending to `file`, which already holds `written` bytes. With `hasher`, every
     /// byte passing through is hashed (the hasher must already cover the first `written`).
-    pub fn new(file: File, hasher: Option<Hashing>, written: u64) -> Sink {
+    /// Every write passes the store's `gate`.
+    pub fn new(file: File, hasher: Option<Hashing>, written: u64, gate: Arc<Gate>) -> Sink {
         Sink {
             idle: Some((file, hasher)),
             in_flight: None,
+            gate,
             buf: Vec::with_capacity(SINK_BUFFER_BYTES),
             spare: Vec::new(),
             written,
@@ -101,8 +107,7 @@ impl Sink {
 
     async fn wait(&mut self) -> Result<(), StoreError> {
         if let Some(job) = self.in_flight.take() {
-            let (file, hasher, mut buf) =
-                job.await.map_err(|e| StoreError::Task(e.to_string()))??;
+            let (file, hasher, mut buf) = job.await??;
             buf.clear();
             self.spare = buf;
             self.idle = Some((file, hasher));
@@ -113,14 +118,16 @@ impl Sink {
     async fn start_write(&mut self) -> Result<(), StoreError> {
         self.wait().await?;
         let Some((mut file, mut hasher)) = self.idle.take() else {
-            return Err(StoreError::Task("sink used after a failed write".into()));
+            return Err(StoreError::Invariant("sink used after a failed write"));
         };
         let mut next = std::mem::take(&mut self.spare);
         if next.capacity() == 0 {
             next.reserve(SINK_BUFFER_BYTES);
         }
         let buf = std::mem::replace(&mut self.buf, next);
+        let gate = self.gate.clone();
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let _open = gate.enter()?;
             file.write_all(&buf)?;
             if let Some(h) = hasher.as_mut() {
                 h.update(&buf);
@@ -137,11 +144,15 @@ impl Sink {
         }
         self.wait().await?;
         let Some((file, hasher)) = self.idle.take() else {
-            return Err(StoreError::Task("sink used after a failed write".into()));
+            return Err(StoreError::Invariant("sink used after a failed write"));
         };
-        let file = tokio::task::spawn_blocking(move || file.sync_data().map(|()| file))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let gate = self.gate.clone();
+        let file = tokio::task::spawn_blocking(move || -> Result<File, StoreError> {
+            let _open = gate.enter()?;
+            file.sync_data()?;
+            Ok(file)
+        })
+        .await??;
         Ok((file, hasher))
     }
 }

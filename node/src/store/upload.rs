@@ -1,9 +1,12 @@
 //! Resumable upload sessions (the registry's `POST`, `PATCH` and `PUT` on `blobs/uploads/`).
 //!
-//! A session is a directory `uploads/<id>/` holding `repo` (the repository it belongs to) and
-//! `data` (the bytes received so far). Every acknowledged chunk is fsynced before the `202`, so a
-//! session survives a restart; the index's `uploads.v1` tree is rebuilt from the directories at
-//! start-up. The running SHA-256 is kept in memory only; after a restart, an interrupted chunk or
+//! A session is a directory `uploads/<id>/` holding `repo` (the repository it belongs to),
+//! `data` (the bytes received so far) and `offset` (how many of them were acknowledged, 8 bytes
+//! big-endian). Every acknowledged chunk is fsynced, then its new offset, before the `202`, so a
+//! session survives a restart at the offset its client was last told, whatever part of a chunk
+//! in flight reached `data`; the index's `uploads.v1` tree is rebuilt from the directories at
+//! start-up. A session without an `offset` file (made by an older version) resumes at the
+//! length of `data`. The running SHA-256 is kept in memory only; after a restart, an interrupted chunk or
 //! a digest of another algorithm, the file is hashed once more when the upload finishes.
 //!
 //! A chunk that fails or is cancelled part-way leaves the session at its previous offset: the
@@ -18,8 +21,9 @@ use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use shoal_protocol::{Algorithm, Digest, DigestHasher, RepoName};
 
+use super::gate::Gate;
 use super::sink::{Hashing, Sink};
-use super::{Event, Index, Layout, Store, StoreError, sync_dir};
+use super::{Index, Layout, Store, StoreError, sync_dir};
 
 /// What the index keeps about an upload session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +45,11 @@ pub struct Upload {
     hasher: Option<Hashing>,
     /// Set once the upload finished or was cancelled; later holders see an unknown upload.
     closed: bool,
+    /// When a chunk was last received (or the session made, or loaded after a restart), in
+    /// seconds since the Unix epoch.
+    active_unix: u64,
+    /// The store's write gate.
+    gate: Arc<Gate>,
 }
 
 impl Upload {
@@ -58,6 +67,24 @@ impl Upload {
         self.dir.join("data")
     }
 
+    /// Seconds since a chunk last arrived (or the session was made or loaded), at `now_unix`.
+    pub fn idle_secs(&self, now_unix: u64) -> u64 {
+        now_unix.saturating_sub(self.active_unix)
+    }
+
+    /// Records `offset` as the acknowledged one, durably. Blocking.
+    fn persist_offset(dir: &Path, offset: u64) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt as _;
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(OFFSET_FILE))?;
+        file.write_all_at(&offset.to_be_bytes(), 0)?;
+        file.sync_data()?;
+        Ok(())
+    }
+
     /// Appends a chunk. `start`, from `Content-Range`, must equal the current offset; `len`, if
     /// declared, must equal the bytes received. Returns the new offset once the chunk is on disk.
     pub async fn append<S, E>(
@@ -68,7 +95,7 @@ impl Upload {
     ) -> Result<u64, StoreError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        E: std::error::Error + Send + Sync + 'static,
     {
         if self.closed {
             return Err(StoreError::UploadUnknown);
@@ -81,9 +108,10 @@ impl Upload {
                 });
             }
         }
-        let path = self.data();
+        let (path, gate) = (self.data(), self.gate.clone());
         let offset = self.offset;
-        let file = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
+        let file = tokio::task::spawn_blocking(move || -> Result<File, StoreError> {
+            let _open = gate.enter()?;
             let file = OpenOptions::new().append(true).open(&path)?;
             // Drop bytes of a chunk that never completed.
             if file.metadata()?.len() != offset {
@@ -91,13 +119,12 @@ impl Upload {
             }
             Ok(file)
         })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))??;
+        .await??;
         // Until this chunk is complete the in-memory hash is not trusted (cancellation).
-        let mut sink = Sink::new(file, self.hasher.take(), offset);
+        let mut sink = Sink::new(file, self.hasher.take(), offset, self.gate.clone());
         let mut body = body;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| StoreError::Stream(e.to_string()))?;
+            let chunk = chunk.map_err(|e| StoreError::Stream(Arc::new(e)))?;
             sink.write(&chunk).await?;
         }
         let got = sink.len() - offset;
@@ -108,10 +135,52 @@ impl Upload {
         }
         let new_offset = sink.len();
         let (_file, hasher) = sink.finish().await?;
-        self.offset = new_offset;
+        self.set_offset(new_offset).await?;
         self.hasher = hasher;
+        self.active_unix = now_unix();
         Ok(new_offset)
     }
+
+    /// Moves the acknowledged offset (the data up to it is on disk already).
+    async fn set_offset(&mut self, offset: u64) -> Result<(), StoreError> {
+        let (dir, gate) = (self.dir.clone(), self.gate.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let _open = gate.enter()?;
+            Upload::persist_offset(&dir, offset)
+        })
+        .await??;
+        self.offset = offset;
+        Ok(())
+    }
+}
+
+/// The file in a session's directory holding its acknowledged offset.
+const OFFSET_FILE: &str = "offset";
+
+/// The acknowledged offset of the session in `dir` whose `data` is `len` bytes long: the one in
+/// its `offset` file, or `len` without one (a session of an older version). Blocking.
+fn acknowledged(dir: &Path, len: u64) -> Result<u64, StoreError> {
+    match fs::read(dir.join(OFFSET_FILE)) {
+        Ok(bytes) => {
+            let bytes: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt(format!("{}: offset is not 8 bytes", dir.display()))
+            })?;
+            // Bytes past the acknowledged offset are a chunk that was in flight; fewer bytes
+            // than acknowledged would be a lost write, and the data is what there is.
+            Ok(u64::from_be_bytes(bytes).min(len))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(len),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// When a file was last written, in seconds since the Unix epoch.
+fn modified_unix(meta: &fs::Metadata) -> Option<u64> {
+    meta.modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
 }
 
 fn now_unix() -> u64 {
@@ -178,21 +247,22 @@ impl Store {
             repo: repo.clone(),
             created_unix: now_unix(),
         };
-        let index = self.inner.index.clone();
+        let (index, gate) = (self.inner.index.clone(), self.inner.gate.clone());
         let uploads = self.layout().uploads();
         let id2 = id.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let _open = gate.enter()?;
             fs::create_dir(&dir)?;
             File::create(dir.join("data"))?;
             let mut f = File::create(dir.join("repo"))?;
             std::io::Write::write_all(&mut f, meta.repo.as_str().as_bytes())?;
             f.sync_all()?;
+            Upload::persist_offset(&dir, 0)?;
             sync_dir(&dir)?;
             sync_dir(&uploads)?;
             index.put_upload(&id2, &meta)
         })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))??;
+        .await??;
         let upload = Upload {
             id: id.clone(),
             repo: repo.clone(),
@@ -200,6 +270,8 @@ impl Store {
             offset: 0,
             hasher: Some(Hashing::new(Algorithm::Sha256, None)),
             closed: false,
+            active_unix: now_unix(),
+            gate: self.inner.gate.clone(),
         };
         self.sessions()
             .insert(id.clone(), Arc::new(tokio::sync::Mutex::new(upload)));
@@ -243,12 +315,19 @@ impl Store {
             return Err(StoreError::UploadUnknown);
         }
         let dir = self.layout().uploads().join(id);
-        let offset = match tokio::fs::metadata(dir.join("data")).await {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::UploadUnknown);
-            }
-            Err(e) => return Err(e.into()),
+        let d = dir.clone();
+        let found = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let data = match fs::metadata(d.join("data")) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let offset = acknowledged(&d, data.len())?;
+            Ok(Some((offset, modified_unix(&data))))
+        })
+        .await??;
+        let Some((offset, modified)) = found else {
+            return Err(StoreError::UploadUnknown);
         };
         let upload = Upload {
             id: id.to_owned(),
@@ -257,6 +336,8 @@ impl Store {
             offset,
             hasher: None,
             closed: false,
+            active_unix: modified.unwrap_or(meta.created_unix),
+            gate: self.inner.gate.clone(),
         };
         let mut sessions = self.sessions();
         let entry = sessions.entry(id.to_owned());
@@ -278,7 +359,7 @@ impl Store {
     ) -> Result<u64, StoreError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        E: std::error::Error + Send + Sync + 'static,
     {
         let session = self.upload(repo, id).await?;
         let mut upload = session.lock().await;
@@ -291,15 +372,13 @@ impl Store {
             Some(h) if digest.algorithm() == Algorithm::Sha256 => (h.digest.finish(), h.index),
             _ => {
                 let (p, alg) = (data.clone(), digest.algorithm());
-                let d = tokio::task::spawn_blocking(move || hash_file(&p, alg))
-                    .await
-                    .map_err(|e| StoreError::Task(e.to_string()))??;
+                let d = tokio::task::spawn_blocking(move || hash_file(&p, alg)).await??;
                 (d, None)
             }
         };
         if &actual != digest {
             // Roll the session back to before this request's bytes.
-            upload.offset = before;
+            upload.set_offset(before).await?;
             upload.hasher = None;
             return Err(StoreError::DigestMismatch {
                 expected: digest.clone(),
@@ -309,11 +388,7 @@ impl Store {
         let size = upload.offset;
         self.install(data, digest).await?;
         self.keep_blob_index(indexer, digest, size).await;
-        self.commit(vec![Event::Link {
-            repo: repo.clone(),
-            digest: digest.clone(),
-        }])
-        .await?;
+        self.link(repo, digest).await?;
         upload.closed = true;
         self.drop_session(&upload).await;
         Ok(size)
@@ -331,14 +406,74 @@ impl Store {
         Ok(())
     }
 
+    /// The session `id` of `repo`, unless it has been idle for `ttl` or longer: then it is
+    /// removed, and unknown like a session that never was.
+    pub async fn live_upload(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Arc<tokio::sync::Mutex<Upload>>, StoreError> {
+        let session = self.upload(repo, id).await?;
+        let mut upload = session.lock().await;
+        if upload.closed {
+            return Err(StoreError::UploadUnknown);
+        }
+        if upload.idle_secs(now_unix()) >= ttl.as_secs() {
+            tracing::debug!(upload = %upload.id, "removing an abandoned upload session");
+            upload.closed = true;
+            self.drop_session(&upload).await;
+            return Err(StoreError::UploadUnknown);
+        }
+        drop(upload);
+        Ok(session)
+    }
+
+    /// Removes every session idle for `ttl` or longer (sessions receiving a chunk are left
+    /// alone) and returns how many sessions remain open.
+    pub async fn expire_uploads(&self, ttl: std::time::Duration) -> Result<usize, StoreError> {
+        let ids = self.read(|i| i.upload_ids()).await?;
+        let mut open = 0;
+        for id in ids {
+            let meta = {
+                let id = id.clone();
+                self.read(move |i| i.upload(&id)).await?
+            };
+            let Some(meta) = meta else { continue };
+            let session = match self.upload(&meta.repo, &id).await {
+                Ok(s) => s,
+                Err(StoreError::UploadUnknown) => continue,
+                Err(e) => return Err(e),
+            };
+            // A session someone holds is in use.
+            let Ok(mut upload) = session.try_lock() else {
+                open += 1;
+                continue;
+            };
+            if upload.closed {
+                continue;
+            }
+            if upload.idle_secs(now_unix()) >= ttl.as_secs() {
+                tracing::debug!(upload = %upload.id, "removing an abandoned upload session");
+                upload.closed = true;
+                self.drop_session(&upload).await;
+            } else {
+                open += 1;
+            }
+        }
+        Ok(open)
+    }
+
     async fn drop_session(&self, upload: &Upload) {
         self.sessions().remove(&upload.id);
-        let (dir, id, index) = (
+        let (dir, id, index, gate) = (
             upload.dir.clone(),
             upload.id.clone(),
             self.inner.index.clone(),
+            self.inner.gate.clone(),
         );
         let result = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let _open = gate.enter()?;
             index.remove_upload(&id)?;
             fs::remove_dir_all(&dir)?;
             Ok(())

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use libp2p::Multiaddr;
 use shoal_node::Node;
-use shoal_node::config::Config;
+use shoal_node::auth::trust::TrustRule;
+use shoal_node::config::{AccessConfig, Config};
 use shoal_node::identity::Identity;
 use shoal_node::net::NetConfig;
 use shoal_node::net::links::Kind;
-use shoal_node::trust::TrustRule;
 use shoal_protocol::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -273,13 +273,16 @@ impl TestNode {
     }
 }
 
+/// Something to do to a node's data directory before it starts.
+pub type Hook = Box<dyn Fn(&std::path::Path) + Send + Sync>;
+
 /// A set of nodes that trust each other.
 pub struct TestNet {
     pub nodes: Vec<TestNode>,
     pub seeds: Vec<[u8; 32]>,
     pub extra_trust: Vec<TrustRule>,
     /// Upload limits (bytes per second) by node index.
-    pub upload_limits: std::collections::HashMap<usize, u64>,
+    pub serve_limits: std::collections::HashMap<usize, u64>,
     /// Site labels by node index.
     pub sites: std::collections::HashMap<usize, String>,
     /// Nodes listen on QUIC and TCP on 127.0.0.1, as a real node does by default, and are
@@ -287,6 +290,19 @@ pub struct TestNet {
     pub quic_and_tcp: bool,
     /// How often each node syncs records with a random peer (the node's default unless set).
     pub sync_interval: Duration,
+    /// How long each stage of a node's shutdown may take (the node's default unless set).
+    pub shutdown_grace: Duration,
+    /// Access settings by node index (a join token, how clients are treated).
+    pub access: std::collections::HashMap<usize, AccessConfig>,
+    /// Whether every node trusts every other's publisher key by a trust rule (the default, for
+    /// tests about transfers); a fleet's members trust each other by membership instead.
+    pub trust_each_other: bool,
+    /// Runs on each node's data directory before it starts (to write its users file, say).
+    pub before_start: Option<Hook>,
+    /// Limits on HTTP clients, for every node (the node's defaults unless set).
+    pub http: shoal_node::config::HttpLimits,
+    /// Garbage collection on a schedule, for every node (none unless set).
+    pub gc: shoal_node::config::GcSchedule,
 }
 
 fn memory_addr() -> Multiaddr {
@@ -308,10 +324,16 @@ impl TestNet {
             nodes: Vec::new(),
             seeds: seeds.collect(),
             extra_trust: Vec::new(),
-            upload_limits: Default::default(),
+            serve_limits: Default::default(),
             sites: Default::default(),
             quic_and_tcp: false,
-            sync_interval: shoal_node::net::SYNC_INTERVAL,
+            sync_interval: shoal_node::net::RECORD_SYNC_INTERVAL,
+            shutdown_grace: shoal_node::node::SHUTDOWN_GRACE,
+            access: Default::default(),
+            trust_each_other: true,
+            before_start: None,
+            http: Default::default(),
+            gc: Default::default(),
         }
     }
 
@@ -325,6 +347,9 @@ impl TestNet {
     }
 
     fn trust(&self) -> Vec<TrustRule> {
+        if !self.trust_each_other {
+            return self.extra_trust.clone();
+        }
         let mut rules: Vec<TrustRule> = self
             .seeds
             .iter()
@@ -350,19 +375,10 @@ impl TestNet {
         .expect("key");
         let memory = memory_addr();
         let (listen, bootstrap) = self.addressing(i, &memory).await;
-        let limit = self.upload_limits.get(&i).copied();
-        let site = self.sites.get(&i).cloned();
-        let sync = self.sync_interval;
-        let node = start_node(
-            dir.path(),
-            listen,
-            bootstrap,
-            self.trust(),
-            limit,
-            site,
-            sync,
-        )
-        .await;
+        if let Some(hook) = &self.before_start {
+            hook(dir.path());
+        }
+        let node = start_node(self.config_for(i, dir.path(), listen, bootstrap)).await;
         self.nodes.push(TestNode {
             node: Some(node),
             dir,
@@ -370,6 +386,35 @@ impl TestNet {
             memory,
         });
         i
+    }
+
+    /// The settings node `i` starts with.
+    fn config_for(
+        &self,
+        i: usize,
+        dir: &std::path::Path,
+        listen: Vec<Multiaddr>,
+        bootstrap: Vec<Multiaddr>,
+    ) -> Config {
+        Config {
+            data_dir: dir.to_path_buf(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            net: NetConfig {
+                listen,
+                bootstrap,
+                mdns: false,
+                serve_limit_bytes_per_sec: self.serve_limits.get(&i).copied(),
+                site: self.sites.get(&i).cloned(),
+                sync_interval: self.sync_interval,
+                redial_backoff: NetConfig::default().redial_backoff,
+            },
+            trust: self.trust(),
+            shutdown_grace: self.shutdown_grace,
+            access: self.access.get(&i).cloned().unwrap_or_default(),
+            http: self.http.clone(),
+            gc: self.gc.clone(),
+            quota: Default::default(),
+        }
     }
 
     /// What node `i` listens on, and the addresses of the other running nodes it dials.
@@ -407,13 +452,10 @@ impl TestNet {
         // new address (as a real node may after a reboot); it dials the others itself.
         let memory = memory_addr();
         let (listen, bootstrap) = self.addressing(i, &memory).await;
-        let trust = self.trust();
-        let limit = self.upload_limits.get(&i).copied();
-        let site = self.sites.get(&i).cloned();
-        let sync = self.sync_interval;
+        let config = self.config_for(i, self.nodes[i].dir.path(), listen, bootstrap);
         let n = &mut self.nodes[i];
         n.memory = memory;
-        n.node = Some(start_node(n.dir.path(), listen, bootstrap, trust, limit, site, sync).await);
+        n.node = Some(start_node(config).await);
     }
 
     /// Waits until every running node has at least `k` peers.
@@ -430,28 +472,7 @@ impl TestNet {
     }
 }
 
-async fn start_node(
-    dir: &std::path::Path,
-    listen: Vec<Multiaddr>,
-    bootstrap: Vec<Multiaddr>,
-    trust: Vec<TrustRule>,
-    upload_limit: Option<u64>,
-    site: Option<String>,
-    sync_interval: Duration,
-) -> Node {
-    let config = Config {
-        data_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        net: NetConfig {
-            listen,
-            bootstrap,
-            mdns: false,
-            upload_limit_bytes_per_sec: upload_limit,
-            site,
-            sync_interval,
-        },
-        trust,
-    };
+async fn start_node(config: Config) -> Node {
     // A node just stopped on this directory may hold sled's lock for a moment longer.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

@@ -1,5 +1,5 @@
 //! Which chunks of each whole blob this node is sending and has sent to peers, for the
-//! [`UploadReport`] in its `Have` answers.
+//! [`ServeReport`] in its `Have` answers.
 //!
 //! A downloader that knows a seeder already sent a chunk to someone waits a little for that copy
 //! to reach another peer instead of asking the seeder again (see *Seeders* in
@@ -10,22 +10,26 @@
 //! The log lives in memory only: after a restart a seeder reports nothing sent, and downloaders
 //! simply ask it as they would have without a report. It holds at most [`MAX_LOGGED_BLOBS`]
 //! blobs; the least recently served one is forgotten first.
+//!
+//! The bookkeeping of one blob, [`ChunkSends`], is plain data with no lock and no I/O: the
+//! fleet simulator (`shoal-simulations`) keeps its seeders' logs with it, so the one-copy rule
+//! it models is the node's own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use shoal_protocol::message::UploadReport;
+use shoal_protocol::message::ServeReport;
 use shoal_protocol::{Bitfield, Digest};
 use tokio::sync::watch;
 
 use crate::store::{Store, StoreError};
 
-/// Most blobs whose uploads are logged at once.
+/// Most blobs whose serves are logged at once.
 pub const MAX_LOGGED_BLOBS: usize = 256;
 
 /// The upload logs of the blobs this node serves.
 #[derive(Debug, Default)]
-pub struct UploadLog {
+pub struct ServeLog {
     blobs: Mutex<Blobs>,
 }
 
@@ -48,13 +52,11 @@ pub struct BlobLog {
 
 #[derive(Debug)]
 struct State {
-    /// Chunk → transfers under way.
-    sending: Vec<u32>,
-    sent: Bitfield,
+    sends: ChunkSends,
     last_used: u64,
 }
 
-impl UploadLog {
+impl ServeLog {
     /// The log of `digest` (a blob of `size` bytes cut in `chunk_size` chunks), created if new.
     pub fn blob(&self, digest: &Digest, size: u64, chunk_size: u64) -> Arc<BlobLog> {
         let mut blobs = lock(&self.blobs);
@@ -82,8 +84,7 @@ impl UploadLog {
             chunk_count,
             size,
             state: Mutex::new(State {
-                sending: vec![0; chunk_count as usize],
-                sent: Bitfield::new(chunk_count),
+                sends: ChunkSends::new(chunk_count),
                 last_used: now,
             }),
             version: watch::Sender::new(0),
@@ -137,15 +138,12 @@ impl BlobLog {
         };
         {
             let mut state = lock(&self.state);
-            let Some(count) = state.sending.get_mut(chunk as usize) else {
-                return Start::Unlogged;
-            };
-            if *count > 0 {
-                return Start::Declined;
+            match state.sends.start(chunk) {
+                SendStart::Started { .. } => self.publish(&state.sends),
+                SendStart::Declined => return Start::Declined,
+                SendStart::OutOfRange => return Start::Unlogged,
             }
-            *count = 1;
         }
-        self.bump();
         Start::Logged(Sending {
             log: self.clone(),
             chunk,
@@ -169,16 +167,12 @@ impl BlobLog {
     }
 
     /// The current report.
-    pub fn report(&self) -> UploadReport {
+    pub fn report(&self) -> ServeReport {
         let state = lock(&self.state);
-        let mut sending = Bitfield::new(self.chunk_count);
-        for (chunk, _) in state.sending.iter().enumerate().filter(|(_, n)| **n > 0) {
-            sending.set(chunk as u32);
-        }
-        UploadReport {
-            version: *self.version.borrow(),
-            sending: sending.to_bytes(),
-            sent: state.sent.to_bytes(),
+        ServeReport {
+            version: state.sends.version(),
+            sending: state.sends.sending().to_bytes(),
+            sent: state.sends.sent().to_bytes(),
         }
     }
 
@@ -187,8 +181,10 @@ impl BlobLog {
         self.version.subscribe()
     }
 
-    fn bump(&self) {
-        self.version.send_modify(|v| *v = v.wrapping_add(1).max(1));
+    /// Tells the waiting long polls the report's new version. Called with the state locked, so
+    /// that two changes at once cannot publish their versions in the wrong order.
+    fn publish(&self, sends: &ChunkSends) {
+        self.version.send_replace(sends.version());
     }
 }
 
@@ -230,16 +226,152 @@ impl Sending {
 
 impl Drop for Sending {
     fn drop(&mut self) {
-        {
-            let mut state = lock(&self.log.state);
-            if let Some(count) = state.sending.get_mut(self.chunk as usize) {
-                *count = count.saturating_sub(1);
-            }
-            if self.finished {
-                state.sent.set(self.chunk);
-            }
+        let mut state = lock(&self.log.state);
+        state.sends.end(self.chunk, self.finished);
+        self.log.publish(&state.sends);
+    }
+}
+
+/// What a downloader's plan makes of one chunk of a seeder's serve report, and all it acts on:
+/// a chunk sent in full once counts as given away whether or not it is being sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Claim {
+    /// Neither being sent nor sent.
+    Unclaimed,
+    /// On its way to a peer, and never sent in full.
+    Sending,
+    /// Sent in full at least once.
+    Sent,
+}
+
+impl Claim {
+    /// The claim on `chunk` of a report with these bitfields.
+    pub fn of(sending: &Bitfield, sent: &Bitfield, chunk: u32) -> Claim {
+        Claim::from_flags(sending.get(chunk), sent.get(chunk))
+    }
+
+    fn from_flags(sending: bool, sent: bool) -> Claim {
+        match (sending, sent) {
+            (_, true) => Claim::Sent,
+            (true, false) => Claim::Sending,
+            (false, false) => Claim::Unclaimed,
         }
-        self.log.bump();
+    }
+}
+
+/// What [`ChunkSends::start`] made of a transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendStart {
+    /// Counted as sending until [`ChunkSends::end`]; `claim_changed` if the chunk's [`Claim`]
+    /// changed (it had not been sent in full before).
+    Started {
+        /// Whether the chunk's [`Claim`] changed.
+        claim_changed: bool,
+    },
+    /// The chunk is on its way to another peer already: one copy at a time (see
+    /// [`BlobLog::start`]).
+    Declined,
+    /// The blob has no such chunk.
+    OutOfRange,
+}
+
+/// One blob's serves from a seeder: which chunks are on their way to a peer, which were sent
+/// in full at least once, and the counters that say when the report changed. Plain data: the
+/// caller locks it ([`BlobLog`]) or owns it (the simulator).
+#[derive(Debug, Clone)]
+pub struct ChunkSends {
+    /// Chunk → whether a transfer of it is under way (one at a time).
+    sending: Vec<bool>,
+    sent: Bitfield,
+    /// Bumped at every start and end of a transfer: the report's version.
+    version: u64,
+    /// Bumped when a chunk's [`Claim`] changes: the only changes a downloader's plan acts on.
+    visible: u64,
+}
+
+impl ChunkSends {
+    /// Nothing sent yet of a blob of `chunk_count` chunks.
+    pub fn new(chunk_count: u32) -> ChunkSends {
+        ChunkSends {
+            sending: vec![false; chunk_count as usize],
+            sent: Bitfield::new(chunk_count),
+            version: 0,
+            visible: 0,
+        }
+    }
+
+    /// A transfer of `chunk` is to start: counted as sending, unless another one is under way
+    /// (then declined, and nothing changes).
+    pub fn start(&mut self, chunk: u32) -> SendStart {
+        let before = self.claim(chunk);
+        let Some(sending) = self.sending.get_mut(chunk as usize) else {
+            return SendStart::OutOfRange;
+        };
+        if *sending {
+            return SendStart::Declined;
+        }
+        *sending = true;
+        SendStart::Started {
+            claim_changed: self.changed(chunk, before),
+        }
+    }
+
+    /// A transfer of `chunk` ends, `finished` (the whole chunk was written) or cut short.
+    /// Returns whether the chunk's [`Claim`] changed.
+    pub fn end(&mut self, chunk: u32, finished: bool) -> bool {
+        let before = self.claim(chunk);
+        let Some(sending) = self.sending.get_mut(chunk as usize) else {
+            return false;
+        };
+        *sending = false;
+        if finished {
+            self.sent.set(chunk);
+        }
+        self.changed(chunk, before)
+    }
+
+    /// Bumps the version, and the visible count if `chunk`'s claim is no longer `before`.
+    fn changed(&mut self, chunk: u32, before: Claim) -> bool {
+        self.version = self.version.wrapping_add(1).max(1);
+        let changed = self.claim(chunk) != before;
+        self.visible = self.visible.wrapping_add(u64::from(changed));
+        changed
+    }
+
+    /// The claim a report taken now makes on `chunk`.
+    pub fn claim(&self, chunk: u32) -> Claim {
+        Claim::from_flags(self.is_sending(chunk), self.sent.get(chunk))
+    }
+
+    /// Whether a transfer of `chunk` is under way.
+    pub fn is_sending(&self, chunk: u32) -> bool {
+        self.sending.get(chunk as usize).is_some_and(|s| *s)
+    }
+
+    /// The chunks on their way to a peer, as a report carries them.
+    pub fn sending(&self) -> Bitfield {
+        let mut sending = Bitfield::new(self.sent.len());
+        for (chunk, _) in self.sending.iter().enumerate().filter(|(_, s)| **s) {
+            sending.set(chunk as u32);
+        }
+        sending
+    }
+
+    /// The chunks sent in full at least once.
+    pub fn sent(&self) -> &Bitfield {
+        &self.sent
+    }
+
+    /// The report's version: 0 before the first transfer, then changed (never back to 0) at
+    /// every start and end of one.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// How many times a chunk's [`Claim`] changed: a report whose count is the same as an
+    /// earlier one's changes nothing a downloader's plan acts on.
+    pub fn visible(&self) -> u64 {
+        self.visible
     }
 }
 
@@ -262,7 +394,7 @@ mod tests {
 
     #[test]
     fn whole_chunks_are_logged_while_sending_and_once_sent() {
-        let log = UploadLog::default();
+        let log = ServeLog::default();
         let digest = Digest::sha256(b"blob");
         // 10 bytes in chunks of 4: the last chunk has 2 bytes.
         let blob = log.blob(&digest, 10, 4);
@@ -303,8 +435,75 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_goes_out_one_copy_at_a_time() {
+        let mut sends = ChunkSends::new(3);
+        assert_eq!(
+            sends.start(1),
+            SendStart::Started {
+                claim_changed: true
+            }
+        );
+        assert_eq!(sends.start(1), SendStart::Declined, "already on its way");
+        assert_eq!(sends.start(3), SendStart::OutOfRange);
+        assert!(sends.is_sending(1));
+        assert!(sends.end(1, false), "cut short: no longer claimed");
+        assert_eq!(
+            sends.start(1),
+            SendStart::Started {
+                claim_changed: true
+            },
+            "the refusal ends with the transfer"
+        );
+        assert!(sends.end(1, true));
+        assert_eq!(sends.sent().iter_ones().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(sends.sending().count_ones(), 0);
+    }
+
+    #[test]
+    fn every_start_and_end_changes_the_version_and_claim_changes_the_visible_count() {
+        let mut sends = ChunkSends::new(2);
+        assert_eq!((sends.version(), sends.visible()), (0, 0));
+        sends.start(0);
+        assert_eq!(sends.claim(0), Claim::Sending);
+        assert_eq!((sends.version(), sends.visible()), (1, 1));
+        sends.start(0); // declined
+        assert_eq!((sends.version(), sends.visible()), (1, 1));
+        sends.end(0, true);
+        assert_eq!(sends.claim(0), Claim::Sent);
+        assert_eq!((sends.version(), sends.visible()), (2, 2));
+        // Sent once counts as given away: sending it again changes no claim.
+        assert_eq!(
+            sends.start(0),
+            SendStart::Started {
+                claim_changed: false
+            }
+        );
+        assert!(!sends.end(0, true));
+        assert_eq!((sends.version(), sends.visible()), (4, 2));
+        assert_eq!(sends.claim(1), Claim::Unclaimed);
+        assert!(!sends.end(5, true), "no such chunk");
+        assert_eq!(sends.version(), 4);
+    }
+
+    #[test]
+    fn a_report_claims_what_the_log_claimed_when_it_was_taken() {
+        let mut sends = ChunkSends::new(3);
+        sends.start(0);
+        sends.start(1);
+        sends.end(1, true);
+        sends.start(1);
+        let (sending, sent) = (sends.sending(), sends.sent().clone());
+        for chunk in 0..3 {
+            assert_eq!(Claim::of(&sending, &sent, chunk), sends.claim(chunk));
+        }
+        assert_eq!(Claim::of(&sending, &sent, 0), Claim::Sending);
+        assert_eq!(Claim::of(&sending, &sent, 1), Claim::Sent);
+        assert_eq!(Claim::of(&sending, &sent, 2), Claim::Unclaimed);
+    }
+
+    #[test]
     fn the_least_recently_served_blob_is_forgotten_first() {
-        let log = UploadLog::default();
+        let log = ServeLog::default();
         let digests: Vec<Digest> = (0..=MAX_LOGGED_BLOBS)
             .map(|i| Digest::sha256(&i.to_be_bytes()))
             .collect();

@@ -1,6 +1,8 @@
 //! Test harness for driving the registry router in-process: a store in a temp dir, requests sent
-//! with `tower::ServiceExt::oneshot`, response helpers, digests and manifest builders.
+//! with `tower::ServiceExt::oneshot`, response helpers, digests and manifest builders, and
+//! readers of the catalog, tag and referrer listings.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -305,85 +307,6 @@ impl Harness {
     pub async fn delete(&self, uri: &str) -> Resp {
         self.request(Method::DELETE, uri, &[], Body::empty()).await
     }
-
-    /// Monolithic upload by `POST ?digest=`; asserts 201 and returns the digest.
-    pub async fn push_blob(&self, repo: &str, data: &[u8]) -> String {
-        let d = sha256(data);
-        self.request(
-            Method::POST,
-            &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
-            &[("content-type", "application/octet-stream")],
-            data.to_vec(),
-        )
-        .await
-        .expect(StatusCode::CREATED);
-        d
-    }
-
-    /// Starts an upload session; asserts 202 and returns its `Location`.
-    pub async fn start_upload(&self, repo: &str) -> String {
-        let r = self
-            .request(
-                Method::POST,
-                &format!("/v2/{repo}/blobs/uploads/"),
-                &[("content-length", "0")],
-                Body::empty(),
-            )
-            .await;
-        r.expect(StatusCode::ACCEPTED);
-        r.must_header("location").to_owned()
-    }
-
-    /// PATCH of a chunk at `location` with `Content-Range: start-end`.
-    pub async fn patch(&self, location: &str, start: usize, chunk: &[u8]) -> Resp {
-        let range = format!("{}-{}", start, start + chunk.len() - 1);
-        let len = chunk.len().to_string();
-        self.request(
-            Method::PATCH,
-            location,
-            &[
-                ("content-type", "application/octet-stream"),
-                ("content-range", &range),
-                ("content-length", &len),
-            ],
-            chunk.to_vec(),
-        )
-        .await
-    }
-
-    /// The closing PUT of an upload at `location` with `?digest=` and `last` as the body.
-    pub async fn put_upload(&self, location: &str, digest: &str, last: &[u8]) -> Resp {
-        let sep = if location.contains('?') { '&' } else { '?' };
-        self.request(
-            Method::PUT,
-            &format!("{location}{sep}digest={digest}"),
-            &[("content-type", "application/octet-stream")],
-            last.to_vec(),
-        )
-        .await
-    }
-
-    /// PUT of a manifest with a `Content-Type` (none if `content_type` is empty).
-    pub async fn put_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        content_type: &str,
-        body: &[u8],
-    ) -> Resp {
-        let headers: &[(&str, &str)] = if content_type.is_empty() {
-            &[]
-        } else {
-            &[("content-type", content_type)]
-        };
-        self.request(
-            Method::PUT,
-            &format!("/v2/{repo}/manifests/{reference}"),
-            headers,
-            body.to_vec(),
-        )
-        .await
-    }
 }
 
 /// A descriptor JSON value.
@@ -399,55 +322,61 @@ pub fn to_bytes(v: &serde_json::Value) -> Vec<u8> {
     b
 }
 
-/// An image pushed to a repository: its config and layer blobs and its manifest.
-#[derive(Debug, Clone)]
-pub struct Image {
-    /// Manifest bytes as pushed.
-    pub manifest: Vec<u8>,
-    /// Manifest digest.
-    pub digest: String,
-    /// Config digest.
-    pub config: String,
-    /// Layer digests.
-    pub layers: Vec<String>,
-    /// Every blob, with its bytes.
-    pub blobs: Vec<(String, Vec<u8>)>,
+/// Percent-encodes a query value (everything but unreserved characters).
+pub fn q(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
-/// Pushes the blobs of an OCI image (seeded by `seed`) to `repo` and builds, but does not push,
-/// its manifest. `extra` fields are merged into the manifest.
-pub async fn image_blobs(h: &Harness, repo: &str, seed: u64, extra: serde_json::Value) -> Image {
-    let config = format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#).into_bytes();
-    let layer = bytes(seed, 3000 + seed as usize % 100);
-    let c = h.push_blob(repo, &config).await;
-    let l = h.push_blob(repo, &layer).await;
-    let mut m = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": desc(OCI_CONFIG, &c, config.len()),
-        "layers": [desc(OCI_LAYER, &l, layer.len())],
-    });
-    if let (Some(m), Some(extra)) = (m.as_object_mut(), extra.as_object()) {
-        for (k, v) in extra {
-            m.insert(k.clone(), v.clone());
-        }
-    }
-    let manifest = to_bytes(&m);
-    Image {
-        digest: sha256(&manifest),
-        manifest,
-        config: c.clone(),
-        layers: vec![l.clone()],
-        blobs: vec![(c, config), (l, layer)],
-    }
+/// The strings of a JSON array.
+pub fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|s| s.as_str().expect("string").to_owned())
+        .collect()
 }
 
-/// Pushes an OCI image to `repo` under `reference` (a tag or its digest) and returns it.
-pub async fn push_image(h: &Harness, repo: &str, tag: Option<&str>, seed: u64) -> Image {
-    let img = image_blobs(h, repo, seed, serde_json::json!({})).await;
-    let reference = tag.map_or_else(|| img.digest.clone(), str::to_owned);
-    h.put_manifest(repo, &reference, OCI_MANIFEST, &img.manifest)
-        .await
-        .expect(StatusCode::CREATED);
-    img
+/// The repositories of the whole catalog, asserting 200.
+pub async fn catalog(h: &Harness) -> Vec<String> {
+    let r = h.get("/v2/_catalog").await;
+    r.expect(StatusCode::OK);
+    strings(&r.json()["repositories"])
+}
+
+/// The tags of `repo`, asserting 200 and the name the list is for.
+pub async fn tags(h: &Harness, repo: &str) -> Vec<String> {
+    let r = h.get(&format!("/v2/{repo}/tags/list")).await;
+    r.expect(StatusCode::OK);
+    assert_eq!(r.json()["name"], repo);
+    strings(&r.json()["tags"])
+}
+
+/// The referrer descriptors as a map from digest to the fields the spec defines.
+pub fn referrer_map(index: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
+    assert_eq!(index["schemaVersion"], 2);
+    assert_eq!(index["mediaType"], OCI_INDEX);
+    index["manifests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no manifests array: {index}"))
+        .iter()
+        .map(|d| {
+            let mut m = serde_json::Map::new();
+            for k in ["mediaType", "digest", "size", "artifactType", "annotations"] {
+                if let Some(v) = d.get(k) {
+                    m.insert(k.to_owned(), v.clone());
+                }
+            }
+            (
+                d["digest"].as_str().expect("digest").to_owned(),
+                serde_json::Value::Object(m),
+            )
+        })
+        .collect()
 }

@@ -1,9 +1,11 @@
-//! Which publisher keys are trusted for which repositories.
+//! Per-node trust rules: which publisher keys this node trusts for which repositories, besides
+//! its own key and (in a fleet) the fleet's members ([`Auth::may_publish`](super::Auth::may_publish)
+//! decides with them).
 //!
 //! A rule is `KEY=PATTERN`: `*` matches every repository, `team/*` every repository under
-//! `team/` at any depth, anything else exactly one repository. The node's own key is trusted
-//! for everything. Rules come from `--trust` flags, the config file, and `trust.toml` in the data
-//! directory, which `shoal trust add/rm` edits.
+//! `team/` at any depth, anything else exactly one repository. Rules come from `--trust` flags,
+//! the config file, and `trust.toml` in the data directory, which `shoal trust add/rm` edits; a
+//! running node reloads that file when `shoal trust` tells it to.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -34,12 +36,12 @@ pub enum TrustError {
     #[error("trust pattern {0:?} is not '*', 'name/*' or a repository name")]
     Pattern(String),
     /// Reading or writing the trust file failed.
-    #[error("trust file {path}: {message}")]
+    #[error("trust file {path}")]
     File {
         /// The file.
         path: PathBuf,
         /// What went wrong.
-        message: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -104,30 +106,6 @@ impl std::fmt::Display for TrustRule {
     }
 }
 
-/// The trust policy of a node.
-#[derive(Debug, Clone)]
-pub struct Trust {
-    own: PublisherKey,
-    rules: Vec<TrustRule>,
-}
-
-impl Trust {
-    /// A policy trusting `own` for everything plus `rules`.
-    pub fn new(own: PublisherKey, rules: Vec<TrustRule>) -> Trust {
-        Trust { own, rules }
-    }
-
-    /// Whether records from `key` are accepted for `repo`.
-    pub fn allows(&self, key: &PublisherKey, repo: &RepoName) -> bool {
-        *key == self.own || self.rules.iter().any(|r| &r.key == key && r.matches(repo))
-    }
-
-    /// The configured rules (without the implicit own-key rule).
-    pub fn rules(&self) -> &[TrustRule] {
-        &self.rules
-    }
-}
-
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct TrustFile {
     #[serde(default)]
@@ -137,34 +115,34 @@ struct TrustFile {
 /// Rules stored in the data directory.
 pub fn read_file(data_dir: &Path) -> Result<Vec<TrustRule>, TrustError> {
     let path = data_dir.join(TRUST_FILE);
-    let err = |message: String| TrustError::File {
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| TrustError::File {
         path: path.clone(),
-        message,
+        source: e,
     };
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok(toml::from_str::<TrustFile>(&text)
-            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(e.into()))?
             .trust),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(err(e.to_string())),
+        Err(e) => Err(err(e.into())),
     }
 }
 
 /// Replaces the rules stored in the data directory (atomically).
 pub fn write_file(data_dir: &Path, rules: &[TrustRule]) -> Result<(), TrustError> {
     let path = data_dir.join(TRUST_FILE);
-    let err = |message: String| TrustError::File {
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| TrustError::File {
         path: path.clone(),
-        message,
+        source: e,
     };
     let text = toml::to_string(&TrustFile {
         trust: rules.to_vec(),
     })
-    .map_err(|e| err(e.to_string()))?;
-    std::fs::create_dir_all(data_dir).map_err(|e| err(e.to_string()))?;
+    .map_err(|e| err(e.into()))?;
+    std::fs::create_dir_all(data_dir).map_err(|e| err(e.into()))?;
     let tmp = data_dir.join(format!("{TRUST_FILE}.tmp"));
-    std::fs::write(&tmp, text).map_err(|e| err(e.to_string()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))
+    std::fs::write(&tmp, text).map_err(|e| err(e.into()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| err(e.into()))
 }
 
 #[cfg(test)]
@@ -174,18 +152,14 @@ mod tests {
 
     #[test]
     fn patterns() {
-        let own = SigningKey::from_seed([1; 32]).public();
         let other = SigningKey::from_seed([2; 32]).public();
         let third = SigningKey::from_seed([3; 32]).public();
         let rule: TrustRule = format!("{other}=team/*").parse().unwrap();
-        let trust = Trust::new(own, vec![rule.clone()]);
         let repo = |s: &str| s.parse::<RepoName>().unwrap();
-        assert!(trust.allows(&own, &repo("x")));
-        assert!(trust.allows(&other, &repo("team/app")));
-        assert!(trust.allows(&other, &repo("team/a/b")));
-        assert!(!trust.allows(&other, &repo("team")));
-        assert!(!trust.allows(&other, &repo("teamx/app")));
-        assert!(!trust.allows(&third, &repo("team/app")));
+        assert!(rule.matches(&repo("team/app")));
+        assert!(rule.matches(&repo("team/a/b")));
+        assert!(!rule.matches(&repo("team")));
+        assert!(!rule.matches(&repo("teamx/app")));
         assert_eq!(rule.to_string().parse::<TrustRule>().unwrap(), rule);
         assert!(format!("{other}=Bad/*").parse::<TrustRule>().is_err());
         assert!("nokey=*".parse::<TrustRule>().is_err());

@@ -1,0 +1,140 @@
+//! Busy peers and seeders: a "busy" answer rests a peer without a strike, and a chunk a holder
+//! already gave away waits for the copy.
+
+use std::collections::BTreeSet;
+
+use crate::fetch::plan::peers::{BUSY_REST, BUSY_REST_MAX, BUSY_REST_MIN};
+
+use super::*;
+
+#[test]
+fn busy_is_not_a_strike_and_rests_the_peer() {
+    let config = PlanConfig {
+        max_in_flight_per_peer: 1,
+        ..config()
+    };
+    let mut plan = Plan::new(4, Bitfield::new(4), config);
+    has(&mut plan, 1, Bitfield::full(4));
+    let mut now = T0;
+    let mut rests = Vec::new();
+    for _ in 0..6 {
+        let reqs = requests(&plan.next_actions(now));
+        assert_eq!(reqs.len(), 1, "{now:?}: {reqs:?}");
+        let (peer, chunk) = reqs[0];
+        plan.handle(Event::ChunkBusy { peer, chunk }, now);
+        assert!(requests(&plan.next_actions(now)).is_empty(), "resting");
+        let stats = plan.peer_stats(&1).unwrap();
+        assert_eq!(stats.strikes, 0);
+        assert!(stats.usable);
+        let until = plan.next_deadline().expect("the rest's end is a deadline");
+        rests.push(until - now);
+        now = until;
+    }
+    assert_eq!(rests[0], BUSY_REST);
+    assert_eq!(rests[1], BUSY_REST * 2);
+    assert_eq!(*rests.last().unwrap(), BUSY_REST_MAX);
+    // A delivery ends the series.
+    let reqs = requests(&plan.next_actions(now));
+    done(&mut plan, reqs[0].0, reqs[0].1, now);
+    let reqs = requests(&plan.next_actions(now));
+    plan.handle(
+        Event::ChunkBusy {
+            peer: reqs[0].0,
+            chunk: reqs[0].1,
+        },
+        now,
+    );
+    // The series starts over, from one typical request time (this one took no time at all).
+    assert_eq!(plan.next_deadline(), Some(now + BUSY_REST_MIN));
+    assert!(!plan.is_stalled());
+}
+
+fn serves(plan: &mut Plan<u32>, peer: u32, sending: Bitfield, sent: Bitfield, now: Duration) {
+    plan.handle(
+        Event::PeerServes {
+            peer,
+            sending,
+            sent,
+        },
+        now,
+    );
+}
+
+#[test]
+fn a_chunk_the_seeder_already_gave_away_waits_for_the_copy() {
+    let mut plan = Plan::new(6, Bitfield::new(6), config());
+    has(&mut plan, 1, Bitfield::full(6));
+    // The seeder is sending chunk 0 to someone and has sent chunk 1.
+    serves(&mut plan, 1, bits(6, [0]), bits(6, [1]), T0);
+    let reqs = requests(&plan.next_actions(T0));
+    let mut chunks: Vec<u32> = reqs.iter().map(|(_, c)| *c).collect();
+    chunks.sort();
+    assert_eq!(chunks, vec![2, 3, 4, 5], "never-sent chunks first");
+    for (peer, chunk) in reqs {
+        done(&mut plan, peer, chunk, ms(100));
+    }
+    // Before the patience is over, the copy of chunk 1 shows up at peer 2: asked there.
+    plan.handle(Event::PeerHasChunk { peer: 2, chunk: 1 }, ms(150));
+    assert_eq!(requests(&plan.next_actions(ms(150))), vec![(2, 1)]);
+    done(&mut plan, 2, 1, ms(250));
+    // Chunk 0 waits while it is being sent, then is asked of the seeder anyway: the patience
+    // is three typical request times (about 100 ms here), at least 250 ms, and a chunk still
+    // being sent waits eight times that.
+    assert!(requests(&plan.next_actions(ms(1_000))).is_empty());
+    assert!(!plan.is_stalled());
+    let deadline = plan.next_deadline().expect("the end of the wait");
+    assert!((ms(2_000)..=ms(2_500)).contains(&deadline), "{deadline:?}");
+    assert!(requests(&plan.next_actions(deadline - ms(1))).is_empty());
+    let reqs = requests(&plan.next_actions(deadline));
+    assert_eq!(reqs, vec![(1, 0)], "the wait is over");
+}
+
+#[test]
+fn downloaders_that_know_each_other_ask_a_seeder_for_different_chunks() {
+    // Peer 0 seeds; downloaders 1, 2 and 3 start together and know each other.
+    let first = |me: u32| {
+        let mut plan = Plan::new(24, Bitfield::new(24), config()).with_self(&me);
+        has(&mut plan, 0, Bitfield::full(24));
+        for other in [1, 2, 3].into_iter().filter(|&p| p != me) {
+            has(&mut plan, other, Bitfield::new(24));
+        }
+        let reqs = requests(&plan.next_actions(T0));
+        assert_eq!(reqs.len(), 4, "{reqs:?}");
+        reqs.into_iter().map(|(_, c)| c).collect::<BTreeSet<u32>>()
+    };
+    let (a, b, c) = (first(1), first(2), first(3));
+    assert!(
+        a.is_disjoint(&b) && a.is_disjoint(&c) && b.is_disjoint(&c),
+        "{a:?} {b:?} {c:?}"
+    );
+}
+
+#[test]
+fn an_endgame_duplicate_never_goes_to_a_holder_that_gave_the_chunk_away() {
+    let mut plan = Plan::new(1, Bitfield::new(1), config());
+    has(&mut plan, 1, Bitfield::full(1));
+    has(&mut plan, 2, Bitfield::full(1));
+    serves(&mut plan, 1, bits(1, [0]), Bitfield::new(1), T0);
+    assert_eq!(requests(&plan.next_actions(T0)), vec![(2, 0)]);
+    assert!(
+        requests(&plan.next_actions(ms(1))).is_empty(),
+        "no duplicate at peer 1"
+    );
+}
+
+#[test]
+fn a_holder_that_gave_the_chunk_away_is_asked_last() {
+    for seed in 0..16 {
+        let mut plan = Plan::new(1, Bitfield::new(1), PlanConfig { seed, ..config() });
+        has(&mut plan, 1, Bitfield::full(1));
+        has(&mut plan, 2, Bitfield::full(1));
+        // Peer 1 already sent the chunk to someone; peer 2 did not.
+        serves(&mut plan, 1, Bitfield::new(1), bits(1, [0]), T0);
+        // (And no endgame duplicate at peer 1, though the chunk is the last one.)
+        assert_eq!(
+            requests(&plan.next_actions(T0)),
+            vec![(2, 0)],
+            "seed {seed}"
+        );
+    }
+}

@@ -1,0 +1,445 @@
+//! Access control across a fleet, with real nodes in one process: membership decides who talks
+//! to whom, a private repository reaches only the nodes granted it (through every peer protocol:
+//! gossip, sync, chunk streams, the DHT), a revoked grant stops working, and an immutable tag
+//! cannot be moved from any node.
+
+mod testnet;
+
+use std::time::Duration;
+
+use libp2p::PeerId;
+use shoal_node::auth::ingest;
+use shoal_node::config::AccessConfig;
+use shoal_node::net::chunk::ChunkClient;
+use shoal_protocol::fleet::{
+    FleetId, Grant, JoinTicket, JoinToken, ObjectId, Policy, PolicyBody, RepoSettings, Signed,
+    TagMutability, Visibility,
+};
+use shoal_protocol::message::{SyncRequest, SyncResponse};
+use shoal_protocol::{Digest, SigningKey};
+use testnet::{TestNet, TestNode, image, wait_until};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A fleet's admin, as the test holds it.
+struct Admin {
+    key: SigningKey,
+    fleet: FleetId,
+}
+
+impl Admin {
+    fn new(seed: u8) -> Admin {
+        let key = SigningKey::from_seed([seed; 32]);
+        Admin {
+            fleet: FleetId::founded_by(&key.public()),
+            key,
+        }
+    }
+
+    fn now() -> u64 {
+        shoal_node::auth::now_ms()
+    }
+
+    /// A join token for nodes of `groups`.
+    fn token(&self, groups: &[&str]) -> String {
+        let ticket = JoinTicket {
+            fleet: self.fleet,
+            id: ObjectId::from_bytes(rand::random()),
+            groups: groups.iter().map(|g| g.parse().unwrap()).collect(),
+            issued_ms: Admin::now(),
+            expires_ms: Admin::now() + 24 * 3600 * 1000,
+            admin: self.key.public(),
+        };
+        JoinToken {
+            fleet: self.fleet,
+            admins: vec![self.key.public()],
+            bootstrap: Vec::new(),
+            ticket: Signed::sign(&ticket, &self.key).unwrap(),
+        }
+        .to_text()
+    }
+
+    fn access(&self, groups: &[&str]) -> AccessConfig {
+        AccessConfig {
+            join: Some(self.token(groups)),
+            ..AccessConfig::default()
+        }
+    }
+
+    fn sign(&self, body: PolicyBody, sequence: u64) -> shoal_protocol::fleet::SignedPolicy {
+        let policy = Policy {
+            fleet: self.fleet,
+            body,
+            timestamp_ms: Admin::now(),
+            sequence,
+            admin: self.key.public(),
+        };
+        Signed::sign(&policy, &self.key).unwrap()
+    }
+}
+
+/// Applies a policy on `node` and gossips it, as an admin's node does.
+async fn apply(node: &TestNode, policy: shoal_protocol::fleet::SignedPolicy) {
+    let n = node.node();
+    let outcome = ingest::policy(n.tags().auth(), n.store(), policy.clone())
+        .await
+        .unwrap();
+    assert_eq!(outcome, ingest::Outcome::Accepted);
+    n.network().publish_policy(&policy).await.unwrap();
+}
+
+fn peer(node: &TestNode) -> PeerId {
+    node.node().network().peer_id()
+}
+
+fn private(pattern: &str) -> PolicyBody {
+    PolicyBody::Repo {
+        pattern: pattern.parse().unwrap(),
+        settings: Some(RepoSettings {
+            visibility: Visibility::Private,
+            ..RepoSettings::default()
+        }),
+    }
+}
+
+async fn fleet_net(admin: &Admin, n: usize) -> TestNet {
+    let mut net = TestNet::with_identities(n);
+    net.trust_each_other = false;
+    net.sync_interval = Duration::from_secs(1);
+    for i in 0..n {
+        net.access.insert(i, admin.access(&[]));
+    }
+    for _ in 0..n {
+        net.start_next().await;
+    }
+    net.wait_connected(n - 1).await;
+    net
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_trust_each_others_pushes_and_a_node_of_another_fleet_is_cut_off() {
+    let (ours, theirs) = (Admin::new(1), Admin::new(2));
+    let mut net = TestNet::with_identities(4);
+    net.trust_each_other = false;
+    net.sync_interval = Duration::from_secs(1);
+    for i in 0..3 {
+        net.access.insert(i, ours.access(&[]));
+    }
+    net.access.insert(3, theirs.access(&[]));
+    for _ in 0..3 {
+        net.start_next().await;
+    }
+    net.wait_connected(2).await;
+    // No trust rule anywhere: membership alone makes node 0's push count on the others.
+    let img = image(31, &[2 << 20]);
+    net.nodes[0].push("team/app", "1", &img).await;
+    for i in 1..3 {
+        let node = &net.nodes[i];
+        wait_until(WAIT, "the record on a member", || async {
+            node.has_record("team/app", "1").await.then_some(())
+        })
+        .await;
+    }
+    net.nodes[2].pull_and_check("team/app", "1", &img).await;
+
+    // A node of another fleet dials all three: each of them hangs up on it.
+    net.start_next().await;
+    let stranger = net.nodes[3].node();
+    let members: Vec<PeerId> = (0..3).map(|i| peer(&net.nodes[i])).collect();
+    wait_until(
+        WAIT,
+        "the stranger to be cut off by every member",
+        || async {
+            let peers = stranger.network().peers().await.ok()?;
+            peers
+                .iter()
+                .all(|p| !members.contains(&p.peer_id))
+                .then_some(())
+        },
+    )
+    .await;
+    // Its own push stays its own, and it learned nothing of ours.
+    let theirs_img = image(32, &[1 << 20]);
+    net.nodes[3].push("team/other", "1", &theirs_img).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!net.nodes[3].has_record("team/app", "1").await);
+    for i in 0..3 {
+        assert!(!net.nodes[i].has_record("team/other", "1").await);
+    }
+    // Asked directly, a member answers a stranger nothing.
+    let answer = stranger
+        .network()
+        .sync(
+            members[0],
+            SyncRequest::Records {
+                after: None,
+                limit: 100,
+            },
+        )
+        .await;
+    assert!(
+        !matches!(answer, Ok(SyncResponse::Records { ref records, .. }) if !records.is_empty()),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_private_repository_reaches_only_the_granted_node_and_a_revoked_grant_stops() {
+    let admin = Admin::new(3);
+    let net = fleet_net(&admin, 3).await;
+    let (owner, granted, other) = (&net.nodes[0], &net.nodes[1], &net.nodes[2]);
+    let grant = |on: bool| PolicyBody::Grant {
+        id: "n1".parse().unwrap(),
+        grant: on.then(|| Grant {
+            principal: shoal_protocol::fleet::Principal::Node(granted.identity.publisher()),
+            repos: "secret/*".parse().unwrap(),
+            actions: "pull".parse().unwrap(),
+            expires_ms: None,
+        }),
+    };
+    apply(owner, admin.sign(private("secret/*"), 0)).await;
+    apply(owner, admin.sign(grant(true), 0)).await;
+    let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
+    for node in [granted, other] {
+        let repo = repo.clone();
+        wait_until(WAIT, "the policies on every member", || async {
+            let auth = node.node().tags().auth();
+            (auth.settings(&repo).visibility == Visibility::Private && !auth.policies().is_empty())
+                .then_some(())
+        })
+        .await;
+    }
+
+    let img = image(33, &[3 << 20]);
+    let layer = Digest::sha256(&img.blobs[1]);
+    owner.push("secret/app", "1", &img).await;
+    wait_until(WAIT, "the record on the granted node", || async {
+        granted.has_record("secret/app", "1").await.then_some(())
+    })
+    .await;
+    granted.pull_and_check("secret/app", "1", &img).await;
+
+    // The other node learns nothing, over several sync rounds.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !other.has_record("secret/app", "1").await,
+        "a record reached the other node"
+    );
+    let catalog = other.get("/v2/_catalog").await;
+    assert!(!String::from_utf8_lossy(&catalog.body).contains("secret"));
+    let (from_owner, from_granted) = (peer(owner), peer(granted));
+    let net2 = other.node().network();
+    for source in [from_owner, from_granted] {
+        // Sync: no record of the repository in any page.
+        let page = net2
+            .sync(
+                source,
+                SyncRequest::Records {
+                    after: None,
+                    limit: 512,
+                },
+            )
+            .await
+            .unwrap();
+        let SyncResponse::Records { records, .. } = page else {
+            panic!("not a page: {page:?}");
+        };
+        assert!(
+            records
+                .iter()
+                .all(|r| r.verify().unwrap().record().repo.as_str() != "secret/app")
+        );
+        // Blob index, haves, chunks: as if the blob did not exist.
+        assert_eq!(
+            net2.sync(
+                source,
+                SyncRequest::BlobIndex {
+                    digest: layer.clone()
+                }
+            )
+            .await
+            .unwrap(),
+            SyncResponse::BlobIndex(None)
+        );
+        assert_eq!(
+            net2.sync(
+                source,
+                SyncRequest::Have {
+                    digest: layer.clone()
+                }
+            )
+            .await
+            .unwrap(),
+            SyncResponse::Have(None)
+        );
+        let mut client = ChunkClient::open(&mut net2.control(), source)
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        assert!(!client.fetch(&layer, 0, 1024, &mut buf).await.unwrap());
+        let manifest = Digest::sha256(&img.manifest);
+        let mut client = ChunkClient::open(&mut net2.control(), source)
+            .await
+            .unwrap();
+        assert!(
+            !client
+                .fetch(&manifest, 0, img.manifest.len() as u64, &mut buf)
+                .await
+                .unwrap()
+        );
+    }
+    // The DHT was never told of the private blob.
+    assert!(net2.find_providers(layer.clone()).await.unwrap().is_empty());
+
+    // Withdrawn, the grant stops working: a new push does not reach the node, nor its bytes.
+    apply(owner, admin.sign(grant(false), 1)).await;
+    let owner_auth = owner.node().tags().auth().clone();
+    let granted_key = granted.identity.publisher();
+    wait_until(WAIT, "the grant withdrawn", || async {
+        (!owner_auth.peer_may_read(&granted_key, &repo)).then_some(())
+    })
+    .await;
+    let img2 = image(34, &[1 << 20]);
+    let layer2 = Digest::sha256(&img2.blobs[1]);
+    owner.push("secret/app", "2", &img2).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!granted.has_record("secret/app", "2").await);
+    let mut client = ChunkClient::open(&mut granted.node().network().control(), from_owner)
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    assert!(!client.fetch(&layer2, 0, 1024, &mut buf).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_immutable_tag_cannot_be_moved_from_any_node() {
+    let admin = Admin::new(4);
+    let net = fleet_net(&admin, 3).await;
+    let immutable = PolicyBody::Repo {
+        pattern: "prod/*".parse().unwrap(),
+        settings: Some(RepoSettings {
+            tags: TagMutability::Immutable(vec!["latest".parse().unwrap()]),
+            ..RepoSettings::default()
+        }),
+    };
+    apply(&net.nodes[0], admin.sign(immutable, 0)).await;
+    let repo: shoal_protocol::RepoName = "prod/app".parse().unwrap();
+    let tag: shoal_protocol::Tag = "1".parse().unwrap();
+    for node in &net.nodes {
+        let (repo, tag) = (repo.clone(), tag.clone());
+        wait_until(WAIT, "the rule on every member", || async {
+            (!node.node().tags().auth().tag_is_mutable(&repo, &tag)).then_some(())
+        })
+        .await;
+    }
+    let (first, second) = (image(35, &[1 << 20]), image(36, &[1 << 20]));
+    net.nodes[0].push("prod/app", "1", &first).await;
+    for node in &net.nodes {
+        wait_until(WAIT, "the first record everywhere", || async {
+            node.has_record("prod/app", "1").await.then_some(())
+        })
+        .await;
+    }
+    // Through the registry of another node: refused as the spec says, with a clear message.
+    for b in &second.blobs {
+        let d = Digest::sha256(b);
+        let r = testnet::http(
+            net.nodes[1].http_addr(),
+            "POST",
+            &format!("/v2/prod/app/blobs/uploads/?digest={d}"),
+            &[],
+            b,
+        )
+        .await;
+        assert_eq!(r.status, 201);
+    }
+    let r = testnet::http(
+        net.nodes[1].http_addr(),
+        "PUT",
+        "/v2/prod/app/manifests/1",
+        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+        &second.manifest,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(
+        body.contains("TAG_INVALID") && body.contains("immutable"),
+        "{body}"
+    );
+    // A record signed by a member that would move the tag is refused wherever it arrives.
+    let mover = shoal_protocol::TagRecord {
+        repo: repo.clone(),
+        tag: tag.clone(),
+        target: Some(
+            net.nodes[1]
+                .node()
+                .tags()
+                .target_for(
+                    &repo,
+                    &second.digest,
+                    &shoal_node::manifest::parse(&second.manifest, None).unwrap(),
+                )
+                .await
+                .unwrap(),
+        ),
+        timestamp_ms: Admin::now() + 1000,
+        sequence: 0,
+        publisher: net.nodes[1].identity.publisher(),
+    };
+    let signed =
+        shoal_protocol::SignedTagRecord::sign(&mover, &net.nodes[1].identity.signing_key())
+            .unwrap();
+    for node in &net.nodes {
+        let outcome = node.node().tags().ingest(signed.clone()).await.unwrap();
+        assert_eq!(outcome, shoal_node::tags::Ingest::Immutable);
+        assert_eq!(
+            node.tag_digest("prod/app", "1").await.as_deref(),
+            Some(first.digest.to_string().as_str())
+        );
+    }
+    // The excluded tag still moves.
+    net.nodes[0].push("prod/app", "latest", &first).await;
+    net.nodes[1].push("prod/app", "latest", &second).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_member_is_cut_off_and_its_records_stop_counting() {
+    let admin = Admin::new(5);
+    let net = fleet_net(&admin, 3).await;
+    // Node 2's key was stolen: the admin revokes the node.
+    let thief = &net.nodes[2];
+    let revoke = PolicyBody::Revoke(shoal_protocol::fleet::Revoked::Node(
+        thief.identity.publisher(),
+    ));
+    apply(&net.nodes[0], admin.sign(revoke, 0)).await;
+    let thief_id = peer(thief);
+    for i in 0..2 {
+        let node = net.nodes[i].node();
+        wait_until(WAIT, "the revoked node cut off", || async {
+            let peers = node.network().peers().await.ok()?;
+            peers.iter().all(|p| p.peer_id != thief_id).then_some(())
+        })
+        .await;
+    }
+    // Whatever it signs no longer counts, wherever it turns up.
+    let record = shoal_protocol::TagRecord {
+        repo: "team/app".parse().unwrap(),
+        tag: "1".parse().unwrap(),
+        target: None,
+        timestamp_ms: Admin::now(),
+        sequence: 0,
+        publisher: thief.identity.publisher(),
+    };
+    let signed =
+        shoal_protocol::SignedTagRecord::sign(&record, &thief.identity.signing_key()).unwrap();
+    for i in 0..2 {
+        let outcome = net.nodes[i]
+            .node()
+            .tags()
+            .ingest(signed.clone())
+            .await
+            .unwrap();
+        assert_eq!(outcome, shoal_node::tags::Ingest::Untrusted);
+    }
+}

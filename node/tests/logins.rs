@@ -1,0 +1,490 @@
+//! Client access to one node over HTTP, as docker, podman and skopeo meet it: the `401`
+//! challenge, the token endpoint, Basic credentials on every request, `403` for a principal
+//! without the action, `429` after repeated failures, immutable tags, the filtered catalog,
+//! mounts, and the audit trail. The node treats its loopback clients like any other
+//! (`local_clients = authenticated`), so the test's own connections are the clients.
+
+mod testnet;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use shoal_node::auth::LocalClients;
+use shoal_node::auth::users::{User, Users, hash_password};
+use shoal_node::config::AccessConfig;
+use shoal_protocol::fleet::{AccessToken, FleetId, JoinTicket, JoinToken, ObjectId, Scope, Signed};
+use shoal_protocol::{Digest, SigningKey};
+use testnet::{Response, TestNet, TestNode, http, image};
+
+fn now() -> u64 {
+    shoal_node::auth::now_ms()
+}
+
+struct Fleet {
+    key: SigningKey,
+    id: FleetId,
+}
+
+impl Fleet {
+    fn new() -> Fleet {
+        let key = SigningKey::from_seed([42; 32]);
+        Fleet {
+            id: FleetId::founded_by(&key.public()),
+            key,
+        }
+    }
+
+    fn join(&self) -> String {
+        let ticket = JoinTicket {
+            fleet: self.id,
+            id: ObjectId::from_bytes([1; 16]),
+            groups: Vec::new(),
+            issued_ms: now(),
+            expires_ms: now() + 3_600_000,
+            admin: self.key.public(),
+        };
+        JoinToken {
+            fleet: self.id,
+            admins: vec![self.key.public()],
+            bootstrap: Vec::new(),
+            ticket: Signed::sign(&ticket, &self.key).unwrap(),
+        }
+        .to_text()
+    }
+
+    fn token(&self, scopes: &[(&str, &str)], ttl_ms: u64) -> String {
+        let token = AccessToken {
+            fleet: self.id,
+            id: ObjectId::from_bytes(rand::random()),
+            principal: "ci".parse().unwrap(),
+            scopes: scopes
+                .iter()
+                .map(|(r, a)| Scope {
+                    repos: r.parse().unwrap(),
+                    actions: a.parse().unwrap(),
+                })
+                .collect(),
+            issued_ms: now(),
+            expires_ms: now() + ttl_ms,
+            admin: self.key.public(),
+        };
+        Signed::sign(&token, &self.key).unwrap().to_text()
+    }
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+async fn get(node: &TestNode, path: &str, auth: Option<&str>) -> Response {
+    let mut headers = vec![("Accept", "*/*")];
+    if let Some(a) = auth {
+        headers.push(("Authorization", a));
+    }
+    http(node.http_addr(), "GET", path, &headers, b"").await
+}
+
+fn error_code(r: &Response) -> String {
+    serde_json::from_slice::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Pushes `img` to `repo:tag` with `auth` on every request; returns the manifest PUT's answer.
+async fn push(
+    node: &TestNode,
+    repo: &str,
+    tag: &str,
+    img: &testnet::Image,
+    auth: &str,
+) -> Response {
+    for b in &img.blobs {
+        let d = Digest::sha256(b);
+        let r = http(
+            node.http_addr(),
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/?digest={d}"),
+            &[("Authorization", auth)],
+            b,
+        )
+        .await;
+        if r.status != 201 {
+            return r;
+        }
+    }
+    http(
+        node.http_addr(),
+        "PUT",
+        &format!("/v2/{repo}/manifests/{tag}"),
+        &[
+            ("Content-Type", "application/vnd.oci.image.manifest.v1+json"),
+            ("Authorization", auth),
+        ],
+        &img.manifest,
+    )
+    .await
+}
+
+async fn node(fleet: &Fleet) -> TestNet {
+    let mut net = TestNet::with_identities(1);
+    net.access.insert(
+        0,
+        AccessConfig {
+            join: Some(fleet.join()),
+            local_clients: LocalClients::Authenticated,
+            ..AccessConfig::default()
+        },
+    );
+    // A user of this node, for people: pull and push on team/*.
+    let users = Users::from_list(vec![User {
+        name: "ana".parse().unwrap(),
+        hash: hash_password("correct horse").unwrap(),
+        repos: "team/*".parse().unwrap(),
+        actions: "pull,push".parse().unwrap(),
+    }]);
+    net.before_start = Some(Box::new(move |dir: &std::path::Path| {
+        users.write(dir).unwrap();
+    }));
+    net.start_next().await;
+    net
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_flow_works_as_docker_uses_it() {
+    let fleet = Fleet::new();
+    let net = node(&fleet).await;
+    let n = &net.nodes[0];
+    // Anonymous: a challenge pointing at the token endpoint.
+    let r = get(n, "/v2/", None).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(error_code(&r), "UNAUTHORIZED");
+    let challenge = r.header("www-authenticate").unwrap().to_owned();
+    assert!(
+        challenge.starts_with("Bearer realm=\"http://"),
+        "{challenge}"
+    );
+    assert!(
+        challenge.contains("/token\",service=\"shoal\""),
+        "{challenge}"
+    );
+    let r = get(n, "/v2/team/app/tags/list", None).await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .contains("scope=\"repository:team/app:pull\"")
+    );
+
+    // docker login: the token endpoint with Basic credentials (an access token as password).
+    let access = fleet.token(&[("team/*", "pull,push")], 600_000);
+    let login = get(
+        n,
+        "/token?service=shoal&account=ci",
+        Some(&basic("ci", &access)),
+    )
+    .await;
+    assert_eq!(
+        login.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&login.body)
+    );
+    // A pull-and-push scope on team/app, and a scope the token does not cover: the token
+    // grants the intersection.
+    let r = get(
+        n,
+        "/token?service=shoal&scope=repository:team/app:pull,push&scope=repository:lib/x:pull,push",
+        Some(&basic("ci", &access)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    for key in ["token", "access_token", "expires_in", "issued_at"] {
+        assert!(!body[key].is_null(), "{key} missing in {body}");
+    }
+    let bearer = format!("Bearer {}", body["token"].as_str().unwrap());
+    assert_eq!(get(n, "/v2/", Some(&bearer)).await.status, 200);
+    let img = image(41, &[64 << 10]);
+    assert_eq!(push(n, "team/app", "1", &img, &bearer).await.status, 201);
+    // lib/x was asked for but not granted: no push, though lib/x is public to pull.
+    let r = push(n, "lib/x", "1", &img, &bearer).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(error_code(&r), "DENIED");
+    assert!(
+        r.header("www-authenticate").is_none(),
+        "asked and refused: no new token helps"
+    );
+    // A token asked for `pull` only (as oras asks first, then pushes): a push is sent back for
+    // a token that covers it (RFC 6750's insufficient_scope), and the new token pushes.
+    let r = get(
+        n,
+        "/token?service=shoal&scope=repository:team/app:pull",
+        Some(&basic("ci", &access)),
+    )
+    .await;
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let pull_only = format!("Bearer {}", body["token"].as_str().unwrap());
+    let r = push(n, "team/app", "2", &img, &pull_only).await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    let challenge = r.header("www-authenticate").unwrap();
+    assert!(
+        challenge.contains("error=\"insufficient_scope\""),
+        "{challenge}"
+    );
+    assert!(
+        challenge.contains("repository:team/app:push"),
+        "{challenge}"
+    );
+
+    // Basic credentials on every request work too.
+    let auth = basic("ci", &access);
+    let r = get(n, "/v2/team/app/manifests/1", Some(&auth)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, img.manifest);
+    // A node user with a password.
+    let ana = basic("ana", "correct horse");
+    assert_eq!(
+        get(n, "/v2/team/app/manifests/1", Some(&ana)).await.status,
+        200
+    );
+    assert_eq!(push(n, "other/app", "1", &img, &ana).await.status, 403);
+    // The catalog lists what the caller may pull.
+    let catalog = get(n, "/v2/_catalog", Some(&ana)).await;
+    assert!(String::from_utf8_lossy(&catalog.body).contains("team/app"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_credentials_are_refused_and_repeated_failures_slowed_down() {
+    let fleet = Fleet::new();
+    let net = node(&fleet).await;
+    let n = &net.nodes[0];
+    let expired = fleet.token(&[("*", "pull")], 0);
+    let forged = Fleet {
+        key: SigningKey::from_seed([43; 32]),
+        id: fleet.id,
+    }
+    .token(&[("*", "pull,push")], 600_000);
+    for (what, auth) in [
+        ("a wrong password", basic("ana", "wrong")),
+        ("an expired token", basic("ci", &expired)),
+        ("a token of another admin", basic("ci", &forged)),
+        (
+            "a bearer token this node did not issue",
+            "Bearer shoalb1.AAAA".to_owned(),
+        ),
+    ] {
+        let r = get(n, "/v2/team/app/tags/list", Some(&auth)).await;
+        assert_eq!(r.status, 401, "{what}");
+        assert_eq!(error_code(&r), "UNAUTHORIZED", "{what}");
+        assert!(
+            !String::from_utf8_lossy(&r.body).contains("wrong"),
+            "the answer repeats the secret"
+        );
+    }
+    // Six more failures reach the limit of ten; then even good credentials wait.
+    for _ in 0..6 {
+        get(n, "/v2/", Some(&basic("ana", "wrong"))).await;
+    }
+    let r = get(n, "/v2/", Some(&basic("ana", "correct horse"))).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(error_code(&r), "TOOMANYREQUESTS");
+    assert!(r.header("retry-after").is_some());
+    // Nothing secret went to the audit trail; every denial did.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let trail = std::fs::read_to_string(n.dir.path().join("audit.log")).unwrap();
+    assert!(trail.matches("\"denied\"").count() >= 4, "{trail}");
+    assert!(
+        !trail.contains("wrong") && !trail.contains("correct horse") && !trail.contains(&forged)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mount_never_lends_a_blob_the_caller_cannot_pull() {
+    let fleet = Fleet::new();
+    let net = node(&fleet).await;
+    let n = &net.nodes[0];
+    // secret/* is private: only explicit grants pull it.
+    let policy = shoal_protocol::fleet::Policy {
+        fleet: fleet.id,
+        body: shoal_protocol::fleet::PolicyBody::Repo {
+            pattern: "secret/*".parse().unwrap(),
+            settings: Some(shoal_protocol::fleet::RepoSettings {
+                visibility: shoal_protocol::fleet::Visibility::Private,
+                ..Default::default()
+            }),
+        },
+        timestamp_ms: now(),
+        sequence: 0,
+        admin: fleet.key.public(),
+    };
+    let node = n.node();
+    shoal_node::auth::ingest::policy(
+        node.tags().auth(),
+        node.store(),
+        Signed::sign(&policy, &fleet.key).unwrap(),
+    )
+    .await
+    .unwrap();
+    let writer = basic("ci", &fleet.token(&[("*", "pull,push")], 600_000));
+    let img = image(42, &[64 << 10]);
+    assert_eq!(push(n, "secret/app", "1", &img, &writer).await.status, 201);
+    // Ana may push to team/* but not pull secret/*: the mount is refused.
+    let layer = Digest::sha256(&img.blobs[1]);
+    let r = http(
+        n.http_addr(),
+        "POST",
+        &format!("/v2/team/app/blobs/uploads/?mount={layer}&from=secret/app"),
+        &[("Authorization", &basic("ana", "correct horse"))],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    // Without `from`, a mount that would reach the private blob is no mount: a new session.
+    let r = http(
+        n.http_addr(),
+        "POST",
+        &format!("/v2/team/app/blobs/uploads/?mount={layer}"),
+        &[("Authorization", &basic("ana", "correct horse"))],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let r = get(
+        n,
+        &format!("/v2/team/app/blobs/{layer}"),
+        Some(&basic("ana", "correct horse")),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+}
+
+/// The admin API's garbage collection, journal compaction, disk usage, retention preview and
+/// policies, and fleet policy signing answer a client that is
+/// not an admin (anonymous, a user, a fleet access token) with 401 or 403 and change nothing:
+/// a stranger cannot make the node collect with no grace period and so drop a push that no tag
+/// names yet, nor learn the node's repositories from `du`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_refuses_clients_that_are_not_admins() {
+    let fleet = Fleet::new();
+    let net = node(&fleet).await;
+    let n = &net.nodes[0];
+    let ana = basic("ana", "correct horse");
+    let ci = basic("ci", &fleet.token(&[("team/*", "pull,push")], 600_000));
+    // Pushed by digest: garbage to a collection with no grace period.
+    let img = image(21, &[10_000]);
+    let by_digest = img.digest.to_string();
+    let r = push(n, "team/app", &by_digest, &img, &ana).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let preview = r#"{"repo": "team/app", "policy": {"rules": [{"rulePriority": 1,
+        "selection": {"tagStatus": "any", "countType": "imageCountMoreThan", "countNumber": 1},
+        "action": {"type": "expire"}}]}}"#;
+    // A retention policy that would expire every image but one, fleet-wide.
+    let expire_all = serde_json::json!({"body": {"Lifecycle": {"pattern": "*", "policy":
+        r#"{"rules": [{"rulePriority": 1, "selection": {"tagStatus": "any",
+        "countType": "imageCountMoreThan", "countNumber": 1}, "action": {"type": "expire"}}]}"#}}})
+    .to_string();
+    let calls: [(&str, &str, &str); 6] = [
+        (
+            "POST",
+            "/_shoal/v1/gc",
+            r#"{"dry_run": false, "grace_secs": 0}"#,
+        ),
+        ("POST", "/_shoal/v1/compact", ""),
+        ("GET", "/_shoal/v1/du?grace_secs=0", ""),
+        ("POST", "/_shoal/v1/lifecycle/preview", preview),
+        ("GET", "/_shoal/v1/lifecycle", ""),
+        ("POST", "/_shoal/v1/fleet/policy", expire_all.as_str()),
+    ];
+    for (who, auth, status) in [
+        ("anonymous", None, 401),
+        ("a user", Some(ana.as_str()), 403),
+        ("an access token", Some(ci.as_str()), 403),
+    ] {
+        for (method, path, body) in calls {
+            let mut headers = vec![("Content-Type", "application/json")];
+            if let Some(a) = auth {
+                headers.push(("Authorization", a));
+            }
+            let r = http(n.http_addr(), method, path, &headers, body.as_bytes()).await;
+            assert_eq!(r.status, status, "{who} {method} {path}");
+            let code = error_code(&r);
+            assert!(
+                code == "UNAUTHORIZED" || code == "DENIED",
+                "{who} {path}: {code}"
+            );
+            assert!(
+                !String::from_utf8_lossy(&r.body).contains("team/app"),
+                "{who} {path}"
+            );
+        }
+    }
+    // Nothing was collected.
+    let path = format!("/v2/team/app/manifests/{by_digest}");
+    assert_eq!(get(n, &path, Some(&ana)).await.status, 200);
+    for b in &img.blobs {
+        let path = format!("/v2/team/app/blobs/{}", Digest::sha256(b));
+        assert_eq!(get(n, &path, Some(&ana)).await.status, 200);
+    }
+}
+
+/// The admin API's pins and quota answer a client that is not an admin with 401 or 403 and
+/// change nothing: a stranger cannot pin (holding disk forever against the quota), unpin (so
+/// that the quota evicts a fleet's last copies), list the pins, or make the node evict now.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pins_and_quota_api_refuses_clients_that_are_not_admins() {
+    let fleet = Fleet::new();
+    let net = node(&fleet).await;
+    let n = &net.nodes[0];
+    let ana = basic("ana", "correct horse");
+    let ci = basic("ci", &fleet.token(&[("team/*", "pull,push")], 600_000));
+    let img = image(22, &[10_000]);
+    let r = push(n, "team/app", "1", &img, &ana).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let store = n.node().store();
+    let (repo, reference) = shoal_node::store::pins::parse_image("team/app:1").unwrap();
+    let pin = shoal_node::store::pins::Pin {
+        repo,
+        reference,
+        copies: 2,
+    };
+    assert!(store.pin(pin.clone()).await.unwrap());
+    let calls: [(&str, &str, &str); 4] = [
+        (
+            "POST",
+            "/_shoal/v1/pins",
+            r#"{"image": "team/app:1", "copies": 64}"#,
+        ),
+        ("POST", "/_shoal/v1/unpin", r#"{"image": "team/app:1"}"#),
+        ("GET", "/_shoal/v1/pins", ""),
+        ("POST", "/_shoal/v1/quota", ""),
+    ];
+    for (who, auth, status) in [
+        ("anonymous", None, 401),
+        ("a user", Some(ana.as_str()), 403),
+        ("an access token", Some(ci.as_str()), 403),
+    ] {
+        for (method, path, body) in calls {
+            let mut headers = vec![("Content-Type", "application/json")];
+            if let Some(a) = auth {
+                headers.push(("Authorization", a));
+            }
+            let r = http(n.http_addr(), method, path, &headers, body.as_bytes()).await;
+            assert_eq!(r.status, status, "{who} {method} {path}");
+            let code = error_code(&r);
+            assert!(
+                code == "UNAUTHORIZED" || code == "DENIED",
+                "{who} {path}: {code}"
+            );
+            assert!(
+                !String::from_utf8_lossy(&r.body).contains("team/app"),
+                "{who} {path}"
+            );
+        }
+    }
+    // The pin is as it was.
+    assert_eq!(store.pins().await.unwrap(), vec![pin]);
+}
