@@ -27,7 +27,7 @@ use shoal_protocol::{
 use crate::auth::{Auth, MAX_CLOCK_SKEW, now_ms};
 use crate::manifest::ManifestInfo;
 use crate::store::change::supersedes;
-use crate::store::{Batch, Store, StoreError};
+use crate::store::{Batch, Store, StoreError, TagEvent};
 
 /// Counters of what happened to incoming records.
 #[derive(Debug, Default)]
@@ -337,15 +337,31 @@ impl Tags {
             .iter()
             .map(|v| (v.record().repo.clone(), v.record().tag.clone()))
             .collect();
-        let history = self.store.journal_records(wanted).await?;
+        let history = self.store.tag_history(wanted).await?;
         let mut batch = Batch::new();
         for old in &stale {
             let old_record = old.record();
             let mut current: Option<VerifiedTagRecord> = None;
             let mut deleted_at = None;
             // The journal's records of the tag that still count, weighed in the order they
-            // were accepted, as the index weighed them.
-            for (signed, immutable) in &history {
+            // were accepted, as the index weighed them. An expiry (or a kept delete) counts
+            // whoever signed the record it expired: what a retention policy took stays gone.
+            for event in &history {
+                let (signed, immutable) = match event {
+                    TagEvent::Record { record, immutable } => (record, immutable),
+                    TagEvent::DeletedAt { repo, tag, at } => {
+                        if *repo == old_record.repo && *tag == old_record.tag {
+                            deleted_at = deleted_at.max(Some(*at));
+                            if current
+                                .as_ref()
+                                .is_some_and(|c| c.record().order_key() <= *at)
+                            {
+                                current = None;
+                            }
+                        }
+                        continue;
+                    }
+                };
                 let Ok(v) = signed.verify() else { continue };
                 let r = v.record();
                 if r.repo != old_record.repo || r.tag != old_record.tag || self.check(r).is_err() {

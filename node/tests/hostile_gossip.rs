@@ -1,6 +1,7 @@
 //! A hostile trusted key and hostile gossip: a record from the future pins no tag, a tag falls
-//! back when its publisher's trust goes (at once, and across a restart), and records no one
-//! trusts are not relayed, while the peer that floods them is banned.
+//! back when its publisher's trust goes (at once, and across a restart, but never past a
+//! retention policy's expiry), and records no one trusts are not relayed, while the peer that
+//! floods them is banned.
 
 mod testnet;
 
@@ -157,6 +158,63 @@ async fn a_tag_falls_back_when_its_publishers_trust_is_removed() {
         manifest_of(&current(net.nodes[0].node(), "team/app", "1").await),
         Some(first.digest.to_string()),
         "after a restart without the trust rule, the tag falls back"
+    );
+}
+
+/// A tag whose record a retention policy expired does not come back from an older record when
+/// the record that named it since stops counting: the expiry stands whoever signed what it
+/// expired (the expired image's blobs may be swept already).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_tag_stays_gone_when_a_later_publishers_trust_is_removed() {
+    let outsider = SigningKey::from_seed([78; 32]);
+    let mut net = TestNet::with_identities(1);
+    net.extra_trust = vec![format!("{}=team/*", outsider.public()).parse().unwrap()];
+    net.start_next().await;
+    let first = image(4, &[1000]);
+    net.nodes[0].push("team/app", "1", &first).await;
+    let node = net.nodes[0].node();
+    let own = current(node, "team/app", "1").await.unwrap();
+    // The trusted outsider names the same image; a retention policy expires that record.
+    let by_outsider = |ahead_ms: u64| {
+        let mut r = own.clone();
+        r.publisher = outsider.public();
+        r.timestamp_ms = now_ms() + ahead_ms;
+        SignedTagRecord::sign(&r, &outsider).unwrap()
+    };
+    let expired = by_outsider(1_000);
+    assert_eq!(
+        node.tags().ingest(expired.clone()).await.unwrap(),
+        shoal_node::tags::Ingest::Accepted
+    );
+    node.store()
+        .commit(Batch::new().expired(expired))
+        .await
+        .unwrap();
+    assert_eq!(current(node, "team/app", "1").await, None, "not expired");
+    // The outsider pushes the tag again, then loses its trust: the tag falls back past the
+    // expiry to nothing, not to this node's own older record.
+    let again = by_outsider(2_000);
+    assert_eq!(
+        node.tags().ingest(again).await.unwrap(),
+        shoal_node::tags::Ingest::Accepted
+    );
+    node.tags().auth().set_trust_rules(Vec::new());
+    wait_until(WAIT, "the outsider's record to stop counting", || async {
+        let now = current(node, "team/app", "1").await;
+        (now.is_none_or(|r| r.publisher != outsider.public())).then_some(())
+    })
+    .await;
+    assert_eq!(
+        manifest_of(&current(node, "team/app", "1").await),
+        None,
+        "an expired record's tag came back from an older record"
+    );
+    // The node's own newer push names it again.
+    let second = image(5, &[1500]);
+    net.nodes[0].push("team/app", "1", &second).await;
+    assert_eq!(
+        manifest_of(&current(net.nodes[0].node(), "team/app", "1").await),
+        Some(second.digest.to_string())
     );
 }
 

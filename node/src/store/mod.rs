@@ -51,6 +51,28 @@ pub use usage::{RepoUsage, Usage};
 
 use sink::{Hashing, Sink};
 
+/// One step of a tag's history in the journal (see [`Store::tag_history`]).
+#[derive(Debug, Clone)]
+pub enum TagEvent {
+    /// A record accepted, and whether the tag was immutable then.
+    Record {
+        /// The record, as signed.
+        record: shoal_protocol::SignedTagRecord,
+        /// Whether the tag was immutable when it was accepted.
+        immutable: bool,
+    },
+    /// No record at or before `at` names anything again: a retention policy expired the tag's
+    /// record of that order key, or a compacted journal kept the tag's latest delete.
+    DeletedAt {
+        /// Repository.
+        repo: RepoName,
+        /// Tag.
+        tag: shoal_protocol::Tag,
+        /// The order key.
+        at: change::OrderKey,
+    },
+}
+
 /// Reusable buffers for blob bytes, shared by clones: a buffer given back is taken again
 /// instead of allocating and zeroing a fresh one (zeroing fresh chunk buffers showed in the
 /// profile of a rollout: `tests/bench/RESULTS.md`). Keeps at most `keep` idle ones; a buffer given
@@ -637,30 +659,50 @@ impl Store {
         .await?
     }
 
-    /// Every tag record the journal holds for one of `tags`, in the order it was accepted, with
-    /// whether its tag was immutable then. Reads the whole journal on the blocking pool: it is
-    /// for the rare re-derivation of a tag's current record after trust changed.
-    pub async fn journal_records(
+    /// The history of each of `tags` in the journal, in the order it was written: every record
+    /// accepted, and every point before which nothing may name anything again (an expiry, or a
+    /// compacted journal's kept delete). Reads the whole journal on the blocking pool: it is for
+    /// the rare re-derivation of a tag's current record after trust changed.
+    pub async fn tag_history(
         &self,
         tags: std::collections::HashSet<(RepoName, shoal_protocol::Tag)>,
-    ) -> Result<Vec<(shoal_protocol::SignedTagRecord, bool)>, StoreError> {
+    ) -> Result<Vec<TagEvent>, StoreError> {
         let path = self.inner.layout.journal();
         tokio::task::spawn_blocking(move || {
             let mut found = Vec::new();
+            let wanted =
+                |r: &shoal_protocol::TagRecord| tags.contains(&(r.repo.clone(), r.tag.clone()));
             journal::read(&path, 0, |change, _| {
-                // A compacted journal keeps the records that were current then.
-                let (record, immutable) = match change {
-                    Change::Record { record, immutable } => (record, immutable),
+                let event = match change {
+                    Change::Record { record, immutable } => record
+                        .verify()
+                        .is_ok_and(|v| wanted(v.record()))
+                        .then_some(TagEvent::Record { record, immutable }),
+                    // A compacted journal keeps the records that were current then.
                     Change::Kept {
                         entry: change::Kept::Record { record },
-                    } => (record, false),
-                    _ => return Ok(()),
+                    } => record.verify().is_ok_and(|v| wanted(v.record())).then_some(
+                        TagEvent::Record {
+                            record,
+                            immutable: false,
+                        },
+                    ),
+                    Change::Expired { record } => record.verify().ok().and_then(|v| {
+                        let r = v.record();
+                        wanted(r).then(|| TagEvent::DeletedAt {
+                            repo: r.repo.clone(),
+                            tag: r.tag.clone(),
+                            at: r.order_key(),
+                        })
+                    }),
+                    Change::Kept {
+                        entry: change::Kept::DeletedAt { repo, tag, at },
+                    } => tags
+                        .contains(&(repo.clone(), tag.clone()))
+                        .then_some(TagEvent::DeletedAt { repo, tag, at }),
+                    _ => None,
                 };
-                if let Ok(v) = record.verify()
-                    && tags.contains(&(v.record().repo.clone(), v.record().tag.clone()))
-                {
-                    found.push((record, immutable));
-                }
+                found.extend(event);
                 Ok(())
             })?;
             Ok(found)
