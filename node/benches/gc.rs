@@ -229,7 +229,7 @@ fn main() -> anyhow::Result<()> {
         // Without a collection, for about as long as one takes (measured below; 10 s first).
         let stop = Arc::new(AtomicBool::new(false));
         let quiet = tokio::spawn(clients(app.clone(), kept, stop.clone(), 0));
-        let dry = store.gc(GcOptions { grace: Duration::from_secs(1), dry_run: true }).await?;
+        let dry = store.gc(GcOptions::new(Duration::from_secs(1)).dry()).await?;
         tokio::time::sleep(Duration::from_secs(10)).await;
         stop.store(true, Ordering::Relaxed);
         let mut alone = quiet.await?;
@@ -237,7 +237,7 @@ fn main() -> anyhow::Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
         let busy = tokio::spawn(clients(app.clone(), kept, stop.clone(), 1));
         let t = Instant::now();
-        let report = store.gc(GcOptions { grace: Duration::from_secs(1), dry_run: false }).await?;
+        let report = store.gc(GcOptions::new(Duration::from_secs(1))).await?;
         let gc_time = t.elapsed();
         stop.store(true, Ordering::Relaxed);
         let mut during = busy.await?;

@@ -55,6 +55,21 @@ pub struct GcSchedule {
     pub interval: Option<std::time::Duration>,
     /// Blobs and manifests younger than this are kept.
     pub grace: std::time::Duration,
+    /// A partial download that nothing has continued for this long, and that no download in
+    /// progress holds, is removed by the next collection.
+    pub abandoned_downloads: std::time::Duration,
+}
+
+impl GcSchedule {
+    /// A collection keeping what is younger than `grace`, as this schedule removes abandoned
+    /// downloads.
+    pub fn options(&self, grace: std::time::Duration, dry_run: bool) -> crate::store::GcOptions {
+        crate::store::GcOptions {
+            grace,
+            dry_run,
+            abandoned_after: self.abandoned_downloads,
+        }
+    }
 }
 
 impl Default for GcSchedule {
@@ -62,6 +77,7 @@ impl Default for GcSchedule {
         GcSchedule {
             interval: None,
             grace: std::time::Duration::from_secs(3600),
+            abandoned_downloads: crate::store::gc::ABANDONED_DOWNLOAD_TTL,
         }
     }
 }
@@ -74,6 +90,8 @@ pub struct GcFileConfig {
     pub interval_secs: Option<u64>,
     /// See [`GcSchedule::grace`], in seconds.
     pub grace_secs: Option<u64>,
+    /// See [`GcSchedule::abandoned_downloads`], in seconds.
+    pub abandoned_download_secs: Option<u64>,
 }
 
 impl GcFileConfig {
@@ -89,6 +107,12 @@ impl GcFileConfig {
             grace: self
                 .grace_secs
                 .map_or(d.grace, std::time::Duration::from_secs),
+            // Zero is refused as for the interval: it is a typo more often than a wish.
+            abandoned_downloads: match self.abandoned_download_secs {
+                Some(0) => return Err(ConfigError::Gc("abandoned_download_secs")),
+                Some(s) => std::time::Duration::from_secs(s),
+                None => d.abandoned_downloads,
+            },
         })
     }
 }
@@ -467,6 +491,14 @@ mod tests {
         assert_eq!(c.gc.grace, GcSchedule::default().grace);
         let c = Config::resolve(FileConfig::default(), FileConfig::default()).unwrap();
         assert_eq!(c.gc.interval, None, "no collection unless asked for");
+        let day: FileConfig = toml::from_str("[gc]\nabandoned_download_secs = 600").unwrap();
+        let c = Config::resolve(FileConfig::default(), day).unwrap();
+        assert_eq!(
+            c.gc.abandoned_downloads,
+            std::time::Duration::from_secs(600)
+        );
+        let none: FileConfig = toml::from_str("[gc]\nabandoned_download_secs = 0").unwrap();
+        assert!(Config::resolve(FileConfig::default(), none).is_err());
         let zero: FileConfig = toml::from_str("[gc]\ninterval_secs = 0").unwrap();
         assert!(Config::resolve(FileConfig::default(), zero).is_err());
         let zero: FileConfig = toml::from_str("[http]\nmax_requests = 0").unwrap();

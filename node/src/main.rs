@@ -630,6 +630,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = resolve(common, FileConfig::default())?;
             let fleet = shoal_node::auth::FleetConfig::read(&config.data_dir)?;
+            let gc = config.gc.clone();
             let report: store::GcReport = node_or_store(
                 &config,
                 |admin| {
@@ -644,7 +645,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .read(move |i| shoal_node::lifecycle::stored_retention(i, fleet.as_ref()))
                         .await?;
                     store
-                        .gc_with_retention(store::GcOptions { grace, dry_run }, &retention)
+                        .gc_with_retention(gc.options(grace, dry_run), &retention)
                         .await
                 },
             )?;

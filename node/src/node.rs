@@ -273,7 +273,8 @@ impl Node {
             .with_quota(quota.clone())
             .with_audit(audit)
             .with_data_dir(config.data_dir.clone())
-            .with_limits(config.http.clone());
+            .with_limits(config.http.clone())
+            .with_gc(config.gc.clone());
         let https = tls.is_some();
         let router = registry.with_https(https).router();
         http.tasks.spawn(server::serve_admin(
@@ -295,7 +296,7 @@ impl Node {
                 store.clone(),
                 auth.clone(),
                 every,
-                config.gc.grace,
+                config.gc.options(config.gc.grace, false),
                 http.cancel.clone(),
             ));
         }
@@ -359,13 +360,13 @@ impl Node {
     }
 }
 
-/// Applies the fleet's retention policies and collects garbage every `every`, keeping what is
-/// younger than `grace`, until `cancel`.
+/// Applies the fleet's retention policies and collects garbage with `options` every `every`,
+/// until `cancel`.
 async fn collect_garbage(
     store: Store,
     auth: Auth,
     every: Duration,
-    grace: Duration,
+    options: crate::store::GcOptions,
     cancel: CancellationToken,
 ) {
     loop {
@@ -373,10 +374,6 @@ async fn collect_garbage(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let options = crate::store::GcOptions {
-            grace,
-            dry_run: false,
-        };
         match store.gc_with_retention(options, &auth.retention()).await {
             Ok(r) => tracing::info!(
                 expired_tags = r.expired_tags,

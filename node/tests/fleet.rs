@@ -303,6 +303,7 @@ async fn a_node_collects_garbage_on_its_schedule() {
     net.gc = shoal_node::config::GcSchedule {
         interval: Some(Duration::from_millis(300)),
         grace: Duration::ZERO,
+        ..Default::default()
     };
     net.start_next().await;
     net.start_next().await;

@@ -882,10 +882,8 @@ pub(super) async fn gc(
         return bad_request("expected {\"dry_run\": bool, \"grace_secs\": seconds}")
             .into_response();
     };
-    let options = crate::store::GcOptions {
-        grace: std::time::Duration::from_secs(ask.grace_secs),
-        dry_run: ask.dry_run,
-    };
+    let options =
+        r.gc.options(std::time::Duration::from_secs(ask.grace_secs), ask.dry_run);
     match r
         .store
         .gc_with_retention(options, &r.auth().retention())

@@ -59,6 +59,8 @@ pub struct Registry {
     uploads_swept: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The node's disk quota and pin rules, for the admin API.
     quota: Option<crate::quota::Quota>,
+    /// How the admin API's collections treat abandoned downloads (the config's `[gc]` table).
+    gc: std::sync::Arc<crate::config::GcSchedule>,
 }
 
 /// The result type of handlers.
@@ -87,7 +89,14 @@ impl Registry {
             limits: std::sync::Arc::default(),
             uploads_swept: std::sync::Arc::default(),
             quota: None,
+            gc: std::sync::Arc::default(),
         }
+    }
+
+    /// Collects garbage, when the admin API asks, as `schedule` says.
+    pub fn with_gc(mut self, schedule: crate::config::GcSchedule) -> Registry {
+        self.gc = std::sync::Arc::new(schedule);
+        self
     }
 
     /// Answers the admin API's quota questions from `quota`.

@@ -42,7 +42,8 @@ const SWEEP_BATCH: usize = 64;
 /// collected next time).
 const MAX_TOUCHED: usize = 1 << 20;
 /// How long a download that nothing continues is kept (its directory untouched that long, and no
-/// download of it in progress) before a collection removes it.
+/// download of it in progress) before a collection removes it, unless the config's `[gc]`
+/// table says otherwise ([`GcOptions::abandoned_after`]).
 pub const ABANDONED_DOWNLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a blob just installed is kept, whatever the grace period, until a commit links it
 /// or adds it as a manifest (an upload's last step installs the blob, the next links it).
@@ -55,6 +56,29 @@ pub struct GcOptions {
     pub grace: Duration,
     /// List what would go; change nothing.
     pub dry_run: bool,
+    /// A partial download untouched this long, and not in progress, is removed
+    /// ([`ABANDONED_DOWNLOAD_TTL`] unless configured).
+    pub abandoned_after: Duration,
+}
+
+impl GcOptions {
+    /// A collection that keeps what is younger than `grace`, with the default time for
+    /// abandoned downloads.
+    pub const fn new(grace: Duration) -> GcOptions {
+        GcOptions {
+            grace,
+            dry_run: false,
+            abandoned_after: ABANDONED_DOWNLOAD_TTL,
+        }
+    }
+
+    /// The same collection, listing what would go and changing nothing.
+    pub const fn dry(self) -> GcOptions {
+        GcOptions {
+            dry_run: true,
+            ..self
+        }
+    }
 }
 
 /// What a collection did (or, dry, would do).
@@ -72,7 +96,7 @@ pub struct GcReport {
     pub swept: Vec<(Digest, u64)>,
     /// Bytes freed (or that would be).
     pub bytes_freed: u64,
-    /// Abandoned downloads removed (or that would be), see [`ABANDONED_DOWNLOAD_TTL`].
+    /// Abandoned downloads removed (or that would be), see [`GcOptions::abandoned_after`].
     pub abandoned_downloads: u64,
     /// Their bytes.
     pub abandoned_download_bytes: u64,
@@ -343,18 +367,19 @@ async fn run(
             sweep(store, batch, &mut report, false).await?;
         }
     }
-    abandoned_downloads(store, options.dry_run, &mut report).await?;
+    abandoned_downloads(store, options, &mut report).await?;
     report.sweep_ms = sweep_started.elapsed().as_millis() as u64;
     Ok(report)
 }
 
 /// Removes the downloads in `partial/` that nothing has continued for
-/// [`ABANDONED_DOWNLOAD_TTL`] and that no download in progress holds.
+/// [`GcOptions::abandoned_after`] and that no download in progress holds.
 async fn abandoned_downloads(
     store: &Store,
-    dry_run: bool,
+    options: GcOptions,
     report: &mut GcReport,
 ) -> Result<(), StoreError> {
+    let (dry_run, ttl) = (options.dry_run, options.abandoned_after);
     let root = store.inner.layout.root().join("partial");
     let this = store.clone();
     let (count, bytes) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
@@ -381,7 +406,7 @@ async fn abandoned_downloads(
                         newest = newest.max(m.modified().ok());
                     }
                 }
-                if is_young(newest, now, ABANDONED_DOWNLOAD_TTL) {
+                if is_young(newest, now, ttl) {
                     continue;
                 }
                 if this.partials().contains_key(&digest) {

@@ -11,10 +11,7 @@ use shoal_node::store::{GcOptions, GcReport};
 use crate::harness::*;
 use crate::push::*;
 
-const NOW: GcOptions = GcOptions {
-    grace: Duration::ZERO,
-    dry_run: false,
-};
+const NOW: GcOptions = GcOptions::new(Duration::ZERO);
 
 /// Pushes a signature (an artifact with an empty config) whose subject is `subject`.
 async fn push_signature(h: &Harness, repo: &str, subject: &Image) -> Referrer {
@@ -77,24 +74,14 @@ async fn gc_frees_what_nothing_needs_and_every_tagged_image_stays_whole() {
     // Within the grace period, nothing goes.
     let report = h
         .store()
-        .gc(GcOptions {
-            grace: Duration::from_secs(3600),
-            dry_run: false,
-        })
+        .gc(GcOptions::new(Duration::from_secs(3600)))
         .await
         .unwrap();
     assert!(report.swept.is_empty(), "{report:?}");
     assert!(report.young > 0, "{report:?}");
 
     // A dry run lists exactly the garbage and removes nothing.
-    let dry = h
-        .store()
-        .gc(GcOptions {
-            grace: Duration::ZERO,
-            dry_run: true,
-        })
-        .await
-        .unwrap();
+    let dry = h.store().gc(NOW.dry()).await.unwrap();
     assert_eq!(swept(&dry), garbage);
     h.get(&format!("/v2/r/blobs/{orphan}"))
         .await
@@ -170,10 +157,7 @@ async fn pushes_racing_the_collector_are_never_harmed() {
         tokio::spawn(async move {
             let (mut runs, mut freed) = (0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
-                let options = GcOptions {
-                    grace: GRACE,
-                    dry_run: false,
-                };
+                let options = GcOptions::new(GRACE);
                 let report = store.gc(options).await.expect("gc");
                 runs += 1;
                 freed += report.swept.len() as u64;
@@ -321,7 +305,8 @@ async fn usage_counts_each_repository_and_what_a_collection_would_free() {
         .expect(StatusCode::OK);
 }
 
-/// A download nothing has continued for a day goes with the next collection; a recent one stays.
+/// A download nothing has continued for a day goes with the next collection; a recent one stays;
+/// a node configured for a shorter time removes one untouched for that long.
 #[tokio::test(flavor = "multi_thread")]
 async fn abandoned_downloads_expire_and_recent_ones_stay() {
     let h = Harness::new().await;
@@ -330,28 +315,27 @@ async fn abandoned_downloads_expire_and_recent_ones_stay() {
             .join("partial/sha256")
             .join(sha256(&[n]).trim_start_matches("sha256:"))
     };
-    let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
-    for (n, old) in [(1u8, true), (2, false)] {
+    let now = std::time::SystemTime::now();
+    let hours_ago = |h: u64| Some(now - Duration::from_secs(h * 3600));
+    // Untouched for two days, for two hours, and just written.
+    for (n, modified) in [(1u8, hours_ago(48)), (2, None), (3, hours_ago(2))] {
         let dir = partial(n);
         std::fs::create_dir_all(&dir).unwrap();
         for file in ["data", "chunks"] {
             std::fs::write(dir.join(file), vec![0u8; 1000]).unwrap();
-            if old {
+            if let Some(t) = modified {
                 std::fs::File::options()
                     .write(true)
                     .open(dir.join(file))
                     .unwrap()
-                    .set_modified(two_days_ago)
+                    .set_modified(t)
                     .unwrap();
             }
         }
     }
     let dry = h
         .store()
-        .gc(GcOptions {
-            grace: Duration::from_secs(3600),
-            dry_run: true,
-        })
+        .gc(GcOptions::new(Duration::from_secs(3600)).dry())
         .await
         .unwrap();
     assert_eq!(
@@ -365,5 +349,25 @@ async fn abandoned_downloads_expire_and_recent_ones_stay() {
         !partial(1).exists(),
         "the abandoned download is still there"
     );
+    assert!(partial(2).exists(), "a recent download was removed");
+    assert!(
+        partial(3).exists(),
+        "a download untouched for 2 h went by default"
+    );
+
+    // `[gc] abandoned_download_secs = 3600`: the one untouched for two hours goes too.
+    let hour = shoal_node::config::GcFileConfig {
+        abandoned_download_secs: Some(3600),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    let report = h
+        .store()
+        .gc(hour.options(Duration::ZERO, false))
+        .await
+        .unwrap();
+    assert_eq!(report.abandoned_downloads, 1);
+    assert!(!partial(3).exists(), "the configured time was not applied");
     assert!(partial(2).exists(), "a recent download was removed");
 }
