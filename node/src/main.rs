@@ -682,10 +682,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Du { common, grace } => {
             let config = resolve(common, FileConfig::default())?;
+            let fleet = shoal_node::auth::FleetConfig::read(&config.data_dir)?;
             let usage: store::Usage = node_or_store(
                 &config,
                 |admin| admin.get(&format!("/_shoal/v1/du?grace_secs={}", grace.as_secs())),
-                |store| async move { store.usage(grace).await },
+                |store| async move {
+                    let retention = store
+                        .read(move |i| shoal_node::lifecycle::stored_retention(i, fleet.as_ref()))
+                        .await?;
+                    store.usage(grace, &retention).await
+                },
             )?;
             println!(
                 "{:>14} {:>14} {:>14} {:>8}  repository",

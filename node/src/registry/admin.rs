@@ -712,7 +712,10 @@ pub(super) async fn du(
         .unwrap_or(3600);
     let mut usage = match r
         .store
-        .usage(std::time::Duration::from_secs(grace_secs))
+        .usage(
+            std::time::Duration::from_secs(grace_secs),
+            &r.auth().retention(),
+        )
         .await
     {
         Ok(usage) => usage,

@@ -53,9 +53,17 @@ pub struct Usage {
 }
 
 impl Store {
-    /// Where the disk goes; reclaimable as a collection with `grace` would find it.
-    pub async fn usage(&self, grace: std::time::Duration) -> Result<Usage, StoreError> {
-        let reclaimable = self.gc(GcOptions::new(grace).dry()).await?.bytes_freed;
+    /// Where the disk goes; reclaimable as a collection with `grace` would find it, once the
+    /// fleet's `retention` policies expired what they would.
+    pub async fn usage(
+        &self,
+        grace: std::time::Duration,
+        retention: &crate::lifecycle::Retention,
+    ) -> Result<Usage, StoreError> {
+        let reclaimable = self
+            .gc_with_retention(GcOptions::new(grace).dry(), retention)
+            .await?
+            .bytes_freed;
         let (index, layout) = (self.inner.index.clone(), self.inner.layout.clone());
         let mut usage = tokio::task::spawn_blocking(move || -> Result<Usage, StoreError> {
             let mut usage = Usage::default();

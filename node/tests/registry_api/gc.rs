@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use shoal_node::lifecycle::Retention;
 use shoal_node::store::{GcOptions, GcReport};
+use shoal_protocol::lifecycle::LifecyclePolicy;
 
 use crate::harness::*;
 use crate::push::*;
@@ -283,7 +285,8 @@ async fn usage_counts_each_repository_and_what_a_collection_would_free() {
     h.delete(&format!("/v2/b/blobs/{}", sha256(&loose)))
         .await
         .expect(StatusCode::ACCEPTED);
-    let usage = h.store().usage(Duration::ZERO).await.unwrap();
+    let none = Retention::default();
+    let usage = h.store().usage(Duration::ZERO, &none).await.unwrap();
     assert_eq!(usage.blobs, 3);
     assert_eq!(usage.bytes, 20_000);
     assert_eq!(usage.unheld_bytes, 7_000);
@@ -298,11 +301,52 @@ async fn usage_counts_each_repository_and_what_a_collection_would_free() {
     assert_eq!(by_repo["b"].unique_bytes, 0);
     assert_eq!(usage.repos[0].repo, "a", "largest first");
     // Within the grace period nothing is reclaimable, and looking changed nothing.
-    let usage = h.store().usage(Duration::from_secs(3600)).await.unwrap();
+    let usage = h
+        .store()
+        .usage(Duration::from_secs(3600), &none)
+        .await
+        .unwrap();
     assert_eq!(usage.reclaimable_bytes, 0);
     h.get(&format!("/v2/a/blobs/{}", sha256(&only_a)))
         .await
         .expect(StatusCode::OK);
+}
+
+/// What a retention policy would expire counts as reclaimable, and looking expires nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_counts_what_retention_would_expire_as_reclaimable() {
+    let h = Harness::new().await;
+    let (old, new) = (
+        push_image(&h, "team/app", Some("prod-1"), 60).await,
+        push_image(&h, "team/app", Some("prod-2"), 61).await,
+    );
+    let keep_one = Retention::new(vec![(
+        "team/*".parse().unwrap(),
+        LifecyclePolicy::from_json(
+            r#"{"rules": [{"rulePriority": 1, "selection": {"tagStatus": "tagged",
+                "tagPrefixList": ["prod"], "countType": "imageCountMoreThan", "countNumber": 1},
+                "action": {"type": "expire"}}]}"#,
+        )
+        .unwrap(),
+    )]);
+    let none = h
+        .store()
+        .usage(Duration::ZERO, &Retention::default())
+        .await
+        .unwrap();
+    assert_eq!(none.reclaimable_bytes, 0, "everything is tagged");
+    let usage = h.store().usage(Duration::ZERO, &keep_one).await.unwrap();
+    let old_bytes: u64 =
+        old.manifest.len() as u64 + old.blobs.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+    assert_eq!(
+        usage.reclaimable_bytes, old_bytes,
+        "prod-1's manifest and blobs"
+    );
+    for image in [&old, &new] {
+        h.get(&format!("/v2/team/app/manifests/{}", image.digest))
+            .await
+            .expect(StatusCode::OK);
+    }
 }
 
 /// A download nothing has continued for a day goes with the next collection; a recent one stays;
