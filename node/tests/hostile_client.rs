@@ -1,6 +1,6 @@
 //! A hostile or careless HTTP client cannot take a node from the others: listings come in
 //! bounded pages, slow and idle connections are cut off, connections and requests past their
-//! limits get a clear `503`, a stalled body is cut off, upload sessions expire and have quotas,
+//! limits get a clear `503` (over HTTPS too), a stalled body is cut off, upload sessions expire and have quotas,
 //! a tag push too large for a record is refused before anything is written, a session resumes
 //! at its acknowledged offset after a crash, and an overflowing `Content-Range` is a clean
 //! error.
@@ -410,6 +410,81 @@ async fn a_stalled_body_is_cut_off_and_the_session_stays_where_it_was() {
     .await;
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.header("range"), Some("0-999"));
+}
+
+/// Over HTTPS a connection past the limits gets the same `503` after its handshake, rather than
+/// a reset the client cannot tell from a broken node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_limits_an_https_client_gets_503_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem()).expect("write");
+    std::fs::write(&key_file, key_pair.serialize_pem()).expect("write");
+    let mut net = TestNet::with_identities(1);
+    net.http = HttpLimits {
+        max_connections_per_client: 1,
+        ..HttpLimits::default()
+    };
+    net.access.insert(
+        0,
+        shoal_node::config::AccessConfig {
+            tls: Some((cert_file, key_file)),
+            ..Default::default()
+        },
+    );
+    net.start_next().await;
+    let addr = net.nodes[0].http_addr();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).expect("root");
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let request = b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n";
+
+    // The one slot of 127.0.0.2, held over HTTPS and served.
+    let held = connect_from("127.0.0.2", addr).await.expect("connect");
+    let mut held = connector
+        .connect(name.clone(), held)
+        .await
+        .expect("handshake");
+    held.write_all(request).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = held.read(&mut buf).await.expect("answer");
+    assert_ne!(
+        status_of(&buf[..n]),
+        Some(503),
+        "the first connection is served"
+    );
+
+    // The next from that address: a handshake, then the 503, then the close.
+    let next = connect_from("127.0.0.2", addr).await.expect("connect");
+    let mut next = connector
+        .connect(name.clone(), next)
+        .await
+        .expect("a handshake past the limit");
+    next.write_all(request).await.expect("write");
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(WAIT, next.read_to_end(&mut raw))
+        .await
+        .expect("the refused connection closes");
+    assert_eq!(
+        status_of(&raw),
+        Some(503),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    let body = &raw[raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4..];
+    assert_eq!(error_code(body), "UNAVAILABLE");
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

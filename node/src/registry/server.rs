@@ -44,8 +44,8 @@ use crate::config::HttpLimits;
 
 /// File descriptors kept for everything but HTTP clients (peers, blob files, the index).
 const RESERVED_FDS: u64 = 256;
-/// Refusals (a `503` written to a connection past a limit) in flight at once; past it a
-/// connection past a limit is closed without an answer.
+/// Refusals (a `503` written to a connection past a limit, over HTTPS after a handshake) in
+/// flight at once; past it a connection past a limit is closed without an answer.
 const MAX_REFUSALS: usize = 64;
 /// How long a refusal waits for the request it answers, and for the client to close.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -64,6 +64,8 @@ content-length: 99\r\n\r\n\
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// How long a client may take over its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refusal over HTTPS may take in all: the handshake, the request, the `503`.
+const TLS_REFUSAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// The admin socket's file name in the data directory: the CLI's way in, reachable by the
 /// node's own user only (mode 0600). A request over it is the operator's.
 pub const ADMIN_SOCKET: &str = "admin.sock";
@@ -229,6 +231,36 @@ async fn refuse(mut stream: TcpStream) {
     .await;
 }
 
+/// [`refuse`] over HTTPS: completes the handshake (without it the client reads no answer) and
+/// answers every request on the connection with the same `503`, in HTTP/1.1 or HTTP/2 as ALPN
+/// chose, for at most [`TLS_REFUSAL_TIMEOUT`] in all. [`MAX_REFUSALS`] bounds the handshakes a
+/// flood of connections can cost.
+async fn refuse_tls(
+    stream: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    builder: auto::Builder<TrackedExecutor>,
+) {
+    let _ = tokio::time::timeout(TLS_REFUSAL_TIMEOUT, async move {
+        let Ok(stream) = acceptor.accept(stream).await else {
+            return;
+        };
+        let refuse = hyper::service::service_fn(|request: axum::http::Request<_>| async move {
+            let mut response = axum::response::IntoResponse::into_response(
+                super::error::RegistryError::Unavailable("too many connections; try again later"),
+            );
+            if request.version() < axum::http::Version::HTTP_2 {
+                response.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        });
+        let _ = builder.serve_connection(TokioIo::new(stream), refuse).await;
+    })
+    .await;
+}
+
 /// Serves `router` on `listener` until `shutdown` fires; then lets requests in flight finish
 /// for at most `grace` and aborts the rest. Returns once every task it started has ended.
 ///
@@ -273,8 +305,15 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     let Some(slot) = slots.admit(peer.ip()) else {
                         tracing::debug!(%peer, "refusing an HTTP connection past the connection limits");
-                        if tls.is_none() && refusals.len() < MAX_REFUSALS {
-                            refusals.spawn(refuse(stream));
+                        if refusals.len() < MAX_REFUSALS {
+                            match &tls {
+                                None => refusals.spawn(refuse(stream)),
+                                Some(acceptor) => refusals.spawn(refuse_tls(
+                                    stream,
+                                    acceptor.clone(),
+                                    builder.clone(),
+                                )),
+                            };
                         }
                         continue;
                     };
