@@ -133,6 +133,9 @@ pub struct HttpLimits {
     pub header_read_timeout: std::time::Duration,
     /// How long a request body may stall (no bytes at all) before the request is cut off.
     pub body_read_timeout: std::time::Duration,
+    /// How long a client may read nothing of what the node sends (a response it does not
+    /// drain) before the connection is cut off.
+    pub send_timeout: std::time::Duration,
     /// How long a connection may stay open without a request in flight (before its first
     /// request, or between keep-alive requests).
     pub idle_timeout: std::time::Duration,
@@ -154,6 +157,7 @@ impl Default for HttpLimits {
             max_requests: 1024,
             header_read_timeout: Duration::from_secs(20),
             body_read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             upload_session_ttl: Duration::from_secs(24 * 3600),
             max_upload_session_bytes: 64 << 30,
@@ -176,6 +180,8 @@ pub struct HttpFileConfig {
     pub header_read_timeout_secs: Option<u64>,
     /// See [`HttpLimits::body_read_timeout`], in seconds.
     pub body_read_timeout_secs: Option<u64>,
+    /// See [`HttpLimits::send_timeout`], in seconds.
+    pub send_timeout_secs: Option<u64>,
     /// See [`HttpLimits::idle_timeout`], in seconds.
     pub idle_timeout_secs: Option<u64>,
     /// See [`HttpLimits::upload_session_ttl`], in seconds.
@@ -219,6 +225,7 @@ impl HttpFileConfig {
                 d.body_read_timeout,
                 "body_read_timeout_secs",
             )?,
+            send_timeout: secs(self.send_timeout_secs, d.send_timeout, "send_timeout_secs")?,
             idle_timeout: secs(self.idle_timeout_secs, d.idle_timeout, "idle_timeout_secs")?,
             upload_session_ttl: secs(
                 self.upload_session_ttl_secs,

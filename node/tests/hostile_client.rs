@@ -216,6 +216,51 @@ async fn a_page_of_referrers_is_bounded_by_size_whatever_n_asks() {
     assert_eq!(all.len(), 6);
 }
 
+/// A client that asks for a blob and reads none of it loses its connection after the send
+/// timeout: its slot (the only one of its address here) comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_response_is_cut_off() {
+    let net = node_with(HttpLimits {
+        max_connections_per_client: 1,
+        send_timeout: Duration::from_secs(2),
+        ..HttpLimits::default()
+    })
+    .await;
+    let node = &net.nodes[0];
+    let addr = node.http_addr();
+    // Larger than what the socket buffers of both ends hold.
+    let blob: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+    let digest = upload_blob(node, "r", &blob).await;
+    let mut reader = connect_from("127.0.0.2", addr).await.expect("connect");
+    reader
+        .write_all(format!("GET /v2/r/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let status_from_its_address = || async {
+        let mut s = connect_from("127.0.0.2", addr).await.ok()?;
+        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        status_of(&read_until_closed(&mut s).await?)
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        status_from_its_address().await,
+        Some(503),
+        "the reader holds the address's one slot"
+    );
+    let started = std::time::Instant::now();
+    wait_until(WAIT, "the stalled response to be cut off", || async {
+        (status_from_its_address().await == Some(200)).then_some(())
+    })
+    .await;
+    println!(
+        "slot back {:.1} s after the check",
+        started.elapsed().as_secs_f64()
+    );
+    drop(reader);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_idle_connections_are_cut_off_while_an_honest_client_is_served() {
     let net = node_with(HttpLimits {

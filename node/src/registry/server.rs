@@ -376,6 +376,7 @@ struct Shared {
 struct Timeouts {
     header: Duration,
     body: Duration,
+    send: Duration,
     idle: Duration,
 }
 
@@ -384,6 +385,7 @@ impl Timeouts {
         Timeouts {
             header: limits.header_read_timeout,
             body: limits.body_read_timeout,
+            send: limits.send_timeout,
             idle: limits.idle_timeout,
         }
     }
@@ -416,7 +418,7 @@ fn serve_connection(
         let watch = Some((activity.clone(), timeouts));
         let result = match tls {
             None => {
-                let io = TokioIo::new(Watched::new(stream, activity));
+                let io = TokioIo::new(Watched::new(stream, activity, timeouts.send));
                 run(&builder, io, service, &shutdown, watch).await
             }
             Some(acceptor) => {
@@ -424,7 +426,7 @@ fn serve_connection(
                     tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
                 match handshake {
                     Ok(Ok(stream)) => {
-                        let io = TokioIo::new(Watched::new(stream, activity));
+                        let io = TokioIo::new(Watched::new(stream, activity, timeouts.send));
                         run(&builder, io, service, &shutdown, watch).await
                     }
                     Ok(Err(e)) => {
@@ -518,15 +520,54 @@ impl Drop for InFlight {
     }
 }
 
-/// A connection's byte stream, telling its [`Activity`] when bytes arrive.
+/// A connection's byte stream, telling its [`Activity`] when bytes arrive, and failing with
+/// [`SendStalled`] once the client has taken none of what the node sends for `send_timeout`
+/// (a client that asks for a blob and never reads it would otherwise hold its connection, its
+/// request slot and the blob's file for good).
 struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
+    send_timeout: Duration,
+    /// Started when a write could not proceed; cleared when one does.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+/// The client read nothing of what the node sent for the send timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the client read nothing for {0:?}")]
+pub struct SendStalled(Duration);
+
 impl<S> Watched<S> {
-    fn new(inner: S, activity: Arc<Activity>) -> Watched<S> {
-        Watched { inner, activity }
+    fn new(inner: S, activity: Arc<Activity>, send_timeout: Duration) -> Watched<S> {
+        Watched {
+            inner,
+            activity,
+            send_timeout,
+            stalled: None,
+        }
+    }
+
+    /// `polled`, a write's outcome, unless it has been pending for the send timeout.
+    fn within_send_timeout<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.send_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                SendStalled(timeout),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -551,15 +592,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.within_send_timeout(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.within_send_timeout(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.within_send_timeout(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -567,7 +611,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.within_send_timeout(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -875,6 +920,7 @@ mod tests {
         let t = Timeouts {
             header: Duration::from_secs(5),
             body: Duration::from_secs(60),
+            send: Duration::from_secs(60),
             idle: Duration::from_secs(30),
         };
         let a = Arc::new(Activity::new());
