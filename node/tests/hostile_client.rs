@@ -781,6 +781,55 @@ async fn after_a_crash_mid_chunk_a_session_resumes_at_its_acknowledged_offset() 
         .expect("the blob is what the client sent");
 }
 
+/// A crash between creating a session's offset file and writing it (found by the SIGKILL test:
+/// every later `POST` answered `500`): the next start removes that session, whose id no client
+/// was ever given, and new sessions work; a session damaged while the node runs does not stop
+/// others from starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cut_short_at_creation_is_removed_and_uploads_go_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo: shoal_protocol::RepoName = "team/crash".parse().expect("repo");
+    // The index's lock goes with the last of its threads: retried until it has.
+    let open = |root: std::path::PathBuf| {
+        wait_until(WAIT, "the store to open", move || {
+            let root = root.clone();
+            async move {
+                tokio::task::spawn_blocking(move || shoal_node::store::Store::open(&root))
+                    .await
+                    .ok()?
+                    .ok()
+            }
+        })
+    };
+    let store = open(dir.path().to_path_buf()).await;
+    let torn = store.create_upload(&repo).await.expect("session");
+    let damaged = store.create_upload(&repo).await.expect("session");
+    store.close().await;
+    drop(store);
+    let offset_file = |id: &str| dir.path().join("uploads").join(id).join("offset");
+    std::fs::write(offset_file(&torn), b"").expect("the torn offset file");
+    let store = open(dir.path().to_path_buf()).await;
+    assert!(
+        !offset_file(&torn).exists(),
+        "the session cut short is still there"
+    );
+    assert!(matches!(
+        store.upload(&repo, &torn).await,
+        Err(shoal_node::store::StoreError::UploadUnknown)
+    ));
+    // Damaged while the node runs (not by a crash): reported, and the others go on.
+    std::fs::write(offset_file(&damaged), b"12345").expect("damage");
+    assert_eq!(
+        store
+            .expire_uploads(Duration::from_secs(3600))
+            .await
+            .expect("looking for abandoned sessions"),
+        1
+    );
+    let id = store.create_upload(&repo).await.expect("a new session");
+    assert!(store.upload(&repo, &id).await.is_ok());
+}
+
 /// Resident memory of this process, in MiB.
 fn rss_mib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("status");

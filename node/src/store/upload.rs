@@ -174,6 +174,17 @@ fn acknowledged(dir: &Path, len: u64) -> Result<u64, StoreError> {
     }
 }
 
+/// Whether the session in `dir` has an offset file of 8 bytes, or none (an older version's).
+/// Any other length is a session whose creation a crash cut short between creating its offset
+/// file and writing it (later writes replace the 8 bytes in place): its id was never given to a
+/// client, so nothing of it was acknowledged. Blocking.
+fn offset_intact(dir: &Path) -> bool {
+    match fs::metadata(dir.join(OFFSET_FILE)) {
+        Ok(m) => m.len() == 8,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
 /// When a file was last written, in seconds since the Unix epoch.
 fn modified_unix(meta: &fs::Metadata) -> Option<u64> {
     meta.modified()
@@ -205,7 +216,7 @@ pub(super) fn reconcile(layout: &Layout, index: &Index) -> Result<(), StoreError
             .ok()
             .and_then(|r| r.trim().parse::<RepoName>().ok());
         match repo {
-            Some(repo) if valid_id(&name) && dir.join("data").is_file() => {
+            Some(repo) if valid_id(&name) && dir.join("data").is_file() && offset_intact(&dir) => {
                 if index.upload(&name)?.is_none() {
                     let created_unix = entry
                         .metadata()
@@ -443,6 +454,16 @@ impl Store {
             let session = match self.upload(&meta.repo, &id).await {
                 Ok(s) => s,
                 Err(StoreError::UploadUnknown) => continue,
+                // One damaged session must not stop every client from starting one.
+                Err(e) if !matches!(e, StoreError::Closed) => {
+                    tracing::warn!(
+                        upload = %id,
+                        error = &e as &dyn std::error::Error,
+                        "an upload session cannot be read; leaving it"
+                    );
+                    open += 1;
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             // A session someone holds is in use.
