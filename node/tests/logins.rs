@@ -362,6 +362,78 @@ async fn a_mount_never_lends_a_blob_the_caller_cannot_pull() {
     assert_eq!(r.status, 404);
 }
 
+/// Paging the catalog one name at a time shows a caller only what it may pull, in the pages
+/// and in their `Link` cursors: a private repository's name does not leak through the cursor
+/// of a page that skipped it.
+#[tokio::test(flavor = "multi_thread")]
+async fn catalog_pages_and_their_cursors_name_no_repository_the_caller_cannot_see() {
+    let fleet = Fleet::new();
+    let net = node(&fleet).await;
+    let n = &net.nodes[0];
+    let policy = shoal_protocol::fleet::Policy {
+        fleet: fleet.id,
+        body: shoal_protocol::fleet::PolicyBody::Repo {
+            pattern: "secret/*".parse().unwrap(),
+            settings: Some(shoal_protocol::fleet::RepoSettings {
+                visibility: shoal_protocol::fleet::Visibility::Private,
+                ..Default::default()
+            }),
+        },
+        timestamp_ms: now(),
+        sequence: 0,
+        admin: fleet.key.public(),
+    };
+    let node = n.node();
+    shoal_node::auth::ingest::policy(
+        node.tags().auth(),
+        node.store(),
+        Signed::sign(&policy, &fleet.key).unwrap(),
+    )
+    .await
+    .unwrap();
+    let writer = basic("ci", &fleet.token(&[("*", "pull,push")], 600_000));
+    // Sorted: the private names come first, between and last.
+    for (i, repo) in [
+        "secret/a", "secret/b", "team/x", "secret/m", "team/y", "secret/z",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = image(60 + i as u64, &[1 << 10]);
+        assert_eq!(
+            push(n, repo, "1", &img, &writer).await.status,
+            201,
+            "{repo}"
+        );
+    }
+    let ana = basic("ana", "correct horse");
+    let (mut seen, mut path) = (Vec::new(), Some("/v2/_catalog?n=1".to_owned()));
+    while let Some(p) = path {
+        let r = get(n, &p, Some(&ana)).await;
+        assert_eq!(r.status, 200, "{p}: {}", String::from_utf8_lossy(&r.body));
+        let link = r.header("link").map(str::to_owned);
+        assert!(
+            !link.as_deref().unwrap_or_default().contains("secret"),
+            "the cursor names a private repository: {link:?}"
+        );
+        let page: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        seen.extend(
+            page["repositories"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned()),
+        );
+        path = link.and_then(|l| Some(l.split_once('<')?.1.split_once('>')?.0.to_owned()));
+        assert!(seen.len() <= 2, "more pages than visible names: {seen:?}");
+    }
+    assert_eq!(seen, ["team/x", "team/y"]);
+    // The writer, who may pull everything, pages through all six.
+    let r = get(n, "/v2/_catalog?n=10", Some(&writer)).await;
+    let page: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(page["repositories"].as_array().unwrap().len(), 6);
+}
+
 /// The admin API's garbage collection, journal compaction, disk usage, retention preview and
 /// policies, and fleet policy signing answer a client that is
 /// not an admin (anonymous, a user, a fleet access token) with 401 or 403 and change nothing:

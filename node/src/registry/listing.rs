@@ -16,6 +16,9 @@ use crate::store::index::ReferrersPage;
 const DEFAULT_PAGE_ENTRIES: usize = 1000;
 /// Largest page served, whatever `n` asks.
 const MAX_PAGE_ENTRIES: usize = 10_000;
+/// Repository names read from the index at a time while a catalog page fills with names the
+/// caller may see.
+const CATALOG_BATCH: usize = 1024;
 /// Largest page of referrers, whatever `n` asks (their descriptors are larger).
 const MAX_REFERRERS_ENTRIES: usize = 1000;
 /// About the most bytes of descriptors in a page of referrers (at least one is served).
@@ -63,14 +66,36 @@ pub(super) async fn catalog(
     q: &[(String, String)],
 ) -> Result<Response> {
     let (n, last) = page(q, MAX_PAGE_ENTRIES)?;
-    // One more than asked tells whether there is a next page.
-    let mut repos = r
-        .store
-        .read(move |i| i.repos(last.as_deref(), n.saturating_add(1)))
-        .await?;
-    let more = repos.len() > n;
-    repos.truncate(n);
-    // The cursor is the last name read, whether or not the caller sees it.
+    // Names the caller may not pull are skipped, reading on until the page is full: the page
+    // and its cursor (the last name shown) name no repository the caller cannot see, however
+    // it pages. One visible name past the page tells that there is a next one.
+    let auth = r.auth();
+    let (mut repos, mut cursor, mut more) = (Vec::new(), last, false);
+    'read: loop {
+        let after = cursor.clone();
+        let batch = r
+            .store
+            .read(move |i| i.repos(after.as_deref(), CATALOG_BATCH))
+            .await?;
+        let end = batch.len() < CATALOG_BATCH;
+        for repo in batch {
+            cursor = Some(repo.as_str().to_owned());
+            if !auth
+                .allowed(caller, &repo)
+                .contains(shoal_protocol::fleet::Action::Pull)
+            {
+                continue;
+            }
+            if repos.len() == n {
+                more = true;
+                break 'read;
+            }
+            repos.push(repo);
+        }
+        if end {
+            break;
+        }
+    }
     let next = match repos.last() {
         Some(l) if more => Some(format!(
             "</v2/_catalog?n={n}&last={}>; rel=\"next\"",
@@ -78,11 +103,6 @@ pub(super) async fn catalog(
         )),
         _ => None,
     };
-    let auth = r.auth();
-    repos.retain(|repo| {
-        auth.allowed(caller, repo)
-            .contains(shoal_protocol::fleet::Action::Pull)
-    });
     let names: Vec<&str> = repos.iter().map(RepoName::as_str).collect();
     Ok(with_link(
         serde_json::json!({ "repositories": names }),
