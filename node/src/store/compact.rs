@@ -569,10 +569,28 @@ mod tests {
                 .saturating_sub(before);
         }
         // Three rounds of records supersede each other over and over: the journal stays within
-        // twice its snapshot (plus what came during the last compaction), not what was written.
-        let len = std::fs::metadata(&path).unwrap().len();
+        // twice its snapshot plus what came during the last compaction, not what was written.
+        // How much came during it depends on the machine's speed, so the check writes one
+        // round at a time and lets each compaction it starts finish, until the journal is back
+        // within bounds (at once on an idle machine; a loaded one may need a round or two).
         assert!(generation(dir.path()) >= 2);
-        assert!(len < 256 << 10, "{len} bytes, {written} written");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let len = std::fs::metadata(&path).unwrap().len();
+            if len < 256 << 10 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{len} bytes after a minute, {written} written"
+            );
+            let at = generation(dir.path());
+            commit_all(&store, history(0)).await;
+            let waited = std::time::Instant::now();
+            while generation(dir.path()) == at && waited.elapsed().as_secs() < 5 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
         let before = trees(&store).await;
         drop(store);
         std::fs::remove_dir_all(dir.path().join("index")).ok();
