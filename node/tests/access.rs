@@ -116,6 +116,88 @@ async fn fleet_net(admin: &Admin, n: usize) -> TestNet {
     net
 }
 
+/// A member who may publish to a public repository signs a record there naming a private
+/// layer's digest: the node holding the layer still serves it to no one without a grant (no
+/// have, no blob index, no chunk), since only a repository that holds a blob lends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_naming_a_private_blob_from_a_public_repository_does_not_unlock_it() {
+    let admin = Admin::new(5);
+    let net = fleet_net(&admin, 2).await;
+    let (owner, member) = (&net.nodes[0], &net.nodes[1]);
+    apply(owner, admin.sign(private("secret/*"), 0)).await;
+    let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
+    let member_auth = member.node().tags().auth().clone();
+    wait_until(WAIT, "the policy on the member", || async {
+        (member_auth.settings(&repo).visibility == Visibility::Private).then_some(())
+    })
+    .await;
+    let img = image(35, &[256 << 10]);
+    let layer = Digest::sha256(&img.blobs[1]);
+    owner.push("secret/app", "1", &img).await;
+    let index = owner
+        .node()
+        .store()
+        .blob_index(&layer)
+        .await
+        .unwrap()
+        .expect("the layer's index");
+
+    // The member's record in a public repository, naming the layer it has only the digest of.
+    let record = shoal_protocol::TagRecord {
+        repo: "pub/app".parse().unwrap(),
+        tag: "1".parse().unwrap(),
+        target: Some(shoal_protocol::TagTarget {
+            manifest: layer.clone(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: index.size(),
+            blobs: vec![shoal_protocol::BlobRef {
+                digest: layer.clone(),
+                size: index.size(),
+                index: index.id(),
+            }],
+        }),
+        timestamp_ms: Admin::now(),
+        sequence: 0,
+        publisher: member.identity.publisher(),
+    };
+    let signed =
+        shoal_protocol::SignedTagRecord::sign(&record, &member.identity.signing_key()).unwrap();
+    assert_eq!(
+        owner.node().tags().ingest(signed).await.unwrap(),
+        shoal_node::tags::Ingest::Accepted,
+        "a member's record in a public repository counts"
+    );
+
+    let (source, net2) = (peer(owner), member.node().network());
+    assert_eq!(
+        net2.sync(
+            source,
+            SyncRequest::Have {
+                digest: layer.clone()
+            }
+        )
+        .await
+        .unwrap(),
+        SyncResponse::Have(None)
+    );
+    assert_eq!(
+        net2.sync(
+            source,
+            SyncRequest::BlobIndex {
+                digest: layer.clone()
+            }
+        )
+        .await
+        .unwrap(),
+        SyncResponse::BlobIndex(None)
+    );
+    let mut client = ChunkClient::open(&mut net2.control(), source)
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    assert!(!client.fetch(&layer, 0, 1024, &mut buf).await.unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn members_trust_each_others_pushes_and_a_node_of_another_fleet_is_cut_off() {
     let (ours, theirs) = (Admin::new(1), Admin::new(2));

@@ -269,7 +269,7 @@ impl Fetcher {
         let download = self.start(FetchKey::Blob(blob.digest.clone()), |state| {
             started = true;
             async move {
-                this.fetch_blob(&blob, &state).await?;
+                this.fetch_blob(&repo, &blob, &state).await?;
                 this.store.link(&repo, &blob.digest).await?;
                 Ok(())
             }
@@ -279,6 +279,7 @@ impl Fetcher {
 
     async fn fetch_blob(
         &self,
+        repo: &RepoName,
         blob: &BlobRef,
         state: &watch::Sender<DownloadState>,
     ) -> Result<(), FetchError> {
@@ -288,6 +289,7 @@ impl Fetcher {
         let candidates = self.candidates(&blob.digest).await;
         let index = self.blob_index(blob, &candidates).await?;
         let partial = self.store.partial(index).await?;
+        partial.for_repo(repo);
         state.send_replace(DownloadState::Streaming(partial.clone()));
         // Announce at once: peers that come later take the chunks this node already holds.
         let _ = self.network.provide_part(blob.digest.clone()).await;

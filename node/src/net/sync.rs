@@ -82,14 +82,34 @@ impl Reader {
                 .is_ok_and(|v| self.may_read_repo(&v.record().repo))
     }
 
-    /// Whether the reader may have the blob `digest`: some repository it may read names it.
+    /// Whether the reader may have the blob `digest`: some repository it may read holds it,
+    /// linked or as a manifest, or a download in progress of it is for such a repository. A
+    /// record merely naming the blob does not count: a member who may publish to a public
+    /// repository could otherwise sign a record there naming a private blob's digest and so
+    /// read the blob from every node that holds it.
     pub async fn may_have(&self, store: &Store, digest: &Digest) -> Result<bool, NetError> {
         if matches!(self, Reader::All) {
             return Ok(true);
         }
-        let d = digest.clone();
-        let repos = store.read(move |i| i.repos_of_blob(&d)).await?;
-        Ok(repos.iter().any(|r| self.may_read_repo(r)))
+        if let Some(partial) = store.partial_in_progress(digest)
+            && partial.repos().iter().any(|r| self.may_read_repo(r))
+        {
+            return Ok(true);
+        }
+        let (d, reader) = (digest.clone(), self.clone());
+        let held = store
+            .read(move |i| {
+                for repo in i.repos_of_blob(&d)? {
+                    if reader.may_read_repo(&repo)
+                        && (i.is_linked(&repo, &d)? || i.manifest(&repo, &d)?.is_some())
+                    {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            })
+            .await?;
+        Ok(held)
     }
 }
 

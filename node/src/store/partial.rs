@@ -61,6 +61,9 @@ pub struct Partial {
     progress: watch::Sender<Progress>,
     /// The store's write gate.
     gate: Arc<Gate>,
+    /// The repositories the download is for: a peer may have its chunks only if it may read
+    /// one of them.
+    repos: Mutex<Vec<shoal_protocol::RepoName>>,
 }
 
 impl Drop for Partial {
@@ -153,12 +156,32 @@ impl Partial {
             state: Mutex::new(state),
             progress,
             gate,
+            repos: Mutex::new(Vec::new()),
         };
         if held > 0 {
             tracing::info!(digest = %partial.index.digest(), held, count, "resuming a partial download");
         }
         partial.advance_hash(None)?;
         Ok(partial)
+    }
+
+    /// Notes that the download is (also) for `repo`.
+    pub fn for_repo(&self, repo: &shoal_protocol::RepoName) {
+        let mut repos = self
+            .repos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !repos.contains(repo) {
+            repos.push(repo.clone());
+        }
+    }
+
+    /// The repositories the download is for.
+    pub fn repos(&self) -> Vec<shoal_protocol::RepoName> {
+        self.repos
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
