@@ -362,6 +362,70 @@ async fn a_mount_never_lends_a_blob_the_caller_cannot_pull() {
     assert_eq!(r.status, 404);
 }
 
+/// A node asked to serve a non-loopback address in plain HTTP, or over HTTPS with nobody to
+/// log in, refuses to start (anyone who reaches the port would own the registry), unless told
+/// `--insecure`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_refuses_an_open_non_loopback_address_unless_told_insecure() {
+    use shoal_node::Node;
+    use shoal_node::config::Config;
+    let start = |dir: &std::path::Path, access: AccessConfig| {
+        let memory: libp2p::Multiaddr = format!("/memory/{}", rand::random::<u64>() >> 1)
+            .parse()
+            .unwrap();
+        Node::start(Config {
+            data_dir: dir.to_path_buf(),
+            // Every address of the host: not loopback.
+            listen: "0.0.0.0:0".parse().unwrap(),
+            net: shoal_node::net::NetConfig {
+                listen: vec![memory],
+                mdns: false,
+                ..Default::default()
+            },
+            trust: Vec::new(),
+            shutdown_grace: Duration::from_secs(5),
+            access,
+            http: Default::default(),
+            gc: Default::default(),
+            quota: Default::default(),
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let refused = start(dir.path(), AccessConfig::default()).await;
+    assert!(
+        matches!(refused, Err(shoal_node::node::NodeError::Unsafe(_))),
+        "plain HTTP on 0.0.0.0 started: {:?}",
+        refused.as_ref().err()
+    );
+    // HTTPS, but no user and no fleet: still nobody to tell owners from strangers.
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key_pair.serialize_pem()).unwrap();
+    let tls_only = AccessConfig {
+        tls: Some((c, k)),
+        ..AccessConfig::default()
+    };
+    // (Each start in its own directory: the index of a refused one is released a moment later.)
+    let dir2 = tempfile::tempdir().unwrap();
+    let refused = start(dir2.path(), tls_only).await;
+    assert!(
+        matches!(refused, Err(shoal_node::node::NodeError::Unsafe(_))),
+        "HTTPS with nobody to log in started: {:?}",
+        refused.as_ref().err()
+    );
+    let insecure = AccessConfig {
+        insecure: true,
+        ..AccessConfig::default()
+    };
+    let dir3 = tempfile::tempdir().unwrap();
+    let node = start(dir3.path(), insecure)
+        .await
+        .expect("--insecure starts it");
+    node.shutdown().await;
+}
+
 /// Paging the catalog one name at a time shows a caller only what it may pull, in the pages
 /// and in their `Link` cursors: a private repository's name does not leak through the cursor
 /// of a page that skipped it.
