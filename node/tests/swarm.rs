@@ -78,6 +78,42 @@ async fn six_nodes_fetch_one_blob_at_once_and_share_chunks() {
     }
 }
 
+/// Four clients asking one node at once for a blob it does not hold share one download: every
+/// one gets the whole blob, and the publisher sends it about once, not four times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_gets_of_one_missing_blob_share_one_download() {
+    let mut net = TestNet::with_identities(2);
+    // Slow enough that the four requests arrive while the download is under way.
+    net.serve_limits.insert(0, 8 * MIB as u64);
+    net.start_next().await;
+    net.start_next().await;
+    net.wait_connected(1).await;
+    let img = image(12, &[8 * MIB]);
+    let layer = Digest::sha256(&img.blobs[1]);
+    net.nodes[0].push("team/one", "1", &img).await;
+    let b = &net.nodes[1];
+    wait_until(WAIT, "the record on the puller", || async {
+        b.has_record("team/one", "1").await.then_some(())
+    })
+    .await;
+    let before = served(&net, 0).await;
+    let path = format!("/v2/team/one/blobs/{layer}");
+    let (r1, r2, r3, r4) = tokio::join!(b.get(&path), b.get(&path), b.get(&path), b.get(&path));
+    for r in [r1, r2, r3, r4] {
+        assert_eq!(r.status, 200);
+        assert!(r.body == img.blobs[1], "a client got other bytes");
+    }
+    let sent = served(&net, 0).await - before;
+    println!(
+        "the publisher sent {sent} bytes for 4 clients of an {} byte blob",
+        img.blobs[1].len()
+    );
+    assert!(
+        sent < img.blobs[1].len() as u64 * 3 / 2,
+        "the publisher sent {sent} bytes: more than one download"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_site_pulls_each_chunk_across_the_wan_about_once() {
     // Node 0 publishes in site "hq"; nodes 1 to 3 pull in site "shop". Every chunk should cross
