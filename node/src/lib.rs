@@ -18,6 +18,7 @@
 )]
 
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod fetch;
 pub mod identity;

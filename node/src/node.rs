@@ -476,5 +476,7 @@ async fn open_access(config: &Config, identity: &Identity) -> Result<Auth, NodeE
     if let Some(seed) = admin {
         auth.set_admin_key(shoal_protocol::SigningKey::from_seed(seed));
     }
+    // The fleet's time as this node last knew it, until its peers say (a few bytes to read).
+    auth.clock().keep_in(&config.data_dir);
     Ok(auth)
 }

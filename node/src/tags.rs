@@ -24,7 +24,7 @@ use shoal_protocol::{
     VerifiedTagRecord,
 };
 
-use crate::auth::{Auth, MAX_CLOCK_SKEW, now_ms};
+use crate::auth::{Auth, MAX_CLOCK_SKEW};
 use crate::manifest::ManifestInfo;
 use crate::store::change::supersedes;
 use crate::store::{Batch, Store, StoreError, TagEvent};
@@ -90,8 +90,10 @@ pub enum PublishError {
 }
 
 /// The latest timestamp a record may claim now: the local clock plus the skew allowed.
-fn latest_allowed_ms() -> u64 {
-    now_ms().saturating_add(MAX_CLOCK_SKEW.as_millis() as u64)
+fn latest_allowed_ms(clock: &crate::clock::FleetClock) -> u64 {
+    clock
+        .now_ms()
+        .saturating_add(MAX_CLOCK_SKEW.as_millis() as u64)
 }
 
 /// Handle to the tag state (cheap to clone).
@@ -225,7 +227,7 @@ impl Tags {
         }
         // Strictly after the current record (which counts, so it lies within the skew) and the
         // latest delete or expiry, even if this node's clock is behind their publisher's.
-        let mut timestamp_ms = now_ms();
+        let mut timestamp_ms = self.auth.clock().now_ms();
         let mut sequence = 0;
         let after = current
             .map(|c| (c.record().timestamp_ms, c.record().sequence))
@@ -282,7 +284,7 @@ impl Tags {
         }
         // A trusted key's record from beyond the clock skew would otherwise win every later one
         // for as long as its timestamp lies ahead: refused until that time comes.
-        if record.timestamp_ms > latest_allowed_ms() {
+        if record.timestamp_ms > latest_allowed_ms(self.auth.clock()) {
             return Err(Ingest::Invalid);
         }
         Ok(())

@@ -46,6 +46,8 @@
 //!   most [`MAX_SYNC_FLEET_ITEMS`] a page.
 //! - `Push(record)` → `Pushed`: a record of a private repository, sent only to peers that may
 //!   read it (it is never gossiped); the receiver checks it as any record.
+//! - `Clock` → `Clock(ms)`: the responder's wall clock, which the asker weighs against its own
+//!   (see the node's `clock` module).
 //! - Any request may be answered with `Error(reason)`: a short reason without internal detail.
 //!   A node answers a peer that may not read a repository as if the repository did not exist.
 //!
@@ -209,6 +211,9 @@ pub enum SyncRequest {
     },
     /// A record of a private repository, sent to a peer that may read it (it is not gossiped).
     Push(SignedTagRecord),
+    /// The peer's wall clock, so that a node whose clock is off can stamp its records in the
+    /// fleet's time. Appended last: a node that predates it answers with an error.
+    Clock,
 }
 
 /// The longest a [`SyncRequest::HaveWait`] is held before it is answered anyway.
@@ -320,6 +325,9 @@ pub enum SyncResponse {
     },
     /// Answer to [`SyncRequest::Push`]: received (not a statement that it was accepted).
     Pushed,
+    /// Answer to [`SyncRequest::Clock`]: the responder's wall clock as it answered, in
+    /// milliseconds since the Unix epoch (its own clock, uncorrected).
+    Clock(u64),
 }
 
 /// The unvalidated wire shape of [`SyncResponse`]; variants in the same order.
@@ -342,6 +350,7 @@ enum RawSyncResponse {
         more: bool,
     },
     Pushed,
+    Clock(u64),
 }
 
 impl TryFrom<RawSyncResponse> for SyncResponse {
@@ -357,6 +366,7 @@ impl TryFrom<RawSyncResponse> for SyncResponse {
             RawSyncResponse::Hello(proof) => SyncResponse::Hello(proof),
             RawSyncResponse::Fleet { items, more } => SyncResponse::Fleet { items, more },
             RawSyncResponse::Pushed => SyncResponse::Pushed,
+            RawSyncResponse::Clock(ms) => SyncResponse::Clock(ms),
         };
         response.validate()?;
         Ok(response)
@@ -380,7 +390,10 @@ impl SyncResponse {
             SyncResponse::Fleet { items, .. } if items.len() > MAX_SYNC_FLEET_ITEMS => {
                 Err(MessageError::TooManyRecords { count: items.len() })
             }
-            SyncResponse::Hello(_) | SyncResponse::Fleet { .. } | SyncResponse::Pushed => Ok(()),
+            SyncResponse::Hello(_)
+            | SyncResponse::Fleet { .. }
+            | SyncResponse::Pushed
+            | SyncResponse::Clock(_) => Ok(()),
             SyncResponse::Summary { .. }
             | SyncResponse::Records { .. }
             | SyncResponse::BlobIndex(_)

@@ -303,8 +303,9 @@ impl LabFleet {
             let fsck = self.nodes[i].fsck()?;
             ensure!(
                 fsck.success(),
-                "fsck of node {i} is not clean:\n{}",
-                fsck.describe()
+                "fsck of node {i} is not clean:\n{}\nits log:\n{}",
+                fsck.describe(),
+                self.log_tail(i, 40)
             );
         }
         Ok(())

@@ -17,10 +17,10 @@
 //! every node that should have it, no node down, every node stopped cleanly by SIGTERM and
 //! `shoal fsck` clean on every store.
 //!
-//! Three ignored tests reproduce node bugs these faults uncovered (each `ignore` says which);
-//! they pass once the node is fixed: a long partition (peers across it are never seen to go,
-//! nothing redials after the heal), pushes on a disk that had been full (the index stays
-//! failed until a restart), and skewed nodes agreeing with the fleet.
+//! One ignored test reproduces a node bug these faults uncovered (its `ignore` says which) and
+//! passes once the node is fixed: pushes on a disk that had been full (the index stays failed
+//! until a restart). The two bugs found with it (a long partition that nothing redialled
+//! after, nodes with skewed clocks disagreeing with the fleet) are fixed and their tests run.
 //!
 //! The README test command runs the scenarios scaled down (a few nodes, images of a few MiB);
 //! `tests/scripts/faults.sh --full` runs them at full size (`SHOAL_FAULTS_FULL=1`: more nodes,
@@ -684,9 +684,6 @@ fn a_node_with_a_skewed_clock_does_not_freeze_tags_and_the_fleet_converges() -> 
 }
 
 #[test]
-#[ignore = "node bug: a node whose clock is ahead keeps its own future record of a tag against \
-            every later write of the fleet, and acknowledges pushes that every other node \
-            refuses; a node whose clock is behind refuses every record of the fleet (issue 23)"]
 fn nodes_with_skewed_clocks_agree_with_the_fleet() -> Result<()> {
     const TEST: &str = "nodes_with_skewed_clocks_agree_with_the_fleet";
     if !lab_available(TEST) || !require(TEST, Tool::Faketime) {

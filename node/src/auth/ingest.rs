@@ -11,7 +11,7 @@ use shoal_protocol::PublisherKey;
 use shoal_protocol::fleet::{FleetItem, MemberProof, SignedPolicy};
 
 use super::policy::Applied;
-use super::{Auth, Refused, now_ms};
+use super::{Auth, Refused};
 use crate::store::{Batch, Store, StoreError};
 
 /// What became of a fleet item.
@@ -48,7 +48,7 @@ pub async fn load(auth: &Auth, store: &Store) -> Result<(), StoreError> {
     }
     for item in items {
         if let FleetItem::Member(proof) = item
-            && let Ok(ticket) = auth.check_member(&proof, None, now_ms())
+            && let Ok(ticket) = auth.check_member(&proof, None, auth.clock().now_ms())
         {
             auth.add_member(proof.node, ticket);
         }
@@ -91,7 +91,7 @@ pub async fn member(
     proof: MemberProof,
     peer: Option<&PublisherKey>,
 ) -> Result<Outcome, StoreError> {
-    let ticket = match auth.check_member(&proof, peer, now_ms()) {
+    let ticket = match auth.check_member(&proof, peer, auth.clock().now_ms()) {
         Ok(t) => t,
         Err(why) => return Ok(Outcome::Refused(why)),
     };

@@ -286,6 +286,8 @@ struct Inner {
     insecure: bool,
     bearer: bearer::Issuer,
     changes: watch::Sender<u64>,
+    /// The fleet's time, which records and policies are stamped and checked against.
+    clock: crate::clock::FleetClock,
 }
 
 /// Access decisions (cheap to clone).
@@ -322,8 +324,15 @@ impl Auth {
                 anonymous_pull: config.anonymous_pull,
                 insecure: config.insecure,
                 changes,
+                clock: crate::clock::FleetClock::new(),
             }),
         }
+    }
+
+    /// The fleet's time (see [`crate::clock`]): what this node stamps its records and policies
+    /// with and checks others' against.
+    pub fn clock(&self) -> &crate::clock::FleetClock {
+        &self.inner.clock
     }
 
     /// An open node's access: no fleet, no rules but its own key.
@@ -415,7 +424,8 @@ impl Auth {
         if !fleet.admins.contains(&p.admin) {
             return Err(Refused::NotAdmin);
         }
-        if p.timestamp_ms > now_ms().saturating_add(MAX_CLOCK_SKEW.as_millis() as u64) {
+        let latest = self.clock().now_ms();
+        if p.timestamp_ms > latest.saturating_add(MAX_CLOCK_SKEW.as_millis() as u64) {
             return Err(Refused::FromTheFuture);
         }
         Ok(verified)

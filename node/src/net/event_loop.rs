@@ -70,6 +70,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a peer that failed to prove membership is not dialled again (mDNS keeps reporting
 /// it, and a neighbour in another fleet should not cost a handshake every few seconds).
 const REFUSED_FOR: Duration = Duration::from_secs(600);
+/// How long a peer's clock offset counts toward the fleet's time after it was measured (each
+/// periodic sync measures one peer's again).
+const CLOCK_OFFSET_TTL: Duration = Duration::from_secs(3600);
+/// Most peers' clock offsets kept; past it the oldest measurement goes.
+const MAX_CLOCK_OFFSETS: usize = 256;
 /// Most refused peers remembered.
 const MAX_REFUSED: usize = 4096;
 /// How long a node with peers to dial may stay alone before it says so at warn.
@@ -114,6 +119,10 @@ pub(super) struct EventLoop {
     hellos: HashSet<PeerId>,
     /// Peers that failed to prove membership, and when.
     refused: HashMap<PeerId, std::time::Instant>,
+    /// The offset of each peer's clock from this node's, in milliseconds, and when it was
+    /// measured. Kept after the peer leaves (a node whose peers go keeps the fleet's time it
+    /// knew), for [`CLOCK_OFFSET_TTL`].
+    clock_offsets: HashMap<PeerId, (i64, Instant)>,
     store: Store,
     tags: Tags,
     inbound: Arc<Semaphore>,
@@ -175,6 +184,7 @@ impl EventLoop {
             auth,
             hellos: HashSet::new(),
             refused: HashMap::new(),
+            clock_offsets: HashMap::new(),
             ping_failures: HashMap::new(),
             store,
             tags,
@@ -329,8 +339,26 @@ impl EventLoop {
             Command::Admitted(peer) => {
                 self.hellos.remove(&peer);
                 if self.swarm.is_connected(&peer) {
+                    self.spawn_clock_probe(peer);
                     self.spawn_anti_entropy(peer);
                 }
+            }
+            Command::ClockOffset(peer, offset) => {
+                let now = Instant::now();
+                self.clock_offsets
+                    .retain(|_, (_, at)| now.duration_since(*at) < CLOCK_OFFSET_TTL);
+                if self.clock_offsets.len() >= MAX_CLOCK_OFFSETS
+                    && !self.clock_offsets.contains_key(&peer)
+                    && let Some(oldest) = self
+                        .clock_offsets
+                        .iter()
+                        .min_by_key(|(_, (_, at))| *at)
+                        .map(|(p, _)| *p)
+                {
+                    self.clock_offsets.remove(&oldest);
+                }
+                self.clock_offsets.insert(peer, (offset, now));
+                self.correct_clock();
             }
             Command::Refuse(peer) => {
                 self.hellos.remove(&peer);
@@ -651,7 +679,7 @@ impl EventLoop {
             Ok(Gossip::Member(proof)) => {
                 let valid = self
                     .auth
-                    .check_member(&proof, None, crate::auth::now_ms())
+                    .check_member(&proof, None, self.auth.clock().now_ms())
                     .is_ok();
                 self.report(&id, &source, if valid { Accept } else { Reject });
                 if !valid {
@@ -953,7 +981,45 @@ impl EventLoop {
             .choose(&mut rand::rng())
             .copied();
         if let Some(peer) = peer {
+            self.spawn_clock_probe(peer);
             self.spawn_anti_entropy(peer);
+        }
+    }
+
+    /// Asks `peer` for its clock; the offset comes back as [`Command::ClockOffset`]. A peer that
+    /// predates the request, or does not answer, is left out of the fleet's time.
+    fn spawn_clock_probe(&mut self, peer: PeerId) {
+        let internal = self.internal.clone();
+        self.tasks.spawn(async move {
+            let (sent_ms, sent) = (crate::clock::own_now_ms(), Instant::now());
+            let answer = tokio::time::timeout(
+                HELLO_TIMEOUT,
+                sync_request(&internal, peer, SyncRequest::Clock),
+            )
+            .await;
+            if let Ok(Ok(SyncResponse::Clock(theirs))) = answer {
+                let offset = crate::clock::peer_offset_ms(theirs, sent_ms, sent.elapsed());
+                let _ = internal.send(Command::ClockOffset(peer, offset)).await;
+            }
+        });
+    }
+
+    /// Sets the fleet's time from the peers' clocks (see [`crate::clock`]), and says so when
+    /// this node's clock is found off, or back in line.
+    fn correct_clock(&mut self) {
+        let correction =
+            crate::clock::correction_ms(self.clock_offsets.values().map(|(offset, _)| *offset));
+        if self.auth.clock().set_offset_ms(correction) {
+            if correction == 0 {
+                tracing::info!("this node's clock agrees with its peers' again");
+            } else {
+                tracing::warn!(
+                    correction_ms = correction,
+                    peers = self.clock_offsets.len(),
+                    "this node's clock is off from most of its peers'; stamping and checking \
+                     records in the fleet's time (fix the clock: NTP)"
+                );
+            }
         }
     }
 

@@ -59,6 +59,8 @@ pub(super) enum Command {
     Admitted(PeerId),
     /// A peer failed to prove membership: disconnect it and do not dial it for a while.
     Refuse(PeerId),
+    /// The offset of a peer's clock from this node's, in milliseconds ([`crate::clock`]).
+    ClockOffset(PeerId, i64),
 }
 
 /// Sends a sync request to `peer` through the event loop that `commands` reaches and waits for

@@ -182,6 +182,8 @@ pub(super) async fn answer(
                 })
                 .await?
         }
+        // This node's own clock: the asker weighs it against its own (see `crate::clock`).
+        SyncRequest::Clock => SyncResponse::Clock(crate::clock::own_now_ms()),
         SyncRequest::Hello(_) | SyncRequest::Push(_) => {
             SyncResponse::Error("not answered here".into())
         }

@@ -100,9 +100,13 @@ pub fn fsck(root: &Path, repair: bool) -> Result<FsckReport, StoreError> {
         upload::reconcile(&layout, &index)?;
     }
     // A current record from beyond the clock skew would pin its tag until that time comes; a
-    // node refuses such records, and re-derives the tag at start (see `tags`).
-    let latest =
-        crate::auth::now_ms().saturating_add(crate::auth::MAX_CLOCK_SKEW.as_millis() as u64);
+    // node refuses such records, and re-derives the tag at start (see `tags`). Judged in the
+    // fleet's time, as the node last knew it (see `crate::clock`).
+    let clock = crate::clock::FleetClock::new();
+    clock.keep_in(root);
+    let latest = clock
+        .now_ms()
+        .saturating_add(crate::auth::MAX_CLOCK_SKEW.as_millis() as u64);
     let mut ahead = Vec::new();
     let _all = index.visit_records(None, |signed| {
         if let Ok(v) = signed.verify()
@@ -110,9 +114,14 @@ pub fn fsck(root: &Path, repair: bool) -> Result<FsckReport, StoreError> {
         {
             let r = v.record();
             ahead.push(format!(
-                "{}:{} is named by a record from the future (timestamp {} ms, publisher {}); \
-                 the next node start falls back to an earlier record",
-                r.repo, r.tag, r.timestamp_ms, r.publisher
+                "{}:{} is named by a record from the future (timestamp {} ms, publisher {}; \
+                 this node's clock corrected by {} ms); the next node start falls back to an \
+                 earlier record",
+                r.repo,
+                r.tag,
+                r.timestamp_ms,
+                r.publisher,
+                clock.offset_ms()
             ));
         }
         std::ops::ControlFlow::Continue(())
