@@ -212,6 +212,7 @@ impl Node {
             None => None,
         };
         let audit = Audit::open(&config.data_dir).map_err(NodeError::Audit)?;
+        auth.set_audit(audit.clone());
         let tags = Tags::new(store.clone(), identity.signing_key(), auth.clone());
         // A record that stopped counting while the node was down (a trust rule removed, say)
         // must not stay current.

@@ -116,6 +116,57 @@ async fn fleet_net(admin: &Admin, n: usize) -> TestNet {
     net
 }
 
+/// The audit trail says who changed what: a tag pushed, a manifest deleted, and a policy,
+/// on the node where it was signed and on a member that took it from gossip, under the signing
+/// admin's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_audit_trail_names_pushes_deletes_and_policies_from_peers() {
+    use shoal_node::auth::audit::{Event, read};
+    let admin = Admin::new(6);
+    let net = fleet_net(&admin, 2).await;
+    let (owner, member) = (&net.nodes[0], &net.nodes[1]);
+    let img = image(36, &[64 << 10]);
+    owner.push("team/audit", "1", &img).await;
+    let digest = Digest::sha256(&img.manifest);
+    let r = testnet::http(
+        owner.http_addr(),
+        "DELETE",
+        &format!("/v2/team/audit/manifests/{digest}"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    apply(owner, admin.sign(private("secret/*"), 0)).await;
+    let admin_principal = format!("admin:{}", admin.key.public());
+    let has = |node: &TestNode, action: Event, principal: Option<String>| {
+        let dir = node.dir.path().to_path_buf();
+        async move {
+            read(&dir).ok()?.into_iter().find(|e| {
+                e.action == action && principal.as_ref().is_none_or(|p| &e.principal == p)
+            })
+        }
+    };
+    for action in [Event::TagMove, Event::Delete] {
+        let entry = wait_until(WAIT, "the owner's entry", || has(owner, action, None)).await;
+        assert_eq!(entry.repository.as_deref(), Some("team/audit"), "{entry:?}");
+    }
+    for node in [owner, member] {
+        let entry = wait_until(WAIT, "the policy in the trail", || {
+            has(node, Event::PolicyChange, Some(admin_principal.clone()))
+        })
+        .await;
+        assert!(
+            entry
+                .reference
+                .as_deref()
+                .unwrap_or_default()
+                .contains("secret/*"),
+            "{entry:?}"
+        );
+    }
+}
+
 /// A member who may publish to a public repository signs a record there naming a private
 /// layer's digest: the node holding the layer still serves it to no one without a grant (no
 /// have, no blob index, no chunk), since only a repository that holds a blob lends it.

@@ -66,7 +66,7 @@ pub async fn policy(
         Ok(v) => v,
         Err(why) => return Ok(Outcome::Refused(why)),
     };
-    let key = verified.statement().key();
+    let (key, admin) = (verified.statement().key(), verified.statement().admin);
     let newer = auth
         .policies()
         .get(&key)
@@ -78,6 +78,15 @@ pub async fn policy(
     Ok(match auth.apply_policy(verified) {
         Applied::Current => {
             tracing::info!(%key, "fleet policy in force");
+            // Whoever brought it (this node's admin API, gossip, a sync), the signer decided.
+            auth.audit(
+                super::audit::Entry::new(
+                    format!("admin:{admin}"),
+                    super::audit::Event::PolicyChange,
+                    "in force",
+                )
+                .reference(&key),
+            );
             Outcome::Accepted
         }
         Applied::Stale => Outcome::Stale,

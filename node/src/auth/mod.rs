@@ -288,6 +288,8 @@ struct Inner {
     changes: watch::Sender<u64>,
     /// The fleet's time, which records and policies are stamped and checked against.
     clock: crate::clock::FleetClock,
+    /// The audit trail, once the node has one: policies accepted from anyone go in it.
+    audit: std::sync::OnceLock<audit::Audit>,
 }
 
 /// Access decisions (cheap to clone).
@@ -325,6 +327,7 @@ impl Auth {
                 insecure: config.insecure,
                 changes,
                 clock: crate::clock::FleetClock::new(),
+                audit: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -333,6 +336,18 @@ impl Auth {
     /// with and checks others' against.
     pub fn clock(&self) -> &crate::clock::FleetClock {
         &self.inner.clock
+    }
+
+    /// Writes what access changes (policies accepted from an admin, a peer or a sync) to `audit`.
+    pub fn set_audit(&self, audit: audit::Audit) {
+        let _ = self.inner.audit.set(audit);
+    }
+
+    /// Records `entry` in the audit trail, if the node keeps one.
+    pub fn audit(&self, entry: audit::Entry) {
+        if let Some(a) = self.inner.audit.get() {
+            a.record(entry);
+        }
     }
 
     /// An open node's access: no fleet, no rules but its own key.
