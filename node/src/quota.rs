@@ -22,6 +22,10 @@
 //! holders (no network, no answers) knows no other holder and so is in the top K: it keeps the
 //! blob. Missing knowledge only makes a node keep more.
 //!
+//! **Per site.** A node with a `site` counts only holders it knows to be in its own site: the K
+//! copies are kept in every site (a site that loses its WAN link still has them, and a pull
+//! there does not cross it). A holder whose site is unknown does not count.
+//!
 //! **Residual risk.** A member that lies (says it holds a blob it does not) can make the
 //! nodes ranked below it evict, leaving fewer than K real copies. Only members are counted in a
 //! fleet, so this needs a member's key; outside a fleet any connected peer is counted, as any
@@ -217,6 +221,12 @@ fn pinned_lru(entries: &[Entry]) -> Vec<(Digest, u64, u32)> {
         .collect()
 }
 
+/// Whether a holder counts toward a pin's copies: without a site of its own a node counts every
+/// holder; with one, only holders known to be in the same site (see the module doc).
+fn counts_in_site(has_site: bool, same_site: Option<bool>) -> bool {
+    !has_site || same_site == Some(true)
+}
+
 /// Where the node's disk stands against its quota (`shoal du`, the admin API).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaStatus {
@@ -410,12 +420,14 @@ impl Quota {
         );
         let me = network.peer_id();
         let in_fleet = self.auth.fleet().is_some();
+        let has_site = network.site().is_some();
         let mut seen = std::collections::HashSet::new();
         peers.retain(|p| {
             *p != me
                 && seen.insert(*p)
                 && (!in_fleet
                     || crate::net::publisher_of(p).is_some_and(|k| self.auth.member(&k).is_some()))
+                && counts_in_site(has_site, network.same_site(p))
         });
         peers.truncate(MAX_PEERS_ASKED);
         let asks = peers.into_iter().map(|peer| async move {
@@ -468,6 +480,18 @@ impl Quota {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_a_site_only_holders_known_in_it_count() {
+        // No site: every holder counts, whatever is known of its site.
+        for known in [None, Some(true), Some(false)] {
+            assert!(counts_in_site(false, known));
+        }
+        // A site: its own holders count; another site's, or an unknown one's, do not.
+        assert!(counts_in_site(true, Some(true)));
+        assert!(!counts_in_site(true, Some(false)));
+        assert!(!counts_in_site(true, None));
+    }
     use shoal_protocol::Algorithm;
 
     fn peers(n: usize) -> Vec<PeerId> {

@@ -217,6 +217,11 @@ impl Network {
         self.same_site(peer) == Some(false)
     }
 
+    /// This node's site, if it has one.
+    pub fn site(&self) -> Option<&str> {
+        self.shared.site.as_deref()
+    }
+
     /// Whether `peer` is in this node's site: `None` if this node has no site or the peer's is
     /// not known (it is not connected, or advertised none).
     pub fn same_site(&self, peer: &PeerId) -> Option<bool> {
