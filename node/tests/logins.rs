@@ -129,6 +129,31 @@ async fn push(
     .await
 }
 
+/// Makes the repositories of `pattern` private on `n`, as the fleet's admin.
+async fn make_private(n: &TestNode, fleet: &Fleet, pattern: &str) {
+    let policy = shoal_protocol::fleet::Policy {
+        fleet: fleet.id,
+        body: shoal_protocol::fleet::PolicyBody::Repo {
+            pattern: pattern.parse().unwrap(),
+            settings: Some(shoal_protocol::fleet::RepoSettings {
+                visibility: shoal_protocol::fleet::Visibility::Private,
+                ..Default::default()
+            }),
+        },
+        timestamp_ms: now(),
+        sequence: 0,
+        admin: fleet.key.public(),
+    };
+    let node = n.node();
+    shoal_node::auth::ingest::policy(
+        node.tags().auth(),
+        node.store(),
+        Signed::sign(&policy, &fleet.key).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
 async fn node(fleet: &Fleet) -> TestNet {
     let mut net = TestNet::with_identities(1);
     net.access.insert(
@@ -308,27 +333,7 @@ async fn a_mount_never_lends_a_blob_the_caller_cannot_pull() {
     let net = node(&fleet).await;
     let n = &net.nodes[0];
     // secret/* is private: only explicit grants pull it.
-    let policy = shoal_protocol::fleet::Policy {
-        fleet: fleet.id,
-        body: shoal_protocol::fleet::PolicyBody::Repo {
-            pattern: "secret/*".parse().unwrap(),
-            settings: Some(shoal_protocol::fleet::RepoSettings {
-                visibility: shoal_protocol::fleet::Visibility::Private,
-                ..Default::default()
-            }),
-        },
-        timestamp_ms: now(),
-        sequence: 0,
-        admin: fleet.key.public(),
-    };
-    let node = n.node();
-    shoal_node::auth::ingest::policy(
-        node.tags().auth(),
-        node.store(),
-        Signed::sign(&policy, &fleet.key).unwrap(),
-    )
-    .await
-    .unwrap();
+    make_private(n, &fleet, "secret/*").await;
     let writer = basic("ci", &fleet.token(&[("*", "pull,push")], 600_000));
     let img = image(42, &[64 << 10]);
     assert_eq!(push(n, "secret/app", "1", &img, &writer).await.status, 201);
@@ -434,27 +439,7 @@ async fn catalog_pages_and_their_cursors_name_no_repository_the_caller_cannot_se
     let fleet = Fleet::new();
     let net = node(&fleet).await;
     let n = &net.nodes[0];
-    let policy = shoal_protocol::fleet::Policy {
-        fleet: fleet.id,
-        body: shoal_protocol::fleet::PolicyBody::Repo {
-            pattern: "secret/*".parse().unwrap(),
-            settings: Some(shoal_protocol::fleet::RepoSettings {
-                visibility: shoal_protocol::fleet::Visibility::Private,
-                ..Default::default()
-            }),
-        },
-        timestamp_ms: now(),
-        sequence: 0,
-        admin: fleet.key.public(),
-    };
-    let node = n.node();
-    shoal_node::auth::ingest::policy(
-        node.tags().auth(),
-        node.store(),
-        Signed::sign(&policy, &fleet.key).unwrap(),
-    )
-    .await
-    .unwrap();
+    make_private(n, &fleet, "secret/*").await;
     let writer = basic("ci", &fleet.token(&[("*", "pull,push")], 600_000));
     // Sorted: the private names come first, between and last.
     for (i, repo) in [

@@ -131,6 +131,28 @@ fn admin_caller(
     })
 }
 
+/// An admin of the node calling its admin API (see [`admin_caller`]): a handler that takes one
+/// answers anyone else with `401` or `403` before it runs, and changes nothing.
+pub(super) struct Admin(Caller);
+
+impl axum::extract::FromRequestParts<Registry> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        r: &Registry,
+    ) -> Result<Self, Self::Rejection> {
+        let client = parts
+            .extensions
+            .get::<super::access::ClientAddr>()
+            .copied()
+            .map(axum::Extension);
+        admin_caller(r, &parts.headers, client)
+            .map(Admin)
+            .map_err(IntoResponse::into_response)
+    }
+}
+
 /// The state of this node's fleet, for `shoal fleet status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetStatus {
@@ -285,14 +307,7 @@ fn groups_of(names: &[String]) -> Result<Vec<Name>, AdminError> {
 }
 
 /// GET /_shoal/v1/fleet
-pub(super) async fn fleet_status(
-    State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
+pub(super) async fn fleet_status(State(r): State<Registry>, _admin: Admin) -> Response {
     let auth = r.auth();
     let fleet = auth.fleet();
     axum::Json(FleetStatus {
@@ -384,13 +399,9 @@ async fn join_now(r: &Registry, fleet: FleetConfig) -> Result<(), AdminError> {
 /// answers a join token for the others.
 pub(super) async fn fleet_init(
     State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
+    _admin: Admin,
     axum::Json(request): axum::Json<InitRequest>,
 ) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
     let auth = r.auth();
     if auth.in_fleet() {
         return conflict("this node is in a fleet already").into_response();
@@ -458,13 +469,9 @@ pub(crate) async fn enrol(r: &Registry, node: PublisherKey, groups: Vec<Name>) {
 /// POST /_shoal/v1/fleet/ticket: a new join token (this node holds an admin key).
 pub(super) async fn fleet_ticket(
     State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
+    _admin: Admin,
     axum::Json(request): axum::Json<TicketRequest>,
 ) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
     match join_token(&r, &request).await {
         Ok(answer) => axum::Json(answer).into_response(),
         Err(e) => e.into_response(),
@@ -474,13 +481,9 @@ pub(super) async fn fleet_ticket(
 /// POST /_shoal/v1/fleet/join: joins the fleet of a join token, at run time.
 pub(super) async fn fleet_join(
     State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
+    _admin: Admin,
     axum::Json(request): axum::Json<JoinRequest>,
 ) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
     let token = match JoinToken::from_text(&request.token) {
         Ok(t) => t,
         Err(e) => return bad_request(format!("the join token: {e}")).into_response(),
@@ -505,14 +508,9 @@ pub(super) async fn fleet_join(
 /// POST /_shoal/v1/fleet/policy: signs a policy with this node's admin key and spreads it.
 pub(super) async fn fleet_policy(
     State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
+    Admin(caller): Admin,
     axum::Json(request): axum::Json<PolicyRequest>,
 ) -> Response {
-    let caller = match admin_caller(&r, &headers, client) {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
     // Refused before signing, saying why (an invalid lifecycle policy, a list too long).
     if let Err(why) = request.body.validate() {
         return bad_request(why.to_string()).into_response();
@@ -544,14 +542,9 @@ pub(super) async fn fleet_policy(
 /// POST /_shoal/v1/fleet/token: signs an access token with this node's admin key.
 pub(super) async fn fleet_token(
     State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
+    Admin(caller): Admin,
     axum::Json(request): axum::Json<TokenRequest>,
 ) -> Response {
-    let caller = match admin_caller(&r, &headers, client) {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
     let principal: Name = match request.principal.parse() {
         Ok(p) => p,
         Err(e) => return bad_request(e.to_string()).into_response(),
@@ -585,14 +578,7 @@ pub(super) async fn fleet_token(
 
 /// POST /_shoal/v1/reload: reads the trust rules and the users again (after `shoal trust` or
 /// `shoal user` changed their files).
-pub(super) async fn reload(
-    State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
+pub(super) async fn reload(State(r): State<Registry>, _admin: Admin) -> Response {
     let Some(dir) = r.data_dir.clone() else {
         return conflict("this registry has no data directory").into_response();
     };
@@ -634,14 +620,7 @@ pub struct LifecycleEntry {
 
 /// GET /_shoal/v1/lifecycle: the fleet's retention policies in force on this node, most
 /// specific pattern first.
-pub(super) async fn lifecycle(
-    State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
+pub(super) async fn lifecycle(State(r): State<Registry>, _admin: Admin) -> Response {
     let entries: Vec<LifecycleEntry> = r
         .auth()
         .retention()
@@ -658,13 +637,9 @@ pub(super) async fn lifecycle(
 /// fleet's for the repository) would expire, and why. Changes nothing.
 pub(super) async fn lifecycle_preview(
     State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
+    _admin: Admin,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
     let ask = match serde_json::from_slice::<PreviewRequest>(&body) {
         Ok(ask) => ask,
         Err(e) => return bad_request(format!("not a preview request: {e}")).into_response(),
@@ -696,15 +671,7 @@ pub(super) async fn lifecycle_preview(
 
 /// GET /_shoal/v1/du?grace_secs=N: where the node's disk goes, by repository, and what a
 /// collection with that grace period (default an hour) would free.
-pub(super) async fn du(
-    State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
-    uri: axum::http::Uri,
-) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
+pub(super) async fn du(State(r): State<Registry>, _admin: Admin, uri: axum::http::Uri) -> Response {
     let grace_secs = uri
         .query()
         .and_then(|q| q.strip_prefix("grace_secs="))
@@ -750,14 +717,7 @@ pub struct PinRequest {
 }
 
 /// GET /_shoal/v1/pins
-pub(super) async fn pins(
-    State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
+pub(super) async fn pins(State(r): State<Registry>, _admin: Admin) -> Response {
     let rules = r
         .quota
         .as_ref()
@@ -790,14 +750,9 @@ fn pin_request(
 /// is stored), with the copies the fleet should keep.
 pub(super) async fn pin(
     State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
+    Admin(caller): Admin,
     body: axum::body::Bytes,
 ) -> Response {
-    let caller = match admin_caller(&r, &headers, client) {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
     let (ask, repo, reference) = match pin_request(&body) {
         Ok(v) => v,
         Err(e) => return e.into_response(),
@@ -824,13 +779,9 @@ pub(super) async fn pin(
 /// POST /_shoal/v1/unpin: removes a pin (404 if there is none).
 pub(super) async fn unpin(
     State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
+    _admin: Admin,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
     let (_, repo, reference) = match pin_request(&body) {
         Ok(v) => v,
         Err(e) => return e.into_response(),
@@ -843,14 +794,7 @@ pub(super) async fn unpin(
 }
 
 /// POST /_shoal/v1/quota: runs a quota round now and says what it evicted.
-pub(super) async fn quota_round(
-    State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
-) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
+pub(super) async fn quota_round(State(r): State<Registry>, _admin: Admin) -> Response {
     let Some(q) = &r.quota else {
         return axum::Json(crate::store::evict::EvictReport::default()).into_response();
     };
@@ -874,13 +818,9 @@ pub struct GcRequest {
 /// the node serves, and says what went (dry: what would).
 pub(super) async fn gc(
     State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
+    _admin: Admin,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
     let Ok(ask) = serde_json::from_slice::<GcRequest>(&body) else {
         return bad_request("expected {\"dry_run\": bool, \"grace_secs\": seconds}")
             .into_response();
@@ -912,14 +852,10 @@ pub(super) async fn gc(
 /// that one.
 pub(super) async fn compact(
     State(r): State<Registry>,
-    client: Option<axum::Extension<super::access::ClientAddr>>,
-    headers: axum::http::HeaderMap,
+    _admin: Admin,
     // Read (and ignored) so that the connection is not reset under a body it did not read.
     _body: axum::body::Bytes,
 ) -> Response {
-    if let Err(e) = admin_caller(&r, &headers, client) {
-        return e.into_response();
-    }
     match r.store.compact().await {
         Ok(report) => axum::Json(report).into_response(),
         Err(e) => RegistryError::from(e).into_response(),
