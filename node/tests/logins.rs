@@ -367,6 +367,55 @@ async fn a_mount_never_lends_a_blob_the_caller_cannot_pull() {
     assert_eq!(r.status, 404);
 }
 
+/// A bearer token stops working as soon as the access token it was issued for is revoked, not
+/// minutes later when it runs out.
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_an_access_token_stops_the_bearer_tokens_issued_for_it() {
+    let fleet = Fleet::new();
+    let net = node(&fleet).await;
+    let n = &net.nodes[0];
+    let access = fleet.token(&[("team/*", "pull,push")], 600_000);
+    let id = Signed::<AccessToken>::from_text(&access)
+        .unwrap()
+        .verify()
+        .unwrap()
+        .statement()
+        .id;
+    let login = get(
+        n,
+        "/token?service=shoal&scope=repository:team/app:pull",
+        Some(&basic("ci", &access)),
+    )
+    .await;
+    let body: serde_json::Value = serde_json::from_slice(&login.body).unwrap();
+    let bearer = format!("Bearer {}", body["token"].as_str().unwrap());
+    assert_eq!(get(n, "/v2/", Some(&bearer)).await.status, 200);
+    let revoke = shoal_protocol::fleet::Policy {
+        fleet: fleet.id,
+        body: shoal_protocol::fleet::PolicyBody::Revoke(shoal_protocol::fleet::Revoked::Token(id)),
+        timestamp_ms: now(),
+        sequence: 0,
+        admin: fleet.key.public(),
+    };
+    let node = n.node();
+    shoal_node::auth::ingest::policy(
+        node.tags().auth(),
+        node.store(),
+        Signed::sign(&revoke, &fleet.key).unwrap(),
+    )
+    .await
+    .unwrap();
+    let r = get(n, "/v2/", Some(&bearer)).await;
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        get(n, "/token?service=shoal", Some(&basic("ci", &access)))
+            .await
+            .status,
+        401,
+        "the revoked access token itself"
+    );
+}
+
 /// A node asked to serve a non-loopback address in plain HTTP, or over HTTPS with nobody to
 /// log in, refuses to start (anyone who reaches the port would own the registry), unless told
 /// `--insecure`.

@@ -746,9 +746,28 @@ impl Auth {
                 .inner
                 .bearer
                 .verify(&text, now_ms())
+                .filter(|claims| self.still_valid(&claims.principal))
                 .map(Caller::Bearer)
                 .ok_or(Denied::BadCredentials),
         }
+    }
+
+    /// Whether the credentials a bearer token was issued for still hold: its access token is
+    /// not revoked since, its user not removed. A bearer token lives minutes, but a revocation
+    /// must not wait for it to run out.
+    fn still_valid(&self, principal: &str) -> bool {
+        let state = self.read();
+        if let Some(rest) = principal.strip_prefix("token:") {
+            // `token:PRINCIPAL:ID`; a principal name holds no `:`.
+            return rest
+                .rsplit_once(':')
+                .and_then(|(_, id)| id.parse::<shoal_protocol::fleet::ObjectId>().ok())
+                .is_some_and(|id| !state.policies.is_revoked(&Revoked::Token(id)));
+        }
+        if let Some(name) = principal.strip_prefix("user:") {
+            return state.users.list().iter().any(|u| u.name.as_str() == name);
+        }
+        true
     }
 
     /// Checks a fleet access token now: signature, fleet, admin, expiry, revocation.
