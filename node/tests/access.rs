@@ -116,6 +116,102 @@ async fn fleet_net(admin: &Admin, n: usize) -> TestNet {
     net
 }
 
+#[derive(libp2p::swarm::NetworkBehaviour)]
+#[behaviour(prelude = "libp2p::swarm::derive_prelude")]
+struct EavesdropperBehaviour {
+    gossipsub: libp2p::gossipsub::Behaviour,
+    sync: libp2p::request_response::Behaviour<shoal_node::net::framing::SyncCodec>,
+}
+
+/// A stranger connects to a fleet's node and subscribes to its records' topic but never answers
+/// `Hello` (so the node waits out its whole `Hello` timeout before cutting it off), while the
+/// node gossips a record every few hundred milliseconds: the stranger hears none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_has_not_proved_membership_hears_no_gossip() {
+    use futures::StreamExt;
+    use libp2p::core::transport::{MemoryTransport, Transport};
+    use libp2p::core::upgrade::Version;
+    use libp2p::gossipsub;
+    use libp2p::swarm::SwarmEvent;
+    let admin = Admin::new(7);
+    let net = fleet_net(&admin, 1).await;
+    let node = &net.nodes[0];
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(|key| {
+            Ok(MemoryTransport::default()
+                .upgrade(Version::V1)
+                .authenticate(libp2p::tls::Config::new(key)?)
+                .multiplex(libp2p::yamux::Config::default()))
+        })
+        .unwrap()
+        .with_behaviour(|key| EavesdropperBehaviour {
+            gossipsub: gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossipsub::Config::default(),
+            )
+            .unwrap(),
+            sync: libp2p::request_response::Behaviour::with_codec(
+                shoal_node::net::framing::SyncCodec,
+                [(
+                    libp2p::StreamProtocol::new(shoal_protocol::message::SYNC_PROTOCOL),
+                    libp2p::request_response::ProtocolSupport::Full,
+                )],
+                libp2p::request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(60)),
+            ),
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&gossipsub::IdentTopic::new(
+            shoal_protocol::message::TAGS_TOPIC,
+        ))
+        .unwrap();
+    swarm.dial(node.memory.clone()).unwrap();
+    // The node's pushes, gossiped, while the stranger listens.
+    let pushes = async {
+        for i in 0..12u64 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            node.push("team/app", &format!("t{i}"), &image(40 + i, &[1 << 10]))
+                .await;
+        }
+    };
+    let listen = async {
+        let (mut heard, mut connected, mut hellos) = (0, false, Vec::new());
+        let deadline = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => return (heard, connected),
+                event = swarm.select_next_some() => match event {
+                    SwarmEvent::ConnectionEstablished { .. } => connected = true,
+                    SwarmEvent::Behaviour(EavesdropperBehaviourEvent::Gossipsub(
+                        gossipsub::Event::Message { .. },
+                    )) => heard += 1,
+                    // Hello goes unanswered: the channel is kept, so nothing is sent back.
+                    SwarmEvent::Behaviour(EavesdropperBehaviourEvent::Sync(
+                        libp2p::request_response::Event::Message {
+                            message: libp2p::request_response::Message::Request { channel, .. },
+                            ..
+                        },
+                    )) => hellos.push(channel),
+                    _ => {}
+                },
+            }
+        }
+    };
+    let ((heard, connected), ()) = tokio::join!(listen, pushes);
+    assert!(connected, "the stranger never connected");
+    assert_eq!(
+        heard, 0,
+        "a peer that never proved membership heard {heard} records"
+    );
+}
+
 /// The audit trail says who changed what: a tag pushed, a manifest deleted, and a policy,
 /// on the node where it was signed and on a member that took it from gossip, under the signing
 /// admin's key.

@@ -195,6 +195,11 @@ pub(super) fn build_swarm(
 /// peer below the gossip threshold (no gossip is exchanged with it), a few below the publish and
 /// graylist thresholds (nothing is sent to it, and what it sends is dropped unread). Peers
 /// behind one address are not penalised: a fleet's nodes often share a NAT or a host.
+/// The application score of a peer that has not proved membership of the node's fleet yet:
+/// with the default weight of 10 its score is far below [`gossip_scoring`]'s graylist (-80), so
+/// gossipsub neither sends to it nor listens to it.
+pub(super) const NOT_YET_ADMITTED_SCORE: f64 = -1_000.0;
+
 fn gossip_scoring() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
     const INVALID_MESSAGE_WEIGHT: f64 = -20.0;
     const INVALID_MESSAGE_DECAY: f64 = 0.99;

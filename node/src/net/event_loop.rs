@@ -338,6 +338,11 @@ impl EventLoop {
             }
             Command::Admitted(peer) => {
                 self.hellos.remove(&peer);
+                // Back to a neutral score: gossip flows both ways.
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .set_application_score(&peer, 0.0);
                 if self.swarm.is_connected(&peer) {
                     self.spawn_clock_probe(peer);
                     self.spawn_anti_entropy(peer);
@@ -446,6 +451,7 @@ impl EventLoop {
                     });
                 }
                 if num_established.get() == 1 {
+                    self.hold_gossip_until_admitted(peer_id);
                     self.spawn_hello(peer_id);
                 }
             }
@@ -599,6 +605,20 @@ impl EventLoop {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// In a fleet, a peer that has not proved membership yet gets no gossip: its application
+    /// score puts it below gossipsub's graylist, so it is sent no message, left out of the mesh
+    /// and its messages ignored, until `Admitted` sets the score back. Without it a stranger
+    /// would read every record gossiped in the seconds its `Hello` may take, and again at each
+    /// reconnection under a new peer id.
+    fn hold_gossip_until_admitted(&mut self, peer: PeerId) {
+        if self.auth.in_fleet() && !self.admitted(&peer) {
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .set_application_score(&peer, super::behaviour::NOT_YET_ADMITTED_SCORE);
         }
     }
 
@@ -838,6 +858,7 @@ impl EventLoop {
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
             if !self.admitted(&peer) {
+                self.hold_gossip_until_admitted(peer);
                 self.spawn_hello(peer);
             }
         }
