@@ -352,6 +352,57 @@ async fn closed(stream: &mut libp2p::Stream) -> bool {
     )
 }
 
+/// A peer that dials a node over and over keeps at most four connections open to it (TCP and
+/// QUIC, each possibly from both sides at once); the rest are refused as they come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_holds_at_most_four_connections_to_a_node() {
+    use libp2p::core::transport::{MemoryTransport, Transport};
+    use libp2p::core::upgrade::Version;
+    let mut net = TestNet::with_identities(1);
+    net.start_next().await;
+    let target = net.nodes[0].memory.clone();
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(|key| {
+            Ok(MemoryTransport::default()
+                .upgrade(Version::V1)
+                .authenticate(libp2p::tls::Config::new(key)?)
+                .multiplex(libp2p::yamux::Config::default()))
+        })
+        .expect("transport")
+        .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    for _ in 0..12 {
+        swarm.dial(target.clone()).expect("dial");
+    }
+    let (mut open, mut most) = (0i64, 0i64);
+    let settle = tokio::time::sleep(Duration::from_secs(3));
+    tokio::pin!(settle);
+    loop {
+        tokio::select! {
+            () = &mut settle => break,
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::ConnectionEstablished { .. } => {
+                    open += 1;
+                    most = most.max(open);
+                }
+                SwarmEvent::ConnectionClosed { .. } => open -= 1,
+                _ => {}
+            },
+        }
+    }
+    println!("12 dials: {open} connections open at the end, {most} at most at once");
+    assert!(open >= 1, "no connection stayed open");
+    assert!(
+        open <= 4,
+        "{open} connections stayed open (at most {most} at once)"
+    );
+    // The node still serves its clients.
+    assert_eq!(net.nodes[0].get("/v2/").await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversized_chunk_requests_are_refused_unread_and_ban_their_sender() {
     let mut net = TestNet::with_identities(1);
