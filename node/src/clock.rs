@@ -92,6 +92,16 @@ impl FleetClock {
         changed
     }
 
+    /// The correction kept in the data directory `dir`, read once (for a command working on a
+    /// stopped node's directory, which has no peers to ask).
+    pub fn stored(dir: &Path) -> FleetClock {
+        let clock = FleetClock::new();
+        clock
+            .offset_ms
+            .store(stored_offset_ms(dir), Ordering::Relaxed);
+        clock
+    }
+
     /// Starts from the correction kept in the data directory `dir`, and keeps each new one
     /// there.
     pub fn keep_in(&self, dir: &Path) {

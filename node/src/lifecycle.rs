@@ -37,6 +37,8 @@ const REPO_PAGE: usize = 256;
 pub struct Retention {
     /// Most specific pattern first (ties by pattern, so the order is the same everywhere).
     policies: Vec<(RepoPattern, LifecyclePolicy)>,
+    /// The fleet's time, which the ages of images are counted in (`None`: this node's clock).
+    clock: Option<crate::clock::FleetClock>,
 }
 
 impl Retention {
@@ -44,7 +46,24 @@ impl Retention {
     pub fn new(mut policies: Vec<(RepoPattern, LifecyclePolicy)>) -> Retention {
         policies
             .sort_by(|(a, _), (b, _)| b.specificity().cmp(&a.specificity()).then_with(|| a.cmp(b)));
-        Retention { policies }
+        Retention {
+            policies,
+            clock: None,
+        }
+    }
+
+    /// The same policies, counting ages in `clock`'s time: images are stamped in the fleet's
+    /// time, so a node whose clock is off expires them when the others do.
+    pub fn with_clock(mut self, clock: crate::clock::FleetClock) -> Retention {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Now, as the policies count it.
+    pub fn now_ms(&self) -> u64 {
+        self.clock
+            .as_ref()
+            .map_or_else(crate::clock::own_now_ms, crate::clock::FleetClock::now_ms)
     }
 
     /// Whether no policy is in force.
@@ -403,6 +422,17 @@ mod tests {
         // No policy: nothing.
         let none = super::plan(&index, &layout, &Retention::default(), now, HOUR).unwrap();
         assert!(none.records.is_empty() && none.untagged.is_empty());
+    }
+
+    #[test]
+    fn retention_counts_ages_in_the_fleets_time() {
+        let clock = crate::clock::FleetClock::new();
+        clock.set_offset_ms(-3 * 3_600_000);
+        let own = crate::clock::own_now_ms();
+        let fleet = Retention::default().with_clock(clock).now_ms();
+        assert!(fleet + 3 * 3_600_000 >= own && fleet + 3 * 3_600_000 < own + 1_000);
+        let plain = Retention::default().now_ms();
+        assert!(plain >= own && plain < own + 1_000);
     }
 
     #[test]

@@ -630,6 +630,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = resolve(common, FileConfig::default())?;
             let fleet = shoal_node::auth::FleetConfig::read(&config.data_dir)?;
+            let clock = shoal_node::clock::FleetClock::stored(&config.data_dir);
             let gc = config.gc.clone();
             let report: store::GcReport = node_or_store(
                 &config,
@@ -643,7 +644,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 |store| async move {
                     let retention = store
                         .read(move |i| shoal_node::lifecycle::stored_retention(i, fleet.as_ref()))
-                        .await?;
+                        .await?
+                        .with_clock(clock);
                     store
                         .gc_with_retention(gc.options(grace, dry_run), &retention)
                         .await
@@ -683,13 +685,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Du { common, grace } => {
             let config = resolve(common, FileConfig::default())?;
             let fleet = shoal_node::auth::FleetConfig::read(&config.data_dir)?;
+            let clock = shoal_node::clock::FleetClock::stored(&config.data_dir);
             let usage: store::Usage = node_or_store(
                 &config,
                 |admin| admin.get(&format!("/_shoal/v1/du?grace_secs={}", grace.as_secs())),
                 |store| async move {
                     let retention = store
                         .read(move |i| shoal_node::lifecycle::stored_retention(i, fleet.as_ref()))
-                        .await?;
+                        .await?
+                        .with_clock(clock);
                     store.usage(grace, &retention).await
                 },
             )?;
@@ -1119,6 +1123,7 @@ fn lifecycle(common: Common, command: LifecycleCommand) -> anyhow::Result<ExitCo
     };
     let config = resolve(common, FileConfig::default())?;
     let fleet = shoal_node::auth::FleetConfig::read(&config.data_dir)?;
+    let now_ms = shoal_node::clock::FleetClock::stored(&config.data_dir).now_ms();
     // `None`: no policy was given and none of the fleet's covers the repository.
     let expired: Option<Vec<shoal_node::lifecycle::Expired>> = node_or_store(
         &config,
@@ -1145,7 +1150,7 @@ fn lifecycle(common: Common, command: LifecycleCommand) -> anyhow::Result<ExitCo
                                 }
                             }
                         };
-                        shoal_node::lifecycle::preview(i, &layout, &r, &policy, now_ms()).map(Some)
+                        shoal_node::lifecycle::preview(i, &layout, &r, &policy, now_ms).map(Some)
                     })
                     .await
             }

@@ -457,7 +457,10 @@ impl Auth {
 
     /// The fleet's retention policies in force (none on an open node).
     pub fn retention(&self) -> crate::lifecycle::Retention {
-        self.read().policies.retention()
+        self.read()
+            .policies
+            .retention()
+            .with_clock(self.clock().clone())
     }
 
     /// The current policies.

@@ -658,7 +658,7 @@ pub(super) async fn lifecycle_preview(
         },
     };
     let layout = r.store.layout().clone();
-    let now_ms = crate::auth::now_ms();
+    let now_ms = r.auth().clock().now_ms();
     match r
         .store
         .read(move |i| crate::lifecycle::preview(i, &layout, &ask.repo, &policy, now_ms))

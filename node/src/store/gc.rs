@@ -235,7 +235,7 @@ impl Store {
             self.inner.layout.clone(),
             retention.clone(),
         );
-        let now_ms = crate::auth::now_ms();
+        let now_ms = retention.now_ms();
         let plan = tokio::task::spawn_blocking(move || {
             crate::lifecycle::plan(&index, &layout, &retention, now_ms, options.grace)
         })
