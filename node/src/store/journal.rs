@@ -422,10 +422,13 @@ impl Writer {
             return Err(e.into());
         }
         self.offset += buf.len() as u64;
-        for (change, end) in batches.iter().flat_map(|b| &b.changes).zip(ends) {
-            self.index.apply(change, logical(self.generation, end))?;
-        }
-        Ok(())
+        let applied: Vec<(&Change, u64)> = batches
+            .iter()
+            .flat_map(|b| &b.changes)
+            .zip(ends)
+            .map(|(change, end)| (change, logical(self.generation, end)))
+            .collect();
+        self.index.apply_all(&applied)
     }
 
     /// Starts a compaction of the journal as it is now on a thread of its own, or joins `done`
