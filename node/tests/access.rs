@@ -129,23 +129,13 @@ struct EavesdropperBehaviour {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_that_has_not_proved_membership_hears_no_gossip() {
     use futures::StreamExt;
-    use libp2p::core::transport::{MemoryTransport, Transport};
-    use libp2p::core::upgrade::Version;
     use libp2p::gossipsub;
     use libp2p::swarm::SwarmEvent;
     let admin = Admin::new(7);
     let net = fleet_net(&admin, 1).await;
     let node = &net.nodes[0];
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_other_transport(|key| {
-            Ok(MemoryTransport::default()
-                .upgrade(Version::V1)
-                .authenticate(libp2p::tls::Config::new(key)?)
-                .multiplex(libp2p::yamux::Config::default()))
-        })
-        .unwrap()
-        .with_behaviour(|key| EavesdropperBehaviour {
+    let mut swarm = testnet::memory_swarm(
+        |key| EavesdropperBehaviour {
             gossipsub: gossipsub::Behaviour::new(
                 gossipsub::MessageAuthenticity::Signed(key.clone()),
                 gossipsub::Config::default(),
@@ -160,10 +150,9 @@ async fn a_peer_that_has_not_proved_membership_hears_no_gossip() {
                 libp2p::request_response::Config::default()
                     .with_request_timeout(Duration::from_secs(60)),
             ),
-        })
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+        },
+        Duration::from_secs(60),
+    );
     swarm
         .behaviour_mut()
         .gossipsub

@@ -462,11 +462,7 @@ async fn a_stalled_body_is_cut_off_and_the_session_stays_where_it_was() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_connection_limits_an_https_client_gets_503_too() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let rcgen::CertifiedKey { cert, key_pair } =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
-    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_file, cert.pem()).expect("write");
-    std::fs::write(&key_file, key_pair.serialize_pem()).expect("write");
+    let (cert_file, key_file, cert) = testnet::self_signed(dir.path());
     let mut net = TestNet::with_identities(1);
     net.http = HttpLimits {
         max_connections_per_client: 1,
@@ -483,7 +479,7 @@ async fn past_the_connection_limits_an_https_client_gets_503_too() {
     let addr = net.nodes[0].http_addr();
 
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).expect("root");
+    roots.add(cert).expect("root");
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -52,18 +52,8 @@ impl Drop for Hostile {
 
 impl Hostile {
     fn start(target: Multiaddr, answer: Answer) -> Hostile {
-        use libp2p::core::transport::{MemoryTransport, Transport};
-        use libp2p::core::upgrade::Version;
-        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_other_transport(|key| {
-                Ok(MemoryTransport::default()
-                    .upgrade(Version::V1)
-                    .authenticate(libp2p::tls::Config::new(key)?)
-                    .multiplex(libp2p::yamux::Config::default()))
-            })
-            .expect("transport")
-            .with_behaviour(|_| HostileBehaviour {
+        let mut swarm = testnet::memory_swarm(
+            |_| HostileBehaviour {
                 stream: libp2p_stream::Behaviour::new(),
                 sync: request_response::Behaviour::with_codec(
                     SyncCodec,
@@ -71,10 +61,9 @@ impl Hostile {
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(30)),
                 ),
-            })
-            .expect("behaviour")
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
-            .build();
+            },
+            Duration::from_secs(300),
+        );
         let id = *swarm.local_peer_id();
         let control = swarm.behaviour().stream.new_control();
         let task = tokio::spawn(async move {
@@ -356,24 +345,11 @@ async fn closed(stream: &mut libp2p::Stream) -> bool {
 /// QUIC, each possibly from both sides at once); the rest are refused as they come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_holds_at_most_four_connections_to_a_node() {
-    use libp2p::core::transport::{MemoryTransport, Transport};
-    use libp2p::core::upgrade::Version;
     let mut net = TestNet::with_identities(1);
     net.start_next().await;
     let target = net.nodes[0].memory.clone();
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_other_transport(|key| {
-            Ok(MemoryTransport::default()
-                .upgrade(Version::V1)
-                .authenticate(libp2p::tls::Config::new(key)?)
-                .multiplex(libp2p::yamux::Config::default()))
-        })
-        .expect("transport")
-        .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let mut swarm =
+        testnet::memory_swarm(|_| libp2p::swarm::dummy::Behaviour, Duration::from_secs(60));
     for _ in 0..12 {
         swarm.dial(target.clone()).expect("dial");
     }

@@ -154,6 +154,34 @@ async fn make_private(n: &TestNode, fleet: &Fleet, pattern: &str) {
     .unwrap();
 }
 
+/// Each of `calls` (method, path, body) answers anonymous with 401 and the user `ana` and the
+/// access token `ci` with 403, in the registry's error format, naming no repository.
+async fn refused_to_non_admins(n: &TestNode, calls: &[(&str, &str, &str)], ana: &str, ci: &str) {
+    for (who, auth, status) in [
+        ("anonymous", None, 401),
+        ("a user", Some(ana), 403),
+        ("an access token", Some(ci), 403),
+    ] {
+        for &(method, path, body) in calls {
+            let mut headers = vec![("Content-Type", "application/json")];
+            if let Some(a) = auth {
+                headers.push(("Authorization", a));
+            }
+            let r = http(n.http_addr(), method, path, &headers, body.as_bytes()).await;
+            assert_eq!(r.status, status, "{who} {method} {path}");
+            let code = error_code(&r);
+            assert!(
+                code == "UNAUTHORIZED" || code == "DENIED",
+                "{who} {path}: {code}"
+            );
+            assert!(
+                !String::from_utf8_lossy(&r.body).contains("team/app"),
+                "{who} {path}"
+            );
+        }
+    }
+}
+
 async fn node(fleet: &Fleet) -> TestNet {
     let mut net = TestNet::with_identities(1);
     net.access.insert(
@@ -452,11 +480,7 @@ async fn a_node_refuses_an_open_non_loopback_address_unless_told_insecure() {
         refused.as_ref().err()
     );
     // HTTPS, but no user and no fleet: still nobody to tell owners from strangers.
-    let rcgen::CertifiedKey { cert, key_pair } =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (c, k) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key_pair.serialize_pem()).unwrap();
+    let (c, k, _) = testnet::self_signed(dir.path());
     let tls_only = AccessConfig {
         tls: Some((c, k)),
         ..AccessConfig::default()
@@ -569,29 +593,7 @@ async fn the_admin_api_refuses_clients_that_are_not_admins() {
         ("GET", "/_shoal/v1/lifecycle", ""),
         ("POST", "/_shoal/v1/fleet/policy", expire_all.as_str()),
     ];
-    for (who, auth, status) in [
-        ("anonymous", None, 401),
-        ("a user", Some(ana.as_str()), 403),
-        ("an access token", Some(ci.as_str()), 403),
-    ] {
-        for (method, path, body) in calls {
-            let mut headers = vec![("Content-Type", "application/json")];
-            if let Some(a) = auth {
-                headers.push(("Authorization", a));
-            }
-            let r = http(n.http_addr(), method, path, &headers, body.as_bytes()).await;
-            assert_eq!(r.status, status, "{who} {method} {path}");
-            let code = error_code(&r);
-            assert!(
-                code == "UNAUTHORIZED" || code == "DENIED",
-                "{who} {path}: {code}"
-            );
-            assert!(
-                !String::from_utf8_lossy(&r.body).contains("team/app"),
-                "{who} {path}"
-            );
-        }
-    }
+    refused_to_non_admins(n, &calls, &ana, &ci).await;
     // Nothing was collected.
     let path = format!("/v2/team/app/manifests/{by_digest}");
     assert_eq!(get(n, &path, Some(&ana)).await.status, 200);
@@ -632,29 +634,7 @@ async fn the_pins_and_quota_api_refuses_clients_that_are_not_admins() {
         ("GET", "/_shoal/v1/pins", ""),
         ("POST", "/_shoal/v1/quota", ""),
     ];
-    for (who, auth, status) in [
-        ("anonymous", None, 401),
-        ("a user", Some(ana.as_str()), 403),
-        ("an access token", Some(ci.as_str()), 403),
-    ] {
-        for (method, path, body) in calls {
-            let mut headers = vec![("Content-Type", "application/json")];
-            if let Some(a) = auth {
-                headers.push(("Authorization", a));
-            }
-            let r = http(n.http_addr(), method, path, &headers, body.as_bytes()).await;
-            assert_eq!(r.status, status, "{who} {method} {path}");
-            let code = error_code(&r);
-            assert!(
-                code == "UNAUTHORIZED" || code == "DENIED",
-                "{who} {path}: {code}"
-            );
-            assert!(
-                !String::from_utf8_lossy(&r.body).contains("team/app"),
-                "{who} {path}"
-            );
-        }
-    }
+    refused_to_non_admins(n, &calls, &ana, &ci).await;
     // The pin is as it was.
     assert_eq!(store.pins().await.unwrap(), vec![pin]);
 }

@@ -449,27 +449,13 @@ async fn run_stream_dropper(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_stream_dropped_before_an_answer_is_a_refusal() {
-    use libp2p::core::transport::{MemoryTransport, Transport};
-    use libp2p::core::upgrade::Version;
     use shoal_node::net::NetError;
     use shoal_node::net::chunk::ChunkClient;
 
     let mut net = TestNet::with_identities(1);
     net.start_next().await;
     // The dropping peer speaks stock libp2p TLS, which the node's own TLS must meet.
-    let swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_other_transport(|key| {
-            Ok(MemoryTransport::default()
-                .upgrade(Version::V1)
-                .authenticate(libp2p::tls::Config::new(key)?)
-                .multiplex(libp2p::yamux::Config::default()))
-        })
-        .expect("transport")
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(WAIT))
-        .build();
+    let swarm = testnet::memory_swarm(|_| libp2p_stream::Behaviour::new(), WAIT);
     let memory = format!("/memory/{}", rand::random::<u64>())
         .parse()
         .expect("address");

@@ -673,35 +673,38 @@ impl Store {
             let wanted =
                 |r: &shoal_protocol::TagRecord| tags.contains(&(r.repo.clone(), r.tag.clone()));
             journal::read(&path, 0, |change, _| {
-                let event = match change {
-                    Change::Record { record, immutable } => record
-                        .verify()
-                        .is_ok_and(|v| wanted(v.record()))
-                        .then_some(TagEvent::Record { record, immutable }),
+                let (record, immutable) = match change {
+                    Change::Record { record, immutable } => (record, immutable),
                     // A compacted journal keeps the records that were current then.
                     Change::Kept {
                         entry: change::Kept::Record { record },
-                    } => record.verify().is_ok_and(|v| wanted(v.record())).then_some(
-                        TagEvent::Record {
-                            record,
-                            immutable: false,
-                        },
-                    ),
-                    Change::Expired { record } => record.verify().ok().and_then(|v| {
-                        let r = v.record();
-                        wanted(r).then(|| TagEvent::DeletedAt {
-                            repo: r.repo.clone(),
-                            tag: r.tag.clone(),
-                            at: r.order_key(),
-                        })
-                    }),
+                    } => (record, false),
+                    Change::Expired { record } => {
+                        let event = record.verify().ok().and_then(|v| {
+                            let r = v.record();
+                            wanted(r).then(|| TagEvent::DeletedAt {
+                                repo: r.repo.clone(),
+                                tag: r.tag.clone(),
+                                at: r.order_key(),
+                            })
+                        });
+                        found.extend(event);
+                        return Ok(());
+                    }
                     Change::Kept {
                         entry: change::Kept::DeletedAt { repo, tag, at },
-                    } => tags
-                        .contains(&(repo.clone(), tag.clone()))
-                        .then_some(TagEvent::DeletedAt { repo, tag, at }),
-                    _ => None,
+                    } => {
+                        if tags.contains(&(repo.clone(), tag.clone())) {
+                            found.push(TagEvent::DeletedAt { repo, tag, at });
+                        }
+                        return Ok(());
+                    }
+                    _ => return Ok(()),
                 };
+                let event = record
+                    .verify()
+                    .is_ok_and(|v| wanted(v.record()))
+                    .then_some(TagEvent::Record { record, immutable });
                 found.extend(event);
                 Ok(())
             })?;

@@ -486,3 +486,43 @@ async fn start_node(config: Config) -> Node {
         }
     }
 }
+
+/// A bare libp2p peer speaking the nodes' memory transport (TLS, yamux) with `behaviour` and a
+/// new identity, for tests that play a peer the node does not run: a hostile one, a stranger.
+pub fn memory_swarm<B: libp2p::swarm::NetworkBehaviour>(
+    behaviour: impl FnOnce(&libp2p::identity::Keypair) -> B,
+    idle: Duration,
+) -> libp2p::Swarm<B> {
+    use libp2p::core::transport::{MemoryTransport, Transport};
+    use libp2p::core::upgrade::Version;
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_other_transport(|key| {
+            Ok(MemoryTransport::default()
+                .upgrade(Version::V1)
+                .authenticate(libp2p::tls::Config::new(key)?)
+                .multiplex(libp2p::yamux::Config::default()))
+        })
+        .expect("transport")
+        .with_behaviour(|key| behaviour(key))
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build()
+}
+
+/// A self-signed certificate for `localhost`, written as `cert.pem` and `key.pem` in `dir`:
+/// the two paths, and the certificate for a client to trust.
+pub fn self_signed(
+    dir: &std::path::Path,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    rustls::pki_types::CertificateDer<'static>,
+) {
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.pem()).expect("write the certificate");
+    std::fs::write(&k, key_pair.serialize_pem()).expect("write the key");
+    (c, k, cert.der().clone())
+}
