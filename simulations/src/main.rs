@@ -119,6 +119,7 @@ fn run(scenario: &Scenario, seed: Option<u64>, out: &Path) -> anyhow::Result<Vec
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let seed = seed.unwrap_or(scenario.seed);
     let mut rows = Vec::new();
+    let mut results = Vec::new();
     println!(
         "== {} (seed {seed}): {}",
         scenario.name, scenario.description
@@ -143,10 +144,12 @@ fn run(scenario: &Scenario, seed: Option<u64>, out: &Path) -> anyhow::Result<Vec
             result.reports
         );
         rows.push(Row::new(scenario, &result));
+        results.push(result);
     }
     let path = out.join(format!("{}.csv", scenario.name));
     report::write_csv(&path, &rows)?;
     print!("{}", report::table(&rows));
+    print!("{}", report::timeline_table(scenario, &results));
     println!("wrote {}\n", path.display());
     Ok(rows)
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 
-use crate::fleet::RunResult;
+use crate::fleet::{RunResult, Timeline};
 use crate::scenario::{Mode, Scenario};
 
 /// One run, summarised.
@@ -254,6 +254,46 @@ pub fn table(rows: &[Row]) -> String {
     }
     out.push_str(
         "egress, wanin^ (most into one site), wanin~ (mean per site), wasted: copies of the image\n",
+    );
+    out
+}
+
+/// Where the pullers' time went in each run of a scenario: for every step of a download
+/// ([`Timeline::STEPS`]), the median and the slowest puller's time, in multiples of one download
+/// alone (`ideal`), and when the publisher had sent every chunk once and when it sent its last
+/// byte. Start-up is the first three steps; the end game is the last two.
+pub fn timeline_table(scenario: &Scenario, results: &[RunResult]) -> String {
+    let ideal = scenario.ideal_secs();
+    let mut out = String::new();
+    let _ = write!(out, "{:<11} {:>6}", "timeline", "nodes");
+    for step in Timeline::STEPS {
+        let _ = write!(out, " {:>13}", step);
+    }
+    let _ = writeln!(out, " {:>8} {:>8}", "all out", "last out");
+    for r in results {
+        let _ = write!(out, "{:<11} {:>6}", scenario.name, r.nodes);
+        let timelines: Vec<[f64; 6]> = r.timelines.iter().flatten().map(|t| t.steps()).collect();
+        for step in 0..Timeline::STEPS.len() {
+            let mut times: Vec<f64> = timelines.iter().map(|t| t[step]).collect();
+            times.sort_by(f64::total_cmp);
+            let cell = match (times.get(times.len().saturating_sub(1) / 2), times.last()) {
+                (Some(p50), Some(max)) => format!("{:.3}/{:.3}", p50 / ideal, max / ideal),
+                _ => "-".to_owned(),
+            };
+            let _ = write!(out, " {:>13}", cell);
+        }
+        let all_out = r
+            .all_out_secs
+            .map_or_else(|| "-".to_owned(), |t| format!("{:.3}", t / ideal));
+        let _ = writeln!(
+            out,
+            " {:>8} {:>8.3}",
+            all_out,
+            r.publisher_last_secs / ideal
+        );
+    }
+    out.push_str(
+        "each step: median/slowest puller, in one-download times after it started; all out: every chunk left the publisher once; last out: its last byte\n",
     );
     out
 }

@@ -56,7 +56,7 @@ pub const PROGRESS_LIMIT: Duration = Duration::from_secs(300);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// Most chunk requests in flight for one download. Each holds one chunk in memory, so blobs cut
 /// into large chunks get fewer: see [`max_in_flight`].
-pub const MAX_IN_FLIGHT: usize = 16;
+pub const MAX_IN_FLIGHT: usize = 32;
 /// The chunk bytes one download may hold in memory for its requests in flight.
 pub const MAX_IN_FLIGHT_BYTES: u64 = 64 * 1024 * 1024;
 /// The fewest requests in flight a download is allowed, however large its chunks.

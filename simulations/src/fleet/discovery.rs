@@ -51,6 +51,8 @@ impl Sim<'_> {
         if n.epoch != epoch || !n.online || n.completed.is_some() {
             return;
         }
+        self.nodes[node as usize].looked_up.get_or_insert(now);
+        let n = &self.nodes[node as usize];
         if n.download.is_none() {
             let plan = Plan::new(
                 self.chunk_count,

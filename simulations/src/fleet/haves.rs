@@ -165,6 +165,7 @@ impl Sim<'_> {
                 }
                 feed(d, Event::PeerHas { peer: from, have }, now);
                 d.candidates[ci].state = CandState::Polling { told: k };
+                a.first_have.get_or_insert(now);
                 haves = true;
             }
             CandState::Polling { told } => {

@@ -109,7 +109,7 @@ use crate::rng::Rng;
 use crate::scenario::{Mode, PublisherSite, Scenario, SharingMode, bytes_per_sec};
 use haves::{Report, ServeLog};
 use results::{Diagnostics, EventCounts, PlanCalls, Progress, RequestCounts, Waste};
-pub use results::{RunResult, node_constants};
+pub use results::{RunResult, Timeline, node_constants};
 
 /// Node 0 is the publisher; pullers are 1..=N.
 const PUBLISHER: u32 = 0;
@@ -289,6 +289,9 @@ struct Node {
     /// Incremented when its download restarts or it leaves: messages to an older one are dropped.
     epoch: u32,
     started: Option<Nanos>,
+    /// When its first lookup returned, and when it first heard what a candidate holds.
+    looked_up: Option<Nanos>,
+    first_have: Option<Nanos>,
     announced: bool,
     held: Bitfield,
     /// Chunks in the order they arrived, with when.
@@ -430,6 +433,8 @@ impl<'a> Sim<'a> {
                 session: 0,
                 epoch: 0,
                 started: None,
+                looked_up: None,
+                first_have: None,
                 announced: false,
                 held: Bitfield::new(chunk_count),
                 log: Vec::new(),

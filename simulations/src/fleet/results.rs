@@ -68,6 +68,12 @@ pub struct RunResult {
     pub wall_secs: f64,
     /// Fair-share link fills done.
     pub fills: u64,
+    /// Per puller: where its time went, if it completed.
+    pub timelines: Vec<Option<Timeline>>,
+    /// When every chunk had left the publisher in full at least once (swarm mode).
+    pub all_out_secs: Option<f64>,
+    /// When the publisher's last transfer ended.
+    pub publisher_last_secs: f64,
 }
 
 impl RunResult {
@@ -103,6 +109,46 @@ pub(super) struct Progress {
     pub(super) stalls: u64,
     /// Nodes that left (churn).
     pub(super) departures: u64,
+    /// Chunks the publisher sent in full at least once, when the last of them first arrived,
+    /// and when its last transfer ended.
+    pub(super) first_copies: u32,
+    pub(super) all_out: Option<Nanos>,
+    pub(super) publisher_last: Nanos,
+}
+
+/// Where one puller's time went: seconds after it first started, at which each step happened.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeline {
+    /// Its first lookup returned.
+    pub lookup: f64,
+    /// It first heard what a candidate holds.
+    pub first_have: f64,
+    /// Its first chunk arrived.
+    pub first_chunk: f64,
+    /// It held half the chunks.
+    pub half: f64,
+    /// It held nine tenths of them.
+    pub most: f64,
+    /// It held them all.
+    pub done: f64,
+}
+
+impl Timeline {
+    /// The steps' names, in order, for reports.
+    pub const STEPS: [&'static str; 6] =
+        ["lookup", "first have", "first chunk", "half", "90%", "done"];
+
+    /// The steps' times, in the order of [`Timeline::STEPS`].
+    pub fn steps(&self) -> [f64; 6] {
+        [
+            self.lookup,
+            self.first_have,
+            self.first_chunk,
+            self.half,
+            self.most,
+            self.done,
+        ]
+    }
 }
 
 /// What became of chunk requests.
@@ -214,6 +260,24 @@ impl Sim<'_> {
             .as_ref()
             .map_or(0, |u| u.sends.sending().count_ones());
         let sent = p.serves.as_ref().map_or(0, |u| u.sends.sent().count_ones());
+        let (mut up, mut down, mut idle_up, mut idle_down) = (0.0, 0.0, 0, 0);
+        let cap = crate::scenario::bytes_per_sec(self.scenario.nic_mbit);
+        for n in &self.nodes[1..] {
+            let u = self.net.link_load(n.up) / cap;
+            let d = self.net.link_load(n.down) / cap;
+            up += u;
+            down += d;
+            idle_up += usize::from(u < 0.5);
+            idle_down += usize::from(d < 0.5);
+        }
+        let pullers = (self.nodes.len() - 1) as f64;
+        eprintln!(
+            "t {:.2}: puller uplinks {:.2} full ({idle_up} under half), downlinks {:.2} ({idle_down} under half), publisher {:.2}",
+            secs_from_nanos(at),
+            up / pullers,
+            down / pullers,
+            self.net.link_load(self.nodes[0].up) / cap
+        );
         eprintln!(
             "t {:.2}: chunks held {held}, in flight {in_flight}, done {}, publisher streams {} sending {sending} sent {sent} parked {}, idle at publisher {resting}; pooled streams to it {open} ({busy} busy) in {holders} pools",
             secs_from_nanos(at),
@@ -231,6 +295,7 @@ impl Sim<'_> {
                 _ => None,
             })
             .collect();
+        let timelines = self.nodes[1..].iter().map(|n| self.timeline(n)).collect();
         let holds_image = self
             .nodes
             .iter()
@@ -280,7 +345,28 @@ impl Sim<'_> {
             events: self.q.popped() + self.events.flow_ends,
             wall_secs,
             fills: self.net.fills(),
+            timelines,
+            all_out_secs: self.progress.all_out.map(secs_from_nanos),
+            publisher_last_secs: secs_from_nanos(self.progress.publisher_last),
         }
+    }
+
+    /// Where `n`'s time went, if it completed: its chunk log holds when each chunk arrived.
+    fn timeline(&self, n: &super::Node) -> Option<Timeline> {
+        let start = n.started?;
+        let done = n.completed?;
+        let since = |t: Nanos| secs_from_nanos(t.saturating_sub(start));
+        let count = n.log.len();
+        // The time the log reached `k` chunks (central mode logs every chunk at the end).
+        let at = |k: usize| n.log.get(k.clamp(1, count.max(1)) - 1).map(|&(_, t)| t);
+        Some(Timeline {
+            lookup: since(n.looked_up.unwrap_or(start)),
+            first_have: since(n.first_have.unwrap_or(start)),
+            first_chunk: since(at(1).unwrap_or(done)),
+            half: since(at(count.div_ceil(2)).unwrap_or(done)),
+            most: since(at((count * 9).div_ceil(10)).unwrap_or(done)),
+            done: since(done),
+        })
     }
 
     /// Debug: what the run did, besides its result.

@@ -69,6 +69,9 @@ fn quantiles_use_nearest_rank_over_completed_pullers() {
         events: 0,
         wall_secs: 0.0,
         fills: 0,
+        timelines: Vec::new(),
+        all_out_secs: None,
+        publisher_last_secs: 0.0,
     };
     assert_eq!(r.completed(), 4);
     assert_eq!(r.quantile(0.5), Some(2.0));

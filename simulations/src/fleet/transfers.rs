@@ -417,8 +417,15 @@ impl Sim<'_> {
             self.serve_ended(info.from, info.chunk, true);
         }
         if info.from == PUBLISHER && info.chunk != u32::MAX {
+            self.progress.publisher_last = now;
             if let Some(n) = self.diag.publisher_serves.get_mut(info.chunk as usize) {
                 *n += 1;
+                if *n == 1 {
+                    self.progress.first_copies += 1;
+                    if self.progress.first_copies == self.chunk_count {
+                        self.progress.all_out = Some(now);
+                    }
+                }
             }
         }
         if info.chunk == u32::MAX {

@@ -159,12 +159,15 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         }
         let mut all_requested = true;
         let patience = self.patience(now);
+        let fresh_seeders = self.fresh_seeders();
         fresh.clear();
         for chunk in self.held.iter_zeros() {
             if self.requested(chunk) {
                 continue;
             }
-            if self.counts.holders(chunk) == 0 || self.waits_for_copy(chunk, now, patience) {
+            if self.counts.holders(chunk) == 0
+                || self.waits_for_copy(chunk, now, patience, &fresh_seeders)
+            {
                 all_requested = false;
             } else if reachable.get(chunk) {
                 fresh.push(chunk);
@@ -323,6 +326,13 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         remote: bool,
         endgame: bool,
     ) -> Option<usize> {
+        // A holder that gave the chunk away is asked for it only when every holder did (and the
+        // wait for the copy is over): while one has not, that one is asked once it has a free
+        // slot, however busy it is now, so that a seeder's uplink carries each chunk once.
+        let unclaimed_holder = self
+            .counts
+            .claimed(chunk)
+            .is_some_and(|claimed| claimed < self.counts.holders(chunk));
         spare
             .iter()
             .filter_map(|&(peer, _)| {
@@ -332,7 +342,7 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 if state.remote != remote
                     || !state.have.get(chunk)
                     || state.in_flight.contains_key(&chunk)
-                    || (endgame && state.claimed.get(chunk))
+                    || ((endgame || unclaimed_holder) && state.claimed.get(chunk))
                 {
                     return None;
                 }

@@ -95,13 +95,31 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
     /// The wait ends `patience` after a holder first said it had sent the chunk, or
     /// [`SENDING_PATIENCE`] times that after a holder first said it was sending it, so a copy
     /// that never reaches this node's peers is fetched all the same.
-    pub(super) fn waits_for_copy(&self, chunk: u32, now: Duration, patience: Duration) -> bool {
+    ///
+    /// A holder that still has chunks this node misses and that it has given to no one (the
+    /// publisher of a rollout, until every chunk has left it once) is not asked for a chunk it
+    /// gave away however long the wait: its uplink carries what nobody else has, and this node
+    /// has those chunks to ask of it meanwhile, so the wait never stalls the download.
+    /// `fresh_seeders` are those holders ([`Plan::fresh_seeders`]).
+    pub(super) fn waits_for_copy(
+        &self,
+        chunk: u32,
+        now: Duration,
+        patience: Duration,
+        fresh_seeders: &[usize],
+    ) -> bool {
         let i = chunk as usize;
         let Some(claimed) = self.counts.claimed(chunk) else {
             return false;
         };
         if claimed == 0 || claimed < self.counts.holders(chunk) {
             return false;
+        }
+        if fresh_seeders.iter().any(|&peer| {
+            let state = self.peers.state(peer);
+            state.have.get(chunk) && state.claimed.get(chunk)
+        }) {
+            return true;
         }
         let over = |seen: &[Option<Duration>], wait: Duration| {
             seen.get(i)
@@ -111,6 +129,28 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         };
         !(over(&self.sent_seen, patience)
             || over(&self.sending_seen, self.sending_patience(patience)))
+    }
+
+    /// The usable peers, by index, that gave some chunk away and still hold a chunk this node
+    /// misses that they have not given away: their uplink is kept for those (see
+    /// [`Plan::waits_for_copy`]). Empty, and nothing computed, until some peer reported.
+    pub(super) fn fresh_seeders(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        if !self.counts.claims_counted() {
+            return out;
+        }
+        let max_strikes = self.config.max_strikes;
+        for (index, state) in self.peers.values().enumerate() {
+            if state.claimed.count_ones() == 0 || !state.usable(max_strikes) {
+                continue;
+            }
+            let mut spent = state.claimed.clone();
+            spent.union_with(&self.held);
+            if state.have.has_any_not_in(&spent) {
+                out.push(index);
+            }
+        }
+        out
     }
 
     /// The earliest moment after the latest call a chunk waiting for a copy may stop waiting (a

@@ -138,3 +138,63 @@ fn a_holder_that_gave_the_chunk_away_is_asked_last() {
         );
     }
 }
+
+#[test]
+fn a_seeder_is_not_asked_again_for_a_chunk_a_busy_holder_has() {
+    // Seeder 1 sent chunk 0 to peer 2, which holds it now but has its one slot taken.
+    let config = PlanConfig {
+        max_in_flight_per_peer: 1,
+        pipeline: 1,
+        ..config()
+    };
+    let mut plan = Plan::new(3, Bitfield::new(3), config);
+    has(&mut plan, 1, Bitfield::full(3));
+    has(&mut plan, 2, bits(3, [0, 1]));
+    serves(&mut plan, 1, Bitfield::new(3), bits(3, [0]), T0);
+    // Rarest first: chunk 2 (only the seeder has it) goes to the seeder; peer 2 gets chunk 0
+    // or 1.
+    let reqs = requests(&plan.next_actions(T0));
+    assert!(reqs.contains(&(1, 2)), "{reqs:?}");
+    let (_, taken) = *reqs.iter().find(|(p, _)| *p == 2).expect("peer 2 asked");
+    done(&mut plan, 1, 2, ms(10));
+    // The seeder has a free slot again and the other chunk of peer 2 is missing; peer 2 is
+    // still busy. Chunk 0 is not asked of the seeder that gave it away while peer 2, which did
+    // not, holds it: its uplink would carry the chunk twice. Chunk 1 only peer 2 holds.
+    let reqs = requests(&plan.next_actions(ms(10)));
+    assert!(!reqs.contains(&(1, 0)), "{reqs:?}");
+    // Long after the patience would have run out, the same: the wait is for peer 2's slot.
+    assert!(!requests(&plan.next_actions(secs(5))).contains(&(1, 0)));
+    // Peer 2 delivers; it is asked for what is left.
+    done(&mut plan, 2, taken, secs(5));
+    let left = if taken == 0 { 1 } else { 0 };
+    assert_eq!(requests(&plan.next_actions(secs(5))), vec![(2, left)]);
+}
+
+#[test]
+fn a_chunk_a_seeder_gave_away_waits_while_the_seeder_has_chunks_nobody_has() {
+    // Seeder 1 sent chunk 0 to a node this one does not see; it still has chunks 1 to 3 for
+    // no one yet. One request at a time.
+    let config = PlanConfig {
+        max_in_flight_per_peer: 1,
+        pipeline: 1,
+        ..config()
+    };
+    let mut plan = Plan::new(4, Bitfield::new(4), config);
+    has(&mut plan, 1, Bitfield::full(4));
+    serves(&mut plan, 1, Bitfield::new(4), bits(4, [0]), T0);
+    let mut now = T0;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        // However long past the patience, the seeder is asked for a chunk it has not given away.
+        now += secs(5);
+        let reqs = requests(&plan.next_actions(now));
+        assert_eq!(reqs.len(), 1, "{reqs:?}");
+        assert_ne!(reqs[0].1, 0, "{now:?}");
+        done(&mut plan, 1, reqs[0].1, now);
+        got.push(reqs[0].1);
+    }
+    got.sort();
+    assert_eq!(got, vec![1, 2, 3]);
+    // Nothing new is left at the seeder: the patience applies, and it is long over.
+    assert_eq!(requests(&plan.next_actions(now)), vec![(1, 0)]);
+}
