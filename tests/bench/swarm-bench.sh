@@ -4,6 +4,7 @@
 #   bash tests/bench/swarm-bench.sh [--nodes 8,16] [--image-mib 512] [--mbit 100]
 #                                   [--client skopeo|curl] [--skip-registry] [--skip-loopback]
 #                                   [--transport quic|tcp|both] [--json out.json] [--keep]
+#                                   [--loopback-only] [--perf FILE]
 #
 # Builds the release binary, then in network namespaces it creates (198.18.1.0/24 only, links
 # shaped with tbf both ways) times N pullers fetching one image at once from a Shoal swarm and

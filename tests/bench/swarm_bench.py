@@ -548,8 +548,22 @@ def run_loopback(args, image_dir, big_digest, big_size, tmp):
         push(None, image_dir, a.url)
         wait_for_tags([b], timeout=120)
         url = f"{b.url}/v2/{REPO}/blobs/{big_digest}"
+        cpu0 = (cpu_seconds(a.pid), cpu_seconds(b.pid))
+        perf = None
+        if args.perf:
+            # A flat profile of both nodes while the blob crosses: where the CPU per byte goes.
+            perf = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-o", args.perf,
+                                     "-p", f"{a.pid},{b.pid}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
         # The body is counted as it arrives: how steadily a client streaming a download gets it.
-        got, wall, marks = stream_with_marks(url, big_size)
+        try:
+            got, wall, marks = stream_with_marks(url, big_size)
+        finally:
+            if perf:
+                perf.send_signal(signal.SIGINT)
+                perf.wait(timeout=120)
+        cpu = (cpu_seconds(a.pid) - cpu0[0], cpu_seconds(b.pid) - cpu0[1])
         if got != big_size:
             raise RuntimeError(f"loopback: got {got} bytes, expected {big_size}")
         # Reference: the same blob served by a node that has it on disk.
@@ -558,13 +572,15 @@ def run_loopback(args, image_dir, big_digest, big_size, tmp):
            timeout=1800)
         local = time.monotonic() - start
         res = {"wall_s": wall, "mbps": big_size / wall / MB, "local_mbps": big_size / local / MB,
-               "stream_marks": marks,
+               "stream_marks": marks, "cpu_s": cpu,
+               "cpu_s_per_gb": sum(cpu) / (big_size / 1e9),
                "rss_a": peak_rss_bytes(a.pid), "rss_b": peak_rss_bytes(b.pid),
                "served_a": a.status()["served_bytes"]}
         log(f"loopback: {big_size / MB:.0f} MB via peer in {wall:.2f}s = {res['mbps']:.0f} MB/s "
             f"(from local disk {res['local_mbps']:.0f} MB/s); the client had "
             + ", ".join(f"{q:.0%} at {marks[q]:.2f}" for q in STREAM_MARKS if q in marks)
-            + " of the time")
+            + f" of the time; CPU {cpu[0]:.2f} s sender + {cpu[1]:.2f} s receiver = "
+            f"{res['cpu_s_per_gb']:.2f} CPU-s per GB")
         return res
     finally:
         for nd in (a, b):
@@ -592,6 +608,10 @@ def main():
                    help="namespace name prefix (the shell wrapper passes a unique one)")
     p.add_argument("--skip-registry", action="store_true", help="no docker-registry baseline")
     p.add_argument("--skip-loopback", action="store_true")
+    p.add_argument("--loopback-only", action="store_true",
+                   help="only the loopback measurement (no namespaces)")
+    p.add_argument("--perf", metavar="FILE",
+                   help="record a flat `perf` profile of both loopback nodes into FILE")
     p.add_argument("--sample-s", type=float, default=2.0, help="progress sampling period")
     p.add_argument("--json", help="also write all raw numbers here")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
@@ -634,9 +654,13 @@ def main():
         if not args.skip_loopback:
             results["loopback"] = run_loopback(args, image_dir, big["digest"], big["size"], tmp)
 
-        log(f"topology: {max(counts) + 1} namespaces '{args.prefix}n*', bridge in "
+        if args.loopback_only:
+            counts = []
+            args.skip_registry = True
+        log(f"topology: {max(counts, default=0) + 1} namespaces '{args.prefix}n*', bridge in "
             f"'{args.prefix}hub', tbf {args.mbit:g}mbit burst {args.burst} latency {args.latency}")
-        topo = Topology(args.prefix, max(counts) + 1, args.mbit, args.burst, args.latency)
+        if counts:
+            topo = Topology(args.prefix, max(counts) + 1, args.mbit, args.burst, args.latency)
 
         for n in counts:
             results["shoal"][n] = run_shoal(args, topo, n, image_dir, image_bytes, blobs, tmp)
@@ -698,7 +722,8 @@ def main():
               f"own disk: {lb['local_mbps']:.0f} MB/s); streamed to the client as it arrived: "
               + ", ".join(f"{q:.0%} of the bytes at {t:.2f}"
                           for q, t in sorted(lb["stream_marks"].items()))
-              + " of the pull's time")
+              + " of the pull's time"
+              + f"; CPU {lb['cpu_s_per_gb']:.2f} CPU-s per GB (sender and receiver)")
     print("\nPer-node pull times (s), Shoal: " + "; ".join(
         f"{n} pullers: min {min(results['shoal'][n]['per_node_s']):.1f}, median "
         f"{statistics.median(results['shoal'][n]['per_node_s']):.1f}, max "
