@@ -100,7 +100,14 @@ fn main() -> anyhow::Result<()> {
             calibrate(&Scenario::load(&scenario)?, seed)?;
         }
         Command::All { dir, out } => {
-            for name in ["datacenter", "central", "edge", "edge-local-first", "churn"] {
+            for name in [
+                "datacenter",
+                "central",
+                "large-image",
+                "edge",
+                "edge-local-first",
+                "churn",
+            ] {
                 let s = Scenario::load(&dir.join(format!("{name}.toml")))?;
                 run(&s, None, &out)?;
             }

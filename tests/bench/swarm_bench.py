@@ -352,6 +352,9 @@ def pull_cmd(client, ns, base, out_dir, blobs):
     urls = [f"{base}/v2/{REPO}/manifests/{TAG}"] + [f"{base}/v2/{REPO}/blobs/{d}" for d in blobs]
     cmd = pre + ["curl", "-sS", "--fail", "-H",
                  "Accept: application/vnd.oci.image.manifest.v1+json"]
+    if len(blobs) > 3:
+        # A multi-layer image: three downloads at a time, as docker pulls layers.
+        cmd += ["--parallel", "--parallel-max", "3"]
     for u in urls:
         cmd += ["-o", "/dev/null", u]
     return cmd
@@ -597,6 +600,9 @@ def main():
     p.add_argument("--shoal-bin", required=True)
     p.add_argument("--nodes", default="8,16", help="puller counts, comma separated (8,16)")
     p.add_argument("--image-mib", type=float, default=512, help="random layer size (512)")
+    p.add_argument("--layers", type=int, default=1,
+                   help="cut the random bytes into this many layers (1); curl then fetches "
+                        "three blobs at a time, as docker does")
     p.add_argument("--mbit", type=float, default=100, help="per-link rate, both ways (100)")
     p.add_argument("--burst", default="256kb")
     p.add_argument("--latency", default="50ms")
@@ -634,7 +640,8 @@ def main():
         log(f"building a {args.image_mib:g} MiB image in {tmp}")
         image_dir = os.path.join(tmp, "image")
         summary = json.loads(sh([sys.executable, os.path.join(SCRIPTS, "make-oci-image.py"),
-                                 image_dir, "--random-mib", str(args.image_mib), "--seed", "1"],
+                                 image_dir, "--random-mib", str(args.image_mib),
+                                 "--random-layers", str(args.layers), "--seed", "1"],
                                 timeout=1800).stdout)
         with open(os.path.join(image_dir, "index.json")) as f:
             mdigest = json.load(f)["manifests"][0]["digest"]
@@ -693,7 +700,8 @@ def main():
     single = results["registry"].get("single", {}).get("all_done_s")
     image_mb = image_bytes / MB
     print(f"## Shoal swarm rollout, {args.mbit:g} Mbit/s per link (tbf both ways)\n")
-    print(f"- image: {image_mb:.1f} MB (busybox layer + {args.image_mib:g} MiB random layer, "
+    print(f"- image: {image_mb:.1f} MB (busybox layer + {args.image_mib:g} MiB random "
+          f"{'layer' if args.layers == 1 else f'bytes in {args.layers} layers'}, "
           f"manifest {mdigest[:19]}…)")
     print(f"- client: `{args.client}` on every puller, against its own node (Shoal) or node 0 "
           f"(registry); all pullers start at once; time = until the last one is done; "

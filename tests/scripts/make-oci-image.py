@@ -11,8 +11,11 @@ The result is a standard OCI image layout (oci-layout, index.json, blobs/)
 that `skopeo copy oci:DIR:TAG ...` accepts.
 
 Usage:
-    make-oci-image.py OUT_DIR [--random-mib N] [--seed S] [--tag TAG]
-                              [--busybox PATH]
+    make-oci-image.py OUT_DIR [--random-mib N] [--random-layers K] [--seed S]
+                              [--tag TAG] [--busybox PATH]
+
+With --random-layers K the N MiB of random bytes are cut into K layers of about
+N/K MiB each (a multi-layer image of the same total).
 
 Every file is written while it is hashed: no layer is held in memory, so a
 multi-gigabyte random layer is fine.
@@ -155,6 +158,8 @@ def main():
     parser.add_argument("out", help="output OCI layout directory (created; must be empty)")
     parser.add_argument("--random-mib", type=float, default=8.0,
                         help="size of the random layer's file in MiB (default 8)")
+    parser.add_argument("--random-layers", type=int, default=1,
+                        help="cut the random bytes into this many layers (default 1)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for the random layer (default: random, printed)")
     parser.add_argument("--tag", default="latest", help="ref name in index.json (default latest)")
@@ -175,11 +180,15 @@ def main():
     tmp = os.path.join(args.out, ".tmp")
     os.makedirs(tmp)
     try:
-        layers = [
-            write_layer(tmp, busybox_members(args.busybox), compresslevel=6),
-            # Random bytes do not compress: level 1 only wraps them quickly.
-            write_layer(tmp, random_members(random_bytes, rng), compresslevel=1),
-        ]
+        if args.random_layers < 1:
+            sys.exit("make-oci-image: --random-layers must be at least 1")
+        parts = args.random_layers
+        sizes = [random_bytes // parts + (1 if i < random_bytes % parts else 0)
+                 for i in range(parts)]
+        layers = [write_layer(tmp, busybox_members(args.busybox), compresslevel=6)]
+        # Random bytes do not compress: level 1 only wraps them quickly.
+        layers += [write_layer(tmp, random_members(size, rng), compresslevel=1)
+                   for size in sizes]
         for path, digest, _size, _diff in layers:
             put_blob(args.out, path, digest)
     finally:
@@ -193,9 +202,8 @@ def main():
             "Cmd": ["/bin/sh", "-c", "echo hello from shoal"],
         },
         "rootfs": {"type": "layers", "diff_ids": [diff for _p, _d, _s, diff in layers]},
-        "history": [
-            {"created_by": "make-oci-image.py: busybox"},
-            {"created_by": f"make-oci-image.py: {random_bytes} random bytes"},
+        "history": [{"created_by": "make-oci-image.py: busybox"}] + [
+            {"created_by": f"make-oci-image.py: {size} random bytes"} for size in sizes
         ],
     }
     config_bytes, config_digest = json_blob(config)

@@ -256,8 +256,8 @@ pub async fn download(
 }
 
 /// Requests in flight for a download of chunks of `chunk_size` bytes: as many as fit in
-/// [`MAX_IN_FLIGHT_BYTES`], within `4..=`[`MAX_IN_FLIGHT`] (16 for the chunks of up to 4 MiB
-/// that blobs are cut into by default, fewer for larger chunks an index may have).
+/// [`MAX_IN_FLIGHT_BYTES`], within `4..=`[`MAX_IN_FLIGHT`] (32 for chunks of up to 2 MiB, 16
+/// for the 4 MiB chunks of blobs over 2 GiB, fewer for larger chunks an index may have).
 pub fn max_in_flight(chunk_size: u32) -> usize {
     let fit = MAX_IN_FLIGHT_BYTES / u64::from(chunk_size.max(1));
     usize::try_from(fit)

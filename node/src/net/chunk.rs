@@ -38,8 +38,9 @@ use crate::store::{Held, Store};
 
 /// Most chunk streams served at once.
 pub const MAX_INBOUND_CHUNK_STREAMS: usize = 64;
-/// Most chunk streams served at once to one peer: as many as one download keeps in flight
-/// (`fetch::swarm::MAX_IN_FLIGHT`), a quarter of [`MAX_INBOUND_CHUNK_STREAMS`].
+/// Most chunk streams served at once to one peer: as many as one download asks of one peer
+/// at most (the plan's per-peer base of 4, times 4 for a peer faster than the median), a
+/// quarter of [`MAX_INBOUND_CHUNK_STREAMS`].
 pub const MAX_CHUNK_STREAMS_PER_PEER: usize = 16;
 /// How long a write to a peer may make no progress at all before the stream is closed and the
 /// peer is held to have stalled it. Generous: an honest peer on a slow, shared link still takes

@@ -198,3 +198,46 @@ fn a_chunk_a_seeder_gave_away_waits_while_the_seeder_has_chunks_nobody_has() {
     // Nothing new is left at the seeder: the patience applies, and it is long over.
     assert_eq!(requests(&plan.next_actions(now)), vec![(1, 0)]);
 }
+
+#[test]
+fn a_seeder_that_stalls_the_chunks_it_keeps_cannot_hold_a_given_away_chunk_forever() {
+    // Peer 2 is hostile: it holds everything, says it gave chunk 0 away, and never delivers the
+    // chunks it kept (4 to 7). Peer 1 is an honest seeder that gave chunk 0 away too and holds
+    // nothing else. Chunk 0 waits while peer 2 keeps chunks for this node; those requests time
+    // out, three strikes make peer 2 unusable, and then the wait is the usual one.
+    let config = PlanConfig {
+        request_timeout: secs(2),
+        max_in_flight_per_peer: 1,
+        pipeline: 1,
+        ..config()
+    };
+    let mut plan = Plan::new(8, bits(8, [1, 2, 3]), config);
+    has(&mut plan, 1, bits(8, [0]));
+    has(&mut plan, 2, Bitfield::full(8));
+    serves(&mut plan, 1, Bitfield::new(8), bits(8, [0]), T0);
+    serves(&mut plan, 2, Bitfield::new(8), bits(8, [0]), T0);
+    let mut now = T0;
+    let mut asked_for_0 = None;
+    for _ in 0..20 {
+        now += secs(3);
+        for (peer, chunk) in requests(&plan.next_actions(now)) {
+            if chunk == 0 {
+                asked_for_0 = Some(peer);
+            } else {
+                assert_eq!(peer, 2, "{chunk}");
+            }
+        }
+        if asked_for_0.is_some() {
+            break;
+        }
+    }
+    assert!(
+        !plan.peer_stats(&2).unwrap().usable,
+        "the stalling seeder struck out"
+    );
+    assert_eq!(
+        asked_for_0,
+        Some(1),
+        "chunk 0 is asked of the honest seeder at last"
+    );
+}
