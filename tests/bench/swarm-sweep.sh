@@ -42,9 +42,13 @@ for size in ${sizes//,/ }; do
         for client in ${clients//,/ }; do
             json="$out/size${size}-layers${k}-${client}.json"
             echo "swarm-sweep: $size MiB in $k layer(s), $client -> $json" >&2
-            bash "$root/tests/bench/swarm-bench.sh" --nodes "$nodes" --image-mib "$size" \
+            # A point that fails (a pull that errs) is reported and the sweep goes on.
+            if ! bash "$root/tests/bench/swarm-bench.sh" --nodes "$nodes" --image-mib "$size" \
                 --layers "$k" --mbit "$mbit" --client "$client" --transport "$transport" \
-                --skip-registry --skip-loopback --json "$json" >/dev/null
+                --skip-registry --skip-loopback --json "$json" >/dev/null; then
+                echo "swarm-sweep: $size MiB in $k layer(s), $client FAILED (see above)" >&2
+                echo "$size MiB, $k layer(s), $client" >> "$out/failed"
+            fi
         done
     done
 done
@@ -55,6 +59,8 @@ rows = []
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     with open(path) as f:
         r = json.load(f)
+    if "ideal_computed_s" not in r or not r.get("shoal"):
+        continue
     a = r["args"]
     image = r["image"]["bytes"]
     ideal = r["ideal_computed_s"]
@@ -69,5 +75,9 @@ print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
 for mib, k, client, n, done, ideal, egress, cpu in rows:
     print(f"| {mib:g} | {k} | {client} | {n} | {done:.1f} | {ideal:.1f} | {done / ideal:.2f}x "
           f"| {egress:.2f} | {cpu:.1f} |")
+failed = os.path.join(sys.argv[1], "failed")
+if os.path.exists(failed):
+    with open(failed) as f:
+        print("\nFailed points: " + "; ".join(line.strip() for line in f if line.strip()))
 print(f"\n(JSON of every run: {sys.argv[1]})")
 PY

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use libp2p::PeerId;
 use rand::seq::SliceRandom;
@@ -25,6 +26,14 @@ pub mod swarm;
 use crate::net::Network;
 use crate::store::partial::Partial;
 use crate::store::{Store, StoreError};
+
+/// The waits before each new round of asking for a manifest a record names, after a round in
+/// which no candidate supplied it: about 3.5 s in all before the client hears it is unknown.
+const MANIFEST_RETRIES: [Duration; 3] = [
+    Duration::from_millis(250),
+    Duration::from_millis(750),
+    Duration::from_millis(2500),
+];
 
 /// Why content could not be fetched.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -405,24 +414,35 @@ impl Fetcher {
         Ok(())
     }
 
+    /// The manifest's bytes from the first candidate that has them. A record names the manifest,
+    /// so the fleet holds it: a round in which no candidate supplied it (right after the record
+    /// arrived, connections and the DHT may still be settling; the swarm benchmark's skopeo
+    /// pulls met it) is tried again after [`MANIFEST_RETRIES`], a few seconds in all, before
+    /// the client is told the manifest is unknown.
     async fn manifest_bytes(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, FetchError> {
         let mut buf = Vec::new();
-        for peer in self.candidates(digest).await {
-            let attempt = async {
-                let mut client = ChunkClient::open(&mut self.network.control(), peer).await?;
-                client.fetch(digest, 0, size, &mut buf).await
-            };
-            match attempt.await {
-                Ok(true) if Digest::of(digest.algorithm(), &buf) == *digest => {
-                    tracing::info!(%digest, %peer, "fetched manifest");
-                    return Ok(std::mem::take(&mut buf));
+        for wait in std::iter::once(Duration::ZERO).chain(MANIFEST_RETRIES) {
+            tokio::time::sleep(wait).await;
+            for peer in self.candidates(digest).await {
+                let attempt = async {
+                    let mut client = ChunkClient::open(&mut self.network.control(), peer).await?;
+                    client.fetch(digest, 0, size, &mut buf).await
+                };
+                match attempt.await {
+                    Ok(true) if Digest::of(digest.algorithm(), &buf) == *digest => {
+                        tracing::info!(%digest, %peer, "fetched manifest");
+                        return Ok(std::mem::take(&mut buf));
+                    }
+                    Ok(true) => {
+                        tracing::warn!(%peer, %digest, "peer sent a manifest that fails its digest; banned");
+                        self.network
+                            .report(peer, crate::net::conduct::Offence::BadContent);
+                    }
+                    Ok(false) => tracing::debug!(%peer, %digest, "peer does not have the manifest"),
+                    Err(e) => {
+                        tracing::debug!(%peer, %digest, error = &e as &dyn std::error::Error, "asking a peer for a manifest");
+                    }
                 }
-                Ok(true) => {
-                    tracing::warn!(%peer, %digest, "peer sent a manifest that fails its digest; banned");
-                    self.network
-                        .report(peer, crate::net::conduct::Offence::BadContent);
-                }
-                Ok(false) | Err(_) => {}
             }
         }
         Err(FetchError::Unavailable(digest.clone()))
