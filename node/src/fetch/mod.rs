@@ -27,9 +27,12 @@ use crate::net::Network;
 use crate::store::partial::Partial;
 use crate::store::{Store, StoreError};
 
-/// The waits before each new round of asking for a manifest a record names, after a round in
-/// which no candidate supplied it: about 3.5 s in all before the client hears it is unknown.
-const MANIFEST_RETRIES: [Duration; 3] = [
+/// The waits before each new round of asking the fleet for a manifest, or a blob's index, that a
+/// record names, after a round in which no candidate supplied it: about 3.5 s in all before the
+/// client hears it is unknown. Right after a record arrives, connections to the rest of the
+/// fleet may still be coming up and the holders may be busy: the swarm benchmark's sweep met
+/// both (a manifest and a layer answered 404 within a second of the pull's start).
+const SUPPLIER_RETRIES: [Duration; 3] = [
     Duration::from_millis(250),
     Duration::from_millis(750),
     Duration::from_millis(2500),
@@ -295,8 +298,17 @@ impl Fetcher {
         if self.store.blob_size(&blob.digest).await?.is_some() {
             return Ok(());
         }
-        let candidates = self.candidates(&blob.digest).await;
-        let index = self.blob_index(blob, &candidates).await?;
+        let mut candidates = self.candidates(&blob.digest).await;
+        let mut index = self.blob_index(blob, &candidates).await;
+        for wait in SUPPLIER_RETRIES {
+            if index.is_ok() {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            candidates = self.candidates(&blob.digest).await;
+            index = self.blob_index(blob, &candidates).await;
+        }
+        let index = index?;
         let partial = self.store.partial(index).await?;
         partial.for_repo(repo);
         state.send_replace(DownloadState::Streaming(partial.clone()));
@@ -345,8 +357,8 @@ impl Fetcher {
                 digest: blob.digest.clone(),
             };
             // A peer without the index, or unreachable, is simply skipped.
-            if let Ok(SyncResponse::BlobIndex(Some(index))) = self.network.sync(peer, request).await
-            {
+            let answer = self.network.sync(peer, request).await;
+            if let Ok(SyncResponse::BlobIndex(Some(index))) = answer {
                 if index.id() == blob.index
                     && index.digest() == &blob.digest
                     && index.size() == blob.size
@@ -358,6 +370,8 @@ impl Fetcher {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.network
                     .report(peer, crate::net::conduct::Offence::BadContent);
+            } else {
+                tracing::debug!(%peer, digest = %blob.digest, answer = ?answer.map(|_| "no index"), "a peer did not supply a blob's index");
             }
         }
         Err(FetchError::Unavailable(blob.digest.clone()))
@@ -417,11 +431,11 @@ impl Fetcher {
     /// The manifest's bytes from the first candidate that has them. A record names the manifest,
     /// so the fleet holds it: a round in which no candidate supplied it (right after the record
     /// arrived, connections and the DHT may still be settling; the swarm benchmark's skopeo
-    /// pulls met it) is tried again after [`MANIFEST_RETRIES`], a few seconds in all, before
+    /// pulls met it) is tried again after [`SUPPLIER_RETRIES`], a few seconds in all, before
     /// the client is told the manifest is unknown.
     async fn manifest_bytes(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, FetchError> {
         let mut buf = Vec::new();
-        for wait in std::iter::once(Duration::ZERO).chain(MANIFEST_RETRIES) {
+        for wait in std::iter::once(Duration::ZERO).chain(SUPPLIER_RETRIES) {
             tokio::time::sleep(wait).await;
             for peer in self.candidates(digest).await {
                 let attempt = async {
