@@ -131,15 +131,21 @@ async fn push(
 
 /// Makes the repositories of `pattern` private on `n`, as the fleet's admin.
 async fn make_private(n: &TestNode, fleet: &Fleet, pattern: &str) {
+    let body = shoal_protocol::fleet::PolicyBody::Repo {
+        pattern: pattern.parse().unwrap(),
+        settings: Some(shoal_protocol::fleet::RepoSettings {
+            visibility: shoal_protocol::fleet::Visibility::Private,
+            ..Default::default()
+        }),
+    };
+    apply_policy(n, fleet, body).await;
+}
+
+/// Signs `body` as the fleet's admin and has `n` take it in, as from gossip.
+async fn apply_policy(n: &TestNode, fleet: &Fleet, body: shoal_protocol::fleet::PolicyBody) {
     let policy = shoal_protocol::fleet::Policy {
         fleet: fleet.id,
-        body: shoal_protocol::fleet::PolicyBody::Repo {
-            pattern: pattern.parse().unwrap(),
-            settings: Some(shoal_protocol::fleet::RepoSettings {
-                visibility: shoal_protocol::fleet::Visibility::Private,
-                ..Default::default()
-            }),
-        },
+        body,
         timestamp_ms: now(),
         sequence: 0,
         admin: fleet.key.public(),
@@ -418,21 +424,9 @@ async fn revoking_an_access_token_stops_the_bearer_tokens_issued_for_it() {
     let body: serde_json::Value = serde_json::from_slice(&login.body).unwrap();
     let bearer = format!("Bearer {}", body["token"].as_str().unwrap());
     assert_eq!(get(n, "/v2/", Some(&bearer)).await.status, 200);
-    let revoke = shoal_protocol::fleet::Policy {
-        fleet: fleet.id,
-        body: shoal_protocol::fleet::PolicyBody::Revoke(shoal_protocol::fleet::Revoked::Token(id)),
-        timestamp_ms: now(),
-        sequence: 0,
-        admin: fleet.key.public(),
-    };
-    let node = n.node();
-    shoal_node::auth::ingest::policy(
-        node.tags().auth(),
-        node.store(),
-        Signed::sign(&revoke, &fleet.key).unwrap(),
-    )
-    .await
-    .unwrap();
+    let revoke =
+        shoal_protocol::fleet::PolicyBody::Revoke(shoal_protocol::fleet::Revoked::Token(id));
+    apply_policy(n, &fleet, revoke).await;
     let r = get(n, "/v2/", Some(&bearer)).await;
     assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(

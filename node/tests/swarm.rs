@@ -565,6 +565,17 @@ async fn a_started_node_reports_every_listen_address_at_once() {
     }
 }
 
+/// Stops node 0, has a client GET `path` from node 1, and restarts node 0 400 ms later: the
+/// client's answer.
+async fn get_while_the_publisher_returns(net: &mut TestNet, path: String) -> testnet::Response {
+    net.nodes[0].stop().await;
+    let addr = net.nodes[1].http_addr();
+    let client = tokio::spawn(async move { http(addr, "GET", &path, &[], b"").await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    net.restart(0).await;
+    client.await.expect("the client task")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_manifest_a_record_names_is_found_when_its_holder_returns_while_the_client_waits() {
     // The puller holds the record but not the manifest, and no peer is there when the client
@@ -580,13 +591,7 @@ async fn a_manifest_a_record_names_is_found_when_its_holder_returns_while_the_cl
         b.has_record("team/back", "1").await.then_some(())
     })
     .await;
-    net.nodes[0].stop().await;
-    let addr = net.nodes[1].http_addr();
-    let client =
-        tokio::spawn(async move { http(addr, "GET", "/v2/team/back/manifests/1", &[], b"").await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    net.restart(0).await;
-    let r = client.await.expect("the client task");
+    let r = get_while_the_publisher_returns(&mut net, "/v2/team/back/manifests/1".into()).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.body, img.manifest);
 }
@@ -604,13 +609,8 @@ async fn a_layer_is_found_when_its_holder_returns_while_the_client_waits() {
         (b.get("/v2/team/back/manifests/1").await.status == 200).then_some(())
     })
     .await;
-    net.nodes[0].stop().await;
-    let addr = net.nodes[1].http_addr();
     let path = format!("/v2/team/back/blobs/{}", Digest::sha256(&img.blobs[1]));
-    let client = tokio::spawn(async move { http(addr, "GET", &path, &[], b"").await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    net.restart(0).await;
-    let r = client.await.expect("the client task");
+    let r = get_while_the_publisher_returns(&mut net, path).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(r.body == img.blobs[1], "other bytes");
 }

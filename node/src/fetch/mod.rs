@@ -298,17 +298,11 @@ impl Fetcher {
         if self.store.blob_size(&blob.digest).await?.is_some() {
             return Ok(());
         }
-        let mut candidates = self.candidates(&blob.digest).await;
-        let mut index = self.blob_index(blob, &candidates).await;
-        for wait in SUPPLIER_RETRIES {
-            if index.is_ok() {
-                break;
-            }
-            tokio::time::sleep(wait).await;
-            candidates = self.candidates(&blob.digest).await;
-            index = self.blob_index(blob, &candidates).await;
-        }
-        let index = index?;
+        let (index, candidates) = until_supplied(|| async move {
+            let candidates = self.candidates(&blob.digest).await;
+            Ok((self.blob_index(blob, &candidates).await?, candidates))
+        })
+        .await?;
         let partial = self.store.partial(index).await?;
         partial.for_repo(repo);
         state.send_replace(DownloadState::Streaming(partial.clone()));
@@ -428,37 +422,55 @@ impl Fetcher {
         Ok(())
     }
 
-    /// The manifest's bytes from the first candidate that has them. A record names the manifest,
-    /// so the fleet holds it: a round in which no candidate supplied it (right after the record
-    /// arrived, connections and the DHT may still be settling; the swarm benchmark's skopeo
-    /// pulls met it) is tried again after [`SUPPLIER_RETRIES`], a few seconds in all, before
-    /// the client is told the manifest is unknown.
+    /// The manifest's bytes from the first candidate that has them, in rounds
+    /// ([`until_supplied`]): a record names the manifest, so the fleet holds it.
     async fn manifest_bytes(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, FetchError> {
+        until_supplied(|| self.manifest_round(digest, size)).await
+    }
+
+    /// One round of asking every candidate for the manifest's bytes.
+    async fn manifest_round(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, FetchError> {
         let mut buf = Vec::new();
-        for wait in std::iter::once(Duration::ZERO).chain(SUPPLIER_RETRIES) {
-            tokio::time::sleep(wait).await;
-            for peer in self.candidates(digest).await {
-                let attempt = async {
-                    let mut client = ChunkClient::open(&mut self.network.control(), peer).await?;
-                    client.fetch(digest, 0, size, &mut buf).await
-                };
-                match attempt.await {
-                    Ok(true) if Digest::of(digest.algorithm(), &buf) == *digest => {
-                        tracing::info!(%digest, %peer, "fetched manifest");
-                        return Ok(std::mem::take(&mut buf));
-                    }
-                    Ok(true) => {
-                        tracing::warn!(%peer, %digest, "peer sent a manifest that fails its digest; banned");
-                        self.network
-                            .report(peer, crate::net::conduct::Offence::BadContent);
-                    }
-                    Ok(false) => tracing::debug!(%peer, %digest, "peer does not have the manifest"),
-                    Err(e) => {
-                        tracing::debug!(%peer, %digest, error = &e as &dyn std::error::Error, "asking a peer for a manifest");
-                    }
+        for peer in self.candidates(digest).await {
+            let attempt = async {
+                let mut client = ChunkClient::open(&mut self.network.control(), peer).await?;
+                client.fetch(digest, 0, size, &mut buf).await
+            };
+            match attempt.await {
+                Ok(true) if Digest::of(digest.algorithm(), &buf) == *digest => {
+                    tracing::info!(%digest, %peer, "fetched manifest");
+                    return Ok(buf);
+                }
+                Ok(true) => {
+                    tracing::warn!(%peer, %digest, "peer sent a manifest that fails its digest; banned");
+                    self.network
+                        .report(peer, crate::net::conduct::Offence::BadContent);
+                }
+                Ok(false) => tracing::debug!(%peer, %digest, "peer does not have the manifest"),
+                Err(e) => {
+                    tracing::debug!(%peer, %digest, error = &e as &dyn std::error::Error, "asking a peer for a manifest");
                 }
             }
         }
         Err(FetchError::Unavailable(digest.clone()))
     }
+}
+
+/// Runs `round` (one pass over the candidates for something a record names) until it supplies
+/// it: a round that ends [`FetchError::Unavailable`] is run again after each of
+/// [`SUPPLIER_RETRIES`], and the last round's answer is the answer.
+async fn until_supplied<T, F, Fut>(mut round: F) -> Result<T, FetchError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, FetchError>>,
+{
+    let mut answer = round().await;
+    for wait in SUPPLIER_RETRIES {
+        if !matches!(answer, Err(FetchError::Unavailable(_))) {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        answer = round().await;
+    }
+    answer
 }

@@ -1149,8 +1149,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_change_that_fails_half_way_leaves_the_index_as_it_was() {
+    /// An index holding a referrer of `team/app` applied at offset 20 whose entry is damaged: a
+    /// delete of it removes the entry, then fails to read which referrer it was. With the repo,
+    /// the referrer's digest and the journal trees as they are.
+    fn index_with_a_damaged_referrer() -> (Index, RepoName, Digest, Vec<(String, Vec<KeyValue>)>) {
         let index = Index::temporary().unwrap();
         let repo: RepoName = "team/app".parse().unwrap();
         let subject = Digest::sha256(b"subject");
@@ -1158,13 +1160,18 @@ mod tests {
         let manifest = Change::Manifest {
             repo: repo.clone(),
             digest: digest.clone(),
-            info: info(Some(subject.clone())),
+            info: info(Some(subject)),
         };
         index.apply(&manifest, 20).unwrap();
-        // A damaged entry: the delete removes it, then fails to read which referrer it was.
         let k = key(&[repo.as_str().as_bytes(), digest.to_string().as_bytes()]);
         index.manifests.insert(&k, b"not json".as_slice()).unwrap();
         let before = index.dump_journal_trees().unwrap();
+        (index, repo, digest, before)
+    }
+
+    #[test]
+    fn a_change_that_fails_half_way_leaves_the_index_as_it_was() {
+        let (index, repo, digest, before) = index_with_a_damaged_referrer();
 
         let delete = Change::DeleteManifest {
             repo: repo.clone(),
@@ -1178,19 +1185,7 @@ mod tests {
 
     #[test]
     fn changes_applied_together_go_in_whole_or_not_at_all() {
-        let index = Index::temporary().unwrap();
-        let repo: RepoName = "team/app".parse().unwrap();
-        let subject = Digest::sha256(b"subject");
-        let digest = Digest::sha256(b"referrer");
-        let manifest = Change::Manifest {
-            repo: repo.clone(),
-            digest: digest.clone(),
-            info: info(Some(subject.clone())),
-        };
-        index.apply(&manifest, 20).unwrap();
-        let k = key(&[repo.as_str().as_bytes(), digest.to_string().as_bytes()]);
-        index.manifests.insert(&k, b"not json".as_slice()).unwrap();
-        let before = index.dump_journal_trees().unwrap();
+        let (index, repo, digest, before) = index_with_a_damaged_referrer();
         // A link that would apply, then a delete that fails: neither is kept.
         let layer = Digest::sha256(b"layer");
         let link = Change::Link {
