@@ -7,6 +7,7 @@
 //!    keeps the chunks it had acknowledged and can be resumed after a restart);
 //! 2. fetches are cancelled (a partial download stays on disk, to be resumed);
 //! 3. the swarm stops, with the chunk server and every task the event loop started;
+//! 4. the audit trail writes what is queued and its writer thread ends;
 //!
 //! and then the store is closed: it waits for the writes in flight, refuses every later one,
 //! makes the chunks of partial downloads durable and flushes the index, so nothing is written
@@ -131,6 +132,8 @@ pub struct Node {
     http: Stage,
     fetches: Stage,
     swarm: Stage,
+    /// The audit trail, closed (flushed, its writer ended) after the swarm stops.
+    audit: Audit,
     /// Cancels every stage if the node is dropped without [`Node::shutdown`].
     _stop_on_drop: DropGuard,
 }
@@ -221,6 +224,9 @@ impl Node {
             source,
         })?;
         let root = CancellationToken::new();
+        // From here on, a start that fails (the registry's port taken, say) stops what it
+        // started: the guard cancels every stage when it is dropped.
+        let stop_on_drop = root.clone().drop_guard();
         let (http, fetches, swarm) = (
             Stage::new("http", &root),
             Stage::new("fetches", &root),
@@ -272,7 +278,7 @@ impl Node {
         );
         let registry = Registry::with_fleet(store.clone(), tags.clone(), Some(fleet))
             .with_quota(quota.clone())
-            .with_audit(audit)
+            .with_audit(audit.clone())
             .with_data_dir(config.data_dir.clone())
             .with_limits(config.http.clone())
             .with_gc(config.gc.clone());
@@ -314,7 +320,8 @@ impl Node {
             http,
             fetches,
             swarm,
-            _stop_on_drop: root.drop_guard(),
+            audit,
+            _stop_on_drop: stop_on_drop,
         })
     }
 
@@ -357,6 +364,8 @@ impl Node {
         self.http.stop(self.grace + Duration::from_secs(1)).await;
         self.fetches.stop(self.grace).await;
         self.swarm.stop(self.grace).await;
+        let audit = self.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.close()).await;
         self.store.close().await;
     }
 }

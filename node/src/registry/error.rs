@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::path::RouteError;
+use crate::fetch::FetchError;
 use crate::manifest::ManifestError;
 use crate::store::StoreError;
 
@@ -239,6 +240,26 @@ impl From<StoreError> for RegistryError {
 }
 
 impl RegistryError {
+    /// The answer to a failed fetch of content that a record names: `not_found` when no peer
+    /// supplied it, or what came was not valid (logged with its cause); `503` when the node is
+    /// shutting down; the store's own answer (`507` for a full disk, else a logged `500`) when
+    /// this node failed to keep it.
+    pub fn from_fetch(e: FetchError, not_found: RegistryError) -> Self {
+        match e {
+            FetchError::Unavailable(_) | FetchError::Invalid(_) => {
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "content named by a record could not be fetched"
+                );
+                not_found
+            }
+            FetchError::Cancelled => RegistryError::Unavailable("the node is shutting down"),
+            FetchError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl RegistryError {
     /// The answer to a path that is not a route, for a request with this `method`: a manifest
     /// that is not found is a 404 whatever its reference looks like; only a `PUT` of a bad
     /// reference is a 400.
@@ -306,6 +327,31 @@ mod tests {
         let other = StoreError::from(std::io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(
             RegistryError::from(other).parts(),
+            (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
+        );
+    }
+
+    #[test]
+    fn a_failed_fetch_is_unknown_only_when_no_peer_had_it() {
+        let digest = shoal_protocol::Digest::of(shoal_protocol::Algorithm::Sha256, b"x");
+        let unknown =
+            RegistryError::from_fetch(FetchError::Unavailable(digest), RegistryError::BlobUnknown);
+        assert_eq!(unknown.parts(), (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"));
+        let shutting_down =
+            RegistryError::from_fetch(FetchError::Cancelled, RegistryError::BlobUnknown);
+        assert_eq!(
+            shutting_down.parts(),
+            (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+        );
+        let full = StoreError::from(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let disk =
+            RegistryError::from_fetch(FetchError::Store(full), RegistryError::ManifestUnknown);
+        assert_eq!(disk.parts(), (StatusCode::INSUFFICIENT_STORAGE, "UNKNOWN"));
+        let broken = StoreError::from(std::io::Error::from_raw_os_error(libc::EIO));
+        let internal =
+            RegistryError::from_fetch(FetchError::Store(broken), RegistryError::ManifestUnknown);
+        assert_eq!(
+            internal.parts(),
             (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
         );
     }
