@@ -92,6 +92,47 @@ fn peer(node: &TestNode) -> PeerId {
     node.node().network().peer_id()
 }
 
+/// A grant of `actions` on `repos` to `node`, as the policy `id`.
+fn node_grant(id: &str, node: &TestNode, repos: &str, actions: &str) -> PolicyBody {
+    PolicyBody::Grant {
+        id: id.parse().unwrap(),
+        grant: Some(Grant {
+            principal: shoal_protocol::fleet::Principal::Node(node.identity.publisher()),
+            repos: repos.parse().unwrap(),
+            actions: actions.parse().unwrap(),
+            expires_ms: None,
+        }),
+    }
+}
+
+/// Waits until each of `nodes` holds at least `n` policies.
+async fn wait_policies(nodes: &[&TestNode], n: usize) {
+    for node in nodes {
+        wait_until(WAIT, "the policies on every member", || async {
+            (node.node().tags().auth().policies().len() >= n).then_some(())
+        })
+        .await;
+    }
+}
+
+/// A tag record for `secret/app:1` signed by `signer`, naming `target` (a delete with `None`),
+/// `ahead_ms` later than now.
+fn record_by(
+    signer: &TestNode,
+    target: Option<shoal_protocol::TagTarget>,
+    ahead_ms: u64,
+) -> shoal_protocol::SignedTagRecord {
+    let record = shoal_protocol::TagRecord {
+        repo: "secret/app".parse().unwrap(),
+        tag: "1".parse().unwrap(),
+        target,
+        timestamp_ms: Admin::now() + ahead_ms,
+        sequence: 0,
+        publisher: signer.identity.publisher(),
+    };
+    shoal_protocol::SignedTagRecord::sign(&record, &signer.identity.signing_key()).unwrap()
+}
+
 fn private(pattern: &str) -> PolicyBody {
     PolicyBody::Repo {
         pattern: pattern.parse().unwrap(),
@@ -261,6 +302,11 @@ async fn a_record_naming_a_private_blob_from_a_public_repository_does_not_unlock
     let net = fleet_net(&admin, 2).await;
     let (owner, member) = (&net.nodes[0], &net.nodes[1]);
     apply(owner, admin.sign(private("secret/*"), 0)).await;
+    apply(
+        owner,
+        admin.sign(node_grant("owner", owner, "secret/*", "push"), 0),
+    )
+    .await;
     let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
     let member_auth = member.node().tags().auth().clone();
     wait_until(WAIT, "the policy on the member", || async {
@@ -417,16 +463,14 @@ async fn a_private_repository_reaches_only_the_granted_node_and_a_revoked_grant_
     };
     apply(owner, admin.sign(private("secret/*"), 0)).await;
     apply(owner, admin.sign(grant(true), 0)).await;
+    // The owner takes the pushes: the fleet counts its records with a push grant.
+    apply(
+        owner,
+        admin.sign(node_grant("owner", owner, "secret/*", "push"), 0),
+    )
+    .await;
     let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
-    for node in [granted, other] {
-        let repo = repo.clone();
-        wait_until(WAIT, "the policies on every member", || async {
-            let auth = node.node().tags().auth();
-            (auth.settings(&repo).visibility == Visibility::Private && !auth.policies().is_empty())
-                .then_some(())
-        })
-        .await;
-    }
+    wait_policies(&[granted, other], 3).await;
 
     let img = image(33, &[3 << 20]);
     let layer = Digest::sha256(&img.blobs[1]);
@@ -659,5 +703,128 @@ async fn a_revoked_member_is_cut_off_and_its_records_stop_counting() {
             .await
             .unwrap();
         assert_eq!(outcome, shoal_node::tags::Ingest::Untrusted);
+    }
+}
+
+/// In a private repository, a member's tag records count only with a grant of what they do:
+/// a member that may only pull (or a thief of its node key) signs records that move and delete
+/// a tag, and every other node refuses them; its registry refuses a push or a delete up front
+/// with `403`, saying why, instead of acknowledging what the fleet would ignore. A member
+/// granted push and delete moves and deletes the tag everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_private_repositorys_tags_move_only_by_members_granted_to() {
+    let admin = Admin::new(8);
+    let net = fleet_net(&admin, 3).await;
+    let (owner, reader, writer) = (&net.nodes[0], &net.nodes[1], &net.nodes[2]);
+    apply(owner, admin.sign(private("secret/*"), 0)).await;
+    let all = "pull,push,delete";
+    apply(
+        owner,
+        admin.sign(node_grant("o", owner, "secret/*", all), 0),
+    )
+    .await;
+    apply(
+        owner,
+        admin.sign(node_grant("r", reader, "secret/*", "pull"), 0),
+    )
+    .await;
+    apply(
+        owner,
+        admin.sign(node_grant("w", writer, "secret/*", all), 0),
+    )
+    .await;
+    wait_policies(&[reader, writer], 4).await;
+    let (first, second) = (image(50, &[64 << 10]), image(51, &[64 << 10]));
+    owner.push("secret/app", "1", &first).await;
+    owner.push("secret/app", "2", &second).await;
+    for node in [reader, writer] {
+        wait_until(WAIT, "the records on the granted nodes", || async {
+            (node.has_record("secret/app", "1").await && node.has_record("secret/app", "2").await)
+                .then_some(())
+        })
+        .await;
+    }
+    let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
+    let to_second = owner
+        .node()
+        .tags()
+        .target_for(
+            &repo,
+            &second.digest,
+            &shoal_node::manifest::parse(&second.manifest, None).unwrap(),
+        )
+        .await
+        .unwrap();
+    let names = |digest: &Digest| Some(digest.to_string());
+
+    // The reader's move and delete, newer than the tag's record: refused wherever they arrive.
+    for forged in [
+        record_by(reader, Some(to_second.clone()), 500),
+        record_by(reader, None, 600),
+    ] {
+        for node in [owner, writer] {
+            let outcome = node.node().tags().ingest(forged.clone()).await.unwrap();
+            assert_eq!(outcome, shoal_node::tags::Ingest::Untrusted);
+            assert_eq!(
+                node.tag_digest("secret/app", "1").await,
+                names(&first.digest)
+            );
+        }
+    }
+    // Its registry says so up front: a push, and a delete.
+    let upload = testnet::http(
+        reader.http_addr(),
+        "POST",
+        "/v2/secret/app/blobs/uploads/",
+        &[],
+        b"",
+    )
+    .await;
+    let put = testnet::http(
+        reader.http_addr(),
+        "PUT",
+        "/v2/secret/app/manifests/1",
+        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+        &second.manifest,
+    )
+    .await;
+    let delete = testnet::http(
+        reader.http_addr(),
+        "DELETE",
+        "/v2/secret/app/manifests/1",
+        &[],
+        b"",
+    )
+    .await;
+    for (r, action) in [(upload, "push"), (put, "push"), (delete, "delete")] {
+        let body = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, 403, "{body}");
+        assert!(
+            body.contains("DENIED") && body.contains(&format!("lacks a {action} grant")),
+            "{body}"
+        );
+    }
+    for node in [owner, reader, writer] {
+        assert_eq!(
+            node.tag_digest("secret/app", "1").await,
+            names(&first.digest)
+        );
+    }
+    // A public repository takes any member's push, as before.
+    reader.push("team/app", "1", &first).await;
+
+    // The writer's move, then its delete: accepted by the others.
+    let moved = record_by(writer, Some(to_second), 1000);
+    let deleted = record_by(writer, None, 2000);
+    for node in [owner, reader] {
+        let outcome = node.node().tags().ingest(moved.clone()).await.unwrap();
+        assert_eq!(outcome, shoal_node::tags::Ingest::Accepted);
+        assert_eq!(
+            node.tag_digest("secret/app", "1").await,
+            names(&second.digest)
+        );
+        let outcome = node.node().tags().ingest(deleted.clone()).await.unwrap();
+        assert_eq!(outcome, shoal_node::tags::Ingest::Accepted);
+        assert_eq!(node.tag_digest("secret/app", "1").await, None);
     }
 }

@@ -129,7 +129,9 @@ async fn push(
     .await
 }
 
-/// Makes the repositories of `pattern` private on `n`, as the fleet's admin.
+/// Makes the repositories of `pattern` private on `n`, as the fleet's admin, and grants the
+/// node push and delete there (the fleet counts a private repository's records only from nodes
+/// granted what they do).
 async fn make_private(n: &TestNode, fleet: &Fleet, pattern: &str) {
     let body = shoal_protocol::fleet::PolicyBody::Repo {
         pattern: pattern.parse().unwrap(),
@@ -139,6 +141,18 @@ async fn make_private(n: &TestNode, fleet: &Fleet, pattern: &str) {
         }),
     };
     apply_policy(n, fleet, body).await;
+    let grant = shoal_protocol::fleet::PolicyBody::Grant {
+        id: format!("node-{}", pattern.replace(['*', '/'], ""))
+            .parse()
+            .unwrap(),
+        grant: Some(shoal_protocol::fleet::Grant {
+            principal: shoal_protocol::fleet::Principal::Node(n.identity.publisher()),
+            repos: pattern.parse().unwrap(),
+            actions: "push,delete".parse().unwrap(),
+            expires_ms: None,
+        }),
+    };
+    apply_policy(n, fleet, grant).await;
 }
 
 /// Signs `body` as the fleet's admin and has `n` take it in, as from gossip.
