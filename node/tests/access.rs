@@ -88,6 +88,14 @@ async fn apply(node: &TestNode, policy: shoal_protocol::fleet::SignedPolicy) {
     n.network().publish_policy(&policy).await.unwrap();
 }
 
+/// Offers a policy to `node` as from a peer: what became of it.
+async fn take(node: &TestNode, policy: shoal_protocol::fleet::SignedPolicy) -> ingest::Outcome {
+    let n = node.node();
+    ingest::policy(n.tags().auth(), n.store(), policy)
+        .await
+        .unwrap()
+}
+
 fn peer(node: &TestNode) -> PeerId {
     node.node().network().peer_id()
 }
@@ -827,4 +835,62 @@ async fn a_private_repositorys_tags_move_only_by_members_granted_to() {
         assert_eq!(outcome, shoal_node::tags::Ingest::Accepted);
         assert_eq!(node.tag_digest("secret/app", "1").await, None);
     }
+}
+
+/// An admin key the operator adds in a node's config (`admins`, `--admin`) counts on that node
+/// only: its policy is in force there, and a member that does not list it refuses the policy
+/// both handed to it and gossiped to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_of_an_admin_from_the_config_counts_only_where_it_is_listed() {
+    let admin = Admin::new(9);
+    let extra = SigningKey::from_seed([77; 32]);
+    let mut net = TestNet::with_identities(2);
+    net.trust_each_other = false;
+    net.sync_interval = Duration::from_secs(1);
+    net.access.insert(
+        0,
+        AccessConfig {
+            admins: vec![extra.public()],
+            ..admin.access(&[])
+        },
+    );
+    net.access.insert(1, admin.access(&[]));
+    for _ in 0..2 {
+        net.start_next().await;
+    }
+    net.wait_connected(1).await;
+    let (listing, other) = (&net.nodes[0], &net.nodes[1]);
+    let policy = Signed::sign(
+        &Policy {
+            fleet: admin.fleet,
+            body: private("secret/*"),
+            timestamp_ms: Admin::now(),
+            sequence: 0,
+            admin: extra.public(),
+        },
+        &extra,
+    )
+    .unwrap();
+    let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
+    assert_eq!(
+        take(listing, policy.clone()).await,
+        ingest::Outcome::Accepted
+    );
+    assert_eq!(
+        listing.node().tags().auth().settings(&repo).visibility,
+        Visibility::Private
+    );
+    let _ = listing.node().network().publish_policy(&policy).await;
+    assert_eq!(
+        take(other, policy.clone()).await,
+        ingest::Outcome::Refused(shoal_node::auth::Refused::NotAdmin)
+    );
+    // Over a few sync rounds and the gossip, the other member still refuses it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let auth = other.node().tags().auth();
+    assert_eq!(auth.settings(&repo).visibility, Visibility::Public);
+    assert!(auth.policies().is_empty());
+    // The fleet's admin counts on both.
+    apply(listing, admin.sign(private("team/*"), 0)).await;
+    wait_policies(&[other], 1).await;
 }

@@ -261,6 +261,10 @@ pub struct AuthConfig {
     pub anonymous_pull: bool,
     /// The node's users.
     pub users: users::Users,
+    /// Admin keys this node takes besides its fleet's (config `admins`, `--admin`): a local
+    /// trust decision. Their policies, access tokens and join tickets count on this node only
+    /// (other members refuse what they sign unless they list them too). Only in a fleet.
+    pub admins: Vec<PublisherKey>,
     /// The operator allowed a registry beyond loopback without HTTPS or credentials: while the
     /// node has no credentials at all (no fleet, no users), every client is trusted like a
     /// local one.
@@ -275,12 +279,15 @@ struct State {
     members: HashMap<PublisherKey, Verified<JoinTicket>>,
     rules: Vec<TrustRule>,
     users: users::Users,
+    /// Admin keys from this node's config, besides the fleet's.
+    local_admins: Vec<PublisherKey>,
 }
 
 impl State {
-    /// Whether `key` is one of the fleet's admins.
+    /// Whether `key` is an admin for this node: one of its fleet's, or one its config adds.
     fn is_admin(&self, key: &PublisherKey) -> bool {
         self.fleet.as_ref().is_some_and(|f| f.admins.contains(key))
+            || self.local_admins.contains(key)
     }
 
     /// The groups of `key` as this node knows them: enrolled by an admin, else named by the
@@ -372,6 +379,7 @@ impl Auth {
                     members: HashMap::new(),
                     rules: config.trust,
                     users: config.users,
+                    local_admins: config.admins,
                 }),
                 local_clients: config.local_clients,
                 anonymous_pull: config.anonymous_pull,

@@ -552,3 +552,67 @@ fn a_private_repositorys_records_count_only_from_members_granted_what_they_do() 
     let open = Auth::open(node_key(1));
     assert!(open.fleet_accepts(&node_key(1).public(), &secret, Action::Push));
 }
+
+/// An admin key the operator adds in the config counts on this node: its policies, tokens and
+/// tickets; a node that does not list it refuses them. A member's key listed nowhere never
+/// becomes an admin.
+#[test]
+fn an_admin_key_from_the_config_counts_only_where_it_is_listed() {
+    let extra = SigningKey::from_seed([42; 32]);
+    let listing = Auth::new(
+        node_key(1),
+        AuthConfig {
+            admins: vec![extra.public()],
+            ..fleet_config()
+        },
+    );
+    let other = fleet_auth(1);
+    let by_extra = Signed::sign(
+        &Policy {
+            fleet: fleet_id(),
+            body: private("secret/*"),
+            timestamp_ms: now_ms(),
+            sequence: 0,
+            admin: extra.public(),
+        },
+        &extra,
+    )
+    .unwrap();
+    let checked = listing.check_policy(&by_extra).unwrap();
+    listing.apply_policy(checked);
+    assert_eq!(
+        listing.settings(&repo("secret/app")).visibility,
+        Visibility::Private
+    );
+    assert_eq!(other.check_policy(&by_extra), Err(Refused::NotAdmin));
+    // Its access tokens and join tickets too.
+    let token = Signed::sign(
+        &AccessToken {
+            fleet: fleet_id(),
+            id: ObjectId::from_bytes([9; 16]),
+            principal: "ci".parse().unwrap(),
+            scopes: Vec::new(),
+            issued_ms: 0,
+            expires_ms: u64::MAX,
+            admin: extra.public(),
+        },
+        &extra,
+    )
+    .unwrap();
+    assert!(listing.check_token(&token).is_ok());
+    assert_eq!(other.check_token(&token), Err(Denied::BadCredentials));
+    let ticket = Signed::sign(
+        &JoinTicket {
+            fleet: fleet_id(),
+            id: ObjectId::from_bytes([8; 16]),
+            groups: Vec::new(),
+            issued_ms: 0,
+            expires_ms: u64::MAX,
+            admin: extra.public(),
+        },
+        &extra,
+    )
+    .unwrap();
+    assert!(join(&listing, 5, ticket.clone()).is_ok());
+    assert_eq!(join(&other, 5, ticket), Err(Refused::NotAdmin));
+}
