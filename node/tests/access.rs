@@ -5,6 +5,7 @@
 
 mod testnet;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -893,4 +894,85 @@ async fn a_policy_of_an_admin_from_the_config_counts_only_where_it_is_listed() {
     // The fleet's admin counts on both.
     apply(listing, admin.sign(private("team/*"), 0)).await;
     wait_policies(&[other], 1).await;
+}
+
+/// A node that was stopped while the admin changed the policies catches up through sync when
+/// it comes back, and enforces them: it refuses a push into the repository made private, which
+/// it holds no grant for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_was_offline_catches_up_on_policies_through_sync() {
+    let admin = Admin::new(10);
+    let mut net = fleet_net(&admin, 2).await;
+    net.nodes[1].stop().await;
+    for body in [
+        private("secret/*"),
+        node_grant("o", &net.nodes[0], "secret/*", "push"),
+    ] {
+        let outcome = take(&net.nodes[0], admin.sign(body, 0)).await;
+        assert_eq!(outcome, ingest::Outcome::Accepted);
+    }
+    net.restart(1).await;
+    let back = &net.nodes[1];
+    wait_policies(&[back], 2).await;
+    let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
+    assert_eq!(
+        back.node().tags().auth().settings(&repo).visibility,
+        Visibility::Private
+    );
+    let r = testnet::http(
+        back.http_addr(),
+        "POST",
+        "/v2/secret/app/blobs/uploads/",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    back.push("team/app", "1", &image(52, &[1 << 10])).await;
+}
+
+/// Trust rules change on a running node (`shoal trust add`, then the admin API's reload): a
+/// publisher's records start counting without a restart, and stop counting (its tags fall
+/// back) when the rule goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trust_rules_change_on_a_running_node_without_a_restart() {
+    let mut net = TestNet::with_identities(2);
+    net.trust_each_other = false;
+    net.sync_interval = Duration::from_secs(1);
+    for _ in 0..2 {
+        net.start_next().await;
+    }
+    net.wait_connected(1).await;
+    let (publisher, node) = (&net.nodes[0], &net.nodes[1]);
+    let img = image(53, &[64 << 10]);
+    publisher.push("team/app", "1", &img).await;
+    publisher.push("lib/x", "1", &img).await;
+    wait_until(WAIT, "the records refused as untrusted", || async {
+        let untrusted = node.node().tags().stats().untrusted.load(Ordering::Relaxed);
+        (untrusted >= 2).then_some(())
+    })
+    .await;
+    assert!(!node.has_record("team/app", "1").await);
+    let reload = || async {
+        let r = testnet::http(node.http_addr(), "POST", "/_shoal/v1/reload", &[], b"").await;
+        assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    };
+    let rule = format!("{}=team/*", publisher.identity.publisher());
+    shoal_node::auth::trust::write_file(node.dir.path(), &[rule.parse().unwrap()]).unwrap();
+    reload().await;
+    wait_until(WAIT, "the trusted publisher's record", || async {
+        node.has_record("team/app", "1").await.then_some(())
+    })
+    .await;
+    node.pull_and_check("team/app", "1", &img).await;
+    // Only for the rule's repositories.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!node.has_record("lib/x", "1").await);
+    // The rule removed, the tag falls back to nothing.
+    shoal_node::auth::trust::write_file(node.dir.path(), &[]).unwrap();
+    reload().await;
+    wait_until(WAIT, "the record to stop counting", || async {
+        (!node.has_record("team/app", "1").await).then_some(())
+    })
+    .await;
 }
