@@ -83,6 +83,10 @@ enum Command {
         /// Join the fleet of this join token (`shoal fleet init` prints one); remembered
         #[arg(long, env = "SHOAL_JOIN")]
         join: Option<String>,
+        /// Also take policies, tokens and tickets signed by this admin key, besides the fleet's
+        /// (repeatable; `shoal keys` prints one): a decision of this node only
+        #[arg(long = "admin", env = "SHOAL_ADMINS", value_delimiter = ',')]
+        admins: Vec<shoal_protocol::PublisherKey>,
         /// How loopback clients are treated: open (trusted, the default) or authenticated
         #[arg(long, env = "SHOAL_LOCAL_CLIENTS", value_parser = parse_local_clients)]
         local_clients: Option<LocalClients>,
@@ -591,6 +595,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             serve_limit_bytes_per_sec,
             site,
             join,
+            admins,
             local_clients,
             anonymous_pull,
             tls_cert,
@@ -608,6 +613,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 serve_limit_bytes_per_sec,
                 site,
                 join,
+                admins: (!admins.is_empty()).then_some(admins),
                 local_clients,
                 anonymous_pull: anonymous_pull.then_some(true),
                 tls_cert,

@@ -480,6 +480,7 @@ async fn open_access(config: &Config, identity: &Identity) -> Result<Auth, NodeE
             local_clients: config.access.local_clients,
             anonymous_pull: config.access.anonymous_pull,
             users,
+            admins: config.access.admins.clone(),
             insecure: config.access.insecure,
         },
     );
