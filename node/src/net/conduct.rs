@@ -43,7 +43,8 @@ pub enum Offence {
     /// It broke a protocol's rules another way (a sync whose pages do not progress, a request
     /// it may not make).
     Protocol,
-    /// It let a chunk stream stall past its deadline, holding a slot others need.
+    /// It let a chunk stream make no progress at all for a while (it asked for a chunk and does
+    /// not read it), holding a slot others need.
     Stalled,
     /// It held more of the node than its share: it took a chunk too slowly to meet the chunk's
     /// send deadline (a peer that reads a trickle to keep its streams). One is a slip an honest
