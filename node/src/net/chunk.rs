@@ -12,7 +12,7 @@
 //!   split among the peers being served, never more than [`MAX_CHUNK_STREAMS_PER_PEER`] (see
 //!   [`fair_share`]). Past its share it is told "busy". When every stream is taken, a peer below
 //!   its share still gets one: the peer holding the most streams past its own share gives its
-//!   newest one up (it is closed). So however many streams a few peers (or a few peer IDs of one
+//!   oldest one up (it is closed). So however many streams a few peers (or a few peer IDs of one
 //!   attacker) hold, a new asker is served at once.
 //! - A peer has at most [`MAX_BYTES_IN_FLIGHT_PER_PEER`] asked for and not yet sent, all its
 //!   streams together; a request past it is answered "busy" (the stream stays open).
@@ -215,7 +215,7 @@ struct Asker {
 
 impl Askers {
     /// A stream for `peer`, if it holds fewer than its [`fair_share`]. When every stream is
-    /// taken, the peer holding the most past its share gives its newest one up (its token is
+    /// taken, the peer holding the most past its share gives its oldest one up (its token is
     /// cancelled); if no peer holds more than its share, `None`.
     fn admit(self: &Arc<Self>, peer: PeerId) -> Option<AskerSlot> {
         let mut state = lock(&self.state);
@@ -234,7 +234,9 @@ impl Askers {
                 .filter(|(p, _)| **p != peer)
                 .max_by_key(|(_, a)| a.streams.len())
                 .filter(|(_, a)| a.streams.len() > share)?;
-            let (_, evicted) = greediest.streams.pop()?;
+            // The oldest: most likely one the requester pooled, which it retries once on a
+            // fresh stream (told "busy" then) before it counts a failure against this node.
+            let (_, evicted) = greediest.streams.remove(0);
             evicted.cancel();
             *streams -= 1;
         }
