@@ -740,7 +740,7 @@ mod tests {
         drop(held);
         assert_eq!(askers.streams(&hog), 0);
         assert!(
-            lock(&askers.state).peers.get(&hog).is_none(),
+            !lock(&askers.state).peers.contains_key(&hog),
             "forgotten once idle"
         );
         assert!(askers.admit(hog).is_some());
@@ -835,7 +835,7 @@ mod tests {
         assert!(b.reserve(1).is_none());
         drop(whole);
         drop((a, b));
-        assert!(lock(&askers.state).peers.get(&greedy).is_none());
+        assert!(!lock(&askers.state).peers.contains_key(&greedy));
     }
 
     #[test]
