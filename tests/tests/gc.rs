@@ -226,3 +226,44 @@ fn lifecycle_preview_names_what_a_policy_expires_and_why() -> Result<()> {
     ensure!(message.contains("1 to 50 rules"), "{message}");
     Ok(())
 }
+
+#[test]
+fn status_prints_where_the_disk_stands() -> Result<()> {
+    let (mut rng, _seed) = seeded_rng("status_prints_where_the_disk_stands");
+    let shoal = ShoalProcess::start_prepared(
+        "127.0.0.1:0",
+        &["--max-disk".to_owned(), "1GiB".to_owned()],
+        |_| Ok(()),
+    )?;
+    let mut layer = vec![0u8; 200 * 1024];
+    rng.fill_bytes(&mut layer);
+    let kept = push(&shoal, "1", layer, &mut rng)?;
+    let pushed: usize = kept.blobs.iter().map(|(_, b)| b.len()).sum();
+
+    let json = shoal.cli(&["status", "--json"])?;
+    let status: serde_json::Value = serde_json::from_str(&json.stdout)?;
+    let disk = &status["disk"];
+    let figure = |name: &str| {
+        disk[name]
+            .as_u64()
+            .with_context(|| format!("no {name} in {status}"))
+    };
+    ensure!(figure("used_bytes")? >= pushed as u64, "{status}");
+    ensure!(figure("published_bytes")? >= pushed as u64, "{status}");
+    ensure!(figure("cached_bytes")? == 0, "{status}");
+    ensure!(figure("max_disk_bytes")? == 1 << 30, "{status}");
+    ensure!(
+        0 < figure("fs_free_bytes")? && figure("fs_free_bytes")? <= figure("fs_total_bytes")?,
+        "{status}"
+    );
+
+    let human = shoal.cli(&["status"])?;
+    let text = &human.stdout;
+    ensure!(
+        text.contains("disk: the store uses")
+            && text.contains("quota: 1073741824 bytes")
+            && text.contains(&format!("published {} bytes", figure("published_bytes")?)),
+        "shoal status:\n{text}"
+    );
+    Ok(())
+}

@@ -37,10 +37,22 @@ fn partial_dir(root: &Path, digest: &Digest) -> PathBuf {
 /// Starts an upload session in `team/app` with one chunk; returns its location.
 async fn session_with_a_chunk(addr: std::net::SocketAddr, chunk: &[u8]) -> String {
     let start = http(addr, "POST", "/v2/team/app/blobs/uploads/", &[], b"").await;
-    assert_eq!(start.status, 202, "{:?}", String::from_utf8_lossy(&start.body));
+    assert_eq!(
+        start.status,
+        202,
+        "{:?}",
+        String::from_utf8_lossy(&start.body)
+    );
     let location = start.header("location").expect("location").to_owned();
     let range = format!("0-{}", chunk.len() - 1);
-    let r = http(addr, "PATCH", &location, &[("Content-Range", &range)], chunk).await;
+    let r = http(
+        addr,
+        "PATCH",
+        &location,
+        &[("Content-Range", &range)],
+        chunk,
+    )
+    .await;
     assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
     location
 }
@@ -123,12 +135,22 @@ async fn an_idle_node_removes_abandoned_uploads_and_downloads_by_itself() {
     );
 
     // The live session took every chunk and finishes whole; the held download is untouched.
-    assert!(held_dir.join("data").is_file(), "a held download was removed");
+    assert!(
+        held_dir.join("data").is_file(),
+        "a held download was removed"
+    );
     assert!(held.has(0), "the held download lost its chunk");
     assert!(store.partial_in_progress(held_index.digest()).is_some());
     let digest = sha256(&sent);
     let r = http(addr, "PUT", &format!("{live}?digest={digest}"), &[], b"").await;
     assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
-    let got = http(addr, "GET", &format!("/v2/team/app/blobs/{digest}"), &[], b"").await;
+    let got = http(
+        addr,
+        "GET",
+        &format!("/v2/team/app/blobs/{digest}"),
+        &[],
+        b"",
+    )
+    .await;
     assert_eq!(got.body, sent);
 }
