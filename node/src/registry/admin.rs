@@ -1,8 +1,9 @@
 //! The node's own small admin API, beside `/v2/`: `GET /_shoal/v1/peers` (what `shoal peers`
-//! prints), `GET /_shoal/v1/status` (identity, listen addresses, record counters), and the
-//! fleet: founding one, joining one, join tokens, policies and access tokens signed with the
-//! admin key this node holds, and reloading trust rules and users. Only a local client of an
-//! open node, or a principal with `admin` on every repository, may use it.
+//! prints), `GET /_shoal/v1/status` (identity, listen addresses, record counters; open to
+//! anyone, but the disk figures only to an admin), and the fleet: founding one, joining one,
+//! join tokens, policies and access tokens signed with the admin key this node holds, and
+//! reloading trust rules and users. Only a local client of an open node, or a principal with
+//! `admin` on every repository, may use the rest.
 //!
 //! The answers are the typed structs below, which the server serializes and the CLI
 //! deserializes, so the two cannot drift apart. A node whose network is down answers `503`.
