@@ -126,12 +126,12 @@ async fn room_for_a_session(r: &Registry) -> Result<()> {
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok();
     let mut open = if due {
-        r.store.expire_uploads(ttl).await?.open
+        r.store.expire_uploads(ttl).await?
     } else {
         r.store.read(|i| i.upload_ids()).await?.len()
     };
     if open >= max && !due {
-        open = r.store.expire_uploads(ttl).await?.open;
+        open = r.store.expire_uploads(ttl).await?;
     }
     if open >= max {
         return Err(RegistryError::TooManyUploads(max));

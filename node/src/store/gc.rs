@@ -299,7 +299,7 @@ impl Store {
         upload_ttl: Duration,
         download_ttl: Duration,
     ) -> Result<Expired, StoreError> {
-        let uploads = self.expire_uploads(upload_ttl).await?.removed;
+        let uploads = self.expire_upload_sessions(upload_ttl).await?.removed;
         let this = self.clone();
         let (downloads, download_bytes) =
             tokio::task::spawn_blocking(move || this.expire_downloads(download_ttl, false))

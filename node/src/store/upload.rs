@@ -34,7 +34,7 @@ pub struct UploadMeta {
     pub created_unix: u64,
 }
 
-/// What [`Store::expire_uploads`] did.
+/// What [`Store::expire_upload_sessions`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct UploadExpiry {
     /// Sessions removed, idle for the time given or longer.
@@ -450,9 +450,14 @@ impl Store {
     }
 
     /// Removes every session idle for `ttl` or longer (sessions receiving a chunk are left
-    /// alone) and says how many went and how many remain open. If cancelled, the sessions
-    /// removed so far stay removed.
-    pub async fn expire_uploads(
+    /// alone) and returns how many sessions remain open.
+    pub async fn expire_uploads(&self, ttl: std::time::Duration) -> Result<usize, StoreError> {
+        Ok(self.expire_upload_sessions(ttl).await?.open)
+    }
+
+    /// [`Store::expire_uploads`], saying how many sessions went too. If cancelled, the
+    /// sessions removed so far stay removed.
+    pub async fn expire_upload_sessions(
         &self,
         ttl: std::time::Duration,
     ) -> Result<UploadExpiry, StoreError> {
