@@ -22,6 +22,8 @@
 
 pub mod change;
 pub mod compact;
+#[cfg(test)]
+mod disk_full_tests;
 pub mod evict;
 mod fsck;
 pub mod gate;
