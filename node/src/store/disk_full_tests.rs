@@ -127,6 +127,41 @@ async fn a_refused_write_nudges_the_journal_thread_to_open_the_index_again() {
     store.create_upload(&repo()).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_during_a_reopen_see_the_index_before_or_after_it_never_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    put_blob(&store, 1).await;
+    store.link(&repo(), &digest(1)).await.unwrap();
+    store.inner.index.fail_for_test();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (index, stop) = (store.inner.index.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert!(index.is_linked(&repo(), &digest(1)).unwrap());
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    // The commit opens the index again while they read.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    put_blob(&store, 2).await;
+    store.link(&repo(), &digest(2)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for reader in readers {
+        assert!(reader.join().unwrap() > 0);
+    }
+    assert!(store.inner.index.failure().is_none());
+    assert!(linked(&store, 2).await);
+}
+
 /// A tmpfs of a few MiB, unmounted when dropped. Needs root.
 struct SmallDisk {
     dir: tempfile::TempDir,
