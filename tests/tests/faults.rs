@@ -8,7 +8,7 @@
 //!   keeps serving what it holds; after the heal every tag converges, last writer wins);
 //! - a node's disk filled during pushes (the push fails with a server error and a spec error
 //!   body, or the connection is closed under a large body; nothing acknowledged is lost, the
-//!   node keeps serving, and after a restart with space back pushes work);
+//!   node keeps serving, and once there is space again pushes work, with or without a restart);
 //! - a node's wall clock three hours ahead (libfaketime): honest nodes converge, and its
 //!   records, from the future, do not freeze a tag for them;
 //! - half the fleet killed at once and restarted (all come back, reconnect and serve).
@@ -17,10 +17,9 @@
 //! every node that should have it, no node down, every node stopped cleanly by SIGTERM and
 //! `shoal fsck` clean on every store.
 //!
-//! One ignored test reproduces a node bug these faults uncovered (its `ignore` says which) and
-//! passes once the node is fixed: pushes on a disk that had been full (the index stays failed
-//! until a restart). The two bugs found with it (a long partition that nothing redialled
-//! after, nodes with skewed clocks disagreeing with the fleet) are fixed and their tests run.
+//! The bugs these faults uncovered (a long partition that nothing redialled after, nodes with
+//! skewed clocks disagreeing with the fleet, an index that stayed failed after the disk had been
+//! full until a restart) are fixed, and the tests that found them run with the others.
 //!
 //! The README test command runs the scenarios scaled down (a few nodes, images of a few MiB);
 //! `tests/scripts/faults.sh --full` runs them at full size (`SHOAL_FAULTS_FULL=1`: more nodes,
@@ -49,7 +48,7 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(150);
 const HEAL_TIMEOUT: Duration = Duration::from_secs(120);
 /// A short outage: TCP connections across the cut survive it (their retransmission backoff
 /// stays a few seconds), so the fleet heals on the connections it has. Longer outages need a
-/// node to notice lost peers and redial them: see the ignored test of [`Outage::UntilPeersAreGone`].
+/// node to notice lost peers and redial them: see the test of [`Outage::UntilPeersAreGone`].
 const SHORT_OUTAGE: Duration = Duration::from_secs(5);
 /// How long nodes may take to notice that the peers across a partition are gone.
 const CUT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -587,9 +586,12 @@ fn a_full_disk_fails_the_push_cleanly_loses_nothing_and_recovers() -> Result<()>
 /// How long a node may take to accept pushes again once its disk has room.
 const DISK_RECOVERY_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Tags deleted on the full disk: each a small journal line and a larger index write, so that
+/// the index's database (sled) fails on the disk before the journal does, as it does in the
+/// field; sled then refuses every write until it is opened again.
+const DELETED_WHILE_FULL: usize = 16;
+
 #[test]
-#[ignore = "node bug: once sled hits ENOSPC its index stays failed until a restart \
-            (every push answers 500 after the space is back); see issue 23"]
 fn pushes_succeed_again_once_a_full_disk_has_room_without_a_restart() -> Result<()> {
     const TEST: &str = "pushes_succeed_again_once_a_full_disk_has_room_without_a_restart";
     if !lab_available(TEST) {
@@ -597,7 +599,33 @@ fn pushes_succeed_again_once_a_full_disk_has_room_without_a_restart() -> Result<
     }
     let (mut rng, _) = seeded_rng(TEST);
     let setup = FullDisk::start("room", 45, &mut rng)?;
+    let client = setup.fleet.client(0);
+    let scratch: Vec<String> = (0..DELETED_WHILE_FULL)
+        .map(|i| format!("scratch-{i}"))
+        .collect();
+    for tag in &scratch {
+        let resp = client.put_manifest(DISK_REPO, tag, OCI_MANIFEST, &setup.first.manifest)?;
+        ensure!(resp.status == 201, "tagging {tag}:\n{}", resp.describe());
+    }
     setup.push_while_full(TEST, &mut rng)?;
+    // Tags deleted on the full disk: refused as a full disk, or acknowledged and then kept.
+    let mut deleted = Vec::new();
+    for tag in &scratch {
+        let path = format!("/v2/{DISK_REPO}/manifests/{tag}");
+        let resp = client.request("DELETE", &path, &[], Body::None)?;
+        ensure!(
+            resp.status == 202 || resp.status == 507,
+            "deleting {tag} on a full disk answered:\n{}",
+            resp.describe()
+        );
+        if resp.status == 202 {
+            deleted.push(tag);
+        }
+    }
+    eprintln!(
+        "{TEST}: {} of {DELETED_WHILE_FULL} tag deletes acknowledged on the full disk",
+        deleted.len()
+    );
     // Uploads started on the full disk for a while: the index writes (and fails to).
     let full_since = Instant::now();
     wait_until(
@@ -609,7 +637,6 @@ fn pushes_succeed_again_once_a_full_disk_has_room_without_a_restart() -> Result<
         },
     )?;
     setup.disk.free("all")?;
-    let client = setup.fleet.client(0);
     let after = setup.image(&mut rng);
     let mut last = None;
     let recovered = wait_until(
@@ -625,6 +652,14 @@ fn pushes_succeed_again_once_a_full_disk_has_room_without_a_restart() -> Result<
     );
     recovered
         .with_context(|| format!("the last push failed with: {}", last.unwrap_or_default()))?;
+    for tag in deleted {
+        let resp = client.get_manifest(DISK_REPO, tag)?;
+        ensure!(
+            resp.status == 404,
+            "{tag}, whose delete was acknowledged on the full disk, came back:\n{}",
+            resp.describe()
+        );
+    }
     setup
         .fleet
         .wait_tag(&[1], DISK_REPO, "after", &after.digest, CONVERGE_TIMEOUT)?;

@@ -29,6 +29,10 @@
 //! Only the journal thread writes the journal-derived trees, one change at a time, each in one
 //! sled transaction with the applied offset: after a crash the index is exactly the journal up
 //! to the recorded offset, and a start replays the rest.
+//!
+//! sled never writes again after one of its writes failed (it keeps the error for good), so an
+//! [`Index`] is a handle that can drop its sled database and open it again while the node runs:
+//! see [`handle`] for how a full disk stops writes and how room brings them back.
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -46,6 +50,10 @@ use super::StoreError;
 use super::change::{Change, Kept, OrderKey, supersedes};
 use super::upload::UploadMeta;
 use crate::manifest::ManifestInfo;
+
+mod handle;
+
+pub use handle::Index;
 
 const SEP: u8 = 0;
 const APPLIED_KEY: &[u8] = b"journal_applied";
@@ -101,9 +109,9 @@ impl Referrer {
     }
 }
 
-/// Handle to the index (cheap to clone; sled is internally shared).
-#[derive(Clone)]
-pub struct Index {
+/// One open sled database and its trees: what an [`Index`] reads and writes, until a failure
+/// makes it open a new one (see [`handle`]).
+struct Trees {
     db: sled::Db,
     repos: sled::Tree,
     links: sled::Tree,
@@ -147,20 +155,19 @@ fn parse<T: std::str::FromStr>(bytes: &[u8]) -> Result<T, StoreError> {
         .map_err(|_| StoreError::Corrupt("index holds an invalid name".into()))
 }
 
-impl Index {
-    /// Opens (or creates) the index in `dir`.
-    pub fn open(dir: &Path) -> Result<Index, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
-        Index::from_db(db)
+impl Trees {
+    /// Opens (or creates) the sled database in `dir`.
+    fn open(dir: &Path) -> Result<Trees, StoreError> {
+        Trees::from_db(sled::Config::new().path(dir).open()?)
     }
 
-    /// A throwaway in-memory index, used by `fsck` to rebuild and compare.
-    pub fn temporary() -> Result<Index, StoreError> {
-        Index::from_db(sled::Config::new().temporary(true).open()?)
+    /// A throwaway in-memory database.
+    fn temporary() -> Result<Trees, StoreError> {
+        Trees::from_db(sled::Config::new().temporary(true).open()?)
     }
 
-    fn from_db(db: sled::Db) -> Result<Index, StoreError> {
-        Ok(Index {
+    fn from_db(db: sled::Db) -> Result<Trees, StoreError> {
+        Ok(Trees {
             repos: db.open_tree("repos.v1")?,
             links: db.open_tree("links.v1")?,
             manifests: db.open_tree("manifests.v1")?,
@@ -1164,7 +1171,11 @@ mod tests {
         };
         index.apply(&manifest, 20).unwrap();
         let k = key(&[repo.as_str().as_bytes(), digest.to_string().as_bytes()]);
-        index.manifests.insert(&k, b"not json".as_slice()).unwrap();
+        index
+            .trees_for_test()
+            .manifests
+            .insert(&k, b"not json".as_slice())
+            .unwrap();
         let before = index.dump_journal_trees().unwrap();
         (index, repo, digest, before)
     }

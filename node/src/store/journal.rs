@@ -11,6 +11,11 @@
 //! in log order, and only then answers, so the index never runs ahead of the log and concurrent
 //! pushes share one fsync.
 //!
+//! A failed index (a write of sled's failed, as on a full disk: see [`super::index`]) refuses
+//! batches before they are written, so a change is never in the log without the index being able
+//! to hold it; before each batch, and when the index asks for it, the thread tries to open the
+//! index again, which succeeds once the disk has room, and then replays what the index missed.
+//!
 //! Compaction keeps the log from growing forever (see [`super::compact`]): a snapshot of the
 //! state (the changes that rebuild the index) replaces everything before it, and the file starts
 //! a new *generation*. Offsets in the index are *logical*: the generation in the top 16 bits,
@@ -22,6 +27,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
@@ -230,6 +236,8 @@ enum Command {
     Compact(oneshot::Sender<Result<CompactReport, StoreError>>),
     /// A compaction's snapshot is ready (or failed): switch to it.
     Switch(Result<Prepared, StoreError>),
+    /// The index failed, or refused a write because it has: try to open it again.
+    Recover,
 }
 
 /// Handle to the journal thread.
@@ -281,6 +289,20 @@ impl Journal {
         file.seek(SeekFrom::End(0))?;
         let snapshot_bytes = snapshot_len(path, scan.generation)?;
         let (queue, inbox) = mpsc::channel(JOURNAL_QUEUE_CAPACITY);
+        // One nudge queued at a time, however many writes the failed index refuses.
+        let recover_queued = Arc::new(AtomicBool::new(false));
+        index.on_failure({
+            let (queue, queued) = (queue.downgrade(), recover_queued.clone());
+            move || {
+                if !queued.swap(true, Ordering::AcqRel)
+                    && queue
+                        .upgrade()
+                        .is_none_or(|q| q.try_send(Command::Recover).is_err())
+                {
+                    queued.store(false, Ordering::Release);
+                }
+            }
+        });
         let writer = Writer {
             path: path.to_owned(),
             tmp_dir: tmp_dir.to_owned(),
@@ -294,6 +316,7 @@ impl Journal {
             index,
             gate,
             myself: queue.downgrade(),
+            recover_queued,
         };
         let thread = std::thread::Builder::new()
             .name("shoal-journal".into())
@@ -347,6 +370,8 @@ struct Writer {
     gate: Arc<Gate>,
     /// For compactions to hand their snapshot back, without keeping the thread alive.
     myself: mpsc::WeakSender<Command>,
+    /// Whether a [`Command::Recover`] is queued.
+    recover_queued: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -370,9 +395,10 @@ impl Writer {
                 // A closed store writes nothing more: every batch queued after the close is
                 // refused.
                 let gate = self.gate.clone();
-                let result = gate
-                    .enter()
-                    .and_then(|_open| self.write_and_apply(&batches));
+                let result = gate.enter().and_then(|_open| {
+                    self.recover()?;
+                    self.write_and_apply(&batches)
+                });
                 for batch in batches.drain(..) {
                     // A caller that went away does not need its answer; its changes are written.
                     let _ = batch.done.send(result.clone());
@@ -393,6 +419,12 @@ impl Writer {
                 None | Some(Command::Commit(_)) => {}
                 Some(Command::Compact(done)) => self.start_compaction(Some(done)),
                 Some(Command::Switch(prepared)) => self.finish_compaction(prepared),
+                Some(Command::Recover) => {
+                    self.recover_queued.store(false, Ordering::Release);
+                    let gate = self.gate.clone();
+                    // Failing, it is tried again at the next batch or refused write.
+                    let _ = gate.enter().and_then(|_open| self.recover());
+                }
             }
         }
         if let Some(_open) = self.gate.try_enter()
@@ -403,6 +435,16 @@ impl Writer {
                 "flushing the index at shutdown"
             );
         }
+    }
+
+    /// Opens the index again if it failed and the disk has room (see [`Index::recover`]), and
+    /// replays what it missed: the changes past its applied offset, which are those of the
+    /// batches whose apply failed, and those sled had not written when it failed. `Ok` if the
+    /// index is (again) able to take writes.
+    fn recover(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        self.index
+            .recover(|staged| replay(&path, staged).map(|_scan| ()))
     }
 
     fn write_and_apply(&mut self, batches: &[Queued]) -> Result<(), StoreError> {

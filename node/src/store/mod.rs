@@ -18,10 +18,15 @@
 //!   digest matches.
 //! - A change is acknowledged only after its journal record is fsynced; the index is a cache of
 //!   the journal and of `uploads/`, so losing it loses nothing.
+//! - A disk that fills up fails writes, not the node: once sled has failed a write the index
+//!   refuses writes (`507` on a full disk) and keeps serving reads, and it is opened again and
+//!   caught up with the journal as soon as the disk has room, without a restart (see [`index`]).
 //! - Never a whole blob in memory: writes go through a [`sink::Sink`] with two 1 MiB buffers.
 
 pub mod change;
 pub mod compact;
+#[cfg(test)]
+mod disk_full_tests;
 pub mod evict;
 mod fsck;
 pub mod gate;
@@ -144,7 +149,8 @@ pub enum StoreError {
     /// Disk I/O failed.
     #[error("disk I/O")]
     Io(#[from] Arc<std::io::Error>),
-    /// The sled index failed.
+    /// The sled index failed, or refuses writes because it failed earlier and the disk has no
+    /// room yet to open it again (the error is the one it failed with).
     #[error("the index")]
     Index(#[from] sled::Error),
     /// Something on disk is not what the store wrote; the text says what.
