@@ -504,7 +504,7 @@ async fn announce_all(store: &Store, network: &Network) {
 async fn open_access(config: &Config, identity: &Identity) -> Result<Auth, NodeError> {
     let dir = config.data_dir.clone();
     let join = config.access.join.clone();
-    let (fleet, users, mut rules, admin) = tokio::task::spawn_blocking(move || {
+    let (fleet, users, rules, admin) = tokio::task::spawn_blocking(move || {
         let fleet = match join {
             Some(text) => {
                 let token = shoal_protocol::fleet::JoinToken::from_text(&text)
@@ -523,7 +523,6 @@ async fn open_access(config: &Config, identity: &Identity) -> Result<Auth, NodeE
         Ok::<_, NodeError>((fleet, users, rules, admin))
     })
     .await??;
-    rules.extend(config.trust.iter().cloned());
     if let Some(f) = &fleet {
         tracing::info!(fleet = %f.id, admins = f.admins.len(), member = f.ticket.is_some(), "in a fleet");
     }
@@ -539,6 +538,7 @@ async fn open_access(config: &Config, identity: &Identity) -> Result<Auth, NodeE
             insecure: config.access.insecure,
         },
     );
+    auth.add_configured_trust_rules(config.trust.clone());
     if let Some(seed) = admin {
         auth.set_admin_key(shoal_protocol::SigningKey::from_seed(seed));
     }

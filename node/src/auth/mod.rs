@@ -277,7 +277,11 @@ struct State {
     proof: Option<MemberProof>,
     policies: PolicySet,
     members: HashMap<PublisherKey, Verified<JoinTicket>>,
+    /// Every trust rule in force: the trust file's, then the configuration's.
     rules: Vec<TrustRule>,
+    /// The configuration's and command line's trust rules, which a reload of the trust file
+    /// keeps.
+    configured_rules: Vec<TrustRule>,
     users: users::Users,
     /// Admin keys from this node's config, besides the fleet's.
     local_admins: Vec<PublisherKey>,
@@ -378,6 +382,7 @@ impl Auth {
                     policies: PolicySet::default(),
                     members: HashMap::new(),
                     rules: config.trust,
+                    configured_rules: Vec::new(),
                     users: config.users,
                     local_admins: config.admins,
                 }),
@@ -471,8 +476,23 @@ impl Auth {
     }
 
     /// Replaces the per-node trust rules (`shoal trust add` on a running node).
-    pub fn set_trust_rules(&self, rules: Vec<TrustRule>) {
-        self.write().rules = rules;
+    pub fn set_trust_rules(&self, mut rules: Vec<TrustRule>) {
+        {
+            let mut state = self.write();
+            rules.extend(state.configured_rules.iter().cloned());
+            state.rules = rules;
+        }
+        self.changed();
+    }
+
+    /// Adds the configuration's (and command line's) trust rules, which stay in force when
+    /// the trust file is read again ([`Auth::set_trust_rules`]).
+    pub fn add_configured_trust_rules(&self, rules: Vec<TrustRule>) {
+        {
+            let mut state = self.write();
+            state.rules.extend(rules.iter().cloned());
+            state.configured_rules.extend(rules);
+        }
         self.changed();
     }
 

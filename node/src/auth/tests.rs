@@ -616,3 +616,18 @@ fn an_admin_key_from_the_config_counts_only_where_it_is_listed() {
     assert!(join(&listing, 5, ticket.clone()).is_ok());
     assert_eq!(join(&other, 5, ticket), Err(Refused::NotAdmin));
 }
+
+#[test]
+fn a_reload_of_the_trust_file_keeps_the_configured_rules() {
+    let auth = Auth::open(node_key(1));
+    let configured: crate::auth::trust::TrustRule =
+        format!("{}=team/*", node_key(2).public()).parse().unwrap();
+    let from_file: crate::auth::trust::TrustRule =
+        format!("{}=lib/*", node_key(3).public()).parse().unwrap();
+    auth.add_configured_trust_rules(vec![configured.clone()]);
+    auth.set_trust_rules(vec![from_file.clone()]);
+    assert_eq!(auth.trust_rules(), vec![from_file, configured.clone()]);
+    // The file emptied and read again: the configured rule stays.
+    auth.set_trust_rules(Vec::new());
+    assert_eq!(auth.trust_rules(), vec![configured]);
+}
