@@ -283,6 +283,29 @@ async fn the_prefetch_endpoint_fetches_an_image_with_progress_and_reports_errors
             .any(|r| r["event"] == "failed" && r["image"] == "team/app:missing")
     );
     assert_eq!(held(node, &img2).await, size(&img2));
+    // Not on a terminal and without --json: plain lines.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .arg("prefetch")
+        .arg("--data-dir")
+        .arg(node.dir.path())
+        .arg("team/app:2")
+        .env("XDG_CONFIG_HOME", config_home.path())
+        .env_remove("SHOAL_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("team/app:2: fetching ")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("team/app:2: done (")),
+        "{stdout}"
+    );
 
     // By site: the connected nodes of the site are asked, and fetch it; a site with no
     // connected node is an error.
