@@ -9,6 +9,8 @@
 //! peers = ["/ip4/198.18.1.2/udp/4001/quic-v1"]
 //! mdns = true
 //! trust = ["ed25519:3b6a27bc…=team/*"]
+//! subscribe = ["prod/*"]        # prefetch every new tag of these repositories
+//! subscribe_rate = "50MiB/s"    # at most this, on average (also for peers' prefetch asks)
 //! ```
 
 use std::net::SocketAddr;
@@ -45,6 +47,8 @@ pub struct Config {
     pub gc: GcSchedule,
     /// The disk quota and the pin rules (`max_disk`, `[[pin]]`).
     pub quota: crate::quota::QuotaConfig,
+    /// Preheat: subscriptions and the rate limit of prefetching (`subscribe`, `subscribe_rate`).
+    pub prefetch: crate::prefetch::PrefetchConfig,
 }
 
 /// When the node collects garbage by itself (the config file's `[gc]` table); off unless an
@@ -310,6 +314,11 @@ pub struct FileConfig {
     pub max_disk: Option<crate::quota::MaxDisk>,
     /// `[[pin]]` tables: `pattern = "prod/*"`, `copies = 2` (see [`crate::quota`]).
     pub pin: Option<Vec<crate::store::evict::PinRule>>,
+    /// Repositories (`prod/*` or exact names) whose new tags are prefetched as their records
+    /// arrive (see [`crate::prefetch`]).
+    pub subscribe: Option<Vec<shoal_protocol::fleet::RepoPattern>>,
+    /// The most bytes per second prefetching fetches on average: a number, or `"50MiB/s"`.
+    pub subscribe_rate: Option<crate::prefetch::Rate>,
 }
 
 /// Why settings could not be resolved.
@@ -455,6 +464,16 @@ impl Config {
             pins,
             ..Default::default()
         };
+        // Subscriptions add up, like trust rules.
+        let mut subscribe = file.subscribe.unwrap_or_default();
+        subscribe.extend(flags.subscribe.unwrap_or_default());
+        let prefetch = crate::prefetch::PrefetchConfig {
+            subscribe,
+            rate: flags
+                .subscribe_rate
+                .or(file.subscribe_rate)
+                .unwrap_or(crate::prefetch::PrefetchConfig::default().rate),
+        };
         Ok(Config {
             data_dir,
             listen,
@@ -465,6 +484,7 @@ impl Config {
             http,
             gc,
             quota,
+            prefetch,
         })
     }
 }
@@ -560,6 +580,30 @@ mod tests {
                 Config::resolve(FileConfig::default(), file).is_err(),
                 "{bad}"
             );
+        }
+        let sub: FileConfig =
+            toml::from_str("subscribe = [\"prod/*\", \"team/app\"]\nsubscribe_rate = \"2MiB/s\"")
+                .unwrap();
+        let c = Config::resolve(FileConfig::default(), sub).unwrap();
+        assert_eq!(c.prefetch.subscribe.len(), 2);
+        assert!(c.prefetch.subscribe[0].matches(&"prod/web".parse().unwrap()));
+        assert_eq!(c.prefetch.rate.bytes_per_sec(), 2 << 20);
+        let c = Config::resolve(FileConfig::default(), FileConfig::default()).unwrap();
+        assert!(
+            c.prefetch.subscribe.is_empty(),
+            "no subscriptions unless asked for"
+        );
+        assert_eq!(
+            c.prefetch.rate.bytes_per_sec(),
+            crate::prefetch::DEFAULT_RATE_BYTES_PER_SEC
+        );
+        for bad in [
+            "subscribe = [\"Bad Pattern\"]",
+            "subscribe_rate = 0",
+            "subscribe_rate = \"50%\"",
+            "subscribe_rate = \"fast\"",
+        ] {
+            assert!(toml::from_str::<FileConfig>(bad).is_err(), "{bad}");
         }
         for bad in ["", "two words", &"x".repeat(65)] {
             let flags = FileConfig {

@@ -26,6 +26,7 @@ pub mod lifecycle;
 pub mod manifest;
 pub mod net;
 pub mod node;
+pub mod prefetch;
 pub mod quota;
 pub mod registry;
 pub mod store;

@@ -189,6 +189,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fetch images the fleet has records for (`REPO:TAG`, `REPO@DIGEST`) into the running
+    /// node before anyone pulls them, with progress; or ask other nodes to (`--node`, `--site`),
+    /// which fetch them in turn at their own rate limit (`subscribe_rate`).
+    Prefetch {
+        #[command(flatten)]
+        common: Common,
+        /// The images.
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// Ask this node (its peer id, as `shoal peers` shows) instead (repeatable).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// Ask the connected nodes of this site instead (repeatable).
+        #[arg(long = "site")]
+        sites: Vec<String>,
+        /// With --node or --site, fetch the images into this node too.
+        #[arg(long)]
+        local: bool,
+        /// Print a JSON summary at the end instead of progress.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the peers the running node is connected to.
     Peers {
         #[command(flatten)]
@@ -662,6 +684,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 gc: None,
                 max_disk,
                 pin: None,
+                subscribe: None,
+                subscribe_rate: None,
             };
             let config = resolve(common, flags)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -941,6 +965,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_status(&status);
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Prefetch {
+            common,
+            images,
+            nodes,
+            sites,
+            local,
+            json,
+        } => {
+            let ask = admin::PrefetchRequest {
+                images,
+                nodes,
+                sites,
+                local,
+            };
+            prefetch(&admin_of(common)?, &ask, json)
         }
         Command::Peers { common } => {
             let answer: admin::Peers = admin_of(common)?.get("/_shoal/v1/peers")?;
@@ -1305,6 +1345,95 @@ fn fleet(client: AdminClient, command: FleetCommand) -> anyhow::Result<ExitCode>
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `shoal prefetch`: streams the node's progress events; a bar per image on a terminal, plain
+/// lines otherwise, a JSON summary with `--json`. Fails if any image (or any node asked) did.
+fn prefetch(
+    client: &AdminClient,
+    ask: &admin::PrefetchRequest,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use admin::{PrefetchEvent, RemoteAnswer};
+    use std::io::{IsTerminal, Write};
+    let tty = !json && std::io::stdout().is_terminal();
+    let mut results = Vec::new();
+    let mut failed = 0usize;
+    let mut started = std::collections::HashSet::new();
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    client.post_streaming("/_shoal/v1/prefetch", ask, |event: PrefetchEvent| {
+        match &event {
+            PrefetchEvent::Progress { image, done, total } => {
+                if tty {
+                    let width = 30;
+                    let filled = if *total == 0 {
+                        width
+                    } else {
+                        (u128::from(*done) * width as u128 / u128::from(*total)) as usize
+                    };
+                    print!(
+                        "\r{image} [{}{}] {:.1}/{:.1} MiB",
+                        "#".repeat(filled.min(width)),
+                        ".".repeat(width - filled.min(width)),
+                        mib(*done),
+                        mib(*total)
+                    );
+                    let _ = std::io::stdout().flush();
+                } else if !json && started.insert(image.clone()) {
+                    println!("{image}: fetching {total} bytes");
+                }
+            }
+            PrefetchEvent::Done { image, bytes } => {
+                if tty {
+                    println!();
+                }
+                if !json {
+                    println!("{image}: done ({bytes} bytes)");
+                }
+            }
+            PrefetchEvent::Failed { image, error } => {
+                failed += 1;
+                if tty && started.contains(image) {
+                    println!();
+                }
+                if !json {
+                    println!("{image}: failed: {error}");
+                }
+            }
+            PrefetchEvent::Remote {
+                image,
+                node,
+                answer,
+            } => {
+                if *answer != RemoteAnswer::Queued {
+                    failed += 1;
+                }
+                if !json {
+                    let said = match answer {
+                        RemoteAnswer::Queued => "queued it",
+                        RemoteAnswer::Denied => "refused it (no read access, or it takes no asks)",
+                        RemoteAnswer::Busy => "is busy (its queue is full); ask again later",
+                        RemoteAnswer::Unreachable => "could not be asked (not connected?)",
+                    };
+                    println!("{image}: node {node} {said}");
+                }
+            }
+        }
+        if !matches!(event, PrefetchEvent::Progress { .. }) {
+            results.push(event);
+        }
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "results": results, "failed": failed })
+        );
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn run_node(config: Config) -> anyhow::Result<()> {

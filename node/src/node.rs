@@ -265,6 +265,15 @@ impl Node {
             fetches.cancel.clone(),
             fetches.tasks.clone(),
         );
+        // Under the fetches stage: it stops with the fetches it starts.
+        fetches.tasks.spawn(
+            crate::prefetch::Prefetcher::new(
+                config.prefetch.clone(),
+                store.clone(),
+                fetcher.clone(),
+            )
+            .run(tags.clone(), network.clone(), fetches.cancel.clone()),
+        );
         let fleet = Fleet {
             network: network.clone(),
             fetcher,

@@ -96,6 +96,10 @@ fn latest_allowed_ms(clock: &crate::clock::FleetClock) -> u64 {
         .saturating_add(MAX_CLOCK_SKEW.as_millis() as u64)
 }
 
+/// How many accepted records a slow follower of [`Tags::accepted`] may lag behind before it
+/// misses some (it hears that it lagged, and how many it missed).
+pub const ACCEPTED_CAPACITY: usize = 1024;
+
 /// Handle to the tag state (cheap to clone).
 #[derive(Clone)]
 pub struct Tags {
@@ -103,6 +107,7 @@ pub struct Tags {
     auth: Auth,
     key: Arc<SigningKey>,
     stats: Arc<TagStats>,
+    accepted: tokio::sync::broadcast::Sender<VerifiedTagRecord>,
 }
 
 impl Tags {
@@ -113,7 +118,14 @@ impl Tags {
             auth,
             key: Arc::new(key),
             stats: Arc::default(),
+            accepted: tokio::sync::broadcast::Sender::new(ACCEPTED_CAPACITY),
         }
+    }
+
+    /// Follows the records from peers (gossip, anti-entropy, pushes) that become current, as
+    /// they are committed; not this node's own pushes, whose content is already here.
+    pub fn accepted(&self) -> tokio::sync::broadcast::Receiver<VerifiedTagRecord> {
+        self.accepted.subscribe()
     }
 
     /// The counters.
@@ -185,9 +197,11 @@ impl Tags {
             "accepted a tag record"
         );
         self.store
-            .commit(Batch::new().record(verified.into_signed(), immutable))
+            .commit(Batch::new().record(verified.signed().clone(), immutable))
             .await?;
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        // Nobody following is fine: the send only fails then.
+        let _ = self.accepted.send(verified);
         Ok(Ingest::Accepted)
     }
 

@@ -484,6 +484,7 @@ async fn a_node_refuses_an_open_non_loopback_address_unless_told_insecure() {
             http: Default::default(),
             gc: Default::default(),
             quota: Default::default(),
+            prefetch: Default::default(),
         })
     };
     let dir = tempfile::tempdir().unwrap();

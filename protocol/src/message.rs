@@ -48,6 +48,10 @@
 //!   read it (it is never gossiped); the receiver checks it as any record.
 //! - `Clock` → `Clock(ms)`: the responder's wall clock, which the asker weighs against its own
 //!   (see the node's `clock` module).
+//! - `Prefetch { repo, reference }` → `Prefetch(answer)`: asks the peer to fetch an image the
+//!   fleet has records for into its own store, paced by its own rate limit (`shoal prefetch
+//!   --node`). The answer says whether it was queued; the fetch itself is not reported back. A
+//!   peer that may not read the repository is refused, as is one with too many asks queued.
 //! - Any request may be answered with `Error(reason)`: a short reason without internal detail.
 //!   A node answers a peer that may not read a repository as if the repository did not exist.
 //!
@@ -71,7 +75,7 @@ use crate::blob_index::BlobIndex;
 use crate::codec::{self, CodecError};
 use crate::digest::Digest;
 use crate::fleet::{FleetItem, MemberProof, SignedPolicy};
-use crate::name::{RepoName, Tag};
+use crate::name::{Reference, RepoName, Tag};
 use crate::record::SignedTagRecord;
 
 /// The gossipsub topic on which tag records, fleet policies and member proofs are published.
@@ -214,6 +218,26 @@ pub enum SyncRequest {
     /// The peer's wall clock, so that a node whose clock is off can stamp its records in the
     /// fleet's time. Appended last: a node that predates it answers with an error.
     Clock,
+    /// Fetch the image `repo` / `reference` into the peer's store, as if it were subscribed to
+    /// it. The names are validated on decode like every name. Appended last: a node that
+    /// predates it answers with an error.
+    Prefetch {
+        /// The repository.
+        repo: RepoName,
+        /// A tag (the record current when the peer gets to it) or a manifest digest.
+        reference: Reference,
+    },
+}
+
+/// Answer to [`SyncRequest::Prefetch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PrefetchAnswer {
+    /// Queued (or already queued); it is fetched in turn, at the peer's rate limit.
+    Queued,
+    /// The asker may not read the repository, or the peer does not take prefetch asks.
+    Denied,
+    /// The peer's queue, or the asker's share of it, is full: ask again later.
+    Busy,
 }
 
 /// The longest a [`SyncRequest::HaveWait`] is held before it is answered anyway.
@@ -328,6 +352,8 @@ pub enum SyncResponse {
     /// Answer to [`SyncRequest::Clock`]: the responder's wall clock as it answered, in
     /// milliseconds since the Unix epoch (its own clock, uncorrected).
     Clock(u64),
+    /// Answer to [`SyncRequest::Prefetch`].
+    Prefetch(PrefetchAnswer),
 }
 
 /// The unvalidated wire shape of [`SyncResponse`]; variants in the same order.
@@ -351,6 +377,7 @@ enum RawSyncResponse {
     },
     Pushed,
     Clock(u64),
+    Prefetch(PrefetchAnswer),
 }
 
 impl TryFrom<RawSyncResponse> for SyncResponse {
@@ -367,6 +394,7 @@ impl TryFrom<RawSyncResponse> for SyncResponse {
             RawSyncResponse::Fleet { items, more } => SyncResponse::Fleet { items, more },
             RawSyncResponse::Pushed => SyncResponse::Pushed,
             RawSyncResponse::Clock(ms) => SyncResponse::Clock(ms),
+            RawSyncResponse::Prefetch(answer) => SyncResponse::Prefetch(answer),
         };
         response.validate()?;
         Ok(response)
@@ -393,7 +421,8 @@ impl SyncResponse {
             SyncResponse::Hello(_)
             | SyncResponse::Fleet { .. }
             | SyncResponse::Pushed
-            | SyncResponse::Clock(_) => Ok(()),
+            | SyncResponse::Clock(_)
+            | SyncResponse::Prefetch(_) => Ok(()),
             SyncResponse::Summary { .. }
             | SyncResponse::Records { .. }
             | SyncResponse::BlobIndex(_)
@@ -1015,6 +1044,14 @@ mod tests {
                     serves,
                 }
             }),
+            (repo(), tag()).prop_map(|(repo, tag)| SyncRequest::Prefetch {
+                repo,
+                reference: Reference::Tag(tag),
+            }),
+            (repo(), digest()).prop_map(|(repo, digest)| SyncRequest::Prefetch {
+                repo,
+                reference: Reference::Digest(digest),
+            }),
         ]
     }
 
@@ -1029,6 +1066,12 @@ mod tests {
                 .prop_map(|(records, more)| SyncResponse::Records { records, more }),
             proptest::option::of(blob_index()).prop_map(SyncResponse::BlobIndex),
             ".{0,50}".prop_map(SyncResponse::Error),
+            prop_oneof![
+                Just(PrefetchAnswer::Queued),
+                Just(PrefetchAnswer::Denied),
+                Just(PrefetchAnswer::Busy)
+            ]
+            .prop_map(SyncResponse::Prefetch),
             (0u32..40, any::<u64>(), any::<bool>()).prop_map(|(n, version, report)| {
                 let full = Bitfield::full(n).to_bytes();
                 SyncResponse::Have(Some(HaveChunks {

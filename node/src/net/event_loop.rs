@@ -956,6 +956,13 @@ impl EventLoop {
         );
         let reader = sync::Reader::of(&self.auth, &peer);
         self.tasks.spawn(async move {
+            if let SyncRequest::Prefetch { repo, reference } = request {
+                let answer = prefetch_ask(&shared, peer, repo, reference).await;
+                let response = SyncResponse::Prefetch(answer);
+                let _ = internal.send(Command::Respond(channel, response)).await;
+                drop(permit);
+                return;
+            }
             if let SyncRequest::Push(record) = request {
                 if let Err(e) = tags.ingest(record).await {
                     tracing::error!(error = &e as &dyn std::error::Error, "storing a pushed record");
@@ -1126,5 +1133,50 @@ async fn publish_enrolment(
         && let Ok(bytes) = codec::encode(&Gossip::Policy(policy))
     {
         let _ = internal.send(Command::Publish(bytes)).await;
+    }
+}
+
+/// How long a peer's prefetch ask waits for the prefetcher to say whether it queued it.
+const PREFETCH_ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Hands a peer's ask to prefetch `repo` / `reference` to the prefetcher, if the peer may read
+/// the repository (a member with a grant, for a private one; a node of an open fleet otherwise),
+/// and says what became of it. A peer that may not read it hears `Denied`, as for a repository
+/// that does not exist.
+async fn prefetch_ask(
+    shared: &Shared,
+    peer: PeerId,
+    repo: shoal_protocol::RepoName,
+    reference: shoal_protocol::Reference,
+) -> shoal_protocol::message::PrefetchAnswer {
+    use shoal_protocol::message::PrefetchAnswer;
+    let may_read = super::publisher_of(&peer).is_some_and(|k| shared.auth.peer_may_read(&k, &repo));
+    if !may_read {
+        tracing::info!(%peer, %repo, "refused a prefetch ask from a peer that may not read the repository");
+        return PrefetchAnswer::Denied;
+    }
+    let inbox = shared
+        .prefetch
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let Some(inbox) = inbox else {
+        return PrefetchAnswer::Denied;
+    };
+    let (answer, heard) = oneshot::channel();
+    let ask = super::handle::PrefetchAsk {
+        peer,
+        repo,
+        reference,
+        answer,
+    };
+    match inbox.try_send(ask) {
+        Ok(()) => tokio::time::timeout(PREFETCH_ASK_TIMEOUT, heard)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(PrefetchAnswer::Busy),
+        Err(mpsc::error::TrySendError::Full(_)) => PrefetchAnswer::Busy,
+        Err(mpsc::error::TrySendError::Closed(_)) => PrefetchAnswer::Denied,
     }
 }

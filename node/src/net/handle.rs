@@ -96,6 +96,23 @@ pub(super) struct Shared {
     pub store: Store,
     /// How each peer has behaved; a banned peer is cut off by the event loop.
     pub conduct: conduct::Conduct,
+    /// Where peers' prefetch asks go, once something takes them
+    /// ([`Network::take_prefetch_asks`]); until then they are denied.
+    pub prefetch: Mutex<Option<mpsc::Sender<PrefetchAsk>>>,
+}
+
+/// A peer's ask to fetch an image into this node ([`SyncRequest::Prefetch`]), from a peer that
+/// may read the repository. The taker answers on `answer`; a dropped sender answers `Busy`.
+#[derive(Debug)]
+pub struct PrefetchAsk {
+    /// Who asked.
+    pub peer: PeerId,
+    /// The repository.
+    pub repo: shoal_protocol::RepoName,
+    /// The tag or digest.
+    pub reference: shoal_protocol::Reference,
+    /// Queued, or why not.
+    pub answer: oneshot::Sender<shoal_protocol::message::PrefetchAnswer>,
 }
 
 impl Shared {
@@ -169,6 +186,7 @@ impl Network {
             auth: tags.auth().clone(),
             store: store.clone(),
             conduct: conduct::Conduct::default(),
+            prefetch: Mutex::default(),
         });
         let (commands, inbox) = mpsc::channel(COMMAND_CAPACITY);
         let (event_loop, ready) = EventLoop::new(
@@ -230,6 +248,24 @@ impl Network {
             .peer_sites()
             .get(peer)
             .map(|theirs| theirs == mine)
+    }
+
+    /// The site `peer` advertised, if it is connected and gave one.
+    pub fn peer_site(&self, peer: &PeerId) -> Option<String> {
+        self.shared.peer_sites().get(peer).cloned()
+    }
+
+    /// From now on, peers' prefetch asks ([`SyncRequest::Prefetch`]) that pass the access check
+    /// arrive on the returned receiver, at most `capacity` waiting (past that they are answered
+    /// `Busy`). Before the first call, and after the receiver is dropped, they are denied.
+    pub fn take_prefetch_asks(&self, capacity: usize) -> mpsc::Receiver<PrefetchAsk> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        *self
+            .shared
+            .prefetch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        rx
     }
 
     /// Bytes of blobs this node has sent to peers.

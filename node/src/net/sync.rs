@@ -113,7 +113,7 @@ impl Reader {
     }
 }
 
-/// The answer to a peer's sync request (`Hello` and `Push` are the event loop's).
+/// The answer to a peer's sync request (`Hello`, `Push` and `Prefetch` are the event loop's).
 pub(super) async fn answer(
     store: &Store,
     log: &ServeLog,
@@ -184,7 +184,7 @@ pub(super) async fn answer(
         }
         // This node's own clock: the asker weighs it against its own (see `crate::clock`).
         SyncRequest::Clock => SyncResponse::Clock(crate::clock::own_now_ms()),
-        SyncRequest::Hello(_) | SyncRequest::Push(_) => {
+        SyncRequest::Hello(_) | SyncRequest::Push(_) | SyncRequest::Prefetch { .. } => {
             SyncResponse::Error("not answered here".into())
         }
     })

@@ -1000,6 +1000,283 @@ pub(super) async fn compact(
     }
 }
 
+/// The most images, nodes and sites one `POST /_shoal/v1/prefetch` may name.
+pub const MAX_PREFETCH_IMAGES: usize = 64;
+/// See [`MAX_PREFETCH_IMAGES`].
+pub const MAX_PREFETCH_NODES: usize = 256;
+/// See [`MAX_PREFETCH_IMAGES`].
+pub const MAX_PREFETCH_SITES: usize = 16;
+
+/// What `POST /_shoal/v1/prefetch` is asked (`shoal prefetch`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PrefetchRequest {
+    /// The images, `REPO:TAG` or `REPO@DIGEST`.
+    pub images: Vec<String>,
+    /// Peer ids of fleet nodes to ask to fetch them (each queues them at its own rate limit).
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Sites whose connected nodes to ask, as for `nodes`.
+    #[serde(default)]
+    pub sites: Vec<String>,
+    /// Fetch them into this node too; it is the default when no node or site is named.
+    #[serde(default)]
+    pub local: bool,
+}
+
+/// What a node asked to prefetch said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteAnswer {
+    /// It queued the image.
+    Queued,
+    /// It refused: this node may not read the repository, or the peer takes no asks.
+    Denied,
+    /// Its queue, or this node's share of it, is full.
+    Busy,
+    /// It could not be asked (not connected, or it did not answer).
+    Unreachable,
+}
+
+/// One line of the answer to `POST /_shoal/v1/prefetch`: newline-delimited JSON, streamed as
+/// the work goes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum PrefetchEvent {
+    /// Bytes of an image this node holds so far.
+    Progress {
+        /// The image as asked.
+        image: String,
+        /// Bytes held.
+        done: u64,
+        /// Bytes in all (grows once a child manifest of an index says what it needs).
+        total: u64,
+    },
+    /// The image is on this node.
+    Done {
+        /// The image as asked.
+        image: String,
+        /// Its bytes.
+        bytes: u64,
+    },
+    /// The image could not be fetched (into this node, or asked of the named ones).
+    Failed {
+        /// The image as asked.
+        image: String,
+        /// Why.
+        error: String,
+    },
+    /// What a node asked to prefetch it answered.
+    Remote {
+        /// The image as asked.
+        image: String,
+        /// The node's peer id.
+        node: String,
+        /// Its answer.
+        answer: RemoteAnswer,
+    },
+}
+
+/// POST /_shoal/v1/prefetch: fetches images the fleet has records for into this node and/or
+/// asks other nodes to, streaming [`PrefetchEvent`] lines. The request is checked whole before
+/// anything starts; a client that hangs up stops the work (a blob under way still completes,
+/// for whoever else waits on it).
+pub(super) async fn prefetch(
+    State(r): State<Registry>,
+    Admin(caller): Admin,
+    body: axum::body::Bytes,
+) -> Response {
+    let Ok(ask) = serde_json::from_slice::<PrefetchRequest>(&body) else {
+        return bad_request(
+            "expected {\"images\": [\"REPO:TAG\"|\"REPO@DIGEST\"], \"nodes\": [PEER_ID], \"sites\": [SITE], \"local\": bool}",
+        )
+        .into_response();
+    };
+    if ask.images.is_empty()
+        || ask.images.len() > MAX_PREFETCH_IMAGES
+        || ask.nodes.len() > MAX_PREFETCH_NODES
+        || ask.sites.len() > MAX_PREFETCH_SITES
+    {
+        return bad_request(format!(
+            "name 1 to {MAX_PREFETCH_IMAGES} images, at most {MAX_PREFETCH_NODES} nodes and {MAX_PREFETCH_SITES} sites"
+        ))
+        .into_response();
+    }
+    let mut nodes = Vec::new();
+    for n in &ask.nodes {
+        match n.parse::<libp2p::PeerId>() {
+            Ok(p) => nodes.push(p),
+            Err(_) => {
+                return bad_request(format!("{:?} is not a peer id", truncate(n))).into_response();
+            }
+        }
+    }
+    let Some(fleet) = r.fleet.clone() else {
+        return RegistryError::Unavailable("the node has no network").into_response();
+    };
+    tracing::info!(images = ?ask.images, nodes = ?ask.nodes, sites = ?ask.sites, caller = ?caller, "prefetch asked");
+    let (tx, rx) = tokio::sync::mpsc::channel::<PrefetchEvent>(64);
+    let local = ask.local || (ask.nodes.is_empty() && ask.sites.is_empty());
+    let work = run_prefetch(r, fleet, ask, nodes, local, tx);
+    // The work is polled by the response body: it ends when the client goes.
+    let work = futures::StreamExt::filter_map(futures::stream::once(work), |()| async {
+        None::<PrefetchEvent>
+    });
+    let events =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+    let lines = futures::StreamExt::map(futures::stream::select(work, events), |e| {
+        let mut line = serde_json::to_vec(&e).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+/// At most 100 characters of `s`, for echoing a bad input.
+fn truncate(s: &str) -> String {
+    s.chars().take(100).collect()
+}
+
+/// The work of [`prefetch`]: the remote asks first (they are quick), then each image here.
+async fn run_prefetch(
+    r: Registry,
+    fleet: super::Fleet,
+    ask: PrefetchRequest,
+    mut nodes: Vec<libp2p::PeerId>,
+    local: bool,
+    tx: tokio::sync::mpsc::Sender<PrefetchEvent>,
+) {
+    use shoal_protocol::message::{PrefetchAnswer, SyncRequest, SyncResponse};
+    let images: Vec<_> = ask
+        .images
+        .iter()
+        .map(|i| (i.clone(), crate::store::pins::parse_image(i)))
+        .collect();
+    for (image, parsed) in &images {
+        if let Err(e) = parsed {
+            let error = e.to_string();
+            let _ = tx
+                .send(PrefetchEvent::Failed {
+                    image: image.clone(),
+                    error,
+                })
+                .await;
+        }
+    }
+    if !ask.sites.is_empty() {
+        let peers = fleet.network.peers().await.unwrap_or_default();
+        for site in &ask.sites {
+            let before = nodes.len();
+            for p in &peers {
+                if fleet.network.peer_site(&p.peer_id).as_deref() == Some(site.as_str())
+                    && !nodes.contains(&p.peer_id)
+                {
+                    nodes.push(p.peer_id);
+                }
+            }
+            if nodes.len() == before {
+                for (image, _) in images.iter().filter(|(_, p)| p.is_ok()) {
+                    let error = format!("no connected node in site {:?}", truncate(site));
+                    let _ = tx
+                        .send(PrefetchEvent::Failed {
+                            image: image.clone(),
+                            error,
+                        })
+                        .await;
+                }
+            }
+        }
+    }
+    for (image, parsed) in &images {
+        let Ok((repo, reference)) = parsed else {
+            continue;
+        };
+        for node in &nodes {
+            let request = SyncRequest::Prefetch {
+                repo: repo.clone(),
+                reference: reference.clone(),
+            };
+            let answer = match fleet.network.sync(*node, request).await {
+                Ok(SyncResponse::Prefetch(PrefetchAnswer::Queued)) => RemoteAnswer::Queued,
+                Ok(SyncResponse::Prefetch(PrefetchAnswer::Busy)) => RemoteAnswer::Busy,
+                Ok(SyncResponse::Prefetch(PrefetchAnswer::Denied) | SyncResponse::Error(_)) => {
+                    RemoteAnswer::Denied
+                }
+                Ok(_) | Err(_) => RemoteAnswer::Unreachable,
+            };
+            let event = PrefetchEvent::Remote {
+                image: image.clone(),
+                node: node.to_string(),
+                answer,
+            };
+            let _ = tx.send(event).await;
+        }
+    }
+    if !local {
+        return;
+    }
+    for (image, parsed) in &images {
+        let Ok((repo, reference)) = parsed else {
+            continue;
+        };
+        let event = match prefetch_here(&r, &fleet, repo, reference, image, &tx).await {
+            Ok(bytes) => PrefetchEvent::Done {
+                image: image.clone(),
+                bytes,
+            },
+            Err(e) => {
+                tracing::warn!(error = &e as &dyn std::error::Error, %image, "prefetch failed");
+                let error = match &e {
+                    crate::prefetch::PrefetchError::Store(_) => {
+                        "the node's store failed (see its log)".to_owned()
+                    }
+                    crate::prefetch::PrefetchError::Fetch(cause) => format!("{e}: {cause}"),
+                    crate::prefetch::PrefetchError::Unknown { .. } => e.to_string(),
+                };
+                PrefetchEvent::Failed {
+                    image: image.clone(),
+                    error,
+                }
+            }
+        };
+        let _ = tx.send(event).await;
+    }
+}
+
+/// Fetches one image into this node, at full speed, reporting its progress on `tx` (dropped
+/// when the client reads too slowly: the next one says as much).
+async fn prefetch_here(
+    r: &Registry,
+    fleet: &super::Fleet,
+    repo: &shoal_protocol::RepoName,
+    reference: &shoal_protocol::Reference,
+    image: &str,
+    tx: &tokio::sync::mpsc::Sender<PrefetchEvent>,
+) -> Result<u64, crate::prefetch::PrefetchError> {
+    let found = crate::prefetch::resolve(&r.store, repo, reference)
+        .await?
+        .ok_or_else(|| crate::prefetch::PrefetchError::Unknown {
+            repo: repo.clone(),
+            reference: reference.clone(),
+        })?;
+    // By the name asked: a tag moving meanwhile does not stop an operator's prefetch.
+    let found = crate::prefetch::Image { tag: None, ..found };
+    let mut total = 0;
+    crate::prefetch::fetch_image(&fleet.fetcher, &r.store, &found, None, |b| {
+        total = b.total;
+        let _ = tx.try_send(PrefetchEvent::Progress {
+            image: image.to_owned(),
+            done: b.done,
+            total: b.total,
+        });
+    })
+    .await?;
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -182,6 +182,7 @@ impl Registry {
             )
             .route("/_shoal/v1/unpin", axum::routing::post(admin::unpin))
             .route("/_shoal/v1/quota", axum::routing::post(admin::quota_round))
+            .route("/_shoal/v1/prefetch", axum::routing::post(admin::prefetch))
             .route(
                 "/_shoal/v1/lifecycle/preview",
                 axum::routing::post(admin::lifecycle_preview),

@@ -303,6 +303,8 @@ pub struct TestNet {
     pub http: shoal_node::config::HttpLimits,
     /// Garbage collection on a schedule, for every node (none unless set).
     pub gc: shoal_node::config::GcSchedule,
+    /// Subscriptions and prefetch rate by node index (none unless set).
+    pub prefetch: std::collections::HashMap<usize, shoal_node::prefetch::PrefetchConfig>,
 }
 
 fn memory_addr() -> Multiaddr {
@@ -334,6 +336,7 @@ impl TestNet {
             before_start: None,
             http: Default::default(),
             gc: Default::default(),
+            prefetch: Default::default(),
         }
     }
 
@@ -414,6 +417,7 @@ impl TestNet {
             http: self.http.clone(),
             gc: self.gc.clone(),
             quota: Default::default(),
+            prefetch: self.prefetch.get(&i).cloned().unwrap_or_default(),
         }
     }
 
