@@ -45,6 +45,28 @@ pub struct Config {
     pub gc: GcSchedule,
     /// The disk quota and the pin rules (`max_disk`, `[[pin]]`).
     pub quota: crate::quota::QuotaConfig,
+    /// The upstream registries this node mirrors.
+    pub mirror: MirrorConfig,
+}
+
+/// The registries a node mirrors (`[[upstream]]` and `default_upstream`). Their credentials
+/// stay in this node's configuration: never gossiped, logged or sent to a peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// The upstreams, in the configuration's order.
+    pub upstreams: Vec<crate::mirror::upstream::UpstreamConfig>,
+    /// The upstream of pulls that name none.
+    pub default: Option<String>,
+}
+
+impl MirrorConfig {
+    /// The routes these upstreams make (checked when the settings are resolved).
+    pub fn routes(&self) -> Result<crate::mirror::route::Routes, crate::mirror::route::RoutesError> {
+        crate::mirror::route::Routes::new(
+            self.upstreams.iter().map(|u| u.name.as_str()),
+            self.default.as_deref(),
+        )
+    }
 }
 
 /// When the node collects garbage by itself (the config file's `[gc]` table); off unless an
@@ -304,6 +326,11 @@ pub struct FileConfig {
     pub max_disk: Option<crate::quota::MaxDisk>,
     /// `[[pin]]` tables: `pattern = "prod/*"`, `copies = 2` (see [`crate::quota`]).
     pub pin: Option<Vec<crate::store::evict::PinRule>>,
+    /// `[[upstream]]` tables: the registries this node mirrors (see [`crate::mirror`]).
+    pub upstream: Option<Vec<crate::mirror::upstream::UpstreamConfig>>,
+    /// The upstream of pulls that name none (docker's `registry-mirrors`): one of the
+    /// `[[upstream]]` names, usually `docker.io`.
+    pub default_upstream: Option<String>,
 }
 
 /// Why settings could not be resolved.
@@ -328,6 +355,9 @@ pub enum ConfigError {
     /// No data directory could be chosen.
     #[error("no data directory: pass --data-dir or set SHOAL_DATA_DIR")]
     NoDataDir,
+    /// The `[[upstream]]` tables or `default_upstream` are not valid.
+    #[error("mirror settings")]
+    Mirror(#[source] crate::mirror::route::RoutesError),
     /// The site label is empty, longer than 64 bytes or contains white space.
     #[error("site {0:?}: a site is 1 to 64 bytes without white space")]
     Site(String),
@@ -441,6 +471,11 @@ impl Config {
             pins,
             ..Default::default()
         };
+        let mirror = MirrorConfig {
+            upstreams: flags.upstream.or(file.upstream).unwrap_or_default(),
+            default: flags.default_upstream.or(file.default_upstream),
+        };
+        mirror.routes().map_err(ConfigError::Mirror)?;
         Ok(Config {
             data_dir,
             listen,
@@ -451,6 +486,7 @@ impl Config {
             http,
             gc,
             quota,
+            mirror,
         })
     }
 }

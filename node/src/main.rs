@@ -617,6 +617,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 gc: None,
                 max_disk,
                 pin: None,
+                upstream: None,
+                default_upstream: None,
             };
             let config = resolve(common, flags)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -7,6 +7,7 @@
 //!    keeps the chunks it had acknowledged and can be resumed after a restart);
 //! 2. fetches are cancelled (a partial download stays on disk, to be resumed);
 //! 3. the swarm stops, with the chunk server and every task the event loop started;
+//! 4. the audit trail writes what is queued and its writer thread ends;
 //!
 //! and then the store is closed: it waits for the writes in flight, refuses every later one,
 //! makes the chunks of partial downloads durable and flushes the index, so nothing is written
@@ -81,6 +82,12 @@ pub enum NodeError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The mirror's settings are not valid.
+    #[error("mirror settings")]
+    Mirror(#[source] crate::mirror::route::RoutesError),
+    /// An upstream registry's client could not be made (its TLS settings or credentials).
+    #[error("upstream registry")]
+    Upstream(#[source] crate::mirror::upstream::UpstreamError),
     /// A start-up task on the blocking pool failed.
     #[error("a start-up task failed")]
     Task(#[from] tokio::task::JoinError),
@@ -131,6 +138,8 @@ pub struct Node {
     http: Stage,
     fetches: Stage,
     swarm: Stage,
+    /// The audit trail, closed (flushed, its writer ended) after the swarm stops.
+    audit: Audit,
     /// Cancels every stage if the node is dropped without [`Node::shutdown`].
     _stop_on_drop: DropGuard,
 }
@@ -221,6 +230,9 @@ impl Node {
             source,
         })?;
         let root = CancellationToken::new();
+        // From here on, a start that fails (the registry's port taken, say) stops what it
+        // started: the guard cancels every stage when it is dropped.
+        let stop_on_drop = root.clone().drop_guard();
         let (http, fetches, swarm) = (
             Stage::new("http", &root),
             Stage::new("fetches", &root),
@@ -270,12 +282,38 @@ impl Node {
             auth.clone(),
             auth.own_key(),
         );
+        let mirror = if config.mirror.upstreams.is_empty() {
+            None
+        } else {
+            let routes = config.mirror.routes().map_err(NodeError::Mirror)?;
+            let upstreams = config
+                .mirror
+                .upstreams
+                .iter()
+                .cloned()
+                .map(crate::mirror::upstream::Upstream::new)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(NodeError::Upstream)?;
+            Some(crate::mirror::pull::Mirror::new(
+                routes,
+                upstreams,
+                store.clone(),
+                tags.clone(),
+                Some(network.clone()),
+                fetches.tasks.clone(),
+                fetches.cancel.clone(),
+            ))
+        };
         let registry = Registry::with_fleet(store.clone(), tags.clone(), Some(fleet))
             .with_quota(quota.clone())
-            .with_audit(audit)
+            .with_audit(audit.clone())
             .with_data_dir(config.data_dir.clone())
             .with_limits(config.http.clone())
             .with_gc(config.gc.clone());
+        let registry = match mirror {
+            Some(m) => registry.with_mirror(m),
+            None => registry,
+        };
         let https = tls.is_some();
         let router = registry.with_https(https).router();
         http.tasks.spawn(server::serve_admin(
@@ -314,7 +352,8 @@ impl Node {
             http,
             fetches,
             swarm,
-            _stop_on_drop: root.drop_guard(),
+            audit,
+            _stop_on_drop: stop_on_drop,
         })
     }
 
@@ -357,6 +396,8 @@ impl Node {
         self.http.stop(self.grace + Duration::from_secs(1)).await;
         self.fetches.stop(self.grace).await;
         self.swarm.stop(self.grace).await;
+        let audit = self.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.close()).await;
         self.store.close().await;
     }
 }

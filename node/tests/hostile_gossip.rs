@@ -244,6 +244,7 @@ async fn start_lone_node(
         http: Default::default(),
         gc: Default::default(),
         quota: Default::default(),
+        mirror: Default::default(),
     })
     .await
     .unwrap()

@@ -464,6 +464,7 @@ async fn a_node_refuses_an_open_non_loopback_address_unless_told_insecure() {
             http: Default::default(),
             gc: Default::default(),
             quota: Default::default(),
+            mirror: Default::default(),
         })
     };
     let dir = tempfile::tempdir().unwrap();

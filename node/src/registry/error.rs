@@ -8,7 +8,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::path::RouteError;
+use crate::fetch::FetchError;
 use crate::manifest::ManifestError;
+use crate::mirror::pull::MirrorError;
 use crate::store::StoreError;
 
 /// Everything a registry request can fail with.
@@ -106,6 +108,10 @@ pub enum RegistryError {
     /// the text says what, for the client.
     #[error("service unavailable: {0}")]
     Unavailable(&'static str),
+    /// An upstream registry could not supply what only it has; the text says which and why
+    /// (never a credential).
+    #[error("upstream unavailable: {0}")]
+    UpstreamUnavailable(String),
     /// The node's disk is full: nothing of the request was kept.
     #[error("the registry's disk is full; nothing of this request was stored")]
     InsufficientStorage(#[source] StoreError),
@@ -140,7 +146,9 @@ impl RegistryError {
             E::Unsupported(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED"),
             E::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             E::NotFound => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
-            E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            E::Unavailable(_) | E::UpstreamUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+            }
             E::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
             E::Denied(_) | E::InsufficientScope { .. } => (StatusCode::FORBIDDEN, "DENIED"),
             E::TooManyRequests { .. } | E::TooManyUploads(_) => {
@@ -239,6 +247,38 @@ impl From<StoreError> for RegistryError {
 }
 
 impl RegistryError {
+    /// The answer to a failed fetch of content that a record names: `not_found` when no peer
+    /// supplied it, or what came was not valid (logged with its cause); `503` when the node is
+    /// shutting down; the store's own answer (`507` for a full disk, else a logged `500`) when
+    /// this node failed to keep it.
+    pub fn from_fetch(e: FetchError, not_found: RegistryError) -> Self {
+        match e {
+            FetchError::Unavailable(_) | FetchError::Invalid(_) => {
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "content named by a record could not be fetched"
+                );
+                not_found
+            }
+            FetchError::Cancelled => RegistryError::Unavailable("the node is shutting down"),
+            FetchError::Store(e) => e.into(),
+        }
+    }
+
+    /// The answer to a pull the mirror could not serve: `not_found` when the upstream has no
+    /// such content, `503` when only the upstream has it and it did not answer.
+    pub fn from_mirror(e: MirrorError, not_found: RegistryError) -> Self {
+        match e {
+            MirrorError::Unknown => not_found,
+            MirrorError::Unavailable(why) => RegistryError::UpstreamUnavailable(why),
+            MirrorError::Manifest(e) => e.into(),
+            MirrorError::Publish(e) => e.into(),
+            MirrorError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl RegistryError {
     /// The answer to a path that is not a route, for a request with this `method`: a manifest
     /// that is not found is a 404 whatever its reference looks like; only a `PUT` of a bad
     /// reference is a 400.
@@ -306,6 +346,31 @@ mod tests {
         let other = StoreError::from(std::io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(
             RegistryError::from(other).parts(),
+            (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
+        );
+    }
+
+    #[test]
+    fn a_failed_fetch_is_unknown_only_when_no_peer_had_it() {
+        let digest = shoal_protocol::Digest::of(shoal_protocol::Algorithm::Sha256, b"x");
+        let unknown =
+            RegistryError::from_fetch(FetchError::Unavailable(digest), RegistryError::BlobUnknown);
+        assert_eq!(unknown.parts(), (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"));
+        let shutting_down =
+            RegistryError::from_fetch(FetchError::Cancelled, RegistryError::BlobUnknown);
+        assert_eq!(
+            shutting_down.parts(),
+            (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+        );
+        let full = StoreError::from(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let disk =
+            RegistryError::from_fetch(FetchError::Store(full), RegistryError::ManifestUnknown);
+        assert_eq!(disk.parts(), (StatusCode::INSUFFICIENT_STORAGE, "UNKNOWN"));
+        let broken = StoreError::from(std::io::Error::from_raw_os_error(libc::EIO));
+        let internal =
+            RegistryError::from_fetch(FetchError::Store(broken), RegistryError::ManifestUnknown);
+        assert_eq!(
+            internal.parts(),
             (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
         );
     }

@@ -16,6 +16,8 @@ use shoal_node::net::links::Kind;
 use shoal_protocol::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod standin;
+
 /// Polls `check` until it returns `Some` or `timeout` passes.
 pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
@@ -303,6 +305,8 @@ pub struct TestNet {
     pub http: shoal_node::config::HttpLimits,
     /// Garbage collection on a schedule, for every node (none unless set).
     pub gc: shoal_node::config::GcSchedule,
+    /// The upstream registries every node mirrors (none unless set).
+    pub mirror: shoal_node::config::MirrorConfig,
 }
 
 fn memory_addr() -> Multiaddr {
@@ -334,6 +338,7 @@ impl TestNet {
             before_start: None,
             http: Default::default(),
             gc: Default::default(),
+            mirror: Default::default(),
         }
     }
 
@@ -414,6 +419,7 @@ impl TestNet {
             http: self.http.clone(),
             gc: self.gc.clone(),
             quota: Default::default(),
+            mirror: self.mirror.clone(),
         }
     }
 
