@@ -300,6 +300,7 @@ impl Node {
                 store.clone(),
                 tags.clone(),
                 Some(network.clone()),
+                Some(fleet.fetcher.clone()),
                 fetches.tasks.clone(),
                 fetches.cancel.clone(),
             ))

@@ -214,6 +214,37 @@ pub enum SyncRequest {
     /// The peer's wall clock, so that a node whose clock is off can stamp its records in the
     /// fleet's time. Appended last: a node that predates it answers with an error.
     Clock,
+    /// Asks a peer that mirrors the upstream `upstream` to fetch the blob `digest` of `repo`
+    /// (a repository in that upstream's namespace) from it for the fleet, or says how far it
+    /// has come: the fleet then fetches the blob from that peer, and the upstream sends it
+    /// once. Appended last, like `Clock`.
+    Mirror {
+        /// The upstream's name (`docker.io`); at most [`MAX_UPSTREAM_NAME_BYTES`].
+        upstream: String,
+        /// The repository, in the upstream's namespace (`docker.io/library/nginx`).
+        repo: RepoName,
+        /// The blob.
+        digest: Digest,
+    },
+}
+
+/// The longest upstream name a [`SyncRequest::Mirror`] carries (a host and port).
+pub const MAX_UPSTREAM_NAME_BYTES: usize = 255;
+
+/// How a peer's fetch of a blob from its upstream stands ([`SyncResponse::Mirror`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MirrorState {
+    /// The peer does not mirror that upstream, or will not fetch this for the asker.
+    Unsupported,
+    /// Under way: this many bytes received.
+    Fetching {
+        /// Bytes received from the upstream so far.
+        received: u64,
+    },
+    /// The peer holds the blob: fetch it from the fleet.
+    Done,
+    /// The fetch failed; why, for a log (at most [`MAX_REASON_BYTES`]).
+    Failed(String),
 }
 
 /// The longest a [`SyncRequest::HaveWait`] is held before it is answered anyway.
@@ -328,6 +359,8 @@ pub enum SyncResponse {
     /// Answer to [`SyncRequest::Clock`]: the responder's wall clock as it answered, in
     /// milliseconds since the Unix epoch (its own clock, uncorrected).
     Clock(u64),
+    /// Answer to [`SyncRequest::Mirror`].
+    Mirror(MirrorState),
 }
 
 /// The unvalidated wire shape of [`SyncResponse`]; variants in the same order.
@@ -351,6 +384,7 @@ enum RawSyncResponse {
     },
     Pushed,
     Clock(u64),
+    Mirror(MirrorState),
 }
 
 impl TryFrom<RawSyncResponse> for SyncResponse {
@@ -367,6 +401,7 @@ impl TryFrom<RawSyncResponse> for SyncResponse {
             RawSyncResponse::Fleet { items, more } => SyncResponse::Fleet { items, more },
             RawSyncResponse::Pushed => SyncResponse::Pushed,
             RawSyncResponse::Clock(ms) => SyncResponse::Clock(ms),
+            RawSyncResponse::Mirror(state) => SyncResponse::Mirror(state),
         };
         response.validate()?;
         Ok(response)
@@ -383,7 +418,9 @@ impl SyncResponse {
                     count: records.len(),
                 })
             }
-            SyncResponse::Error(reason) if reason.len() > MAX_REASON_BYTES => {
+            SyncResponse::Error(reason) | SyncResponse::Mirror(MirrorState::Failed(reason))
+                if reason.len() > MAX_REASON_BYTES =>
+            {
                 Err(MessageError::ReasonTooLong)
             }
             SyncResponse::Have(Some(have)) => have.validate(),
@@ -393,7 +430,8 @@ impl SyncResponse {
             SyncResponse::Hello(_)
             | SyncResponse::Fleet { .. }
             | SyncResponse::Pushed
-            | SyncResponse::Clock(_) => Ok(()),
+            | SyncResponse::Clock(_)
+            | SyncResponse::Mirror(_) => Ok(()),
             SyncResponse::Summary { .. }
             | SyncResponse::Records { .. }
             | SyncResponse::BlobIndex(_)

@@ -65,11 +65,20 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// What the writer thread is sent.
+#[derive(Debug)]
+enum Msg {
+    Entry(Entry),
+    /// Write what is queued, flush, answer, and end.
+    Close(std::sync::mpsc::SyncSender<()>),
+}
+
 /// The audit trail's writer (cheap to clone). Without a data directory it records nothing.
 #[derive(Debug, Clone, Default)]
 pub struct Audit {
-    queue: Option<std::sync::mpsc::SyncSender<Entry>>,
+    queue: Option<std::sync::mpsc::SyncSender<Msg>>,
     dropped: Arc<AtomicU64>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Audit {
@@ -81,44 +90,78 @@ impl Audit {
             .create(true)
             .append(true)
             .open(&path)?;
-        let (queue, inbox) = std::sync::mpsc::sync_channel::<Entry>(QUEUE_CAPACITY);
+        let (queue, inbox) = std::sync::mpsc::sync_channel::<Msg>(QUEUE_CAPACITY);
         std::thread::Builder::new()
             .name("shoal-audit".into())
             .spawn(move || write_entries(file, &path, inbox))?;
         Ok(Audit {
             queue: Some(queue),
             dropped: Arc::default(),
+            closed: Arc::default(),
         })
     }
 
-    /// Records an entry (its time is set here). Never blocks.
+    /// Records an entry (its time is set here). Never blocks. Once the trail is closed,
+    /// nothing more is recorded.
     pub fn record(&self, mut entry: Entry) {
         let Some(queue) = &self.queue else { return };
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         entry.time_ms = super::now_ms();
         entry.dropped_before = self.dropped.swap(0, Ordering::Relaxed);
         let dropped = entry.dropped_before;
-        if queue.try_send(entry).is_err() {
+        if queue.try_send(Msg::Entry(entry)).is_err() {
             self.dropped
                 .fetch_add(dropped.saturating_add(1), Ordering::Relaxed);
         }
     }
+
+    /// Stops the trail for every handle: what is queued is written and flushed, the writer
+    /// thread ends, and nothing is appended to the file after this returns (the node's
+    /// shutdown calls it before it closes the store). Blocking: waits for the writer.
+    pub fn close(&self) {
+        let Some(queue) = &self.queue else { return };
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (done, flushed) = std::sync::mpsc::sync_channel(1);
+        // The writer drains the queue, so this waits at most for the entries ahead of it; an
+        // error means the writer is already gone.
+        if queue.send(Msg::Close(done)).is_ok() {
+            let _ = flushed.recv();
+        }
+    }
 }
 
-fn write_entries(file: std::fs::File, path: &Path, inbox: std::sync::mpsc::Receiver<Entry>) {
+fn write_entries(file: std::fs::File, path: &Path, inbox: std::sync::mpsc::Receiver<Msg>) {
     let mut out = std::io::BufWriter::new(file);
-    while let Ok(entry) = inbox.recv() {
-        let mut write = |e: &Entry| -> std::io::Result<()> {
-            serde_json::to_writer(&mut out, e)?;
-            out.write_all(b"\n")
-        };
-        let mut result = write(&entry);
-        // Whatever else is queued goes out with it, then one flush.
-        while let Ok(more) = inbox.try_recv() {
-            result = result.and_then(|()| write(&more));
+    let mut next = inbox.recv().ok();
+    while let Some(first) = next.take() {
+        let mut closing = None;
+        let mut result = Ok(());
+        let mut msg = Some(first);
+        // Whatever else is queued goes out with the first, then one flush.
+        while let Some(m) = msg {
+            match m {
+                Msg::Entry(e) => {
+                    result = result.and_then(|()| {
+                        serde_json::to_writer(&mut out, &e)?;
+                        out.write_all(b"\n")
+                    });
+                }
+                Msg::Close(done) => closing = Some(done),
+            }
+            msg = inbox.try_recv().ok();
         }
         if let Err(e) = result.and_then(|()| out.flush()) {
             tracing::warn!(path = %path.display(), error = &e as &dyn std::error::Error, "writing the audit trail");
         }
+        if let Some(done) = closing {
+            let _ = done.send(());
+            return;
+        }
+        next = inbox.recv().ok();
     }
 }
 
@@ -201,5 +244,26 @@ mod tests {
         assert_eq!(entries[0].reference.as_deref(), Some("1.0"));
         assert_eq!(entries[1].action, Event::Denied);
         assert!(entries[1].time_ms >= entries[0].time_ms);
+    }
+
+    #[test]
+    fn a_closed_trail_has_written_everything_queued_and_takes_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open(dir.path()).unwrap();
+        let other_handle = audit.clone();
+        for i in 0..100 {
+            audit.record(Entry::new("local".into(), Event::Push, "ok").reference(i));
+        }
+        audit.close();
+        // Written and flushed by the time close returns: no waiting.
+        assert_eq!(read(dir.path()).unwrap().len(), 100);
+        other_handle.record(Entry::new("local".into(), Event::Delete, "ok"));
+        audit.close();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(
+            read(dir.path()).unwrap().len(),
+            100,
+            "an entry after close was written"
+        );
     }
 }

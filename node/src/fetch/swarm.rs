@@ -97,6 +97,9 @@ enum ChunkOutcome {
     Failed,
     /// The peer is at capacity.
     Busy,
+    /// The chunk arrived but this node's store could not write it: the download fails with
+    /// the store's error, and the peer is not blamed.
+    Local(crate::store::StoreError),
 }
 
 /// The bitfield a peer sent, if it is well formed and for this blob.
@@ -221,6 +224,7 @@ pub async fn download(
                             pool.entry(peer).or_default().push((c, Instant::now()));
                         }
                         let event = match outcome {
+                            ChunkOutcome::Local(e) => break Err(SwarmError::Store(e)),
                             ChunkOutcome::Done(bytes) => {
                                 last_progress = Instant::now();
                                 Event::ChunkDone { peer, chunk, bytes }
@@ -428,7 +432,9 @@ async fn fetch_chunk(
             match written {
                 Ok(Ok(())) => (ChunkOutcome::Done(len), Some(c)),
                 Ok(Err(StoreError::ChunkRejected { .. })) => (ChunkOutcome::Bad, None),
-                _ => (ChunkOutcome::Failed, Some(c)),
+                Ok(Err(e)) => (ChunkOutcome::Local(e), Some(c)),
+                // The write's thread was cancelled (the runtime is shutting down).
+                Err(_) => (ChunkOutcome::Failed, Some(c)),
             }
         }
         Ok(false) => (ChunkOutcome::Failed, Some(c)),

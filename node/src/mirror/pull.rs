@@ -13,13 +13,18 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use shoal_protocol::{Digest, Reference, RepoName, Tag, TagTarget};
+use std::time::Duration;
+
+use libp2p::PeerId;
+use shoal_protocol::message::{MirrorState, SyncRequest, SyncResponse};
+use shoal_protocol::{BlobRef, Digest, Reference, RepoName, Tag, TagTarget};
 use tokio::sync::{Semaphore, watch};
 
 use super::route::{Routed, Routes};
 use super::upstream::{Upstream, UpstreamError};
 use crate::manifest::{self, ManifestError, ManifestInfo};
-use crate::net::Network;
+use crate::fetch::Fetcher;
+use crate::net::{MirrorAsk, Network};
 use crate::store::{Batch, Store, StoreError};
 use crate::tags::{PublishError, Tags};
 
@@ -45,6 +50,18 @@ pub enum MirrorError {
 
 /// Upstream blob fetches a node runs at once; more wait for a turn.
 const MAX_UPSTREAM_FETCHES: usize = 8;
+/// Peers' mirror requests waiting to be answered; past it a peer is told `Unsupported` and
+/// fetches from the upstream itself.
+const PEER_ASKS_CAPACITY: usize = 64;
+/// How long a failed upstream fetch is remembered (and not started again for a peer).
+const FAILURE_MEMORY: Duration = Duration::from_secs(30);
+/// How often a node asks the peer fetching a blob from the upstream how far it has come.
+const PEER_POLL: Duration = Duration::from_millis(500);
+/// How long a peer's upstream fetch may go without progress before the node fetches the blob
+/// from the upstream itself.
+const PEER_STALL: Duration = Duration::from_secs(15);
+/// How many peers, in the blob's rendezvous order, are asked before this node fetches itself.
+const PEERS_ASKED: usize = 3;
 
 /// How one upstream blob fetch stands.
 #[derive(Debug, Clone)]
@@ -69,8 +86,13 @@ struct Inner {
     store: Store,
     tags: Tags,
     network: Option<Network>,
+    /// Fetches the fleet's copies (of blobs a peer fetched from the upstream).
+    fetcher: Option<Fetcher>,
     /// Upstream blob fetches under way, by digest.
     blobs: Mutex<HashMap<Digest, watch::Receiver<BlobFetch>>>,
+    /// Upstream blob fetches that failed lately, and why: a peer asking again in that time is
+    /// told so instead of starting the fetch again.
+    failed: Mutex<HashMap<Digest, (std::time::Instant, String)>>,
     permits: Semaphore,
     tasks: tokio_util::task::TaskTracker,
     cancel: tokio_util::sync::CancellationToken,
@@ -94,22 +116,90 @@ impl Mirror {
         store: Store,
         tags: Tags,
         network: Option<Network>,
+        fetcher: Option<Fetcher>,
         tasks: tokio_util::task::TaskTracker,
         cancel: tokio_util::sync::CancellationToken,
     ) -> Mirror {
-        Mirror {
+        let mirror = Mirror {
             inner: Arc::new(Inner {
                 routes,
                 upstreams,
                 store,
                 tags,
                 network,
+                fetcher,
                 blobs: Mutex::default(),
+                failed: Mutex::default(),
                 permits: Semaphore::new(MAX_UPSTREAM_FETCHES),
                 tasks,
                 cancel,
             }),
+        };
+        if let Some(network) = &mirror.inner.network {
+            let (asks, inbox) = tokio::sync::mpsc::channel(PEER_ASKS_CAPACITY);
+            network.serve_mirror(asks);
+            mirror.inner.tasks.spawn(mirror.clone().serve_peers(inbox));
         }
+        mirror
+    }
+
+    /// Answers peers' requests to fetch a blob from an upstream for the fleet, until the node
+    /// stops.
+    async fn serve_peers(self, mut inbox: tokio::sync::mpsc::Receiver<MirrorAsk>) {
+        loop {
+            let ask = tokio::select! {
+                () = self.inner.cancel.cancelled() => return,
+                ask = inbox.recv() => match ask {
+                    Some(ask) => ask,
+                    None => return,
+                },
+            };
+            let state = self.answer(&ask).await;
+            let _ = ask.reply.send(state);
+        }
+    }
+
+    /// How this node's fetch of a peer's blob stands, starting it if it is not under way.
+    async fn answer(&self, ask: &MirrorAsk) -> MirrorState {
+        let routes = &self.inner.routes;
+        let (Some(i), Some((j, remote))) =
+            (routes.by_name(&ask.upstream), routes.by_namespace(&ask.repo))
+        else {
+            return MirrorState::Unsupported;
+        };
+        let Some(upstream) = self.inner.upstreams.get(i).filter(|_| i == j) else {
+            return MirrorState::Unsupported;
+        };
+        match self.inner.store.blob_size(&ask.digest).await {
+            Ok(Some(_)) => return MirrorState::Done,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = &e as &dyn std::error::Error, "answering a peer's mirror request");
+                return MirrorState::Unsupported;
+            }
+        }
+        if let Some(why) = self.recently_failed(&ask.digest) {
+            return MirrorState::Failed(why);
+        }
+        let fetch = self.fetch_blob(upstream.clone(), &ask.repo, remote, &ask.digest);
+        let state = fetch.borrow().clone();
+        tracing::debug!(peer = %ask.peer, digest = %ask.digest, "a peer asked for a blob of an upstream");
+        match state {
+            BlobFetch::Running(received) => MirrorState::Fetching { received },
+            BlobFetch::Done => MirrorState::Done,
+            BlobFetch::Failed(why) => MirrorState::Failed(why),
+        }
+    }
+
+    /// Why the upstream fetch of `digest` failed, if it did within [`FAILURE_MEMORY`].
+    fn recently_failed(&self, digest: &Digest) -> Option<String> {
+        let mut failed = self
+            .inner
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        failed.retain(|_, (at, _)| at.elapsed() < FAILURE_MEMORY);
+        failed.get(digest).map(|(_, why)| why.clone())
     }
 
     /// Where a pull of `name` leads (see [`Routes::route`]); `ns` is the request's `ns`
@@ -265,7 +355,7 @@ impl Mirror {
         let info: ManifestInfo = store
             .read(move |i| i.manifest(&r, &d))
             .await?
-            .ok_or_else(|| StoreError::Invariant(format!("manifest {digest} was just stored")))?;
+            .ok_or_else(|| StoreError::Invariant("a manifest just stored is missing"))?;
         let mut wanted: Vec<Digest> = info.blobs.clone();
         for child in &info.manifests {
             wanted.push(child.clone());
@@ -314,6 +404,14 @@ impl Mirror {
             // A record names it: the fleet has it, and the registry fetches it from there.
             return Ok(());
         }
+        match self.from_peers(upstream, repo, digest).await {
+            Ok(true) => {
+                store.link(repo, digest).await?;
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(e) => tracing::info!(%digest, error = &e as &dyn std::error::Error, "the fleet's copy of an upstream's blob could not be fetched; fetching from the upstream"),
+        }
         let mut fetch = self.fetch_blob(upstream.clone(), repo, remote, digest);
         let state = fetch
             .wait_for(|s| !matches!(s, BlobFetch::Running(_)))
@@ -326,6 +424,99 @@ impl Mirror {
                 Ok(())
             }
             BlobFetch::Failed(why) => Err(MirrorError::Unavailable(why)),
+        }
+    }
+
+    /// Gets the blob from the peer that fetches it from the upstream for the fleet, if that is
+    /// not this node: the connected peers and this node ranked by a hash of the blob and their
+    /// ids (every node ranks them alike, so they all ask the same one), the first few asked in
+    /// turn. `Ok(false)`: this node is the one to fetch it (or no peer would).
+    async fn from_peers(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool, crate::fetch::FetchError> {
+        let (Some(network), Some(fetcher)) = (&self.inner.network, &self.inner.fetcher) else {
+            return Ok(false);
+        };
+        let me = network.peer_id();
+        let mut ranked: Vec<PeerId> = network
+            .peers()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.peer_id)
+            .chain(std::iter::once(me))
+            .collect();
+        ranked.sort_by_cached_key(|p| std::cmp::Reverse(rendezvous(digest, p)));
+        ranked.dedup();
+        for peer in ranked.into_iter().take(PEERS_ASKED) {
+            if peer == me {
+                return Ok(false);
+            }
+            if self.wait_for_peer(network, peer, upstream, repo, digest).await {
+                let answer = network
+                    .sync(peer, SyncRequest::BlobIndex { digest: digest.clone() })
+                    .await;
+                let Ok(SyncResponse::BlobIndex(Some(index))) = answer else {
+                    continue;
+                };
+                if index.digest() != digest {
+                    continue;
+                }
+                // The index comes from the peer, not from a signed record: each chunk is
+                // checked against it, and the whole blob against its digest before it is kept.
+                let blob = BlobRef {
+                    digest: digest.clone(),
+                    size: index.size(),
+                    index: index.id(),
+                };
+                fetcher.blob(repo, &blob).await?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Asks `peer` to fetch the blob from the upstream and waits while it makes progress;
+    /// whether it holds the blob in the end.
+    async fn wait_for_peer(
+        &self,
+        network: &Network,
+        peer: PeerId,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> bool {
+        let mut received = 0;
+        let mut progress_at = std::time::Instant::now();
+        loop {
+            let request = SyncRequest::Mirror {
+                upstream: upstream.name().to_owned(),
+                repo: repo.clone(),
+                digest: digest.clone(),
+            };
+            match network.sync(peer, request).await {
+                Ok(SyncResponse::Mirror(MirrorState::Done)) => return true,
+                Ok(SyncResponse::Mirror(MirrorState::Fetching { received: r })) => {
+                    if r > received {
+                        (received, progress_at) = (r, std::time::Instant::now());
+                    }
+                }
+                Ok(SyncResponse::Mirror(MirrorState::Failed(why))) => {
+                    tracing::info!(%peer, %digest, why, "a peer's fetch from the upstream failed");
+                    return false;
+                }
+                other => {
+                    tracing::debug!(%peer, %digest, answer = ?other.map(|_| "no mirror"), "a peer does not fetch this blob from the upstream");
+                    return false;
+                }
+            }
+            if progress_at.elapsed() > PEER_STALL || self.inner.cancel.is_cancelled() {
+                return false;
+            }
+            tokio::time::sleep(PEER_POLL).await;
         }
     }
 
@@ -365,6 +556,13 @@ impl Mirror {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&digest);
             let done = result.is_ok();
+            if let Err(why) = &result {
+                this.inner
+                    .failed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(digest.clone(), (std::time::Instant::now(), why.clone()));
+            }
             tx.send_replace(match result {
                 Ok(()) => BlobFetch::Done,
                 Err(why) => BlobFetch::Failed(why),
@@ -479,6 +677,14 @@ impl Mirror {
             Err(e) => tracing::warn!(%repo, error = &e as &dyn std::error::Error, "looking for records that name a new blob"),
         }
     }
+}
+
+/// The rank of `peer` for fetching `digest` from an upstream for the fleet (highest first).
+fn rendezvous(digest: &Digest, peer: &PeerId) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("shoal mirror rendezvous v1");
+    h.update(digest.to_string().as_bytes());
+    h.update(&peer.to_bytes());
+    *h.finalize().as_bytes()
 }
 
 /// What a client is told when an upstream could not supply `reference` of `remote`.

@@ -96,6 +96,24 @@ pub(super) struct Shared {
     pub store: Store,
     /// How each peer has behaved; a banned peer is cut off by the event loop.
     pub conduct: conduct::Conduct,
+    /// Where peers' [`SyncRequest::Mirror`] requests go, once the node's mirror serves them.
+    pub mirror: std::sync::OnceLock<mpsc::Sender<MirrorAsk>>,
+}
+
+/// A peer's [`SyncRequest::Mirror`]: fetch a blob from an upstream for the fleet, or say how
+/// far that has come. The asker may read the repository (checked before it is sent here).
+#[derive(Debug)]
+pub struct MirrorAsk {
+    /// Who asks.
+    pub peer: PeerId,
+    /// The upstream's name.
+    pub upstream: String,
+    /// The repository, in the upstream's namespace.
+    pub repo: shoal_protocol::RepoName,
+    /// The blob.
+    pub digest: Digest,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<shoal_protocol::message::MirrorState>,
 }
 
 impl Shared {
@@ -169,6 +187,7 @@ impl Network {
             auth: tags.auth().clone(),
             store: store.clone(),
             conduct: conduct::Conduct::default(),
+            mirror: std::sync::OnceLock::new(),
         });
         let (commands, inbox) = mpsc::channel(COMMAND_CAPACITY);
         let (event_loop, ready) = EventLoop::new(
@@ -200,6 +219,13 @@ impl Network {
             control,
             shared,
         })
+    }
+
+    /// Sends peers' [`SyncRequest::Mirror`] requests to `asks` from now on (the node's mirror
+    /// calls this once; later calls change nothing). Without it they are answered
+    /// `Unsupported`.
+    pub fn serve_mirror(&self, asks: mpsc::Sender<MirrorAsk>) {
+        let _ = self.shared.mirror.set(asks);
     }
 
     /// This node's peer id.

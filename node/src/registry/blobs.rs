@@ -124,10 +124,7 @@ async fn source(r: &Registry, name: &RepoName, digest: &Digest) -> Result<Source
             Some((file, size)) => Ok(Source::File(file, size)),
             None => Err(RegistryError::BlobUnknown),
         },
-        DownloadState::Failed(e) => {
-            tracing::warn!(error = &e as &dyn std::error::Error, %digest, "blob named by a record could not be fetched");
-            Err(RegistryError::BlobUnknown)
-        }
+        DownloadState::Failed(e) => Err(RegistryError::from_fetch(e, RegistryError::BlobUnknown)),
     }
 }
 

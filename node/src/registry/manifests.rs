@@ -52,10 +52,7 @@ async fn resolve(
         .fetcher
         .manifest(name, &digest, size)
         .await
-        .map_err(|e| {
-            tracing::warn!(error = &e as &dyn std::error::Error, %digest, "manifest named by a record could not be fetched");
-            RegistryError::ManifestUnknown
-        })?;
+        .map_err(|e| RegistryError::from_fetch(e, RegistryError::ManifestUnknown))?;
     let (n, d) = (name.clone(), digest.clone());
     let info = r
         .store
@@ -288,11 +285,9 @@ async fn check_references(r: &Registry, name: &RepoName, info: &ManifestInfo) ->
         }
         // The client may have skipped a blob the fleet has (HEAD said it exists): fetch it.
         match (&r.fleet, known) {
-            (Some(f), Some(blob)) => f
-                .fetcher
-                .blob(name, &blob)
-                .await
-                .map_err(|_| RegistryError::ManifestBlobUnknown(b.to_string()))?,
+            (Some(f), Some(blob)) => f.fetcher.blob(name, &blob).await.map_err(|e| {
+                RegistryError::from_fetch(e, RegistryError::ManifestBlobUnknown(b.to_string()))
+            })?,
             _ => return Err(RegistryError::ManifestBlobUnknown(b.to_string())),
         }
     }
