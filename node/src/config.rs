@@ -61,7 +61,9 @@ pub struct MirrorConfig {
 
 impl MirrorConfig {
     /// The routes these upstreams make (checked when the settings are resolved).
-    pub fn routes(&self) -> Result<crate::mirror::route::Routes, crate::mirror::route::RoutesError> {
+    pub fn routes(
+        &self,
+    ) -> Result<crate::mirror::route::Routes, crate::mirror::route::RoutesError> {
         crate::mirror::route::Routes::new(
             self.upstreams.iter().map(|u| u.name.as_str()),
             self.default.as_deref(),

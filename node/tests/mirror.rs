@@ -35,12 +35,22 @@ async fn pull(node: &TestNode, path_repo: &str, tag: &str, query: &str, image: &
     let r = node
         .get(&format!("/v2/{path_repo}/manifests/{tag}{query}"))
         .await;
-    assert_eq!(r.status, 200, "manifest: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        200,
+        "manifest: {}",
+        String::from_utf8_lossy(&r.body)
+    );
     assert_eq!(r.body, image.manifest);
     for b in &image.blobs {
         let d = Digest::sha256(b);
         let r = node.get(&format!("/v2/{path_repo}/blobs/{d}{query}")).await;
-        assert_eq!(r.status, 200, "blob {d}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            200,
+            "blob {d}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         assert_eq!(Digest::sha256(&r.body), d, "blob {d} bytes");
     }
 }
@@ -95,11 +105,15 @@ async fn a_node_without_the_upstream_pulls_a_mirrored_image_from_the_fleet() {
     let repo = format!("{UPSTREAM}/team/app");
     pull(&net.nodes[0], &repo, "2", "", &img).await;
     // Node 1 knows no upstream: the record node 0 signed, and its blobs, come from the fleet.
-    testnet::wait_until(Duration::from_secs(20), "the mirror's record with its blobs arrives", || {
-        let n = &net.nodes[1];
-        let repo = repo.clone();
-        async move { n.has_record(&repo, "2").await.then_some(()) }
-    })
+    testnet::wait_until(
+        Duration::from_secs(20),
+        "the mirror's record with its blobs arrives",
+        || {
+            let n = &net.nodes[1];
+            let repo = repo.clone();
+            async move { n.has_record(&repo, "2").await.then_some(()) }
+        },
+    )
     .await;
     testnet::wait_until(Duration::from_secs(20), "node 1 pulls the image", || {
         let (n, repo, img) = (&net.nodes[1], repo.clone(), &img);
@@ -107,7 +121,9 @@ async fn a_node_without_the_upstream_pulls_a_mirrored_image_from_the_fleet() {
             let r = n.get(&format!("/v2/{repo}/manifests/2")).await;
             (r.status == 200).then_some(())?;
             for b in &img.blobs {
-                let r = n.get(&format!("/v2/{repo}/blobs/{}", Digest::sha256(b))).await;
+                let r = n
+                    .get(&format!("/v2/{repo}/blobs/{}", Digest::sha256(b)))
+                    .await;
                 (r.status == 200 && r.body == *b).then_some(())?;
             }
             Some(())
@@ -146,7 +162,10 @@ async fn with_the_upstream_down_a_resolved_tag_still_pulls_and_a_new_one_fails_c
     let r = node.get(&format!("/v2/{repo}/manifests/never-seen")).await;
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     let text = String::from_utf8_lossy(&r.body);
-    assert!(text.contains("UNAVAILABLE") && text.contains(UPSTREAM), "{text}");
+    assert!(
+        text.contains("UNAVAILABLE") && text.contains(UPSTREAM),
+        "{text}"
+    );
     assert!(text.contains("never resolved"), "{text}");
 
     // Back up: a tag the upstream does not have is unknown, not unavailable.
@@ -166,11 +185,13 @@ async fn credentials_reach_the_upstream_and_stay_out_of_every_data_directory() {
     standin.push("team/app", "4", &img).await;
     let mut with_creds = upstream(&standin, 300);
     with_creds.username = Some("mirror".into());
-    with_creds.password = Some(toml::from_str::<toml::Value>(&format!("p = \"{secret}\""))
-        .ok()
-        .and_then(|v| v.get("p").cloned())
-        .and_then(|p| p.try_into().ok())
-        .expect("a secret"));
+    with_creds.password = Some(
+        toml::from_str::<toml::Value>(&format!("p = \"{secret}\""))
+            .ok()
+            .and_then(|v| v.get("p").cloned())
+            .and_then(|p| p.try_into().ok())
+            .expect("a secret"),
+    );
     let mut net = TestNet::with_identities(2);
     net.mirror = MirrorConfig {
         upstreams: vec![with_creds],
@@ -211,4 +232,94 @@ fn contains_anywhere(dir: &std::path::Path, needle: &[u8]) -> bool {
             std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
         }
     })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_pulling_at_once_get_each_blob_from_the_upstream_once() {
+    let test = "three_nodes_pulling_at_once_get_each_blob_from_the_upstream_once";
+    let Some(standin) = StandIn::start(test, None).await else {
+        return;
+    };
+    let img = image(5, &[2_000_000, 1_500_000, 700_000]);
+    standin.push("team/app", "5", &img).await;
+    let mut net = TestNet::with_identities(3);
+    net.mirror = mirror_of(&standin, 300, false);
+    for _ in 0..3 {
+        net.start_next().await;
+    }
+    net.wait_connected(2).await;
+    let repo = format!("{UPSTREAM}/team/app");
+    let pulls = net.nodes.iter().map(|n| pull(n, &repo, "5", "", &img));
+    futures::future::join_all(pulls).await;
+    for b in &img.blobs {
+        let d = Digest::sha256(b);
+        assert_eq!(
+            standin.blob_gets("team/app", &d),
+            1,
+            "the upstream served {d} more than once to a fleet of three"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_cannot_make_a_node_fetch_from_an_upstream_it_does_not_mirror() {
+    use shoal_protocol::message::{MirrorState, SyncRequest, SyncResponse};
+    let test = "a_peer_cannot_make_a_node_fetch_from_an_upstream_it_does_not_mirror";
+    let Some(standin) = StandIn::start(test, None).await else {
+        return;
+    };
+    let img = image(6, &[50_000]);
+    standin.push("team/app", "6", &img).await;
+    let mut net = TestNet::with_identities(2);
+    net.mirror = mirror_of(&standin, 300, false);
+    net.start_next().await;
+    net.mirror = MirrorConfig::default();
+    net.start_next().await;
+    net.wait_connected(1).await;
+    let asker = net.nodes[1].node().network();
+    let mirror_peer = net.nodes[0].node().network().peer_id();
+    let digest = Digest::sha256(&img.blobs[0]);
+    let ask = |upstream: &str, repo: &str| SyncRequest::Mirror {
+        upstream: upstream.into(),
+        repo: repo.parse().expect("repo"),
+        digest: digest.clone(),
+    };
+    // An upstream the node does not mirror, a repository outside the upstream's namespace,
+    // and a name longer than any host: refused, and nothing is fetched.
+    for request in [
+        ask("other.test", "other.test/team/app"),
+        ask(UPSTREAM, "team/app"),
+        ask(UPSTREAM, "other.test/team/app"),
+        ask(&"x".repeat(300), &format!("{UPSTREAM}/team/app")),
+    ] {
+        let answer = asker.sync(mirror_peer, request).await.expect("an answer");
+        assert_eq!(answer, SyncResponse::Mirror(MirrorState::Unsupported));
+    }
+    // A node without a mirror says so too.
+    let answer = net.nodes[0]
+        .node()
+        .network()
+        .sync(
+            asker.peer_id(),
+            ask(UPSTREAM, &format!("{UPSTREAM}/team/app")),
+        )
+        .await
+        .expect("an answer");
+    assert_eq!(answer, SyncResponse::Mirror(MirrorState::Unsupported));
+    assert_eq!(standin.blob_gets("team/app", &digest), 0);
+    // The one request that names what the node mirrors is served.
+    let good = ask(UPSTREAM, &format!("{UPSTREAM}/team/app"));
+    testnet::wait_until(
+        Duration::from_secs(20),
+        "the mirror fetches the blob",
+        || {
+            let (asker, good) = (asker.clone(), good.clone());
+            async move {
+                let answer = asker.sync(mirror_peer, good).await.ok()?;
+                (answer == SyncResponse::Mirror(MirrorState::Done)).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(standin.blob_gets("team/app", &digest), 1);
 }

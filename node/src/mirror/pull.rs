@@ -22,8 +22,8 @@ use tokio::sync::{Semaphore, watch};
 
 use super::route::{Routed, Routes};
 use super::upstream::{Upstream, UpstreamError};
-use crate::manifest::{self, ManifestError, ManifestInfo};
 use crate::fetch::Fetcher;
+use crate::manifest::{self, ManifestError, ManifestInfo};
 use crate::net::{MirrorAsk, Network};
 use crate::store::{Batch, Store, StoreError};
 use crate::tags::{PublishError, Tags};
@@ -162,9 +162,10 @@ impl Mirror {
     /// How this node's fetch of a peer's blob stands, starting it if it is not under way.
     async fn answer(&self, ask: &MirrorAsk) -> MirrorState {
         let routes = &self.inner.routes;
-        let (Some(i), Some((j, remote))) =
-            (routes.by_name(&ask.upstream), routes.by_namespace(&ask.repo))
-        else {
+        let (Some(i), Some((j, remote))) = (
+            routes.by_name(&ask.upstream),
+            routes.by_namespace(&ask.repo),
+        ) else {
             return MirrorState::Unsupported;
         };
         let Some(upstream) = self.inner.upstreams.get(i).filter(|_| i == j) else {
@@ -174,7 +175,10 @@ impl Mirror {
             Ok(Some(_)) => return MirrorState::Done,
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = &e as &dyn std::error::Error, "answering a peer's mirror request");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "answering a peer's mirror request"
+                );
                 return MirrorState::Unsupported;
             }
         }
@@ -238,14 +242,19 @@ impl Mirror {
                 let known = self
                     .inner
                     .store
-                    .read(move |i| Ok(i.manifest(&r, &d)?.is_some() || i.record_blob(&r, &d)?.is_some()))
+                    .read(move |i| {
+                        Ok(i.manifest(&r, &d)?.is_some() || i.record_blob(&r, &d)?.is_some())
+                    })
                     .await?;
                 if known {
                     return Ok(());
                 }
                 let reference = digest.to_string();
                 match self.ask(upstream, remote, &reference).await {
-                    Ok(m) => self.keep_manifest(repo, &m.digest, &m.media_type, &m.bytes).await,
+                    Ok(m) => {
+                        self.keep_manifest(repo, &m.digest, &m.media_type, &m.bytes)
+                            .await
+                    }
                     Err(e) => Err(unavailable(upstream, remote, &reference, &e, false)),
                 }
             }
@@ -285,7 +294,13 @@ impl Mirror {
                 );
                 Ok(())
             }
-            Err(e) => Err(unavailable(upstream, remote, tag.as_str(), &e, current.is_none())),
+            Err(e) => Err(unavailable(
+                upstream,
+                remote,
+                tag.as_str(),
+                &e,
+                current.is_none(),
+            )),
         }
     }
 
@@ -341,7 +356,10 @@ impl Mirror {
             .await?;
         if let Some(n) = &self.inner.network {
             if let Err(e) = n.publish(record.signed()).await {
-                tracing::warn!(error = &e as &dyn std::error::Error, "could not gossip a mirror's tag record");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "could not gossip a mirror's tag record"
+                );
             }
         }
         Ok(())
@@ -410,7 +428,9 @@ impl Mirror {
                 return Ok(());
             }
             Ok(false) => {}
-            Err(e) => tracing::info!(%digest, error = &e as &dyn std::error::Error, "the fleet's copy of an upstream's blob could not be fetched; fetching from the upstream"),
+            Err(e) => {
+                tracing::info!(%digest, error = &e as &dyn std::error::Error, "the fleet's copy of an upstream's blob could not be fetched; fetching from the upstream")
+            }
         }
         let mut fetch = self.fetch_blob(upstream.clone(), repo, remote, digest);
         let state = fetch
@@ -455,9 +475,17 @@ impl Mirror {
             if peer == me {
                 return Ok(false);
             }
-            if self.wait_for_peer(network, peer, upstream, repo, digest).await {
+            if self
+                .wait_for_peer(network, peer, upstream, repo, digest)
+                .await
+            {
                 let answer = network
-                    .sync(peer, SyncRequest::BlobIndex { digest: digest.clone() })
+                    .sync(
+                        peer,
+                        SyncRequest::BlobIndex {
+                            digest: digest.clone(),
+                        },
+                    )
                     .await;
                 let Ok(SyncResponse::BlobIndex(Some(index))) = answer else {
                     continue;
@@ -591,9 +619,10 @@ impl Mirror {
             .await
             .map_err(|_| "the node is shutting down".to_owned())?;
         let started = std::time::Instant::now();
-        let blob = upstream.blob(remote, digest).await.map_err(|e| {
-            describe(upstream, remote, &digest.to_string(), &e)
-        })?;
+        let blob = upstream
+            .blob(remote, digest)
+            .await
+            .map_err(|e| describe(upstream, remote, &digest.to_string(), &e))?;
         let store = &self.inner.store;
         let fail = |e: StoreError| {
             tracing::warn!(%digest, error = &e as &dyn std::error::Error, "storing a blob from an upstream");
@@ -646,13 +675,19 @@ impl Mirror {
             .read(move |i| {
                 let mut out = Vec::new();
                 for tag in i.tags(&r, None, usize::MAX)? {
-                    let Some(rec) = i.record(&r, &tag)? else { continue };
+                    let Some(rec) = i.record(&r, &tag)? else {
+                        continue;
+                    };
                     let record = rec.record();
-                    let Some(target) = &record.target else { continue };
+                    let Some(target) = &record.target else {
+                        continue;
+                    };
                     if record.publisher != own || target.blobs.iter().any(|b| b.digest == d) {
                         continue;
                     }
-                    let Some(info) = i.manifest(&r, &target.manifest)? else { continue };
+                    let Some(info) = i.manifest(&r, &target.manifest)? else {
+                        continue;
+                    };
                     let mut needs = info.blobs.contains(&d) || info.manifests.contains(&d);
                     for child in &info.manifests {
                         if let Some(ci) = i.manifest(&r, child)? {
@@ -674,7 +709,9 @@ impl Mirror {
                     }
                 }
             }
-            Err(e) => tracing::warn!(%repo, error = &e as &dyn std::error::Error, "looking for records that name a new blob"),
+            Err(e) => {
+                tracing::warn!(%repo, error = &e as &dyn std::error::Error, "looking for records that name a new blob")
+            }
         }
     }
 }
@@ -704,7 +741,13 @@ fn unavailable(
     if matches!(e, UpstreamError::NotFound) {
         return MirrorError::Unknown;
     }
-    tracing::warn!(upstream = upstream.name(), remote, reference, error = e as &dyn std::error::Error, "an upstream could not supply a manifest");
+    tracing::warn!(
+        upstream = upstream.name(),
+        remote,
+        reference,
+        error = e as &dyn std::error::Error,
+        "an upstream could not supply a manifest"
+    );
     let mut why = describe(upstream, remote, reference, e);
     if never_resolved {
         why.push_str("; the fleet has never resolved it, so it cannot be served from the fleet");

@@ -70,7 +70,9 @@ pub struct Routes {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RoutesError {
     /// An upstream's name is not a host (with an optional port).
-    #[error("upstream {0:?}: a name is a registry host, like docker.io or registry.example.com:5000")]
+    #[error(
+        "upstream {0:?}: a name is a registry host, like docker.io or registry.example.com:5000"
+    )]
     BadName(String),
     /// Two upstreams share a name.
     #[error("upstream {0:?} is configured twice")]
@@ -229,8 +231,20 @@ mod tests {
             namespace_of("registry.example.com:5000").as_deref(),
             Some("registry.example.com-5000")
         );
-        assert_eq!(namespace_of("127.0.0.1:5001").as_deref(), Some("127.0.0.1-5001"));
-        for bad in ["", "Docker.io", "a/b", "host:", "host:port", ":5000", "-x.io", "x..io"] {
+        assert_eq!(
+            namespace_of("127.0.0.1:5001").as_deref(),
+            Some("127.0.0.1-5001")
+        );
+        for bad in [
+            "",
+            "Docker.io",
+            "a/b",
+            "host:",
+            "host:port",
+            ":5000",
+            "-x.io",
+            "x..io",
+        ] {
             assert_eq!(namespace_of(bad), None, "{bad:?}");
         }
     }
@@ -292,7 +306,10 @@ mod tests {
         );
         assert_eq!(r.route(&repo("team/app"), None, || true), Routed::Local);
         let no_default = routes(None);
-        assert_eq!(no_default.route(&repo("library/nginx"), None, || false), Routed::Local);
+        assert_eq!(
+            no_default.route(&repo("library/nginx"), None, || false),
+            Routed::Local
+        );
     }
 
     #[test]
@@ -310,7 +327,9 @@ mod tests {
             RoutesError::UnknownDefault("docker.io".into())
         );
         assert_eq!(
-            Routes::new(["docker.io"], Some("index.docker.io")).unwrap().default,
+            Routes::new(["docker.io"], Some("index.docker.io"))
+                .unwrap()
+                .default,
             Some(0)
         );
     }

@@ -94,9 +94,11 @@ impl StandIn {
             .expect("start docker-registry");
         self.child = Some(child);
         let addr = self.addr;
-        super::wait_until(Duration::from_secs(20), "the stand-in registry answers", || async move {
-            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
-        })
+        super::wait_until(
+            Duration::from_secs(20),
+            "the stand-in registry answers",
+            || async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
+        )
         .await;
     }
 
@@ -155,16 +157,40 @@ impl StandIn {
         let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
         for b in &image.blobs {
             let d = Digest::sha256(b);
-            let r = http(self.addr, "POST", &format!("/v2/{repo}/blobs/uploads/"), &auth, b"").await;
-            assert_eq!(r.status, 202, "upload start: {}", String::from_utf8_lossy(&r.body));
+            let r = http(
+                self.addr,
+                "POST",
+                &format!("/v2/{repo}/blobs/uploads/"),
+                &auth,
+                b"",
+            )
+            .await;
+            assert_eq!(
+                r.status,
+                202,
+                "upload start: {}",
+                String::from_utf8_lossy(&r.body)
+            );
             let location = r.header("location").expect("a Location").to_owned();
             let path = location
                 .strip_prefix(&format!("http://{}", self.addr))
                 .unwrap_or(&location)
                 .to_owned();
             let sep = if path.contains('?') { '&' } else { '?' };
-            let r = http(self.addr, "PUT", &format!("{path}{sep}digest={d}"), &auth, b).await;
-            assert_eq!(r.status, 201, "upload: {}", String::from_utf8_lossy(&r.body));
+            let r = http(
+                self.addr,
+                "PUT",
+                &format!("{path}{sep}digest={d}"),
+                &auth,
+                b,
+            )
+            .await;
+            assert_eq!(
+                r.status,
+                201,
+                "upload: {}",
+                String::from_utf8_lossy(&r.body)
+            );
         }
         let mut headers = auth.clone();
         headers.push(("Content-Type", "application/vnd.oci.image.manifest.v1+json"));
@@ -176,6 +202,11 @@ impl StandIn {
             &image.manifest,
         )
         .await;
-        assert_eq!(r.status, 201, "manifest: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            201,
+            "manifest: {}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
 }
