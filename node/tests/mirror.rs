@@ -323,3 +323,63 @@ async fn a_peer_cannot_make_a_node_fetch_from_an_upstream_it_does_not_mirror() {
     .await;
     assert_eq!(standin.blob_gets("team/app", &digest), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_platform_asked_for_comes_from_the_upstream() {
+    let test = "only_the_platform_asked_for_comes_from_the_upstream";
+    let Some(standin) = StandIn::start(test, None).await else {
+        return;
+    };
+    let (amd64, arm64) = (image(7, &[150_000]), image(8, &[160_000]));
+    // Both platforms' blobs and manifests by digest, then an index naming both under the tag.
+    standin.push("team/multi", "amd64", &amd64).await;
+    standin.push("team/multi", "arm64", &arm64).await;
+    let entry = |img: &Image, arch: &str| {
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": img.digest.to_string(),
+            "size": img.manifest.len(),
+            "platform": {"architecture": arch, "os": "linux"},
+        })
+    };
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry(&amd64, "amd64"), entry(&arm64, "arm64")],
+    }))
+    .expect("json");
+    let r = testnet::http(
+        standin.addr,
+        "PUT",
+        "/v2/team/multi/manifests/7",
+        &[("Content-Type", "application/vnd.oci.image.index.v1+json")],
+        &index,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+
+    let mut net = TestNet::with_identities(1);
+    net.mirror = mirror_of(&standin, 300, false);
+    net.start_next().await;
+    let node = &net.nodes[0];
+    let repo = format!("{UPSTREAM}/team/multi");
+    let r = node.get(&format!("/v2/{repo}/manifests/7")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, index);
+    // The client picks amd64, as docker on an amd64 host does.
+    let r = node.get(&format!("/v2/{repo}/manifests/{}", amd64.digest)).await;
+    assert_eq!(r.status, 200);
+    for b in &amd64.blobs {
+        let d = Digest::sha256(b);
+        let r = node.get(&format!("/v2/{repo}/blobs/{d}")).await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        standin.served("GET", &format!("/v2/team/multi/manifests/{}", arm64.digest)),
+        0,
+        "the arm64 manifest came from the upstream"
+    );
+    for b in &arm64.blobs {
+        assert_eq!(standin.blob_gets("team/multi", &Digest::sha256(b)), 0);
+    }
+}
