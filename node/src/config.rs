@@ -276,6 +276,10 @@ pub struct AccessConfig {
     /// A join token (`shoal fleet init` prints one): the node joins that fleet at start and
     /// remembers it in its data directory.
     pub join: Option<String>,
+    /// Admin keys this node takes besides its fleet's (`admins`, `--admin`): whose policies,
+    /// access tokens and join tickets count here too. A local trust decision, like a trust rule:
+    /// other members refuse what these keys sign unless they list them as well.
+    pub admins: Vec<shoal_protocol::PublisherKey>,
     /// How loopback clients are treated.
     pub local_clients: LocalClients,
     /// Whether clients without credentials may pull public repositories.
@@ -310,6 +314,8 @@ pub struct FileConfig {
     pub site: Option<String>,
     /// A join token (see [`AccessConfig::join`]).
     pub join: Option<String>,
+    /// Admin keys besides the fleet's (see [`AccessConfig::admins`]).
+    pub admins: Option<Vec<shoal_protocol::PublisherKey>>,
     /// How loopback clients are treated: `open` (default) or `authenticated`.
     pub local_clients: Option<LocalClients>,
     /// Whether anonymous clients may pull public repositories.
@@ -444,8 +450,16 @@ impl Config {
             (None, None) => None,
             _ => return Err(ConfigError::Tls),
         };
+        // Admin keys add up too.
+        let mut admins = file.admins.unwrap_or_default();
+        for key in flags.admins.unwrap_or_default() {
+            if !admins.contains(&key) {
+                admins.push(key);
+            }
+        }
         let access = AccessConfig {
             join: flags.join.or(file.join),
+            admins,
             local_clients: flags
                 .local_clients
                 .or(file.local_clients)
@@ -520,6 +534,16 @@ mod tests {
             default_listen()
         );
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        let key = shoal_protocol::SigningKey::from_seed([3; 32]).public();
+        let other = shoal_protocol::SigningKey::from_seed([4; 32]).public();
+        let admins: FileConfig = toml::from_str(&format!("admins = [\"{key}\"]")).unwrap();
+        let flags = FileConfig {
+            admins: Some(vec![other, key]),
+            ..Default::default()
+        };
+        let c = Config::resolve(flags, admins).unwrap();
+        assert_eq!(c.access.admins, vec![key, other]);
+        assert!(toml::from_str::<FileConfig>("admins = [\"ed25519:00\"]").is_err());
         let site: FileConfig = toml::from_str("site = \"dc-1\"").unwrap();
         let c = Config::resolve(FileConfig::default(), site).unwrap();
         assert_eq!(c.net.site.as_deref(), Some("dc-1"));

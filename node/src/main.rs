@@ -83,6 +83,10 @@ enum Command {
         /// Join the fleet of this join token (`shoal fleet init` prints one); remembered
         #[arg(long, env = "SHOAL_JOIN")]
         join: Option<String>,
+        /// Also take policies, tokens and tickets signed by this admin key, besides the fleet's
+        /// (repeatable; `shoal keys` prints one): a decision of this node only
+        #[arg(long = "admin", env = "SHOAL_ADMINS", value_delimiter = ',')]
+        admins: Vec<shoal_protocol::PublisherKey>,
         /// How loopback clients are treated: open (trusted, the default) or authenticated
         #[arg(long, env = "SHOAL_LOCAL_CLIENTS", value_parser = parse_local_clients)]
         local_clients: Option<LocalClients>,
@@ -175,6 +179,15 @@ enum Command {
         common: Common,
         #[command(subcommand)]
         command: LifecycleCommand,
+    },
+    /// Show the running node: its peer id and addresses, the tag records it received, and
+    /// where its disk stands (store, filesystem, quota).
+    Status {
+        #[command(flatten)]
+        common: Common,
+        /// Print the answer as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// List the peers the running node is connected to.
     Peers {
@@ -574,6 +587,36 @@ where
     })
 }
 
+fn print_status(s: &admin::Status) {
+    println!("peer id: {}", s.peer_id.as_deref().unwrap_or("none"));
+    println!("p2p listen: {}", s.p2p_listen.join(" "));
+    println!(
+        "tag records: {} accepted, {} stale, {} untrusted, {} invalid",
+        s.records.accepted, s.records.stale, s.records.untrusted, s.records.invalid
+    );
+    println!(
+        "served to peers: {} bytes; bad peers cut off: {}",
+        s.served_bytes, s.bad_peers
+    );
+    let Some(d) = &s.disk else {
+        return;
+    };
+    let known = |b: Option<u64>| b.map_or_else(|| "unknown".to_owned(), |b| b.to_string());
+    println!(
+        "disk: the store uses {} bytes; filesystem {} bytes free of {}",
+        d.used_bytes,
+        known(d.fs_free_bytes),
+        known(d.fs_total_bytes)
+    );
+    match d.max_disk_bytes {
+        Some(max) => println!("quota: {max} bytes"),
+        None => println!("quota: none"),
+    }
+    if let (Some(p), Some(n), Some(c)) = (d.published_bytes, d.pinned_bytes, d.cached_bytes) {
+        println!("published {p} bytes, pinned {n} bytes, cached {c} bytes");
+    }
+}
+
 fn admin_of(common: Common) -> anyhow::Result<AdminClient> {
     let config = resolve(common, FileConfig::default())?;
     Ok(AdminClient::new(&config.data_dir))
@@ -591,6 +634,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             serve_limit_bytes_per_sec,
             site,
             join,
+            admins,
             local_clients,
             anonymous_pull,
             tls_cert,
@@ -608,6 +652,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 serve_limit_bytes_per_sec,
                 site,
                 join,
+                admins: (!admins.is_empty()).then_some(admins),
                 local_clients,
                 anonymous_pull: anonymous_pull.then_some(true),
                 tls_cert,
@@ -889,6 +934,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             reload(&config)
+        }
+        Command::Status { common, json } => {
+            let status: admin::Status = admin_of(common)?.get("/_shoal/v1/status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Peers { common } => {
             let answer: admin::Peers = admin_of(common)?.get("/_shoal/v1/peers")?;

@@ -341,6 +341,12 @@ impl Node {
             ));
         }
         http.tasks.spawn(quota.run(http.cancel.clone()));
+        http.tasks.spawn(expire_abandoned(
+            store.clone(),
+            config.http.upload_session_ttl,
+            config.gc.abandoned_downloads,
+            http.cancel.clone(),
+        ));
         tracing::info!(addr = %registry_addr, data_dir = %config.data_dir.display(), "registry listening");
         Ok(Node {
             store,
@@ -435,6 +441,55 @@ async fn collect_garbage(
     }
 }
 
+/// The longest time between two looks for abandoned upload sessions and downloads.
+const MAX_EXPIRY_INTERVAL: Duration = Duration::from_secs(300);
+
+/// How often a node looks for abandoned upload sessions and downloads: a quarter of the shorter
+/// of their times, between a second and [`MAX_EXPIRY_INTERVAL`], so that neither outlives its
+/// time by much (a day's time is looked at every five minutes, which costs a directory
+/// listing).
+fn expiry_interval(upload_ttl: Duration, download_ttl: Duration) -> Duration {
+    (upload_ttl.min(download_ttl) / 4).clamp(Duration::from_secs(1), MAX_EXPIRY_INTERVAL)
+}
+
+/// Removes abandoned upload sessions (idle for `upload_ttl`) and downloads (untouched for
+/// `download_ttl`, held by no fetch) every [`expiry_interval`], until `cancel`: without it they
+/// went only when a client touched the session or started another, or when garbage was
+/// collected, which is off by default.
+async fn expire_abandoned(
+    store: Store,
+    upload_ttl: Duration,
+    download_ttl: Duration,
+    cancel: CancellationToken,
+) {
+    let every = expiry_interval(upload_ttl, download_ttl);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let expired = tokio::select! {
+            () = cancel.cancelled() => return,
+            expired = store.expire_abandoned(upload_ttl, download_ttl) => expired,
+        };
+        match expired {
+            Ok(e) if e.uploads > 0 || e.downloads > 0 => tracing::info!(
+                uploads = e.uploads,
+                downloads = e.downloads,
+                download_bytes = e.download_bytes,
+                "removed abandoned upload sessions and downloads"
+            ),
+            Ok(_) => {}
+            // The store is closing: the node is stopping.
+            Err(StoreError::Closed) => return,
+            Err(e) => tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "removing abandoned upload sessions and downloads"
+            ),
+        }
+    }
+}
+
 /// Re-derives the tags' current records each time the access state changes (a trust rule, a
 /// publisher list or a revocation can make a current record stop counting), until `cancel`.
 async fn rederive_on_access_changes(tags: Tags, cancel: CancellationToken) {
@@ -513,6 +568,7 @@ async fn open_access(config: &Config, identity: &Identity) -> Result<Auth, NodeE
             local_clients: config.access.local_clients,
             anonymous_pull: config.access.anonymous_pull,
             users,
+            admins: config.access.admins.clone(),
             insecure: config.access.insecure,
         },
     );

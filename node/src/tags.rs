@@ -202,7 +202,8 @@ impl Tags {
         target: Option<TagTarget>,
         before: Batch,
     ) -> Result<VerifiedTagRecord, PublishError> {
-        if !self.auth.may_publish(&self.key.public(), repo) {
+        let action = crate::auth::record_action(target.as_ref());
+        if !self.auth.may_publish(&self.key.public(), repo, action) {
             return Err(PublishError::NotAPublisher(repo.clone()));
         }
         let immutable = !self.auth.tag_is_mutable(repo, tag);
@@ -279,7 +280,11 @@ impl Tags {
     /// claims no time beyond the clock skew. `Err` says why not ([`Ingest::Untrusted`] or
     /// [`Ingest::Invalid`]).
     pub fn check(&self, record: &TagRecord) -> Result<(), Ingest> {
-        if !self.auth.may_publish(&record.publisher, &record.repo) {
+        let action = crate::auth::record_action(record.target.as_ref());
+        if !self
+            .auth
+            .may_publish(&record.publisher, &record.repo, action)
+        {
             return Err(Ingest::Untrusted);
         }
         // A trusted key's record from beyond the clock skew would otherwise win every later one

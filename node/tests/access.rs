@@ -5,6 +5,7 @@
 
 mod testnet;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -88,8 +89,57 @@ async fn apply(node: &TestNode, policy: shoal_protocol::fleet::SignedPolicy) {
     n.network().publish_policy(&policy).await.unwrap();
 }
 
+/// Offers a policy to `node` as from a peer: what became of it.
+async fn take(node: &TestNode, policy: shoal_protocol::fleet::SignedPolicy) -> ingest::Outcome {
+    let n = node.node();
+    ingest::policy(n.tags().auth(), n.store(), policy)
+        .await
+        .unwrap()
+}
+
 fn peer(node: &TestNode) -> PeerId {
     node.node().network().peer_id()
+}
+
+/// A grant of `actions` on `repos` to `node`, as the policy `id`.
+fn node_grant(id: &str, node: &TestNode, repos: &str, actions: &str) -> PolicyBody {
+    PolicyBody::Grant {
+        id: id.parse().unwrap(),
+        grant: Some(Grant {
+            principal: shoal_protocol::fleet::Principal::Node(node.identity.publisher()),
+            repos: repos.parse().unwrap(),
+            actions: actions.parse().unwrap(),
+            expires_ms: None,
+        }),
+    }
+}
+
+/// Waits until each of `nodes` holds at least `n` policies.
+async fn wait_policies(nodes: &[&TestNode], n: usize) {
+    for node in nodes {
+        wait_until(WAIT, "the policies on every member", || async {
+            (node.node().tags().auth().policies().len() >= n).then_some(())
+        })
+        .await;
+    }
+}
+
+/// A tag record for `secret/app:1` signed by `signer`, naming `target` (a delete with `None`),
+/// `ahead_ms` later than now.
+fn record_by(
+    signer: &TestNode,
+    target: Option<shoal_protocol::TagTarget>,
+    ahead_ms: u64,
+) -> shoal_protocol::SignedTagRecord {
+    let record = shoal_protocol::TagRecord {
+        repo: "secret/app".parse().unwrap(),
+        tag: "1".parse().unwrap(),
+        target,
+        timestamp_ms: Admin::now() + ahead_ms,
+        sequence: 0,
+        publisher: signer.identity.publisher(),
+    };
+    shoal_protocol::SignedTagRecord::sign(&record, &signer.identity.signing_key()).unwrap()
 }
 
 fn private(pattern: &str) -> PolicyBody {
@@ -261,6 +311,11 @@ async fn a_record_naming_a_private_blob_from_a_public_repository_does_not_unlock
     let net = fleet_net(&admin, 2).await;
     let (owner, member) = (&net.nodes[0], &net.nodes[1]);
     apply(owner, admin.sign(private("secret/*"), 0)).await;
+    apply(
+        owner,
+        admin.sign(node_grant("owner", owner, "secret/*", "push"), 0),
+    )
+    .await;
     let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
     let member_auth = member.node().tags().auth().clone();
     wait_until(WAIT, "the policy on the member", || async {
@@ -417,16 +472,14 @@ async fn a_private_repository_reaches_only_the_granted_node_and_a_revoked_grant_
     };
     apply(owner, admin.sign(private("secret/*"), 0)).await;
     apply(owner, admin.sign(grant(true), 0)).await;
+    // The owner takes the pushes: the fleet counts its records with a push grant.
+    apply(
+        owner,
+        admin.sign(node_grant("owner", owner, "secret/*", "push"), 0),
+    )
+    .await;
     let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
-    for node in [granted, other] {
-        let repo = repo.clone();
-        wait_until(WAIT, "the policies on every member", || async {
-            let auth = node.node().tags().auth();
-            (auth.settings(&repo).visibility == Visibility::Private && !auth.policies().is_empty())
-                .then_some(())
-        })
-        .await;
-    }
+    wait_policies(&[granted, other], 3).await;
 
     let img = image(33, &[3 << 20]);
     let layer = Digest::sha256(&img.blobs[1]);
@@ -660,4 +713,266 @@ async fn a_revoked_member_is_cut_off_and_its_records_stop_counting() {
             .unwrap();
         assert_eq!(outcome, shoal_node::tags::Ingest::Untrusted);
     }
+}
+
+/// In a private repository, a member's tag records count only with a grant of what they do:
+/// a member that may only pull (or a thief of its node key) signs records that move and delete
+/// a tag, and every other node refuses them; its registry refuses a push or a delete up front
+/// with `403`, saying why, instead of acknowledging what the fleet would ignore. A member
+/// granted push and delete moves and deletes the tag everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_private_repositorys_tags_move_only_by_members_granted_to() {
+    let admin = Admin::new(8);
+    let net = fleet_net(&admin, 3).await;
+    let (owner, reader, writer) = (&net.nodes[0], &net.nodes[1], &net.nodes[2]);
+    apply(owner, admin.sign(private("secret/*"), 0)).await;
+    let all = "pull,push,delete";
+    apply(
+        owner,
+        admin.sign(node_grant("o", owner, "secret/*", all), 0),
+    )
+    .await;
+    apply(
+        owner,
+        admin.sign(node_grant("r", reader, "secret/*", "pull"), 0),
+    )
+    .await;
+    apply(
+        owner,
+        admin.sign(node_grant("w", writer, "secret/*", all), 0),
+    )
+    .await;
+    wait_policies(&[reader, writer], 4).await;
+    let (first, second) = (image(50, &[64 << 10]), image(51, &[64 << 10]));
+    owner.push("secret/app", "1", &first).await;
+    owner.push("secret/app", "2", &second).await;
+    for node in [reader, writer] {
+        wait_until(WAIT, "the records on the granted nodes", || async {
+            (node.has_record("secret/app", "1").await && node.has_record("secret/app", "2").await)
+                .then_some(())
+        })
+        .await;
+    }
+    let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
+    let to_second = owner
+        .node()
+        .tags()
+        .target_for(
+            &repo,
+            &second.digest,
+            &shoal_node::manifest::parse(&second.manifest, None).unwrap(),
+        )
+        .await
+        .unwrap();
+    let names = |digest: &Digest| Some(digest.to_string());
+
+    // The reader's move and delete, newer than the tag's record: refused wherever they arrive.
+    for forged in [
+        record_by(reader, Some(to_second.clone()), 500),
+        record_by(reader, None, 600),
+    ] {
+        for node in [owner, writer] {
+            let outcome = node.node().tags().ingest(forged.clone()).await.unwrap();
+            assert_eq!(outcome, shoal_node::tags::Ingest::Untrusted);
+            assert_eq!(
+                node.tag_digest("secret/app", "1").await,
+                names(&first.digest)
+            );
+        }
+    }
+    // Its registry says so up front: a push, and a delete.
+    let upload = testnet::http(
+        reader.http_addr(),
+        "POST",
+        "/v2/secret/app/blobs/uploads/",
+        &[],
+        b"",
+    )
+    .await;
+    let put = testnet::http(
+        reader.http_addr(),
+        "PUT",
+        "/v2/secret/app/manifests/1",
+        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+        &second.manifest,
+    )
+    .await;
+    let delete = testnet::http(
+        reader.http_addr(),
+        "DELETE",
+        "/v2/secret/app/manifests/1",
+        &[],
+        b"",
+    )
+    .await;
+    for (r, action) in [(upload, "push"), (put, "push"), (delete, "delete")] {
+        let body = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, 403, "{body}");
+        assert!(
+            body.contains("DENIED") && body.contains(&format!("lacks a {action} grant")),
+            "{body}"
+        );
+    }
+    for node in [owner, reader, writer] {
+        assert_eq!(
+            node.tag_digest("secret/app", "1").await,
+            names(&first.digest)
+        );
+    }
+    // A public repository takes any member's push, as before.
+    reader.push("team/app", "1", &first).await;
+
+    // The writer's move, then its delete: accepted by the others.
+    let moved = record_by(writer, Some(to_second), 1000);
+    let deleted = record_by(writer, None, 2000);
+    for node in [owner, reader] {
+        let outcome = node.node().tags().ingest(moved.clone()).await.unwrap();
+        assert_eq!(outcome, shoal_node::tags::Ingest::Accepted);
+        assert_eq!(
+            node.tag_digest("secret/app", "1").await,
+            names(&second.digest)
+        );
+        let outcome = node.node().tags().ingest(deleted.clone()).await.unwrap();
+        assert_eq!(outcome, shoal_node::tags::Ingest::Accepted);
+        assert_eq!(node.tag_digest("secret/app", "1").await, None);
+    }
+}
+
+/// An admin key the operator adds in a node's config (`admins`, `--admin`) counts on that node
+/// only: its policy is in force there, and a member that does not list it refuses the policy
+/// both handed to it and gossiped to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_of_an_admin_from_the_config_counts_only_where_it_is_listed() {
+    let admin = Admin::new(9);
+    let extra = SigningKey::from_seed([77; 32]);
+    let mut net = TestNet::with_identities(2);
+    net.trust_each_other = false;
+    net.sync_interval = Duration::from_secs(1);
+    net.access.insert(
+        0,
+        AccessConfig {
+            admins: vec![extra.public()],
+            ..admin.access(&[])
+        },
+    );
+    net.access.insert(1, admin.access(&[]));
+    for _ in 0..2 {
+        net.start_next().await;
+    }
+    net.wait_connected(1).await;
+    let (listing, other) = (&net.nodes[0], &net.nodes[1]);
+    let policy = Signed::sign(
+        &Policy {
+            fleet: admin.fleet,
+            body: private("secret/*"),
+            timestamp_ms: Admin::now(),
+            sequence: 0,
+            admin: extra.public(),
+        },
+        &extra,
+    )
+    .unwrap();
+    let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
+    assert_eq!(
+        take(listing, policy.clone()).await,
+        ingest::Outcome::Accepted
+    );
+    assert_eq!(
+        listing.node().tags().auth().settings(&repo).visibility,
+        Visibility::Private
+    );
+    let _ = listing.node().network().publish_policy(&policy).await;
+    assert_eq!(
+        take(other, policy.clone()).await,
+        ingest::Outcome::Refused(shoal_node::auth::Refused::NotAdmin)
+    );
+    // Over a few sync rounds and the gossip, the other member still refuses it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let auth = other.node().tags().auth();
+    assert_eq!(auth.settings(&repo).visibility, Visibility::Public);
+    assert!(auth.policies().is_empty());
+    // The fleet's admin counts on both.
+    apply(listing, admin.sign(private("team/*"), 0)).await;
+    wait_policies(&[other], 1).await;
+}
+
+/// A node that was stopped while the admin changed the policies catches up through sync when
+/// it comes back, and enforces them: it refuses a push into the repository made private, which
+/// it holds no grant for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_was_offline_catches_up_on_policies_through_sync() {
+    let admin = Admin::new(10);
+    let mut net = fleet_net(&admin, 2).await;
+    net.nodes[1].stop().await;
+    for body in [
+        private("secret/*"),
+        node_grant("o", &net.nodes[0], "secret/*", "push"),
+    ] {
+        let outcome = take(&net.nodes[0], admin.sign(body, 0)).await;
+        assert_eq!(outcome, ingest::Outcome::Accepted);
+    }
+    net.restart(1).await;
+    let back = &net.nodes[1];
+    wait_policies(&[back], 2).await;
+    let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
+    assert_eq!(
+        back.node().tags().auth().settings(&repo).visibility,
+        Visibility::Private
+    );
+    let r = testnet::http(
+        back.http_addr(),
+        "POST",
+        "/v2/secret/app/blobs/uploads/",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    back.push("team/app", "1", &image(52, &[1 << 10])).await;
+}
+
+/// Trust rules change on a running node (`shoal trust add`, then the admin API's reload): a
+/// publisher's records start counting without a restart, and stop counting (its tags fall
+/// back) when the rule goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trust_rules_change_on_a_running_node_without_a_restart() {
+    let mut net = TestNet::with_identities(2);
+    net.trust_each_other = false;
+    net.sync_interval = Duration::from_secs(1);
+    for _ in 0..2 {
+        net.start_next().await;
+    }
+    net.wait_connected(1).await;
+    let (publisher, node) = (&net.nodes[0], &net.nodes[1]);
+    let img = image(53, &[64 << 10]);
+    publisher.push("team/app", "1", &img).await;
+    publisher.push("lib/x", "1", &img).await;
+    wait_until(WAIT, "the records refused as untrusted", || async {
+        let untrusted = node.node().tags().stats().untrusted.load(Ordering::Relaxed);
+        (untrusted >= 2).then_some(())
+    })
+    .await;
+    assert!(!node.has_record("team/app", "1").await);
+    let reload = || async {
+        let r = testnet::http(node.http_addr(), "POST", "/_shoal/v1/reload", &[], b"").await;
+        assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    };
+    let rule = format!("{}=team/*", publisher.identity.publisher());
+    shoal_node::auth::trust::write_file(node.dir.path(), &[rule.parse().unwrap()]).unwrap();
+    reload().await;
+    wait_until(WAIT, "the trusted publisher's record", || async {
+        node.has_record("team/app", "1").await.then_some(())
+    })
+    .await;
+    node.pull_and_check("team/app", "1", &img).await;
+    // Only for the rule's repositories.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!node.has_record("lib/x", "1").await);
+    // The rule removed, the tag falls back to nothing.
+    shoal_node::auth::trust::write_file(node.dir.path(), &[]).unwrap();
+    reload().await;
+    wait_until(WAIT, "the record to stop counting", || async {
+        (!node.has_record("team/app", "1").await).then_some(())
+    })
+    .await;
 }

@@ -1,7 +1,7 @@
 //! A hostile trusted key and hostile gossip: a record from the future pins no tag, a tag falls
 //! back when its publisher's trust goes (at once, and across a restart, but never past a
-//! retention policy's expiry), and records no one trusts are not relayed, while the peer that
-//! floods them is banned.
+//! retention policy's expiry), a push that does not take its tag is not acknowledged as if it
+//! had, and records no one trusts are not relayed, while the peer that floods them is banned.
 
 mod testnet;
 
@@ -371,5 +371,109 @@ async fn a_push_after_a_record_with_the_last_sequence_moves_the_tag() {
         manifest_of(&current(node, "team/app", "1").await),
         Some(img.digest.to_string()),
         "a push answered 201 must move the tag"
+    );
+}
+
+/// Uploads `img`'s blobs to `repo` (not its manifest).
+async fn upload_blobs(node: &testnet::TestNode, repo: &str, img: &testnet::Image) {
+    for b in &img.blobs {
+        let d = shoal_protocol::Digest::sha256(b);
+        let path = format!("/v2/{repo}/blobs/uploads/?digest={d}");
+        let r = testnet::http(node.http_addr(), "POST", &path, &[], b).await;
+        assert_eq!(r.status, 201, "blob upload");
+    }
+}
+
+/// `PUT`s `img`'s manifest as `repo:tag`; the status, and the error code if any.
+async fn put_manifest(
+    node: &testnet::TestNode,
+    repo: &str,
+    tag: &str,
+    img: &testnet::Image,
+) -> (u16, String) {
+    let r = testnet::http(
+        node.http_addr(),
+        "PUT",
+        &format!("/v2/{repo}/manifests/{tag}"),
+        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+        &img.manifest,
+    )
+    .await;
+    (r.status, String::from_utf8_lossy(&r.body).into_owned())
+}
+
+/// Pushes racing for one tag: a push whose record does not become the tag's current one is
+/// not acknowledged as if it had (`503 UNAVAILABLE`, "push again"), and the tag names a push
+/// that was.
+///
+/// The tag's current record lies a minute ahead of this node's clock (within the skew), so
+/// every push orders itself right after it: at that time, with the next sequence. Pushes that
+/// read the tag before any of them lands make the same order key, and only the first to land
+/// takes the tag (`PublishError::Lost` for the others).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_push_that_loses_a_race_for_its_tag_is_not_acknowledged() {
+    let net = TestNet::start(1).await;
+    let node = &net.nodes[0];
+    let key = node.identity.signing_key();
+    let ahead = tombstone(&key, "team/app", "1", now_ms() + 60_000);
+    assert_eq!(
+        node.node().tags().ingest(ahead).await.unwrap(),
+        shoal_node::tags::Ingest::Accepted
+    );
+    let images: Vec<testnet::Image> = (0..4)
+        .map(|i| image(100 + i, &[1000 + i as usize]))
+        .collect();
+    for img in &images {
+        upload_blobs(node, "team/app", img).await;
+    }
+    let (mut rounds, mut lost) = (0, Vec::new());
+    while lost.is_empty() && rounds < 30 {
+        rounds += 1;
+        let puts = images
+            .iter()
+            .map(|img| put_manifest(node, "team/app", "1", img));
+        let answers = futures::future::join_all(puts).await;
+        let named = node.tag_digest("team/app", "1").await;
+        let mut acknowledged = Vec::new();
+        for (img, (status, body)) in images.iter().zip(answers) {
+            match status {
+                201 => acknowledged.push(img.digest.to_string()),
+                503 => {
+                    assert!(body.contains("UNAVAILABLE"), "{body}");
+                    assert_ne!(
+                        named.as_deref(),
+                        Some(img.digest.to_string().as_str()),
+                        "the tag names a push that was refused"
+                    );
+                    lost.push(img);
+                }
+                other => panic!("push answered {other}: {body}"),
+            }
+        }
+        let named = named.expect("the tag names an image");
+        assert!(
+            acknowledged.contains(&named),
+            "the tag names {named}, which no push of this round was acknowledged for"
+        );
+        assert_eq!(
+            manifest_of(&current(node.node(), "team/app", "1").await),
+            Some(named)
+        );
+    }
+    println!(
+        "{} of 4 racing pushes refused in round {rounds}",
+        lost.len()
+    );
+    assert!(
+        !lost.is_empty(),
+        "in {rounds} rounds of 4 racing pushes, none lost its tag: every push was acknowledged"
+    );
+    // The client does as it is told: pushed again, the refused image takes the tag.
+    let again = lost[0];
+    let (status, body) = put_manifest(node, "team/app", "1", again).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        node.tag_digest("team/app", "1").await,
+        Some(again.digest.to_string())
     );
 }

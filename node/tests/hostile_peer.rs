@@ -1,8 +1,10 @@
 //! A hostile peer, written with the node's own libp2p stack and protocol crate, cannot take a
 //! node down: a peer holding chunk streams it never reads does not stop an honest peer's pull
-//! and is banned for stalling; a peer whose record pages go round in circles is cut off after a
-//! few pages and banned when it keeps at it; frames over their message's limit are refused
-//! unread and count against the peer that sends them.
+//! and is banned for stalling; one that reads them a trickle has them closed at their send
+//! deadline and is struck for it; a few peers holding every chunk stream do not keep a new asker
+//! out; a peer whose record pages go round in circles is cut off after a few pages and banned
+//! when it keeps at it; frames over their message's limit are refused unread and count against
+//! the peer that sends them.
 //!
 //! The `#[ignore]`d `measure_*` tests print the figures of issue 23 (run them one at a time with
 //! `--run-ignored only --nocapture`).
@@ -17,6 +19,7 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use shoal_node::net::conduct::Offence;
 use shoal_node::net::framing::{SyncCodec, write_frame};
 use shoal_protocol::message::{ChunkRequest, SYNC_PROTOCOL, SyncRequest, SyncResponse};
 use shoal_protocol::{Digest, RepoName, SignedTagRecord, SigningKey, Tag, TagRecord, codec};
@@ -127,19 +130,19 @@ fn plain(request: SyncRequest) -> SyncResponse {
 
 // ---- (a) chunk streams held and never read --------------------------------------------------
 
-/// Opens `streams` chunk streams from `hog` to `seeder`, each asking for the whole `blob` (of
-/// `size` bytes), and never reads them. Returns them, to keep them open.
+/// Opens `streams` chunk streams from `hog` to `seeder`, each asking for the first `length`
+/// bytes of `blob`, and never reads them. Returns them, to keep them open.
 async fn hog_chunk_streams(
     hog: &mut Hostile,
     seeder: PeerId,
     blob: &Digest,
-    size: u64,
+    length: u64,
     streams: usize,
 ) -> Vec<libp2p::Stream> {
     let request = codec::encode(&ChunkRequest {
         digest: blob.clone(),
         offset: 0,
-        length: size,
+        length,
     })
     .expect("encode");
     let mut held = Vec::new();
@@ -166,7 +169,9 @@ async fn honest_pull_under_a_hog(
     let seeder = net.nodes[0].node().network().peer_id();
     let mut hog = Hostile::start(address_of(&net, 0), Arc::new(plain));
     let layer = Digest::sha256(&img.blobs[1]);
-    let held = hog_chunk_streams(&mut hog, seeder, &layer, img.blobs[1].len() as u64, 64).await;
+    // As much as a peer may have in flight: 16 streams of 4 MiB.
+    let length = (img.blobs[1].len() as u64).min(4 * MIB as u64);
+    let held = hog_chunk_streams(&mut hog, seeder, &layer, length, 64).await;
     // The honest node comes after the hog has taken what it can.
     net.start_next().await;
     net.wait_connected(1).await;
@@ -205,6 +210,154 @@ async fn a_peer_holding_chunk_streams_unread_stops_no_honest_pull_and_is_banned(
 async fn measure_an_honest_48_mib_pull_under_a_chunk_stream_hog() {
     let (took, _net, _hog, _held) = honest_pull_under_a_hog(48).await;
     println!("honest 48 MiB pull under a 64-stream hog: {took:?}");
+}
+
+/// Reads `stream` a trickle at a time (8 KiB every 250 ms, 32 KiB/s: fast enough that the
+/// node's writes never stall, half the rate a chunk's send deadline asks) until it ends.
+/// Returns the bytes read, and adds them to `read` as they come.
+async fn trickle(mut stream: libp2p::Stream, read: Arc<AtomicU64>) -> u64 {
+    let mut buf = vec![0u8; 8 * 1024];
+    let mut total = 0;
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return total,
+            Ok(n) => {
+                total += n as u64;
+                read.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Opens `streams` chunk streams from `hog` to `seeder`, each asking for the first `length`
+/// bytes of `blob` and reading the answer a [`trickle`] at a time. Returns the readers (each
+/// ends with the bytes it read) and, per stream, a count of the bytes read so far.
+async fn trickle_chunk_streams(
+    hog: &mut Hostile,
+    seeder: PeerId,
+    blob: &Digest,
+    length: u64,
+    streams: usize,
+) -> (tokio::task::JoinSet<u64>, Vec<Arc<AtomicU64>>) {
+    let held = hog_chunk_streams(hog, seeder, blob, length, streams).await;
+    let mut readers = tokio::task::JoinSet::new();
+    let mut counts = Vec::new();
+    for stream in held {
+        let read = Arc::new(AtomicU64::new(0));
+        counts.push(read.clone());
+        readers.spawn(trickle(stream, read));
+    }
+    (readers, counts)
+}
+
+/// Far more than a `Busy` answer's frame: the stream was answered `Ok` and is being sent.
+const SENDING: u64 = 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_reading_a_trickle_has_its_streams_closed_by_the_send_deadline_and_is_reported() {
+    let mut net = TestNet::with_identities(2);
+    net.start_next().await;
+    let img = image(24, &[8 * MIB]);
+    net.nodes[0].push("team/app", "v1", &img).await;
+    let seeder = net.nodes[0].node().network();
+    let mut hog = Hostile::start(address_of(&net, 0), Arc::new(plain));
+    // The hog already has 90 points: the strikes of its trickles make the 100 of a ban.
+    for offence in [Offence::Malformed; 3]
+        .into_iter()
+        .chain([Offence::Useless; 15])
+    {
+        seeder.report(hog.id, offence);
+    }
+    assert!(!seeder.is_banned(&hog.id));
+    // 1 MiB at 32 KiB/s takes half a minute, past its 16 s deadline (64 KiB/s).
+    let length = MIB as u64;
+    let layer = Digest::sha256(&img.blobs[1]);
+    let started = Instant::now();
+    let (mut readers, _) =
+        trickle_chunk_streams(&mut hog, seeder.peer_id(), &layer, length, 4).await;
+    // Meanwhile an honest peer pulls the image.
+    net.start_next().await;
+    net.wait_connected(1).await;
+    wait_until(WAIT, "the record to reach the honest node", || async {
+        net.nodes[1]
+            .has_record("team/app", "v1")
+            .await
+            .then_some(())
+    })
+    .await;
+    tokio::time::timeout(WAIT, net.nodes[1].pull_and_check("team/app", "v1", &img))
+        .await
+        .expect("the honest pull finished while the hog trickled");
+    while let Some(read) = tokio::time::timeout(WAIT, readers.join_next())
+        .await
+        .expect("the node closed every trickled stream")
+    {
+        let read = read.expect("reader");
+        assert!(
+            read < length,
+            "a trickled stream got all {read} bytes: no send deadline closed it"
+        );
+    }
+    println!(
+        "4 streams trickling 1 MiB at 32 KiB/s: all closed after {:?}",
+        started.elapsed()
+    );
+    let seeder = net.nodes[0].node().network();
+    wait_until(WAIT, "the trickling hog to be banned", || async {
+        seeder.is_banned(&hog.id).then_some(())
+    })
+    .await;
+}
+
+/// Four peer IDs (one attacker's, say) hold every chunk stream of a seeder, reading a trickle:
+/// a new honest asker still gets its share at once, and its pull is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_few_peers_holding_every_chunk_stream_do_not_starve_a_new_asker() {
+    let mut net = TestNet::with_identities(2);
+    net.start_next().await;
+    let img = image(25, &[8 * MIB]);
+    net.nodes[0].push("team/app", "v1", &img).await;
+    let seeder = net.nodes[0].node().network().peer_id();
+    let layer = Digest::sha256(&img.blobs[1]);
+    let (mut hogs, mut readers, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..4 {
+        let mut hog = Hostile::start(address_of(&net, 0), Arc::new(plain));
+        // Each stream asks for 4 MiB: a hog's 16 fit its bytes in flight exactly.
+        let (r, c) = trickle_chunk_streams(&mut hog, seeder, &layer, 4 * MIB as u64, 16).await;
+        hogs.push(hog);
+        readers.push(r);
+        counts.extend(c);
+    }
+    wait_until(WAIT, "the hogs to hold all 64 streams", || async {
+        let sending = counts
+            .iter()
+            .filter(|c| c.load(Ordering::Relaxed) > SENDING)
+            .count();
+        (sending == 64).then_some(())
+    })
+    .await;
+    net.start_next().await;
+    net.wait_connected(1).await;
+    wait_until(WAIT, "the record to reach the honest node", || async {
+        net.nodes[1]
+            .has_record("team/app", "v1")
+            .await
+            .then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    // Without a share for newcomers, the trickles hold every stream for two minutes.
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        net.nodes[1].pull_and_check("team/app", "v1", &img),
+    )
+    .await
+    .expect("the honest pull finished while four hogs held every stream");
+    println!(
+        "honest 8 MiB pull while 4 peers held all 64 streams: {:?}",
+        started.elapsed()
+    );
 }
 
 // ---- (b) record pages that go round in circles ------------------------------------------------

@@ -129,7 +129,9 @@ async fn push(
     .await
 }
 
-/// Makes the repositories of `pattern` private on `n`, as the fleet's admin.
+/// Makes the repositories of `pattern` private on `n`, as the fleet's admin, and grants the
+/// node push and delete there (the fleet counts a private repository's records only from nodes
+/// granted what they do).
 async fn make_private(n: &TestNode, fleet: &Fleet, pattern: &str) {
     let body = shoal_protocol::fleet::PolicyBody::Repo {
         pattern: pattern.parse().unwrap(),
@@ -139,6 +141,18 @@ async fn make_private(n: &TestNode, fleet: &Fleet, pattern: &str) {
         }),
     };
     apply_policy(n, fleet, body).await;
+    let grant = shoal_protocol::fleet::PolicyBody::Grant {
+        id: format!("node-{}", pattern.replace(['*', '/'], ""))
+            .parse()
+            .unwrap(),
+        grant: Some(shoal_protocol::fleet::Grant {
+            principal: shoal_protocol::fleet::Principal::Node(n.identity.publisher()),
+            repos: pattern.parse().unwrap(),
+            actions: "push,delete".parse().unwrap(),
+            expires_ms: None,
+        }),
+    };
+    apply_policy(n, fleet, grant).await;
 }
 
 /// Signs `body` as the fleet's admin and has `n` take it in, as from gossip.
@@ -189,12 +203,18 @@ async fn refused_to_non_admins(n: &TestNode, calls: &[(&str, &str, &str)], ana: 
 }
 
 async fn node(fleet: &Fleet) -> TestNet {
+    node_with(fleet, false).await
+}
+
+/// [`node`], letting clients without credentials pull public repositories if `anonymous_pull`.
+async fn node_with(fleet: &Fleet, anonymous_pull: bool) -> TestNet {
     let mut net = TestNet::with_identities(1);
     net.access.insert(
         0,
         AccessConfig {
             join: Some(fleet.join()),
             local_clients: LocalClients::Authenticated,
+            anonymous_pull,
             ..AccessConfig::default()
         },
     );
@@ -632,4 +652,254 @@ async fn the_pins_and_quota_api_refuses_clients_that_are_not_admins() {
     refused_to_non_admins(n, &calls, &ana, &ci).await;
     // The pin is as it was.
     assert_eq!(store.pins().await.unwrap(), vec![pin]);
+}
+
+/// A principal that may pull and push but not delete gets `403 DENIED` for a `DELETE` of a
+/// tag, a manifest or a blob, and nothing is deleted; with `delete`, the same request goes
+/// through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_without_the_delete_action_is_denied_and_deletes_nothing() {
+    let fleet = Fleet::new();
+    let net = node(&fleet).await;
+    let n = &net.nodes[0];
+    let writer = basic("ci", &fleet.token(&[("team/*", "pull,push")], 600_000));
+    let img = image(70, &[16 << 10]);
+    assert_eq!(push(n, "team/app", "1", &img, &writer).await.status, 201);
+    let layer = Digest::sha256(&img.blobs[1]);
+    let paths = [
+        "/v2/team/app/manifests/1".to_owned(),
+        format!("/v2/team/app/manifests/{}", img.digest),
+        format!("/v2/team/app/blobs/{layer}"),
+    ];
+    for path in &paths {
+        let r = http(
+            n.http_addr(),
+            "DELETE",
+            path,
+            &[("Authorization", &writer)],
+            b"",
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            403,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(error_code(&r), "DENIED", "{path}");
+    }
+    for path in &paths {
+        let r = get(n, path, Some(&writer)).await;
+        assert_eq!(r.status, 200, "{path} is gone");
+    }
+    let r = get(n, "/v2/team/app/manifests/1", Some(&writer)).await;
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(img.digest.to_string().as_str())
+    );
+    // With the action, the same request deletes.
+    let deleter = basic("ci", &fleet.token(&[("team/*", "pull,delete")], 600_000));
+    let r = http(
+        n.http_addr(),
+        "DELETE",
+        &paths[0],
+        &[("Authorization", &deleter)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(get(n, &paths[0], Some(&writer)).await.status, 404);
+}
+
+/// With anonymous pulls allowed (`anonymous_pull`), a client without credentials pulls a
+/// public repository over HTTP, and is answered `401` with a challenge for a private one (and
+/// for any push).
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_pulls_reach_public_repositories_only() {
+    let fleet = Fleet::new();
+    let net = node_with(&fleet, true).await;
+    let n = &net.nodes[0];
+    make_private(n, &fleet, "secret/*").await;
+    let writer = basic("ci", &fleet.token(&[("*", "pull,push")], 600_000));
+    let img = image(71, &[16 << 10]);
+    for repo in ["team/app", "secret/app"] {
+        assert_eq!(
+            push(n, repo, "1", &img, &writer).await.status,
+            201,
+            "{repo}"
+        );
+    }
+    let r = get(n, "/v2/team/app/manifests/1", None).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.body, img.manifest);
+    for b in &img.blobs {
+        let r = get(
+            n,
+            &format!("/v2/team/app/blobs/{}", Digest::sha256(b)),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(&r.body, b);
+    }
+    for path in [
+        "/v2/secret/app/manifests/1".to_owned(),
+        "/v2/secret/app/tags/list".to_owned(),
+        format!("/v2/secret/app/blobs/{}", Digest::sha256(&img.blobs[1])),
+    ] {
+        let r = get(n, &path, None).await;
+        assert_eq!(r.status, 401, "{path}");
+        assert_eq!(error_code(&r), "UNAUTHORIZED", "{path}");
+        let challenge = r.header("www-authenticate").unwrap_or_default();
+        assert!(
+            challenge.starts_with("Bearer realm=")
+                && challenge.contains("scope=\"repository:secret/app:pull\""),
+            "{path}: {challenge}"
+        );
+        assert!(!String::from_utf8_lossy(&r.body).contains(&img.digest.to_string()));
+    }
+    let r = http(
+        n.http_addr(),
+        "POST",
+        "/v2/team/app/blobs/uploads/",
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    // The catalog names only the public repository.
+    let catalog = get(n, "/v2/_catalog", None).await;
+    let body = String::from_utf8_lossy(&catalog.body);
+    assert!(
+        body.contains("team/app") && !body.contains("secret"),
+        "{body}"
+    );
+}
+
+/// Everything the node logs, at every level, from the moment this is first called (one
+/// subscriber for the whole test process).
+fn captured_log() -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOG: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
+        std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
+        buffer
+    })
+    .clone()
+}
+
+/// A writer into the captured log.
+struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The node's log, at every level, holds none of the secrets clients log in with: an access
+/// token, a user's password (right or wrong), a bearer token the node issued, nor their Basic
+/// encodings.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_token_or_password_reaches_the_log() {
+    let log = captured_log();
+    let fleet = Fleet::new();
+    let net = node(&fleet).await;
+    let n = &net.nodes[0];
+    let access = fleet.token(&[("team/*", "pull,push,delete")], 600_000);
+    let wrong = "staple battery 9f3c";
+    let ana = basic("ana", "correct horse");
+    let ci = basic("ci", &access);
+    let img = image(72, &[16 << 10]);
+    assert_eq!(push(n, "team/app", "1", &img, &ci).await.status, 201);
+    assert_eq!(push(n, "team/web", "1", &img, &ana).await.status, 201);
+    let login = get(
+        n,
+        "/token?service=shoal&scope=repository:team/app:pull,push",
+        Some(&ci),
+    )
+    .await;
+    assert_eq!(login.status, 200);
+    let bearer = serde_json::from_slice::<serde_json::Value>(&login.body).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let with_bearer = format!("Bearer {bearer}");
+    assert_eq!(
+        get(n, "/v2/team/app/tags/list", Some(&with_bearer))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(n, "/v2/team/app/tags/list", Some(&basic("ana", wrong)))
+            .await
+            .status,
+        401
+    );
+    // A token with one character changed, and a bearer token cut short.
+    let mut mutated = access.clone().into_bytes();
+    if let Some(last) = mutated.last_mut() {
+        *last = if *last == b'A' { b'B' } else { b'A' };
+    }
+    let mutated = String::from_utf8(mutated).unwrap();
+    assert_eq!(
+        get(n, "/v2/", Some(&basic("ci", &mutated))).await.status,
+        401
+    );
+    let cut = &bearer[..bearer.len() - 4];
+    assert_eq!(
+        get(n, "/v2/", Some(&format!("Bearer {cut}"))).await.status,
+        401
+    );
+    let r = http(
+        n.http_addr(),
+        "DELETE",
+        "/v2/team/app/manifests/1",
+        &[("Authorization", &ci)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let text = String::from_utf8_lossy(
+        &log.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
+    .into_owned();
+    assert!(
+        text.contains("registry listening"),
+        "the node's log was not captured"
+    );
+    let tail = |s: &str| s[s.len().saturating_sub(24)..].to_owned();
+    for (what, secret) in [
+        ("the access token", access.clone()),
+        ("the access token's signature", tail(&access)),
+        ("the mutated token", tail(&mutated)),
+        ("the password", "correct horse".to_owned()),
+        ("the wrong password", wrong.to_owned()),
+        ("the bearer token", bearer.clone()),
+        ("the bearer token's signature", tail(&bearer)),
+        ("the cut bearer token", tail(cut)),
+        ("a Basic header", ana["Basic ".len()..].to_owned()),
+        ("a Basic header", ci["Basic ".len()..].to_owned()),
+    ] {
+        assert!(!text.contains(&secret), "{what} is in the log");
+    }
 }

@@ -2,10 +2,14 @@
 //! stopped one's directory, and SIGKILL in the middle of a collection.
 //!
 //! Each round makes garbage (images pushed and deleted, blobs nothing names), starts
-//! `shoal gc --grace 0s` against the running node and SIGKILLs the node a random few
-//! milliseconds later, often in the middle of the sweep. After every kill `shoal fsck` must
-//! pass on the directory as the kill left it, and after a restart every image still tagged must
-//! pull byte-identical. `SHOAL_TEST_SEED` replays a run.
+//! `shoal gc --grace 0s` against the running node and SIGKILLs the node: every other round a
+//! random few milliseconds later (anywhere, from before the mark to after the sweep), the
+//! others a random few milliseconds after the first garbage blob left the disk, in the middle
+//! of the sweep. The garbage files left on disk say where the kill landed, and at least one
+//! kill must have cut a sweep short (some garbage gone, some left). After every kill
+//! `shoal fsck` must pass on the directory as the kill left it, and after a restart every image
+//! still tagged must pull byte-identical; a collection left to finish frees every garbage blob
+//! the cut ones left. `SHOAL_TEST_SEED` replays a run.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -16,7 +20,7 @@ use shoal_tests::http::{OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST};
 use shoal_tests::{ShoalProcess, seeded_rng, sha256_digest};
 
 /// Rounds of garbage-then-kill.
-const ROUNDS: usize = 6;
+const ROUNDS: usize = 8;
 /// Deleted images and loose blobs made garbage per round.
 const GARBAGE_PER_ROUND: usize = 60;
 
@@ -77,6 +81,24 @@ fn fsck_clean(shoal: &ShoalProcess, when: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where the running node keeps the blob `digest` (`sha256:<hex>`).
+fn blob_path(shoal: &ShoalProcess, digest: &str) -> std::path::PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    shoal
+        .data_dir()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+}
+
+/// How many of `garbage` are still on disk.
+fn present(shoal: &ShoalProcess, garbage: &[String]) -> usize {
+    garbage
+        .iter()
+        .filter(|d| blob_path(shoal, d).exists())
+        .count()
+}
+
 #[test]
 fn a_collection_killed_at_any_point_leaves_every_tagged_image_whole() -> Result<()> {
     let (mut rng, _seed) = seeded_rng("a_collection_killed_at_any_point");
@@ -89,6 +111,9 @@ fn a_collection_killed_at_any_point_leaves_every_tagged_image_whole() -> Result<
         })
         .collect();
     let mut kept = Vec::new();
+    // Every blob only garbage names (the shared layers stay live), across rounds.
+    let mut garbage: Vec<String> = Vec::new();
+    let mut cut_mid_sweep = 0;
     for round in 0..ROUNDS {
         let client = shoal.client();
         // Kept: one image a round, its layer shared with garbage.
@@ -97,14 +122,22 @@ fn a_collection_killed_at_any_point_leaves_every_tagged_image_whole() -> Result<
         // Garbage: images pushed and deleted (some sharing the kept layers), and loose blobs.
         for n in 0..GARBAGE_PER_ROUND {
             if n % 2 == 0 {
-                let layer = if n % 4 == 0 {
+                let shares = n % 4 == 0;
+                let layer = if shares {
                     shared[n % shared.len()].clone()
                 } else {
                     let mut b = vec![0u8; 8 * 1024];
                     rng.fill_bytes(&mut b);
                     b
                 };
-                push(&shoal, "gone", layer, &mut rng)?;
+                let gone = push(&shoal, "gone", layer, &mut rng)?;
+                garbage.push(sha256_digest(&gone.manifest));
+                garbage.extend(
+                    gone.blobs
+                        .iter()
+                        .take(if shares { 1 } else { 2 })
+                        .map(|(d, _)| d.clone()),
+                );
                 let r = client.request(
                     "DELETE",
                     "/v2/gc/app/manifests/gone",
@@ -115,32 +148,55 @@ fn a_collection_killed_at_any_point_leaves_every_tagged_image_whole() -> Result<
             } else {
                 let mut b = vec![0u8; 4 * 1024];
                 rng.fill_bytes(&mut b);
-                client.push_blob("gc/app", &b)?;
+                garbage.push(client.push_blob("gc/app", &b)?);
             }
         }
-        let gc = Command::new(shoal_tests::shoal_binary()?)
+        let before = present(&shoal, &garbage);
+        let started = std::time::Instant::now();
+        let mut gc = Command::new(shoal_tests::shoal_binary()?)
             .args(["gc", "--grace", "0s", "--data-dir"])
             .arg(shoal.data_dir())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting shoal gc")?;
-        std::thread::sleep(Duration::from_millis(rng.random_range(20..400)));
+        if round % 2 == 0 {
+            // Anywhere: before the mark, in it, in the sweep or after.
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..400)));
+        } else {
+            // In the sweep: a few milliseconds after its first blob went.
+            while present(&shoal, &garbage) == before
+                && gc.try_wait()?.is_none()
+                && started.elapsed() < Duration::from_secs(20)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..20)));
+        }
         shoal.kill_hard();
+        let after = present(&shoal, &garbage);
         let out = gc.wait_with_output()?;
+        let mid_sweep = 0 < after && after < before;
+        cut_mid_sweep += usize::from(mid_sweep);
         println!(
-            "round {round}: gc {} before the kill: {}",
+            "round {round}: killed after {} ms, gc {}; garbage on disk {before} -> {after}{}: {}",
+            started.elapsed().as_millis(),
             if out.status.success() {
                 "finished"
             } else {
                 "was cut"
             },
+            if mid_sweep { " (mid-sweep)" } else { "" },
             String::from_utf8_lossy(&out.stdout).trim()
         );
         fsck_clean(&shoal, &format!("after the kill of round {round}"))?;
         shoal.restart()?;
         check(&shoal, &kept, &format!("round {round}"))?;
     }
+    ensure!(
+        cut_mid_sweep > 0,
+        "no kill landed in the middle of a sweep: the test proved nothing about one"
+    );
     // A collection left to finish frees what is left, and `--dry-run` first says what it will.
     let dry = shoal.cli(&["gc", "--grace", "0s", "--dry-run"])?;
     ensure!(dry.stdout.contains("would free"), "{}", dry.stdout);
@@ -153,6 +209,11 @@ fn a_collection_killed_at_any_point_leaves_every_tagged_image_whole() -> Result<
         again.stdout
     );
     check(&shoal, &kept, "after the last collection")?;
+    let left = present(&shoal, &garbage);
+    ensure!(
+        left == 0,
+        "{left} garbage blobs a killed collection left were not freed by a whole one"
+    );
     // On a stopped node's directory, `shoal gc` works the same.
     shoal.terminate()?;
     let offline = shoal.cli(&["gc", "--grace", "0s"])?;
@@ -224,5 +285,46 @@ fn lifecycle_preview_names_what_a_policy_expires_and_why() -> Result<()> {
     let refused = shoal.cli(&["lifecycle", "preview", "gc/app", "--policy", &bad]);
     let message = format!("{:#}", refused.expect_err("an empty policy was accepted"));
     ensure!(message.contains("1 to 50 rules"), "{message}");
+    Ok(())
+}
+
+#[test]
+fn status_prints_where_the_disk_stands() -> Result<()> {
+    let (mut rng, _seed) = seeded_rng("status_prints_where_the_disk_stands");
+    let shoal = ShoalProcess::start_prepared(
+        "127.0.0.1:0",
+        &["--max-disk".to_owned(), "1GiB".to_owned()],
+        |_| Ok(()),
+    )?;
+    let mut layer = vec![0u8; 200 * 1024];
+    rng.fill_bytes(&mut layer);
+    let kept = push(&shoal, "1", layer, &mut rng)?;
+    let pushed: usize = kept.blobs.iter().map(|(_, b)| b.len()).sum();
+
+    let json = shoal.cli(&["status", "--json"])?;
+    let status: serde_json::Value = serde_json::from_str(&json.stdout)?;
+    let disk = &status["disk"];
+    let figure = |name: &str| {
+        disk[name]
+            .as_u64()
+            .with_context(|| format!("no {name} in {status}"))
+    };
+    ensure!(figure("used_bytes")? >= pushed as u64, "{status}");
+    ensure!(figure("published_bytes")? >= pushed as u64, "{status}");
+    ensure!(figure("cached_bytes")? == 0, "{status}");
+    ensure!(figure("max_disk_bytes")? == 1 << 30, "{status}");
+    ensure!(
+        0 < figure("fs_free_bytes")? && figure("fs_free_bytes")? <= figure("fs_total_bytes")?,
+        "{status}"
+    );
+
+    let human = shoal.cli(&["status"])?;
+    let text = &human.stdout;
+    ensure!(
+        text.contains("disk: the store uses")
+            && text.contains("quota: 1073741824 bytes")
+            && text.contains(&format!("published {} bytes", figure("published_bytes")?)),
+        "shoal status:\n{text}"
+    );
     Ok(())
 }

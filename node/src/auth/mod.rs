@@ -6,9 +6,10 @@
 //!   trusted as the operator configured (`local_clients`, `users`).
 //! - A node in a fleet ([`FleetConfig`]) admits only peers that prove membership
 //!   ([`MemberProof`]): a ticket signed by one of the fleet's admins, unexpired, unrevoked,
-//!   bound to the peer's own key. Member nodes' tag records are trusted by default; admins'
-//!   policies ([`policy`]) set what else holds: repository visibility, tag mutability, allowed
-//!   publishers, grants to users, nodes and groups, revocations.
+//!   bound to the peer's own key. Member nodes' tag records count in public repositories; in
+//!   a private one, only a member's granted what the record does (`push`, `delete`), as reads
+//!   need `pull`. Admins' policies ([`policy`]) set what else holds: repository visibility,
+//!   tag mutability, allowed publishers, grants to users, nodes and groups, revocations.
 //! - Clients: a loopback client is trusted when the operator leaves `local_clients = "open"`
 //!   (the default); others present a fleet access token, a node user's password ([`users`]) or
 //!   a bearer token this node issued ([`bearer`]), or are anonymous.
@@ -260,6 +261,10 @@ pub struct AuthConfig {
     pub anonymous_pull: bool,
     /// The node's users.
     pub users: users::Users,
+    /// Admin keys this node takes besides its fleet's (config `admins`, `--admin`): a local
+    /// trust decision. Their policies, access tokens and join tickets count on this node only
+    /// (other members refuse what they sign unless they list them too). Only in a fleet.
+    pub admins: Vec<PublisherKey>,
     /// The operator allowed a registry beyond loopback without HTTPS or credentials: while the
     /// node has no credentials at all (no fleet, no users), every client is trusted like a
     /// local one.
@@ -274,6 +279,59 @@ struct State {
     members: HashMap<PublisherKey, Verified<JoinTicket>>,
     rules: Vec<TrustRule>,
     users: users::Users,
+    /// Admin keys from this node's config, besides the fleet's.
+    local_admins: Vec<PublisherKey>,
+}
+
+impl State {
+    /// Whether `key` is an admin for this node: one of its fleet's, or one its config adds.
+    fn is_admin(&self, key: &PublisherKey) -> bool {
+        self.fleet.as_ref().is_some_and(|f| f.admins.contains(key))
+            || self.local_admins.contains(key)
+    }
+
+    /// The groups of `key` as this node knows them: enrolled by an admin, else named by the
+    /// ticket it joined with (this node's own from its fleet config).
+    fn groups(&self, key: &PublisherKey, own: &PublisherKey) -> Vec<Name> {
+        if let Some(groups) = self.policies.enrolled(key) {
+            return groups;
+        }
+        if let Some(t) = self.members.get(key) {
+            return t.statement().groups.clone();
+        }
+        if key == own
+            && let Some(ticket) = self.fleet.as_ref().and_then(|f| f.ticket.as_ref())
+            && let Ok(t) = ticket.verify()
+        {
+            return t.statement().groups.clone();
+        }
+        Vec::new()
+    }
+
+    /// See [`Auth::member`].
+    fn member(&self, key: &PublisherKey) -> Option<Member> {
+        let fleet = self.fleet.as_ref()?;
+        if self.policies.is_node_revoked(key) {
+            return None;
+        }
+        let ticket = self.members.get(key).map(Verified::statement);
+        let ticket_ok = ticket.is_some_and(|t| check_ticket(self, fleet, t, now_ms()).is_ok());
+        if let Some(groups) = self.policies.enrolled(key) {
+            // A revoked ticket revokes the nodes that joined with it, enrolled or not.
+            let ticket_revoked =
+                ticket.is_some_and(|t| self.policies.is_revoked(&Revoked::Ticket(t.id)));
+            return (!ticket_revoked).then(|| Member {
+                ticket: ticket.map(|t| t.id),
+                groups,
+                enrolled: true,
+            });
+        }
+        ticket.filter(|_| ticket_ok).map(|t| Member {
+            ticket: Some(t.id),
+            groups: t.groups.clone(),
+            enrolled: false,
+        })
+    }
 }
 
 struct Inner {
@@ -321,6 +379,7 @@ impl Auth {
                     members: HashMap::new(),
                     rules: config.trust,
                     users: config.users,
+                    local_admins: config.admins,
                 }),
                 local_clients: config.local_clients,
                 anonymous_pull: config.anonymous_pull,
@@ -436,7 +495,7 @@ impl Auth {
         if p.fleet != fleet.id {
             return Err(Refused::OtherFleet);
         }
-        if !fleet.admins.contains(&p.admin) {
+        if !state.is_admin(&p.admin) {
             return Err(Refused::NotAdmin);
         }
         let latest = self.clock().now_ms();
@@ -483,7 +542,7 @@ impl Auth {
             return Err(Refused::NotThePeer);
         }
         let ticket = proof.verify()?;
-        check_ticket(fleet, &state.policies, ticket.statement(), now_ms)?;
+        check_ticket(&state, fleet, ticket.statement(), now_ms)?;
         if state.policies.is_node_revoked(&proof.node) {
             return Err(Refused::Revoked);
         }
@@ -501,29 +560,7 @@ impl Auth {
     /// What the node knows of the member with `key`, if it is one now: enrolled by an admin,
     /// or holding a valid ticket; and not revoked.
     pub fn member(&self, key: &PublisherKey) -> Option<Member> {
-        let state = self.read();
-        let fleet = state.fleet.as_ref()?;
-        if state.policies.is_node_revoked(key) {
-            return None;
-        }
-        let ticket = state.members.get(key).map(Verified::statement);
-        let ticket_ok =
-            ticket.is_some_and(|t| check_ticket(fleet, &state.policies, t, now_ms()).is_ok());
-        if let Some(groups) = state.policies.enrolled(key) {
-            // A revoked ticket revokes the nodes that joined with it, enrolled or not.
-            let ticket_revoked =
-                ticket.is_some_and(|t| state.policies.is_revoked(&Revoked::Ticket(t.id)));
-            return (!ticket_revoked).then(|| Member {
-                ticket: ticket.map(|t| t.id),
-                groups,
-                enrolled: true,
-            });
-        }
-        ticket.filter(|_| ticket_ok).map(|t| Member {
-            ticket: Some(t.id),
-            groups: t.groups.clone(),
-            enrolled: false,
-        })
+        self.read().member(key)
     }
 
     /// Makes this node able to sign for the fleet with an admin key (the fleet's founder).
@@ -679,38 +716,85 @@ impl Auth {
             return true;
         }
         let state = self.read();
-        if state.policies.settings(repo).visibility == Visibility::Public {
-            return true;
-        }
-        let mut principals = vec![Principal::Node(*key)];
-        let groups = state
-            .policies
-            .enrolled(key)
-            .or_else(|| state.members.get(key).map(|t| t.statement().groups.clone()))
-            .unwrap_or_default();
-        principals.extend(groups.into_iter().map(Principal::Group));
-        state
-            .policies
-            .granted(&principals, repo, now_ms())
-            .contains(Action::Pull)
+        state.policies.settings(repo).visibility == Visibility::Public
+            || self.node_granted(&state, key, repo).contains(Action::Pull)
     }
 
-    /// Whether tag records signed with `key` count for `repo`: the node's own key, a key its
-    /// trust rules name for the repository, or (in a fleet) a member's key; and, if the
-    /// repository's settings list publishers, only those.
-    pub fn may_publish(&self, key: &PublisherKey, repo: &RepoName) -> bool {
-        let listed = {
-            let state = self.read();
-            let settings = state.policies.settings(repo);
-            if !settings.publishers.is_empty() {
-                return settings.publishers.contains(key) && !state.policies.is_node_revoked(key);
-            }
-            if state.policies.is_node_revoked(key) {
-                return false;
-            }
-            *key == self.own_key() || state.rules.iter().any(|r| &r.key == key && r.matches(repo))
-        };
-        listed || (self.in_fleet() && self.member(key).is_some())
+    /// What the node with `key` may do to `repo` by grant: to itself as a node, or to one of
+    /// its groups.
+    fn node_granted(&self, state: &State, key: &PublisherKey, repo: &RepoName) -> Actions {
+        let mut principals = vec![Principal::Node(*key)];
+        principals.extend(
+            state
+                .groups(key, &self.own_key())
+                .into_iter()
+                .map(Principal::Group),
+        );
+        state.policies.granted(&principals, repo, now_ms())
+    }
+
+    /// Whether tag records signed with `key` count for `repo`: `action` is what the record
+    /// does ([`record_action`]: `push` names a manifest, `delete` is a tombstone).
+    ///
+    /// A revoked node's never count; if the repository's settings list publishers, only
+    /// theirs. Otherwise a key this node's trust rules name for the repository (a local
+    /// decision); without a fleet, the node's own key; in a fleet, what [`Auth::fleet_accepts`]
+    /// says every member decides.
+    pub fn may_publish(&self, key: &PublisherKey, repo: &RepoName, action: Action) -> bool {
+        let state = self.read();
+        if state.policies.is_node_revoked(key) {
+            return false;
+        }
+        let settings = state.policies.settings(repo);
+        if !settings.publishers.is_empty() {
+            return settings.publishers.contains(key);
+        }
+        if state.rules.iter().any(|r| &r.key == key && r.matches(repo)) {
+            return true;
+        }
+        match state.fleet {
+            None => *key == self.own_key(),
+            Some(_) => self.fleet_rule(&state, key, repo, action, &settings),
+        }
+    }
+
+    /// Whether the fleet's rules let records of `action` signed with `key` count for `repo`,
+    /// whatever this node's own trust rules add: what every member decides, the same on each.
+    /// The repository's listed publishers, if it lists any; otherwise any member (or this node)
+    /// for a public repository, and for a private one only a member holding a grant of the
+    /// action for it (as a node, or by one of its groups), so that a member without one, or
+    /// a thief of its key, cannot move or delete a private repository's tags. Without a fleet
+    /// there is no fleet rule: `true`.
+    pub fn fleet_accepts(&self, key: &PublisherKey, repo: &RepoName, action: Action) -> bool {
+        let state = self.read();
+        if state.fleet.is_none() {
+            return true;
+        }
+        if state.policies.is_node_revoked(key) {
+            return false;
+        }
+        let settings = state.policies.settings(repo);
+        if !settings.publishers.is_empty() {
+            return settings.publishers.contains(key);
+        }
+        self.fleet_rule(&state, key, repo, action, &settings)
+    }
+
+    /// The fleet's rule for a repository that lists no publishers (see
+    /// [`Auth::fleet_accepts`]).
+    fn fleet_rule(
+        &self,
+        state: &State,
+        key: &PublisherKey,
+        repo: &RepoName,
+        action: Action,
+        settings: &RepoSettings,
+    ) -> bool {
+        if *key != self.own_key() && state.member(key).is_none() {
+            return false;
+        }
+        settings.visibility == Visibility::Public
+            || self.node_granted(state, key, repo).contains(action)
     }
 
     /// Whether `tag` of `repo` may move once it names a manifest.
@@ -782,7 +866,7 @@ impl Auth {
         let fleet = state.fleet.as_ref().ok_or(Denied::BadCredentials)?;
         let verified = token.verify().map_err(|_| Denied::BadCredentials)?;
         let t = verified.statement();
-        if t.fleet != fleet.id || !fleet.admins.contains(&t.admin) {
+        if t.fleet != fleet.id || !state.is_admin(&t.admin) {
             return Err(Denied::BadCredentials);
         }
         if now_ms() >= t.expires_ms {
@@ -873,23 +957,33 @@ impl Auth {
     }
 }
 
-/// Checks a ticket against the fleet at `now_ms`.
+/// What a tag record does, as a grant names it: one naming a manifest pushes, a tombstone
+/// (no target) deletes.
+pub fn record_action(target: Option<&shoal_protocol::TagTarget>) -> Action {
+    if target.is_some() {
+        Action::Push
+    } else {
+        Action::Delete
+    }
+}
+
+/// Checks a ticket against the node's fleet (`fleet`, its `state`'s) at `now_ms`.
 fn check_ticket(
+    state: &State,
     fleet: &FleetConfig,
-    policies: &PolicySet,
     ticket: &JoinTicket,
     now_ms: u64,
 ) -> Result<(), Refused> {
     if ticket.fleet != fleet.id {
         return Err(Refused::OtherFleet);
     }
-    if !fleet.admins.contains(&ticket.admin) {
+    if !state.is_admin(&ticket.admin) {
         return Err(Refused::NotAdmin);
     }
     if now_ms >= ticket.expires_ms {
         return Err(Refused::Expired);
     }
-    if policies.is_revoked(&Revoked::Ticket(ticket.id)) {
+    if state.policies.is_revoked(&Revoked::Ticket(ticket.id)) {
         return Err(Refused::Revoked);
     }
     Ok(())

@@ -32,19 +32,20 @@ fn ticket(id: u8, groups: &[&str], expires_ms: u64) -> Signed<JoinTicket> {
     .unwrap()
 }
 
+fn fleet_config() -> AuthConfig {
+    AuthConfig {
+        fleet: Some(FleetConfig {
+            id: fleet_id(),
+            admins: vec![admin().public()],
+            ticket: Some(ticket(1, &[], u64::MAX)),
+            bootstrap: Vec::new(),
+        }),
+        ..AuthConfig::default()
+    }
+}
+
 fn fleet_auth(me: u8) -> Auth {
-    Auth::new(
-        node_key(me),
-        AuthConfig {
-            fleet: Some(FleetConfig {
-                id: fleet_id(),
-                admins: vec![admin().public()],
-                ticket: Some(ticket(1, &[], u64::MAX)),
-                bootstrap: Vec::new(),
-            }),
-            ..AuthConfig::default()
-        },
-    )
+    Auth::new(node_key(me), fleet_config())
 }
 
 fn signed_policy(body: PolicyBody, timestamp_ms: u64) -> SignedPolicy {
@@ -139,11 +140,11 @@ fn an_open_node_admits_every_peer_and_trusts_only_itself_and_its_rules() {
     let other = node_key(2).public();
     let auth = Auth::open(node_key(1));
     assert!(auth.admits(&other));
-    assert!(auth.may_publish(&node_key(1).public(), &repo("x")));
-    assert!(!auth.may_publish(&other, &repo("x")));
+    assert!(auth.may_publish(&node_key(1).public(), &repo("x"), Action::Push));
+    assert!(!auth.may_publish(&other, &repo("x"), Action::Push));
     auth.set_trust_rules(vec![format!("{other}=team/*").parse().unwrap()]);
-    assert!(auth.may_publish(&other, &repo("team/app")));
-    assert!(!auth.may_publish(&other, &repo("lib")));
+    assert!(auth.may_publish(&other, &repo("team/app"), Action::Push));
+    assert!(!auth.may_publish(&other, &repo("lib"), Action::Push));
     assert_eq!(
         auth.authenticate(Credentials::None, true),
         Ok(Caller::Local)
@@ -163,7 +164,7 @@ fn members_are_admitted_and_others_are_not() {
     join(&auth, 2, ticket(2, &[], u64::MAX)).unwrap();
     assert!(auth.admits(&node_key(2).public()));
     // A member's records count by default.
-    assert!(auth.may_publish(&node_key(2).public(), &repo("any/repo")));
+    assert!(auth.may_publish(&node_key(2).public(), &repo("any/repo"), Action::Push));
     // An expired ticket, another fleet's ticket, a proof for another peer.
     assert_eq!(join(&auth, 3, ticket(3, &[], 1)), Err(Refused::Expired));
     let stranger = SigningKey::from_seed([99; 32]);
@@ -203,7 +204,7 @@ fn a_revoked_ticket_or_node_is_a_member_no_more() {
     for n in [2, 3] {
         assert!(!auth.admits(&node_key(n).public()), "node {n}");
         assert!(
-            !auth.may_publish(&node_key(n).public(), &repo("x")),
+            !auth.may_publish(&node_key(n).public(), &repo("x"), Action::Push),
             "node {n}"
         );
     }
@@ -322,9 +323,9 @@ fn listed_publishers_are_the_only_ones() {
             }),
         },
     );
-    assert!(auth.may_publish(&node_key(2).public(), &repo("prod/app")));
-    assert!(!auth.may_publish(&node_key(1).public(), &repo("prod/app")));
-    assert!(auth.may_publish(&node_key(1).public(), &repo("dev/app")));
+    assert!(auth.may_publish(&node_key(2).public(), &repo("prod/app"), Action::Push));
+    assert!(!auth.may_publish(&node_key(1).public(), &repo("prod/app"), Action::Push));
+    assert!(auth.may_publish(&node_key(1).public(), &repo("dev/app"), Action::Push));
 }
 
 #[test]
@@ -480,4 +481,138 @@ proptest! {
         let inside = RepoPattern::from_str("team/*").unwrap().matches(&r);
         prop_assert_eq!(auth.allowed(&caller, &r).contains(Action::Pull), inside);
     }
+}
+
+/// A member without a grant (or a thief of its key) cannot move or delete a private
+/// repository's tags: its records count only with a grant of what they do, as a node or by
+/// a group; a public repository's from any member, as before.
+#[test]
+fn a_private_repositorys_records_count_only_from_members_granted_what_they_do() {
+    let auth = fleet_auth(1);
+    join(&auth, 2, ticket(2, &[], u64::MAX)).unwrap();
+    join(&auth, 3, ticket(3, &["build"], u64::MAX)).unwrap();
+    join(&auth, 4, ticket(4, &[], u64::MAX)).unwrap();
+    apply(&auth, private("secret/*"));
+    let node = |n: u8| format!("node:{}", node_key(n).public());
+    apply(&auth, grant("n2", &node(2), "secret/*", "pull,push"));
+    apply(&auth, grant("build", "group:build", "secret/app", "delete"));
+    apply(&auth, grant("n4", &node(4), "secret/*", "pull"));
+    let (secret, public) = (repo("secret/app"), repo("team/app"));
+    let may = |n: u8, r: &RepoName, a: Action| auth.may_publish(&node_key(n).public(), r, a);
+    assert!(may(2, &secret, Action::Push));
+    assert!(!may(2, &secret, Action::Delete), "push is not delete");
+    assert!(may(3, &secret, Action::Delete), "by its group");
+    assert!(!may(3, &secret, Action::Push));
+    assert!(
+        !may(3, &repo("secret/db"), Action::Delete),
+        "another repository"
+    );
+    for a in [Action::Push, Action::Delete] {
+        assert!(!may(4, &secret, a), "pull is not a write");
+        assert!(!may(8, &secret, a), "a stranger");
+        // This node's own key, ungranted: the fleet would refuse its records, so does it.
+        assert!(!may(1, &secret, a));
+        assert!(!auth.fleet_accepts(&node_key(1).public(), &secret, a));
+        for n in [1, 2, 3, 4] {
+            assert!(may(n, &public, a), "any member in a public repository");
+        }
+    }
+    // A trust rule is this node's own decision; the fleet's rule stays what it is.
+    auth.set_trust_rules(vec![
+        format!("{}=secret/*", node_key(4).public())
+            .parse()
+            .unwrap(),
+    ]);
+    assert!(may(4, &secret, Action::Push));
+    assert!(!auth.fleet_accepts(&node_key(4).public(), &secret, Action::Push));
+    // Granted, this node may; withdrawn or expired, no more.
+    apply(&auth, grant("n1", &node(1), "secret/*", "push"));
+    assert!(may(1, &secret, Action::Push));
+    assert!(auth.fleet_accepts(&node_key(1).public(), &secret, Action::Push));
+    apply(
+        &auth,
+        PolicyBody::Grant {
+            id: "n2".parse().unwrap(),
+            grant: Some(Grant {
+                principal: node(2).parse().unwrap(),
+                repos: "secret/*".parse().unwrap(),
+                actions: "push".parse().unwrap(),
+                expires_ms: Some(1),
+            }),
+        },
+    );
+    assert!(!may(2, &secret, Action::Push), "expired");
+    // Revoked, a granted node's records stop counting everywhere.
+    apply(
+        &auth,
+        PolicyBody::Revoke(Revoked::Node(node_key(3).public())),
+    );
+    assert!(!may(3, &secret, Action::Delete));
+    // Without a fleet there is no fleet rule.
+    let open = Auth::open(node_key(1));
+    assert!(open.fleet_accepts(&node_key(1).public(), &secret, Action::Push));
+}
+
+/// An admin key the operator adds in the config counts on this node: its policies, tokens and
+/// tickets; a node that does not list it refuses them. A member's key listed nowhere never
+/// becomes an admin.
+#[test]
+fn an_admin_key_from_the_config_counts_only_where_it_is_listed() {
+    let extra = SigningKey::from_seed([42; 32]);
+    let listing = Auth::new(
+        node_key(1),
+        AuthConfig {
+            admins: vec![extra.public()],
+            ..fleet_config()
+        },
+    );
+    let other = fleet_auth(1);
+    let by_extra = Signed::sign(
+        &Policy {
+            fleet: fleet_id(),
+            body: private("secret/*"),
+            timestamp_ms: now_ms(),
+            sequence: 0,
+            admin: extra.public(),
+        },
+        &extra,
+    )
+    .unwrap();
+    let checked = listing.check_policy(&by_extra).unwrap();
+    listing.apply_policy(checked);
+    assert_eq!(
+        listing.settings(&repo("secret/app")).visibility,
+        Visibility::Private
+    );
+    assert_eq!(other.check_policy(&by_extra), Err(Refused::NotAdmin));
+    // Its access tokens and join tickets too.
+    let token = Signed::sign(
+        &AccessToken {
+            fleet: fleet_id(),
+            id: ObjectId::from_bytes([9; 16]),
+            principal: "ci".parse().unwrap(),
+            scopes: Vec::new(),
+            issued_ms: 0,
+            expires_ms: u64::MAX,
+            admin: extra.public(),
+        },
+        &extra,
+    )
+    .unwrap();
+    assert!(listing.check_token(&token).is_ok());
+    assert_eq!(other.check_token(&token), Err(Denied::BadCredentials));
+    let ticket = Signed::sign(
+        &JoinTicket {
+            fleet: fleet_id(),
+            id: ObjectId::from_bytes([8; 16]),
+            groups: Vec::new(),
+            issued_ms: 0,
+            expires_ms: u64::MAX,
+            admin: extra.public(),
+        },
+        &extra,
+    )
+    .unwrap();
+    assert!(join(&listing, 5, ticket.clone()).is_ok());
+    assert_eq!(join(&other, 5, ticket), Err(Refused::NotAdmin));
 }

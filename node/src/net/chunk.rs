@@ -8,11 +8,20 @@
 //!
 //! No one peer can take the server over:
 //!
-//! - A peer gets at most [`MAX_CHUNK_STREAMS_PER_PEER`] of the [`MAX_INBOUND_CHUNK_STREAMS`]
-//!   streams; past its share it is told "busy" like everyone past the node-wide limit.
-//! - What the server writes must drain: a write that makes no progress for [`STALL_TIMEOUT`]
-//!   (a peer that asks for a chunk and never reads it) closes the stream and counts against the
-//!   peer ([`Offence::Stalled`]); a frame over a chunk request's limit, or one that does not
+//! - A peer gets at most its fair share of the [`MAX_INBOUND_CHUNK_STREAMS`] streams: the total
+//!   split among the peers being served, never more than [`MAX_CHUNK_STREAMS_PER_PEER`] (see
+//!   [`fair_share`]). Past its share it is told "busy". When every stream is taken, a peer below
+//!   its share still gets one: the peer holding the most streams past its own share gives its
+//!   oldest one up (it is closed). So however many streams a few peers (or a few peer IDs of one
+//!   attacker) hold, a new asker is served at once.
+//! - A peer has at most [`MAX_BYTES_IN_FLIGHT_PER_PEER`] asked for and not yet sent, all its
+//!   streams together; a request past it is answered "busy" (the stream stays open).
+//! - Every chunk has a send deadline ([`send_deadline`]: its length at a floor rate, and never
+//!   less than a minimum): a chunk its asker does not take in time (a peer that reads a trickle)
+//!   closes the stream and counts against the peer ([`Offence::Greedy`]). Time spent waiting for
+//!   this node's own upload limit does not count. A write that makes no progress at all for
+//!   [`STALL_TIMEOUT`] (a peer that asks and never reads) closes the stream sooner and counts
+//!   more ([`Offence::Stalled`]); a frame over a chunk request's limit, or one that does not
 //!   decode, closes it too ([`Offence::Malformed`]).
 //! - Under an upload limit, askers take turns: each peer has at most one piece waiting for the
 //!   shared rate limit at a time, so the upload is shared per peer, not per stream.
@@ -28,6 +37,7 @@ use shoal_protocol::codec;
 use shoal_protocol::message::{CHUNK_PROTOCOL, ChunkRequest, ChunkResponse, MAX_CHUNK_FRAME_BYTES};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::NetError;
 use super::conduct::Offence;
@@ -38,14 +48,31 @@ use crate::store::{Held, Store};
 
 /// Most chunk streams served at once.
 pub const MAX_INBOUND_CHUNK_STREAMS: usize = 64;
-/// Most chunk streams served at once to one peer: as many as one download asks of one peer
-/// at most (the plan's per-peer base of 4, times 4 for a peer faster than the median), a
-/// quarter of [`MAX_INBOUND_CHUNK_STREAMS`].
+/// Most chunk streams served at once to one peer, however few others ask: as many as one
+/// download asks of one peer at most (the plan's per-peer base of 4, times 4 for a peer faster
+/// than the median), a quarter of [`MAX_INBOUND_CHUNK_STREAMS`]. With more askers a peer's share
+/// is smaller ([`fair_share`]).
 pub const MAX_CHUNK_STREAMS_PER_PEER: usize = 16;
+/// Most bytes one peer may have asked for and not yet been sent, all its streams together: one
+/// download's most (16 streams of 4 MiB, the largest chunk a blob's index picks by itself), and
+/// one request of the largest size the protocol allows
+/// ([`MAX_CHUNK_REQUEST_BYTES`](shoal_protocol::message::MAX_CHUNK_REQUEST_BYTES)), which is
+/// always served to a peer that has nothing else in flight.
+pub const MAX_BYTES_IN_FLIGHT_PER_PEER: u64 = 64 * 1024 * 1024;
 /// How long a write to a peer may make no progress at all before the stream is closed and the
 /// peer is held to have stalled it. Generous: an honest peer on a slow, shared link still takes
 /// some bytes every few seconds.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The slowest a chunk may be taken on average, for its [`send_deadline`]. A 4 MiB chunk (the
+/// largest a blob's index picks by itself) gets 64 s, more than the 60 s ([`CHUNK_TIMEOUT`]) its
+/// requester waits for it: an honest requester on a slow link gives up on the chunk (closing the
+/// stream, which costs it nothing here) before this node would judge it. A 10 Mbit/s link
+/// (1.25 MB/s) is 19 streams at this rate, more than the 16 one peer may hold here; a 1 MiB/s
+/// floor would strike such a peer as soon as it pulled on more than one stream.
+pub const MIN_SEND_BYTES_PER_SEC: u64 = 64 * 1024;
+/// The least time a chunk has to be taken, however small: a small chunk still shares its
+/// requester's link with its other streams, and a round trip or two of a far link.
+pub const MIN_SEND_TIME: Duration = Duration::from_secs(10);
 /// How long a served stream may sit idle between requests. Short: an idle stream holds one of
 /// the [`MAX_INBOUND_CHUNK_STREAMS`] permits, and a permit held by a requester that has moved on
 /// to other peers is one a waiting requester cannot use (the fleet simulator shows long idle
@@ -127,41 +154,127 @@ impl RateLimit {
     }
 }
 
-/// The peers being served, and the share of the server each holds.
-#[derive(Default)]
-struct Askers {
-    peers: std::sync::Mutex<HashMap<PeerId, Asker>>,
+/// How long a chunk of `length` bytes may take to be sent: its length at
+/// [`MIN_SEND_BYTES_PER_SEC`], and at least [`MIN_SEND_TIME`].
+pub fn send_deadline(length: u64) -> Duration {
+    Duration::from_secs_f64(length as f64 / MIN_SEND_BYTES_PER_SEC as f64).max(MIN_SEND_TIME)
 }
 
-/// One peer's streams, and its turn at the shared upload limit.
-struct Asker {
+/// A chunk its asker did not take within its [`send_deadline`]; the source of the
+/// [`std::io::ErrorKind::TimedOut`] error that says so.
+#[derive(Debug, thiserror::Error)]
+#[error("{length} bytes were not taken within their send deadline of {deadline:?}")]
+struct SendDeadlinePassed {
+    length: u64,
+    deadline: Duration,
+}
+
+impl SendDeadlinePassed {
+    fn error(length: u64, deadline: Duration) -> NetError {
+        let passed = SendDeadlinePassed { length, deadline };
+        NetError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, passed))
+    }
+
+    fn is(e: &std::io::Error) -> bool {
+        e.get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<SendDeadlinePassed>().is_some())
+    }
+}
+
+/// The most streams one of `askers` peers being served may hold: an equal part of
+/// [`MAX_INBOUND_CHUNK_STREAMS`], at least one and at most [`MAX_CHUNK_STREAMS_PER_PEER`].
+pub fn fair_share(askers: usize) -> usize {
+    (MAX_INBOUND_CHUNK_STREAMS / askers.max(1)).clamp(1, MAX_CHUNK_STREAMS_PER_PEER)
+}
+
+/// The peers being served, and the share of the server each holds. It counts the streams
+/// served, all peers together, so it is the node-wide limit too.
+#[derive(Default)]
+struct Askers {
+    state: std::sync::Mutex<AskersState>,
+}
+
+#[derive(Default)]
+struct AskersState {
+    /// Every peer holding a stream.
+    peers: HashMap<PeerId, Asker>,
+    /// Streams held, all peers together.
     streams: usize,
+    /// The id of the next stream admitted.
+    next: u64,
+}
+
+/// One peer's streams, its bytes in flight, and its turn at the shared upload limit.
+struct Asker {
+    /// The streams it holds, oldest first, each with the token that closes it to make room.
+    streams: Vec<(u64, CancellationToken)>,
+    /// Bytes asked for and not yet sent, all its streams together.
+    bytes: u64,
     turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Askers {
-    /// A stream for `peer`, if it holds fewer than [`MAX_CHUNK_STREAMS_PER_PEER`].
+    /// A stream for `peer`, if it holds fewer than its [`fair_share`]. When every stream is
+    /// taken, the peer holding the most past its share gives its oldest one up (its token is
+    /// cancelled); if no peer holds more than its share, `None`.
     fn admit(self: &Arc<Self>, peer: PeerId) -> Option<AskerSlot> {
-        let mut peers = lock(&self.peers);
-        let asker = peers.entry(peer).or_insert_with(|| Asker {
-            streams: 0,
-            turn: Arc::default(),
-        });
-        if asker.streams >= MAX_CHUNK_STREAMS_PER_PEER {
+        let mut state = lock(&self.state);
+        let AskersState {
+            peers,
+            streams,
+            next,
+        } = &mut *state;
+        let share = fair_share(peers.len() + usize::from(!peers.contains_key(&peer)));
+        if peers.get(&peer).is_some_and(|a| a.streams.len() >= share) {
             return None;
         }
-        asker.streams += 1;
+        if *streams >= MAX_INBOUND_CHUNK_STREAMS {
+            let (_, greediest) = peers
+                .iter_mut()
+                .filter(|(p, _)| **p != peer)
+                .max_by_key(|(_, a)| a.streams.len())
+                .filter(|(_, a)| a.streams.len() > share)?;
+            // The oldest: most likely one the requester pooled, which it retries once on a
+            // fresh stream (told "busy" then) before it counts a failure against this node.
+            let (_, evicted) = greediest.streams.remove(0);
+            evicted.cancel();
+            *streams -= 1;
+        }
+        let (id, evicted) = (*next, CancellationToken::new());
+        *next += 1;
+        *streams += 1;
+        let asker = peers.entry(peer).or_insert_with(|| Asker {
+            streams: Vec::new(),
+            bytes: 0,
+            turn: Arc::default(),
+        });
+        asker.streams.push((id, evicted.clone()));
         Some(AskerSlot {
             askers: self.clone(),
             peer,
+            id,
             turn: asker.turn.clone(),
+            evicted,
         })
     }
 
     /// How many streams `peer` holds.
     #[cfg(test)]
     fn streams(&self, peer: &PeerId) -> usize {
-        lock(&self.peers).get(peer).map_or(0, |a| a.streams)
+        lock(&self.state)
+            .peers
+            .get(peer)
+            .map_or(0, |a| a.streams.len())
+    }
+
+    /// Forgets `peer` once it holds no stream and no bytes in flight.
+    fn forget_if_idle(peers: &mut HashMap<PeerId, Asker>, peer: &PeerId) {
+        if peers
+            .get(peer)
+            .is_some_and(|a| a.streams.is_empty() && a.bytes == 0)
+        {
+            peers.remove(peer);
+        }
     }
 }
 
@@ -169,18 +282,66 @@ impl Askers {
 struct AskerSlot {
     askers: Arc<Askers>,
     peer: PeerId,
+    id: u64,
     turn: Arc<tokio::sync::Mutex<()>>,
+    /// Cancelled when the stream is closed to make room for another asker.
+    evicted: CancellationToken,
+}
+
+impl AskerSlot {
+    /// Takes `bytes` of the peer's [`MAX_BYTES_IN_FLIGHT_PER_PEER`], if they fit (or if the peer
+    /// has nothing else in flight: one request of any size the protocol allows is served).
+    fn reserve(&self, bytes: u64) -> Option<InFlight<'_>> {
+        let mut state = lock(&self.askers.state);
+        let asker = state.peers.get_mut(&self.peer)?;
+        if asker.bytes > 0 && asker.bytes.saturating_add(bytes) > MAX_BYTES_IN_FLIGHT_PER_PEER {
+            return None;
+        }
+        asker.bytes = asker.bytes.saturating_add(bytes);
+        Some(InFlight { slot: self, bytes })
+    }
 }
 
 impl Drop for AskerSlot {
     fn drop(&mut self) {
-        let mut peers = lock(&self.askers.peers);
+        let mut state = lock(&self.askers.state);
+        let AskersState { peers, streams, .. } = &mut *state;
         if let Some(asker) = peers.get_mut(&self.peer) {
-            asker.streams = asker.streams.saturating_sub(1);
-            if asker.streams == 0 {
-                peers.remove(&self.peer);
+            // Not there if it was given up to make room (and counted off then).
+            if let Some(i) = asker.streams.iter().position(|(id, _)| *id == self.id) {
+                asker.streams.remove(i);
+                *streams = streams.saturating_sub(1);
             }
         }
+        Askers::forget_if_idle(peers, &self.peer);
+    }
+}
+
+/// Bytes of a peer's budget taken by one request, given back as they are sent.
+struct InFlight<'a> {
+    slot: &'a AskerSlot,
+    bytes: u64,
+}
+
+impl InFlight<'_> {
+    /// `n` of the bytes were sent.
+    fn sent(&mut self, n: u64) {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        let mut state = lock(&self.slot.askers.state);
+        if let Some(asker) = state.peers.get_mut(&self.slot.peer) {
+            asker.bytes = asker.bytes.saturating_sub(n);
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut state = lock(&self.slot.askers.state);
+        if let Some(asker) = state.peers.get_mut(&self.slot.peer) {
+            asker.bytes = asker.bytes.saturating_sub(self.bytes);
+        }
+        Askers::forget_if_idle(&mut state.peers, &self.slot.peer);
     }
 }
 
@@ -193,6 +354,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn offence_of(e: &NetError) -> Option<Offence> {
     match e {
         NetError::Timeout => Some(Offence::Stalled),
+        NetError::Io(io) if SendDeadlinePassed::is(io) => Some(Offence::Greedy),
         NetError::Io(io) if FrameError::is_too_large(io) => Some(Offence::Malformed),
         NetError::Codec(_) => Some(Offence::Malformed),
         _ => None,
@@ -222,7 +384,6 @@ pub(super) async fn serve(
         }
     };
     let auth = shared.auth.clone();
-    let limit = Arc::new(Semaphore::new(MAX_INBOUND_CHUNK_STREAMS));
     let askers = Arc::new(Askers::default());
     let busy_answers = Arc::new(Semaphore::new(MAX_BUSY_ANSWERS));
     let mut streams = JoinSet::new();
@@ -240,14 +401,7 @@ pub(super) async fn serve(
         if shared.conduct.is_banned(&peer) {
             continue;
         }
-        let admitted = askers.admit(peer).and_then(|slot| {
-            limit
-                .clone()
-                .try_acquire_owned()
-                .ok()
-                .map(|permit| (slot, permit))
-        });
-        let Some((slot, permit)) = admitted else {
+        let Some(slot) = askers.admit(peer) else {
             tracing::debug!(%peer, "refusing a chunk stream: too many in flight");
             // Say so, so the requester rests this node instead of counting a failure.
             if let Ok(permit) = busy_answers.clone().try_acquire_owned() {
@@ -269,8 +423,16 @@ pub(super) async fn serve(
         let shared = shared.clone();
         let reader = super::sync::Reader::of(&auth, &peer);
         streams.spawn(async move {
-            let served = serve_stream(&shared.store, &shared.serving, &reader, &slot.turn, stream);
-            if let Err(e) = served.await {
+            let served = serve_stream(&shared.store, &shared.serving, &reader, &slot, stream);
+            let served = tokio::select! {
+                served = served => served,
+                // Dropping the stream resets it; the peer asks another one or again later.
+                () = slot.evicted.cancelled() => {
+                    tracing::debug!(%peer, "closing a chunk stream to make room for another asker");
+                    Ok(())
+                }
+            };
+            if let Err(e) = served {
                 match offence_of(&e) {
                     Some(offence) => {
                         tracing::debug!(%peer, ?offence, error = &e as &dyn std::error::Error, "closing a chunk stream: the peer misbehaved");
@@ -281,7 +443,7 @@ pub(super) async fn serve(
                     }
                 }
             }
-            drop((slot, permit));
+            drop(slot);
         });
     }
     streams.shutdown().await;
@@ -300,7 +462,7 @@ async fn serve_stream(
     store: &Store,
     serving: &Serving,
     reader: &super::sync::Reader,
-    turn: &tokio::sync::Mutex<()>,
+    slot: &AskerSlot,
     mut stream: Stream,
 ) -> Result<(), NetError> {
     // One copy buffer for the stream's life, not one per request.
@@ -342,17 +504,28 @@ async fn serve_stream(
             // A download in progress serves the chunks it already holds, piece by piece like
             // a file, so a busy seeder holds no whole chunk in memory per stream.
             let partial = store.partial_in_progress(&request.digest);
-            match partial.filter(|p| p.covers(request.offset, request.length)) {
-                Some(p) => {
-                    let ok = ChunkResponse::Ok {
-                        length: request.length,
-                    };
-                    answer(&mut stream, &ok).await?;
-                    let held = Held::Partial(p);
-                    send_range(&mut stream, &held, &request, &mut buf, serving, turn).await?;
-                }
-                None => answer(&mut stream, &ChunkResponse::NotFound).await?,
-            }
+            let Some(p) = partial.filter(|p| p.covers(request.offset, request.length)) else {
+                answer(&mut stream, &ChunkResponse::NotFound).await?;
+                continue;
+            };
+            let Some(mut in_flight) = slot.reserve(request.length) else {
+                answer(&mut stream, &ChunkResponse::Busy).await?;
+                continue;
+            };
+            let ok = ChunkResponse::Ok {
+                length: request.length,
+            };
+            answer(&mut stream, &ok).await?;
+            let held = Held::Partial(p);
+            let sent = send_range(
+                &mut stream,
+                &held,
+                &request,
+                &mut buf,
+                serving,
+                &mut in_flight,
+            );
+            sent.await?;
             continue;
         };
         let end = request.offset.saturating_add(request.length);
@@ -362,6 +535,11 @@ async fn serve_stream(
             answer(&mut stream, &reply).await?;
             continue;
         }
+        // Past its budget, the peer is busy for this request: the stream stays open.
+        let Some(mut in_flight) = slot.reserve(request.length) else {
+            answer(&mut stream, &ChunkResponse::Busy).await?;
+            continue;
+        };
         let log = serving.log.for_stored(store, &request.digest, size).await?;
         let sending = match log.map(|log| log.start(request.offset, request.length)) {
             Some(Start::Declined) => {
@@ -378,7 +556,15 @@ async fn serve_stream(
         };
         answer(&mut stream, &ok).await?;
         let held = Held::Blob(file);
-        send_range(&mut stream, &held, &request, &mut buf, serving, turn).await?;
+        let sent = send_range(
+            &mut stream,
+            &held,
+            &request,
+            &mut buf,
+            serving,
+            &mut in_flight,
+        );
+        sent.await?;
         if let Some(sending) = sending {
             sending.finish();
         }
@@ -402,20 +588,24 @@ async fn write_draining(stream: &mut Stream, mut bytes: &[u8]) -> Result<(), Net
 
 /// Sends the bytes `request` asks for, read from `held` into `buf` a piece at a time on the
 /// blocking pool (positioned reads straight into the stream's one buffer: no second copy, as an
-/// async file adapter would make, and no allocation per piece). Each piece must drain (see
-/// [`write_draining`]).
+/// async file adapter would make, and no allocation per piece), giving them back to the peer's
+/// budget as they go. Each piece must drain (see [`write_draining`]), and all of them within the
+/// request's [`send_deadline`], not counting the waits for the node's upload limit.
 async fn send_range(
     stream: &mut Stream,
     held: &Held,
     request: &ChunkRequest,
     buf: &mut Vec<u8>,
     serving: &Serving,
-    turn: &tokio::sync::Mutex<()>,
+    in_flight: &mut InFlight<'_>,
 ) -> Result<(), NetError> {
     let (mut pos, end) = (
         request.offset,
         request.offset.saturating_add(request.length),
     );
+    let deadline = send_deadline(request.length);
+    let mut left = deadline;
+    let passed = || SendDeadlinePassed::error(request.length, deadline);
     buf.resize(COPY_BUFFER_BYTES, 0);
     while pos < end {
         let n = usize::try_from(end - pos)
@@ -429,14 +619,27 @@ async fn send_range(
         .await?;
         *buf = piece;
         read.ok_or_else(|| std::io::Error::other("copy buffer shorter than a piece"))??;
-        serving.spend(n, turn).await;
-        write_draining(stream, buf.get(..n).unwrap_or_default()).await?;
+        serving.spend(n, &in_flight.slot.turn).await;
+        let piece = write_draining(stream, buf.get(..n).unwrap_or_default());
+        within(&mut left, piece).await.ok_or_else(passed)??;
+        in_flight.sent(n as u64);
         pos += n as u64;
     }
-    tokio::time::timeout(STALL_TIMEOUT, stream.flush())
-        .await
-        .map_err(|_| NetError::Timeout)??;
-    Ok(())
+    let flush = async {
+        tokio::time::timeout(STALL_TIMEOUT, stream.flush())
+            .await
+            .map_err(|_| NetError::Timeout)?
+            .map_err(NetError::from)
+    };
+    within(&mut left, flush).await.ok_or_else(passed)?
+}
+
+/// Runs `write` within `left`, and counts the time it took off `left`; `None` if it ran out.
+async fn within<T>(left: &mut Duration, write: impl Future<Output = T>) -> Option<T> {
+    let started = tokio::time::Instant::now();
+    let written = tokio::time::timeout(*left, write).await;
+    *left = left.saturating_sub(started.elapsed());
+    written.ok()
 }
 
 /// A chunk stream to one peer, for sequential requests.
@@ -537,11 +740,113 @@ mod tests {
         drop(held);
         assert_eq!(askers.streams(&hog), 0);
         assert!(
-            lock(&askers.peers).get(&hog).is_none(),
+            !lock(&askers.state).peers.contains_key(&hog),
             "forgotten once idle"
         );
         assert!(askers.admit(hog).is_some());
         assert_eq!(askers.streams(&other), 1);
+    }
+
+    #[test]
+    fn a_peers_share_shrinks_as_more_peers_ask() {
+        assert_eq!(fair_share(1), MAX_CHUNK_STREAMS_PER_PEER);
+        assert_eq!(fair_share(4), 16);
+        assert_eq!(fair_share(5), 12);
+        assert_eq!(fair_share(16), 4);
+        assert_eq!(fair_share(1000), 1, "everyone gets one");
+    }
+
+    /// Every stream held by four peers (an attacker's four IDs, say): a fifth peer still gets
+    /// its share at once, from the greediest, and they cannot take it back.
+    #[test]
+    fn a_new_asker_gets_its_share_when_a_few_peers_hold_every_stream() {
+        let askers = Arc::new(Askers::default());
+        let hogs: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        let mut held: Vec<AskerSlot> = Vec::new();
+        for hog in &hogs {
+            for _ in 0..MAX_CHUNK_STREAMS_PER_PEER {
+                held.push(askers.admit(*hog).expect("within its share"));
+            }
+        }
+        assert_eq!(lock(&askers.state).streams, MAX_INBOUND_CHUNK_STREAMS);
+        assert!(askers.admit(hogs[0]).is_none(), "every stream is taken");
+        let newcomer = PeerId::random();
+        let share = fair_share(5);
+        let theirs: Vec<AskerSlot> = (0..share)
+            .map(|_| askers.admit(newcomer).expect("room is made"))
+            .collect();
+        assert!(askers.admit(newcomer).is_none(), "past its share");
+        assert_eq!(lock(&askers.state).streams, MAX_INBOUND_CHUNK_STREAMS);
+        let evicted = held.iter().filter(|s| s.evicted.is_cancelled()).count();
+        assert_eq!(evicted, share, "one stream given up for each admitted");
+        for hog in &hogs {
+            let n = askers.streams(hog);
+            assert!((share..=share + 1).contains(&n), "{n} streams left");
+            assert!(
+                askers.admit(*hog).is_none(),
+                "a hog past its share gets none back"
+            );
+        }
+        // A closed stream is counted off once, not again when its task ends.
+        drop(held);
+        assert_eq!(lock(&askers.state).streams, share);
+        assert!(theirs.iter().all(|s| !s.evicted.is_cancelled()));
+    }
+
+    /// When every peer holds no more than its share, a full server refuses newcomers rather
+    /// than take a stream from anyone.
+    #[test]
+    fn no_stream_is_taken_from_a_peer_within_its_share() {
+        let askers = Arc::new(Askers::default());
+        let peers: Vec<PeerId> = (0..MAX_INBOUND_CHUNK_STREAMS)
+            .map(|_| PeerId::random())
+            .collect();
+        let held: Vec<AskerSlot> = peers
+            .iter()
+            .map(|p| askers.admit(*p).expect("one each"))
+            .collect();
+        assert!(askers.admit(PeerId::random()).is_none());
+        assert!(held.iter().all(|s| !s.evicted.is_cancelled()));
+    }
+
+    #[test]
+    fn a_peers_bytes_in_flight_are_bounded_across_its_streams() {
+        let askers = Arc::new(Askers::default());
+        let (greedy, other) = (PeerId::random(), PeerId::random());
+        let (a, b) = (askers.admit(greedy).unwrap(), askers.admit(greedy).unwrap());
+        let half = MAX_BYTES_IN_FLIGHT_PER_PEER / 2;
+        let mut first = a.reserve(half).expect("within the budget");
+        let second = b.reserve(half).expect("within the budget");
+        assert!(
+            a.reserve(1).is_none(),
+            "past the budget, on any of its streams"
+        );
+        // Another peer has its own budget.
+        let theirs = askers.admit(other).unwrap();
+        assert!(theirs.reserve(MAX_BYTES_IN_FLIGHT_PER_PEER).is_some());
+        // Bytes sent are given back as they go.
+        first.sent(1024);
+        assert!(b.reserve(1024).is_some());
+        assert!(b.reserve(1025).is_none());
+        drop((first, second));
+        // One request of the largest size is served to a peer with nothing else in flight.
+        let largest = shoal_protocol::message::MAX_CHUNK_REQUEST_BYTES;
+        let whole = a.reserve(largest).expect("the largest request");
+        assert!(b.reserve(1).is_none());
+        drop(whole);
+        drop((a, b));
+        assert!(!lock(&askers.state).peers.contains_key(&greedy));
+    }
+
+    #[test]
+    fn a_chunks_send_deadline_outlasts_its_requesters_own_timeout() {
+        let largest_auto = u64::from(shoal_protocol::blob_index::MAX_AUTO_CHUNK_SIZE_BYTES);
+        assert!(send_deadline(largest_auto) > CHUNK_TIMEOUT);
+        assert_eq!(send_deadline(1), MIN_SEND_TIME);
+        // A 10 Mbit/s link takes the largest share of one peer, all at once, in time.
+        let link_bytes_per_sec = 10_000_000 / 8;
+        let per_stream = link_bytes_per_sec / MAX_CHUNK_STREAMS_PER_PEER as u64;
+        assert!(per_stream > MIN_SEND_BYTES_PER_SEC);
     }
 
     #[test]
@@ -554,6 +859,10 @@ mod tests {
             }),
         );
         assert_eq!(offence_of(&NetError::Timeout), Some(Offence::Stalled));
+        assert_eq!(
+            offence_of(&SendDeadlinePassed::error(4096, MIN_SEND_TIME)),
+            Some(Offence::Greedy)
+        );
         assert_eq!(
             offence_of(&NetError::Io(too_large)),
             Some(Offence::Malformed)

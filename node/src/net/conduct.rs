@@ -1,13 +1,13 @@
 //! How each peer has behaved: strikes that fade, bans that last.
 //!
 //! Every part of the network that catches a peer misbehaving (a chunk that fails its hash, a
-//! sync that does not progress, a frame over its limit, a chunk stream it never drains, gossip
-//! it should not have sent) reports an [`Offence`] here. Each offence weighs some points; the
-//! points of a peer halve every [`HALF_LIFE`], so an honest peer's rare slip fades, while a peer
-//! that keeps at it reaches [`BAN_AT`] and is banned. A ban outlives the connection: the event
-//! loop closes the peer's connections, refuses new ones and does not dial it until the ban ends.
-//! Each ban of the same peer lasts twice as long as the one before ([`FIRST_BAN`] up to
-//! [`LONGEST_BAN`]), and the count of bans fades like the points.
+//! sync that does not progress, a frame over its limit, a chunk stream it never drains or drains
+//! too slowly, gossip it should not have sent) reports an [`Offence`] here. Each offence weighs
+//! some points; the points of a peer halve every [`HALF_LIFE`], so an honest peer's rare slip
+//! fades, while a peer that keeps at it reaches [`BAN_AT`] and is banned. A ban outlives the
+//! connection: the event loop closes the peer's connections, refuses new ones and does not dial
+//! it until the ban ends. Each ban of the same peer lasts twice as long as the one before
+//! ([`FIRST_BAN`] up to [`LONGEST_BAN`]), and the count of bans fades like the points.
 //!
 //! The state is bounded ([`MAX_PEERS`] entries): when full, the entry that matters least (not
 //! banned, fewest points) makes room.
@@ -43,9 +43,12 @@ pub enum Offence {
     /// It broke a protocol's rules another way (a sync whose pages do not progress, a request
     /// it may not make).
     Protocol,
-    /// It let a chunk stream stall past its deadline, holding a slot others need.
+    /// It let a chunk stream make no progress at all for a while (it asked for a chunk and does
+    /// not read it), holding a slot others need.
     Stalled,
-    /// It kept more streams or requests open than its share.
+    /// It held more of the node than its share: it took a chunk too slowly to meet the chunk's
+    /// send deadline (a peer that reads a trickle to keep its streams). One is a slip an honest
+    /// peer on a failing link may make; twenty in a half-life are a ban.
     Greedy,
     /// It relayed a message this node had to throw away (a record no one here trusts, a policy
     /// that does not check out). Honest peers do so rarely: they validate before forwarding.

@@ -227,7 +227,10 @@ pub fn authorize(
         .iter()
         .find(|(repo, action)| !r.tags.auth().allowed(caller, repo).contains(*action));
     let Some((repo, action)) = missing else {
-        return Ok(());
+        return needs
+            .iter()
+            .filter(|(_, a)| *a == Action::Push)
+            .try_for_each(|(repo, _)| node_may_write(r, caller, repo, Action::Push, client));
     };
     let why = format!("{} may not {} {repo}", caller.name(), action.as_str());
     r.audit.record(
@@ -254,6 +257,45 @@ pub fn authorize(
         }
         _ => RegistryError::Denied(why),
     })
+}
+
+/// Refuses up front a write this node could not publish: in a fleet, the records of a private
+/// repository count only from nodes granted what they do (see
+/// [`Auth::fleet_accepts`](crate::auth::Auth::fleet_accepts)), so a push through a node
+/// without a `push` grant (or a delete without `delete`) would be acknowledged here and ignored
+/// by every peer. The client is told why with `403 DENIED`, and the denial is audited.
+pub fn node_may_write(
+    r: &Registry,
+    caller: &Caller,
+    repo: &RepoName,
+    action: Action,
+    client: Option<SocketAddr>,
+) -> Result<(), RegistryError> {
+    let auth = r.tags.auth();
+    let key = auth.own_key();
+    if auth.fleet_accepts(&key, repo, action) {
+        return Ok(());
+    }
+    let why = if auth.settings(repo).publishers.is_empty() {
+        format!(
+            "this node lacks a {a} grant for {repo}: the fleet takes a private repository's \
+             tag records only from nodes granted {a} on it; use a node that holds one, or have \
+             an admin grant it (shoal grant add NAME --principal node:{key} --repo {repo} \
+             --actions {a})",
+            a = action.as_str()
+        )
+    } else {
+        format!(
+            "this node is not one of the publishers of {repo} (the repository's settings list \
+             the keys whose tag records count); use a node that is"
+        )
+    };
+    r.audit.record(
+        Entry::new(caller.name(), Event::Denied, why.clone())
+            .repository(repo)
+            .client(client),
+    );
+    Err(RegistryError::Denied(why))
 }
 
 /// `GET /token`: trades credentials for a bearer token (the distribution token flow).

@@ -1,8 +1,9 @@
 //! The node's own small admin API, beside `/v2/`: `GET /_shoal/v1/peers` (what `shoal peers`
-//! prints), `GET /_shoal/v1/status` (identity, listen addresses, record counters), and the
-//! fleet: founding one, joining one, join tokens, policies and access tokens signed with the
-//! admin key this node holds, and reloading trust rules and users. Only a local client of an
-//! open node, or a principal with `admin` on every repository, may use it.
+//! prints), `GET /_shoal/v1/status` (identity, listen addresses, record counters; open to
+//! anyone, but the disk figures only to an admin), and the fleet: founding one, joining one,
+//! join tokens, policies and access tokens signed with the admin key this node holds, and
+//! reloading trust rules and users. Only a local client of an open node, or a principal with
+//! `admin` on every repository, may use the rest.
 //!
 //! The answers are the typed structs below, which the server serializes and the CLI
 //! deserializes, so the two cannot drift apart. A node whose network is down answers `503`.
@@ -42,6 +43,31 @@ pub struct Status {
     pub served_bytes: u64,
     /// What became of the tag records that arrived.
     pub records: RecordCounts,
+    /// Where the disk stands; only for an admin of the node (see [`admin_caller`]), since
+    /// what a node holds and how full it is tells a stranger what to fill it with.
+    #[serde(default)]
+    pub disk: Option<DiskStatus>,
+}
+
+/// Where a node's disk stands, in `GET /_shoal/v1/status` (what `shoal du` breaks down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// Bytes the store takes: blob files, upload sessions, downloads in progress.
+    pub used_bytes: u64,
+    /// Bytes free for the node on the filesystem of its data directory (unknown if it could
+    /// not be asked).
+    pub fs_free_bytes: Option<u64>,
+    /// That filesystem's size.
+    pub fs_total_bytes: Option<u64>,
+    /// The disk quota (`--max-disk`), in bytes; `None` without one.
+    pub max_disk_bytes: Option<u64>,
+    /// Blob bytes pushed to this node (known to a running node, which classifies its blobs for
+    /// the quota).
+    pub published_bytes: Option<u64>,
+    /// Blob bytes of pinned images.
+    pub pinned_bytes: Option<u64>,
+    /// Blob bytes that came from the fleet, which the quota evicts first.
+    pub cached_bytes: Option<u64>,
 }
 
 /// Counters of incoming tag records, by outcome.
@@ -75,7 +101,11 @@ pub(super) async fn peers(State(r): State<Registry>) -> Response {
 }
 
 /// GET /_shoal/v1/status
-pub(super) async fn status(State(r): State<Registry>) -> Response {
+pub(super) async fn status(
+    State(r): State<Registry>,
+    headers: axum::http::HeaderMap,
+    client: Option<axum::Extension<super::access::ClientAddr>>,
+) -> Response {
     let stats = r.tags.stats();
     let bad_peers = r.fleet.as_ref().map_or(0, |f| f.fetcher.bad_peers());
     let (peer_id, p2p_listen) = match &r.fleet {
@@ -95,6 +125,15 @@ pub(super) async fn status(State(r): State<Registry>) -> Response {
         },
         None => (None, Vec::new()),
     };
+    // Anyone may see who the node is; only an admin how full it is.
+    let disk = if admin_caller(&r, &headers, client).is_ok() {
+        match disk_status(&r).await {
+            Ok(disk) => Some(disk),
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        None
+    };
     axum::Json(Status {
         peer_id,
         p2p_listen,
@@ -106,8 +145,53 @@ pub(super) async fn status(State(r): State<Registry>) -> Response {
             untrusted: stats.untrusted.load(Ordering::Relaxed),
             invalid: stats.invalid.load(Ordering::Relaxed),
         },
+        disk,
     })
     .into_response()
+}
+
+/// The disk figures of [`Status`]: the quota's classification where the registry has one (a
+/// running node), else the sizes of the store's directories.
+async fn disk_status(r: &Registry) -> Result<DiskStatus, RegistryError> {
+    let root = r.store.layout().root().to_owned();
+    let mut disk = DiskStatus::default();
+    match &r.quota {
+        Some(q) => {
+            let s = q.status().await?;
+            disk.used_bytes = s.used_bytes;
+            disk.max_disk_bytes = s.max_disk_bytes;
+            disk.published_bytes = Some(s.published_bytes);
+            disk.pinned_bytes = Some(s.pinned_bytes);
+            disk.cached_bytes = Some(s.cached_bytes);
+        }
+        None => {
+            let root = root.clone();
+            disk.used_bytes = tokio::task::spawn_blocking(move || {
+                ["blobs", "uploads", "partial"]
+                    .iter()
+                    .map(|d| crate::store::usage::dir_bytes(&root.join(d)))
+                    .sum::<u64>()
+            })
+            .await
+            .map_err(|e| RegistryError::from(crate::store::StoreError::from(e)))?;
+        }
+    }
+    match tokio::task::spawn_blocking(move || nix::sys::statvfs::statvfs(&root)).await {
+        Ok(Ok(fs)) => {
+            disk.fs_free_bytes = fs.blocks_available().checked_mul(fs.fragment_size());
+            disk.fs_total_bytes = fs.blocks().checked_mul(fs.fragment_size());
+        }
+        // The store's figures stand without the filesystem's.
+        Ok(Err(e)) => tracing::warn!(
+            error = &e as &dyn std::error::Error,
+            "asking the filesystem of the data directory for its size"
+        ),
+        Err(e) => tracing::warn!(
+            error = &e as &dyn std::error::Error,
+            "asking the filesystem of the data directory for its size"
+        ),
+    }
+    Ok(disk)
 }
 
 /// Who is calling the admin API: only a local client of an open node, or a principal with
@@ -373,7 +457,16 @@ async fn join_now(r: &Registry, fleet: FleetConfig) -> Result<(), AdminError> {
     };
     let f = fleet.clone();
     let written = tokio::task::spawn_blocking(move || f.write(&dir)).await;
-    if !matches!(written, Ok(Ok(()))) {
+    let failed: Option<Box<dyn std::error::Error + Send + Sync>> = match written {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(Box::new(e)),
+        Err(e) => Some(Box::new(e)),
+    };
+    if let Some(e) = failed {
+        tracing::error!(
+            error = &*e as &dyn std::error::Error,
+            "writing the fleet file"
+        );
         return Err(RegistryError::Unavailable("could not write the fleet file").into());
     }
     let auth = r.auth();
@@ -419,7 +512,16 @@ pub(super) async fn fleet_init(
         crate::identity::write_secret(&dir.join(ADMIN_KEY_FILE), &seed)
     })
     .await;
-    if !matches!(saved, Ok(Ok(()))) {
+    let failed: Option<Box<dyn std::error::Error + Send + Sync>> = match saved {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(Box::new(e)),
+        Err(e) => Some(Box::new(e)),
+    };
+    if let Some(e) = failed {
+        tracing::error!(
+            error = &*e as &dyn std::error::Error,
+            "writing the admin key"
+        );
         return RegistryError::Unavailable("could not write the admin key").into_response();
     }
     let id = FleetId::founded_by(&admin.public());
@@ -583,9 +685,9 @@ pub(super) async fn reload(State(r): State<Registry>, _admin: Admin) -> Response
         return conflict("this registry has no data directory").into_response();
     };
     let read = tokio::task::spawn_blocking(move || {
-        let rules = crate::auth::trust::read_file(&dir).map_err(|e| e.to_string())?;
-        let users = crate::auth::users::Users::read(&dir).map_err(|e| e.to_string())?;
-        Ok::<_, String>((rules, users))
+        let rules = crate::auth::trust::read_file(&dir).map_err(ReloadError::Trust)?;
+        let users = crate::auth::users::Users::read(&dir).map_err(ReloadError::Users)?;
+        Ok::<_, ReloadError>((rules, users))
     })
     .await;
     match read {
@@ -594,9 +696,45 @@ pub(super) async fn reload(State(r): State<Registry>, _admin: Admin) -> Response
             r.auth().set_users(users);
             axum::http::StatusCode::NO_CONTENT.into_response()
         }
-        Ok(Err(why)) => bad_request(why).into_response(),
-        Err(_) => RegistryError::Unavailable("reading the files failed").into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "reloading the trust rules and users"
+            );
+            // The admin who edited the files is told what is wrong with them.
+            bad_request(with_causes(&e)).into_response()
+        }
+        Err(e) => {
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "reloading the trust rules and users"
+            );
+            RegistryError::Unavailable("reading the files failed").into_response()
+        }
     }
+}
+
+/// Why `reload` could not read the files.
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    /// The trust rules.
+    #[error("reading the trust rules")]
+    Trust(#[source] crate::auth::trust::TrustError),
+    /// The users file.
+    #[error("reading the users")]
+    Users(#[source] crate::auth::AuthError),
+}
+
+/// `e` and its causes, `: `-separated, for an answer to an admin.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// What `POST /_shoal/v1/lifecycle/preview` is asked.

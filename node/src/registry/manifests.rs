@@ -309,6 +309,13 @@ pub(super) async fn delete(
     name: &RepoName,
     reference: &Reference,
 ) -> Result<Response> {
+    super::access::node_may_write(
+        r,
+        request.caller,
+        name,
+        shoal_protocol::fleet::Action::Delete,
+        request.client,
+    )?;
     let (digest, _) = resolve(r, name, reference).await?;
     match reference {
         Reference::Digest(_) => {

@@ -277,6 +277,41 @@ impl Store {
     }
 }
 
+/// What [`Store::expire_abandoned`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// Upload sessions idle for their time or longer.
+    pub uploads: usize,
+    /// Downloads nothing continued for their time.
+    pub downloads: u64,
+    /// Their bytes.
+    pub download_bytes: u64,
+}
+
+impl Store {
+    /// Removes the upload sessions idle for `upload_ttl` or longer (they answer
+    /// `404 BLOB_UPLOAD_UNKNOWN` from then on) and the downloads nothing has continued for
+    /// `download_ttl`, never one that a fetch, a peer or a client holds. What a collection
+    /// does for downloads, without one: a node runs it on its own, so that an idle node's disk
+    /// does not keep what its clients gave up. If cancelled, what went stays gone.
+    pub async fn expire_abandoned(
+        &self,
+        upload_ttl: Duration,
+        download_ttl: Duration,
+    ) -> Result<Expired, StoreError> {
+        let uploads = self.expire_upload_sessions(upload_ttl).await?.removed;
+        let this = self.clone();
+        let (downloads, download_bytes) =
+            tokio::task::spawn_blocking(move || this.expire_downloads(download_ttl, false))
+                .await??;
+        Ok(Expired {
+            uploads,
+            downloads,
+            download_bytes,
+        })
+    }
+}
+
 /// Runs one collection.
 pub(super) async fn collect(store: &Store, options: GcOptions) -> Result<GcReport, StoreError> {
     collect_with(store, options, Expiring::default()).await
@@ -380,48 +415,9 @@ async fn abandoned_downloads(
     report: &mut GcReport,
 ) -> Result<(), StoreError> {
     let (dry_run, ttl) = (options.dry_run, options.abandoned_after);
-    let root = store.inner.layout.root().join("partial");
     let this = store.clone();
-    let (count, bytes) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-        let _open = this.inner.gate.enter()?;
-        let now = SystemTime::now();
-        let (mut count, mut bytes) = (0u64, 0u64);
-        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
-            let Ok(dirs) = std::fs::read_dir(root.join(alg.as_str())) else {
-                continue;
-            };
-            for dir in dirs.flatten() {
-                let path = dir.path();
-                let Some(hex) = path.file_name().and_then(|n| n.to_str()) else {
-                    continue;
-                };
-                let Ok(digest) = format!("{}:{hex}", alg.as_str()).parse::<Digest>() else {
-                    continue;
-                };
-                // The newest time of its files: a download writes `chunks` as it goes.
-                let (mut newest, mut size) = (None::<SystemTime>, 0u64);
-                for file in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-                    if let Ok(m) = file.metadata() {
-                        size += m.len();
-                        newest = newest.max(m.modified().ok());
-                    }
-                }
-                if is_young(newest, now, ttl) {
-                    continue;
-                }
-                if this.partials().contains_key(&digest) {
-                    continue;
-                }
-                if !dry_run {
-                    std::fs::remove_dir_all(&path)?;
-                }
-                count += 1;
-                bytes += size;
-            }
-        }
-        Ok((count, bytes))
-    })
-    .await??;
+    let (count, bytes) =
+        tokio::task::spawn_blocking(move || this.expire_downloads(ttl, dry_run)).await??;
     report.abandoned_downloads = count;
     report.abandoned_download_bytes = bytes;
     Ok(())
@@ -522,7 +518,7 @@ fn removals(index: &Index, digest: &Digest, evicting: bool) -> Result<Vec<Change
 
 /// Whether a file modified at `modified` is younger than `grace` at `now` (a file with no or a
 /// future time is young: never sweep what cannot be dated).
-fn is_young(modified: Option<SystemTime>, now: SystemTime, grace: Duration) -> bool {
+pub(super) fn is_young(modified: Option<SystemTime>, now: SystemTime, grace: Duration) -> bool {
     match modified {
         Some(m) => match now.duration_since(m) {
             Ok(age) => age < grace,

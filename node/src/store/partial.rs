@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use shoal_protocol::{Bitfield, BlobIndex, Digest, DigestHasher, codec};
+use shoal_protocol::{Algorithm, Bitfield, BlobIndex, Digest, DigestHasher, codec};
 use tokio::sync::watch;
 
 use super::gate::Gate;
@@ -350,15 +350,33 @@ impl Store {
     /// every caller gets the same one while it is in progress.
     pub async fn partial(&self, index: BlobIndex) -> Result<Arc<Partial>, StoreError> {
         let digest = index.digest().clone();
-        if let Some(p) = self.partials().get(&digest) {
-            if p.index == index {
-                return Ok(p.clone());
+        // Twice at most: an expiry ([`Store::expire_downloads`]) that moved an old directory
+        // away while it was being opened leaves the download to start afresh, and cannot take
+        // the fresh one (its files are new).
+        for _ in 0..2 {
+            if let Some(p) = self.partials().get(&digest) {
+                if p.index == index {
+                    return Ok(p.clone());
+                }
+            }
+            let (layout, gate, i) = (
+                self.layout().clone(),
+                self.inner.gate.clone(),
+                index.clone(),
+            );
+            let p = tokio::task::spawn_blocking(move || Partial::open(&layout, i, gate)).await??;
+            let mut map = self.partials();
+            if let Some(existing) = map.get(&digest) {
+                return Ok(existing.clone());
+            }
+            // Checked under the map's lock, which an expiry holds while it moves a directory.
+            if p.dir.join("index").is_file() {
+                return Ok(map.entry(digest).or_insert_with(|| Arc::new(p)).clone());
             }
         }
-        let (layout, gate) = (self.layout().clone(), self.inner.gate.clone());
-        let p = tokio::task::spawn_blocking(move || Partial::open(&layout, index, gate)).await??;
-        let mut map = self.partials();
-        Ok(map.entry(digest).or_insert_with(|| Arc::new(p)).clone())
+        Err(StoreError::Busy(
+            "a download's directory went away twice while it was opened",
+        ))
     }
 
     /// A download in progress, if there is one (to serve its chunks to peers).
@@ -418,4 +436,81 @@ impl Store {
         self.partials().remove(&digest);
         Ok(())
     }
+
+    /// Removes the downloads that nothing has continued for `ttl`: directories under
+    /// `partial/` whose files are all older than that and that no fetch, chunk server or
+    /// streaming reader holds (a download the store still remembers but nobody holds, such as
+    /// one that stalled, is forgotten with its directory). `dry_run` only counts them. Returns
+    /// how many went and their bytes. Blocking.
+    ///
+    /// Each directory is judged and moved to `partial/expired/` under the lock of the map of
+    /// downloads in progress, so a fetch cannot take it up meanwhile ([`Store::partial`]
+    /// checks, under the same lock, that what it opened is still there); it is deleted after.
+    pub(super) fn expire_downloads(
+        &self,
+        ttl: std::time::Duration,
+        dry_run: bool,
+    ) -> Result<(u64, u64), StoreError> {
+        let _open = self.inner.gate.enter()?;
+        let root = self.layout().root().join("partial");
+        let expired = root.join(EXPIRED_DIR);
+        if !dry_run {
+            // What a crash left between the move and the deletion.
+            match fs::remove_dir_all(&expired) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let now = std::time::SystemTime::now();
+        let (mut count, mut bytes) = (0u64, 0u64);
+        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+            let Ok(dirs) = fs::read_dir(root.join(alg.as_str())) else {
+                continue;
+            };
+            for dir in dirs.flatten() {
+                let path = dir.path();
+                let Some(hex) = path.file_name().and_then(|n| n.to_str()) else {
+                    continue;
+                };
+                let Ok(digest) = format!("{}:{hex}", alg.as_str()).parse::<Digest>() else {
+                    continue;
+                };
+                let mut map = self.partials();
+                // Held beyond the map: a fetch, a peer being served or a client streaming it.
+                if map.get(&digest).is_some_and(|p| Arc::strong_count(p) > 1) {
+                    continue;
+                }
+                // The newest time of its files: a download writes `data` and `chunks` as it goes.
+                let (mut newest, mut size) = (None::<std::time::SystemTime>, 0u64);
+                for file in fs::read_dir(&path).into_iter().flatten().flatten() {
+                    if let Ok(m) = file.metadata() {
+                        size += m.len();
+                        newest = newest.max(m.modified().ok());
+                    }
+                }
+                if super::gc::is_young(newest, now, ttl) {
+                    continue;
+                }
+                count += 1;
+                bytes += size;
+                if dry_run {
+                    continue;
+                }
+                fs::create_dir_all(&expired)?;
+                let moved = expired.join(format!("{}-{hex}", alg.as_str()));
+                fs::rename(&path, &moved)?;
+                let forgotten = map.remove(&digest);
+                drop(map);
+                // Its directory is gone: dropping it writes nothing.
+                drop(forgotten);
+                tracing::debug!(%digest, size, "removing an abandoned download");
+                fs::remove_dir_all(&moved)?;
+            }
+        }
+        Ok((count, bytes))
+    }
 }
+
+/// Where, under `partial/`, [`Store::expire_downloads`] moves a directory before deleting it.
+const EXPIRED_DIR: &str = "expired";

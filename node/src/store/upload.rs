@@ -34,6 +34,15 @@ pub struct UploadMeta {
     pub created_unix: u64,
 }
 
+/// What [`Store::expire_upload_sessions`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UploadExpiry {
+    /// Sessions removed, idle for the time given or longer.
+    pub removed: usize,
+    /// Sessions left open.
+    pub open: usize,
+}
+
 /// One upload session, locked while a chunk is being received.
 #[derive(Debug)]
 pub struct Upload {
@@ -443,8 +452,17 @@ impl Store {
     /// Removes every session idle for `ttl` or longer (sessions receiving a chunk are left
     /// alone) and returns how many sessions remain open.
     pub async fn expire_uploads(&self, ttl: std::time::Duration) -> Result<usize, StoreError> {
+        Ok(self.expire_upload_sessions(ttl).await?.open)
+    }
+
+    /// [`Store::expire_uploads`], saying how many sessions went too. If cancelled, the
+    /// sessions removed so far stay removed.
+    pub async fn expire_upload_sessions(
+        &self,
+        ttl: std::time::Duration,
+    ) -> Result<UploadExpiry, StoreError> {
         let ids = self.read(|i| i.upload_ids()).await?;
-        let mut open = 0;
+        let mut expiry = UploadExpiry::default();
         for id in ids {
             let meta = {
                 let id = id.clone();
@@ -461,14 +479,14 @@ impl Store {
                         error = &e as &dyn std::error::Error,
                         "an upload session cannot be read; leaving it"
                     );
-                    open += 1;
+                    expiry.open += 1;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
             // A session someone holds is in use.
             let Ok(mut upload) = session.try_lock() else {
-                open += 1;
+                expiry.open += 1;
                 continue;
             };
             if upload.closed {
@@ -478,11 +496,12 @@ impl Store {
                 tracing::debug!(upload = %upload.id, "removing an abandoned upload session");
                 upload.closed = true;
                 self.drop_session(&upload).await;
+                expiry.removed += 1;
             } else {
-                open += 1;
+                expiry.open += 1;
             }
         }
-        Ok(open)
+        Ok(expiry)
     }
 
     async fn drop_session(&self, upload: &Upload) {

@@ -415,3 +415,62 @@ async fn abandoned_downloads_expire_and_recent_ones_stay() {
     assert!(!partial(3).exists(), "the configured time was not applied");
     assert!(partial(2).exists(), "a recent download was removed");
 }
+
+/// `GET /_shoal/v1/status` tells an admin where the disk stands (the store's bytes, the
+/// filesystem's), and a remote stranger nothing of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_the_disk_to_an_admin_only() {
+    let h = Harness::new().await;
+    let img = push_image(&h, "r", Some("1"), 1).await;
+    let pushed =
+        img.manifest.len() as u64 + img.blobs.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+    let leftover = h.path().join("uploads");
+    let r = h
+        .request(
+            axum::http::Method::POST,
+            "/v2/r/blobs/uploads/",
+            &[],
+            axum::body::Body::empty(),
+        )
+        .await;
+    r.expect(StatusCode::ACCEPTED);
+    let location = r.must_header("location").to_owned();
+    h.request(axum::http::Method::PATCH, &location, &[], vec![7u8; 3000])
+        .await
+        .expect(StatusCode::ACCEPTED);
+    assert!(leftover.is_dir());
+
+    // A local client of an open registry is its admin.
+    let status = h.get("/_shoal/v1/status").await;
+    status.expect(StatusCode::OK);
+    let s: shoal_node::registry::admin::Status = serde_json::from_slice(&status.body).unwrap();
+    let disk = s.disk.expect("no disk figures for an admin");
+    assert!(
+        disk.used_bytes >= pushed + 3000,
+        "the store's bytes ({}) miss the image ({pushed}) or the upload session",
+        disk.used_bytes
+    );
+    let (free, total) = (disk.fs_free_bytes.unwrap(), disk.fs_total_bytes.unwrap());
+    assert!(0 < free && free <= total, "free {free} of {total}");
+    // A registry without a node has no quota and does not classify its blobs.
+    assert_eq!(disk.max_disk_bytes, None);
+    assert_eq!(disk.published_bytes, None);
+
+    // A client from elsewhere with no credentials sees who the node is, not its disk.
+    let mut request = axum::http::Request::get("/_shoal/v1/status")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(shoal_node::registry::access::ClientAddr(
+            "203.0.113.9:40000".parse().unwrap(),
+        ));
+    let stranger = h.send(request).await;
+    stranger.expect(StatusCode::OK);
+    assert_eq!(
+        stranger.json()["disk"],
+        serde_json::Value::Null,
+        "{:?}",
+        stranger
+    );
+}

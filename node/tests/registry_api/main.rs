@@ -13,3 +13,4 @@ mod push;
 mod referrers;
 mod restarts;
 mod uploads;
+mod uploads_expiry;
