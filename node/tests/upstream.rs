@@ -43,7 +43,9 @@ const PASSWORD: &str = "hunter2-registry-password";
 
 fn in_ci() -> bool {
     matches!(
-        std::env::var("CI").map(|v| v.to_ascii_lowercase()).as_deref(),
+        std::env::var("CI")
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref(),
         Ok("true" | "1")
     )
 }
@@ -131,7 +133,11 @@ impl Registry {
                     panic!("docker-registry exited ({status}): {}", self.log());
                 }
             }
-            assert!(Instant::now() < deadline, "docker-registry not ready: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry not ready: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -221,7 +227,8 @@ async fn push_image(registry: &Registry, repo: &str, tag: &str, auth: bool) -> I
         assert_eq!(r.status(), StatusCode::CREATED, "put blob");
         digest
     };
-    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
     let layer = noise(700 * 1024, 7);
     let config_digest = push_blob(config).await;
     let layer_digest = push_blob(&layer).await;
@@ -295,18 +302,25 @@ async fn manifest_by_tag_and_by_digest() {
 
 #[tokio::test]
 async fn blob_streams_in_chunks_that_hash_to_its_digest() {
-    let Some(registry) = Registry::start("blob_streams_in_chunks_that_hash_to_its_digest", false).await
+    let Some(registry) =
+        Registry::start("blob_streams_in_chunks_that_hash_to_its_digest", false).await
     else {
         return;
     };
     let image = push_image(&registry, "team/app", "v1", false).await;
     let upstream = Upstream::new(registry.config()).unwrap();
-    let blob = upstream.blob("team/app", &image.layer_digest).await.unwrap();
+    let blob = upstream
+        .blob("team/app", &image.layer_digest)
+        .await
+        .unwrap();
     assert_eq!(blob.content_length, Some(image.layer.len() as u64));
     let (digest, len, chunks) = drain(blob.stream).await;
     assert_eq!(digest, image.layer_digest);
     assert_eq!(len, image.layer.len() as u64);
-    assert!(chunks > 1, "a 700 KiB blob arrives in more than one chunk, not buffered whole");
+    assert!(
+        chunks > 1,
+        "a 700 KiB blob arrives in more than one chunk, not buffered whole"
+    );
 }
 
 #[tokio::test]
@@ -325,7 +339,10 @@ async fn unknown_tags_repositories_and_digests_are_not_found() {
         ("team/app", other.to_string()),
     ] {
         let e = upstream.manifest(repo, &reference).await.unwrap_err();
-        assert!(matches!(e, UpstreamError::NotFound), "{repo}:{reference}: {e:?}");
+        assert!(
+            matches!(e, UpstreamError::NotFound),
+            "{repo}:{reference}: {e:?}"
+        );
         assert!(!e.is_outage());
     }
     let e = upstream.blob("team/app", &other).await.unwrap_err();
@@ -333,7 +350,10 @@ async fn unknown_tags_repositories_and_digests_are_not_found() {
     // A name the client would put into a URL path unchecked.
     let e = upstream.manifest("../../v2/x", "v1").await.unwrap_err();
     assert!(matches!(e, UpstreamError::Name(_)), "{e:?}");
-    let e = upstream.manifest("team/app", "v1/../../x").await.unwrap_err();
+    let e = upstream
+        .manifest("team/app", "v1/../../x")
+        .await
+        .unwrap_err();
     assert!(matches!(e, UpstreamError::Name(_)), "{e:?}");
     drop(image);
 }
@@ -355,9 +375,16 @@ async fn stopped_registry_is_unreachable_within_the_timeout() {
     let e = upstream.manifest("team/app", "v1").await.unwrap_err();
     assert!(matches!(e, UpstreamError::Unreachable(_)), "{e:?}");
     assert!(e.is_outage());
-    let e = upstream.blob("team/app", &image.layer_digest).await.unwrap_err();
+    let e = upstream
+        .blob("team/app", &image.layer_digest)
+        .await
+        .unwrap_err();
     assert!(matches!(e, UpstreamError::Unreachable(_)), "{e:?}");
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// An upstream that accepts connections and never answers fails after `timeout_ms`, not after
@@ -378,7 +405,10 @@ async fn silent_upstream_fails_after_timeout_ms() {
         "{e:?}"
     );
     assert!(e.is_outage());
-    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     drop(listener);
 }
 
@@ -398,7 +428,11 @@ async fn htpasswd_registry_answers_only_with_the_credentials() {
     let mut wrong = registry.config();
     wrong.username = Some(USER.into());
     wrong.password = Some(Secret::new("not-the-password"));
-    let e = Upstream::new(wrong).unwrap().manifest("team/app", "v1").await.unwrap_err();
+    let e = Upstream::new(wrong)
+        .unwrap()
+        .manifest("team/app", "v1")
+        .await
+        .unwrap_err();
     assert!(matches!(e, UpstreamError::Unauthorized { .. }), "{e:?}");
 
     let mut right = registry.config();
@@ -407,7 +441,10 @@ async fn htpasswd_registry_answers_only_with_the_credentials() {
     let upstream = Upstream::new(right).unwrap();
     let m = upstream.manifest("team/app", "v1").await.unwrap();
     assert_eq!(m.digest, image.manifest_digest);
-    let blob = upstream.blob("team/app", &image.layer_digest).await.unwrap();
+    let blob = upstream
+        .blob("team/app", &image.layer_digest)
+        .await
+        .unwrap();
     assert_eq!(drain(blob.stream).await.0, image.layer_digest);
 
     // The same credentials from a password file and from a docker config.json.
@@ -417,7 +454,11 @@ async fn htpasswd_registry_answers_only_with_the_credentials() {
     let mut from_file = registry.config();
     from_file.username = Some(USER.into());
     from_file.password_file = Some(password_file);
-    let m = Upstream::new(from_file).unwrap().manifest("team/app", "v1").await.unwrap();
+    let m = Upstream::new(from_file)
+        .unwrap()
+        .manifest("team/app", "v1")
+        .await
+        .unwrap();
     assert_eq!(m.digest, image.manifest_digest);
 
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
@@ -430,7 +471,11 @@ async fn htpasswd_registry_answers_only_with_the_credentials() {
     .unwrap();
     let mut from_docker = registry.config();
     from_docker.docker_config = Some(docker_config);
-    let m = Upstream::new(from_docker).unwrap().manifest("team/app", "v1").await.unwrap();
+    let m = Upstream::new(from_docker)
+        .unwrap()
+        .manifest("team/app", "v1")
+        .await
+        .unwrap();
     assert_eq!(m.digest, image.manifest_digest);
 }
 
@@ -558,15 +603,26 @@ async fn bearer_token_is_fetched_once_and_reused() {
     let again = upstream.clone().manifest("team/app", "v1").await.unwrap();
     assert_eq!(again, m);
 
-    assert!(flow.complaints.lock().unwrap().is_empty(), "{:?}", flow.complaints.lock().unwrap());
-    assert_eq!(flow.token_requests.load(Ordering::SeqCst), 1, "one token for two pulls");
+    assert!(
+        flow.complaints.lock().unwrap().is_empty(),
+        "{:?}",
+        flow.complaints.lock().unwrap()
+    );
+    assert_eq!(
+        flow.token_requests.load(Ordering::SeqCst),
+        1,
+        "one token for two pulls"
+    );
     // Anonymous, with the new token, with the cached token.
     assert_eq!(flow.manifest_requests.load(Ordering::SeqCst), 3);
 
     // Without credentials the token service refuses: that is Unauthorized, not an outage.
     let anonymous = Upstream::new(fake_config(&fake)).unwrap();
     let e = anonymous.manifest("team/app", "v1").await.unwrap_err();
-    assert!(matches!(e, UpstreamError::Unauthorized { status: 401 }), "{e:?}");
+    assert!(
+        matches!(e, UpstreamError::Unauthorized { status: 401 }),
+        "{e:?}"
+    );
 }
 
 /// A `token_file`'s token goes to the registry as a bearer token, and not to the storage host
@@ -582,7 +638,9 @@ async fn blob_redirect_to_storage_does_not_carry_the_token() {
         Router::new().route(
             "/bucket/blob",
             get(move |headers: HeaderMap| async move {
-                seen.lock().unwrap().push(headers.get(header::AUTHORIZATION).is_some());
+                seen.lock()
+                    .unwrap()
+                    .push(headers.get(header::AUTHORIZATION).is_some());
                 body.clone()
             }),
         )
@@ -593,12 +651,18 @@ async fn blob_redirect_to_storage_does_not_carry_the_token() {
         Router::new().route(
             "/v2/{*rest}",
             get(move |headers: HeaderMap| async move {
-                if !headers.get(header::AUTHORIZATION).is_some_and(|v| v == "Bearer file-token-hunter2") {
+                if !headers
+                    .get(header::AUTHORIZATION)
+                    .is_some_and(|v| v == "Bearer file-token-hunter2")
+                {
                     return StatusCode::UNAUTHORIZED.into_response();
                 }
                 (
                     StatusCode::TEMPORARY_REDIRECT,
-                    [(header::LOCATION, format!("http://localhost:{storage_port}/bucket/blob"))],
+                    [(
+                        header::LOCATION,
+                        format!("http://localhost:{storage_port}/bucket/blob"),
+                    )],
                 )
                     .into_response()
             }),
@@ -648,11 +712,20 @@ async fn rate_limits_and_server_errors_are_outages() {
     );
     assert!(e.is_outage());
     let e = upstream.manifest("r", "broken").await.unwrap_err();
-    assert!(matches!(e, UpstreamError::Status(503)) && e.is_outage(), "{e:?}");
+    assert!(
+        matches!(e, UpstreamError::Status(503)) && e.is_outage(),
+        "{e:?}"
+    );
     let e = upstream.manifest("r", "bad").await.unwrap_err();
-    assert!(matches!(e, UpstreamError::Status(400)) && !e.is_outage(), "{e:?}");
+    assert!(
+        matches!(e, UpstreamError::Status(400)) && !e.is_outage(),
+        "{e:?}"
+    );
     let e = upstream.manifest("r", "denied").await.unwrap_err();
-    assert!(matches!(e, UpstreamError::Unauthorized { status: 403 }), "{e:?}");
+    assert!(
+        matches!(e, UpstreamError::Unauthorized { status: 403 }),
+        "{e:?}"
+    );
     let e = upstream.manifest("r", "other").await.unwrap_err();
     assert!(matches!(e, UpstreamError::NotFound), "{e:?}");
 }
@@ -666,7 +739,13 @@ async fn lying_upstream_is_caught() {
         Router::new().route(
             "/v2/{*rest}",
             get(|request: Request| async move {
-                let last = request.uri().path().rsplit('/').next().unwrap_or("").to_owned();
+                let last = request
+                    .uri()
+                    .path()
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
                 let typed = [(header::CONTENT_TYPE, OCI_MANIFEST)];
                 match last.as_str() {
                     "wrong-header" => (
@@ -677,9 +756,9 @@ async fn lying_upstream_is_caught() {
                         .into_response(),
                     "huge" => (typed, vec![b' '; 5 * 1024 * 1024]).into_response(),
                     "huge-unannounced" => {
-                        let chunks = futures::stream::iter(
-                            (0..80).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 64 * 1024]))),
-                        );
+                        let chunks = futures::stream::iter((0..81).map(|_| {
+                            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 64 * 1024]))
+                        }));
                         (typed, axum::body::Body::from_stream(chunks)).into_response()
                     }
                     // Any digest: the same manifest, whatever was asked.
@@ -691,7 +770,10 @@ async fn lying_upstream_is_caught() {
     .await;
     let upstream = Upstream::new(fake_config(&fake)).unwrap();
     let asked = Digest::sha256(other);
-    let e = upstream.manifest("r", &asked.to_string()).await.unwrap_err();
+    let e = upstream
+        .manifest("r", &asked.to_string())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, UpstreamError::DigestMismatch { expected, actual } if *expected == asked && *actual == Digest::sha256(FAKE_MANIFEST)),
         "{e:?}"
@@ -778,14 +860,22 @@ async fn credentials_never_show_in_debug_errors_or_logs() {
     // Wrong credentials: refused at the token service.
     let mut wrong = right.clone();
     wrong.password = Some(Secret::new(wrong_password));
-    let e = Upstream::new(wrong.clone()).unwrap().manifest("team/app", "v1").await.unwrap_err();
+    let e = Upstream::new(wrong.clone())
+        .unwrap()
+        .manifest("team/app", "v1")
+        .await
+        .unwrap_err();
     assert!(matches!(e, UpstreamError::Unauthorized { .. }), "{e:?}");
     seen.push_str(&chain(&e));
 
     // Unreachable, with credentials configured.
     let mut gone = wrong.clone();
     gone.url = format!("http://127.0.0.1:{}", free_port());
-    let e = Upstream::new(gone).unwrap().manifest("team/app", "v1").await.unwrap_err();
+    let e = Upstream::new(gone)
+        .unwrap()
+        .manifest("team/app", "v1")
+        .await
+        .unwrap_err();
     assert!(matches!(e, UpstreamError::Unreachable(_)), "{e:?}");
     seen.push_str(&chain(&e));
 

@@ -319,11 +319,11 @@ async fn run_program(
         let status = child.wait().await.map_err(spawn_io)?;
         Ok::<_, CredentialError>((status, out))
     };
-    let (status, out) = tokio::time::timeout(timeout, run)
-        .await
-        .map_err(|_| CredentialError::HelperTimeout {
+    let (status, out) = tokio::time::timeout(timeout, run).await.map_err(|_| {
+        CredentialError::HelperTimeout {
             helper: helper.to_owned(),
-        })??;
+        }
+    })??;
     if !status.success() {
         // The helper protocol's answer for an unknown server: ask anonymously.
         if String::from_utf8_lossy(&out).contains("credentials not found") {
@@ -440,14 +440,25 @@ mod tests {
         );
         assert_eq!(
             run_program(&p, "basic", "reg.io:5000", t).await.unwrap(),
-            Some(Login::Basic { username: "bob".into(), password: Secret::new("hunter2") })
+            Some(Login::Basic {
+                username: "bob".into(),
+                password: Secret::new("hunter2")
+            })
         );
-        let p = script(&dir, "token", r#"echo '{"Username":"<token>","Secret":"refresh"}'"#);
+        let p = script(
+            &dir,
+            "token",
+            r#"echo '{"Username":"<token>","Secret":"refresh"}'"#,
+        );
         assert_eq!(
             run_program(&p, "token", "a.io", t).await.unwrap(),
             Some(Login::IdentityToken(Secret::new("refresh")))
         );
-        let p = script(&dir, "none", "echo 'credentials not found in native keychain'; exit 1");
+        let p = script(
+            &dir,
+            "none",
+            "echo 'credentials not found in native keychain'; exit 1",
+        );
         assert_eq!(run_program(&p, "none", "a.io", t).await.unwrap(), None);
         let p = script(&dir, "fails", "echo 'hunter2 leaked on failure'; exit 2");
         let e = run_program(&p, "fails", "a.io", t).await.unwrap_err();
