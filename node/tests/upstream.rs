@@ -564,7 +564,7 @@ async fn token_registry(flow: Arc<TokenFlow>) -> Fake {
                             .encode(format!("{TOKEN_USER}:{TOKEN_PASSWORD}"))
                     );
                     let mut complaints = Vec::new();
-                    if !headers.get(header::AUTHORIZATION).is_some_and(|v| v == basic.as_str()) {
+                    if headers.get(header::AUTHORIZATION).is_none_or(|v| v != basic.as_str()) {
                         complaints.push("credentials".to_owned());
                     }
                     if q.get("scope").map(String::as_str) != Some("repository:team/app:pull") {
@@ -651,9 +651,9 @@ async fn blob_redirect_to_storage_does_not_carry_the_token() {
         Router::new().route(
             "/v2/{*rest}",
             get(move |headers: HeaderMap| async move {
-                if !headers
+                if headers
                     .get(header::AUTHORIZATION)
-                    .is_some_and(|v| v == "Bearer file-token-hunter2")
+                    .is_none_or(|v| v != "Bearer file-token-hunter2")
                 {
                     return StatusCode::UNAUTHORIZED.into_response();
                 }
@@ -897,4 +897,103 @@ async fn credentials_never_show_in_debug_errors_or_logs() {
     );
     assert_no_secret(&seen, &secrets);
     assert_no_secret(&logged, &secrets);
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+/// An HTTPS fake with a self-signed certificate for `localhost`; returns it and the PEM.
+async fn serve_tls(router: Router) -> (Fake, String) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der())),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            connections.spawn(async move {
+                // A client that refuses the certificate ends the handshake: not an error here.
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router);
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            });
+        }
+    });
+    (Fake { addr, task }, cert.pem())
+}
+
+/// An https upstream with a certificate no system root signed is refused, unless its CA is
+/// given in `ca_file` or the operator set `tls_skip_verify`.
+#[tokio::test]
+async fn https_upstream_needs_a_trusted_certificate() {
+    let router = Router::new().route(
+        "/v2/{*rest}",
+        get(|| async {
+            (
+                [(header::CONTENT_TYPE, OCI_MANIFEST)],
+                FAKE_MANIFEST.to_vec(),
+            )
+        }),
+    );
+    let (fake, pem) = serve_tls(router).await;
+    let config = UpstreamConfig::new(
+        "localhost",
+        format!("https://localhost:{}", fake.addr.port()),
+    );
+
+    let e = Upstream::new(config.clone())
+        .unwrap()
+        .manifest("team/app", "v1")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, UpstreamError::Unreachable(_)), "{e:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let mut with_ca = config.clone();
+    with_ca.ca_file = Some(ca);
+    let m = Upstream::new(with_ca)
+        .unwrap()
+        .manifest("team/app", "v1")
+        .await
+        .unwrap();
+    assert_eq!(m.bytes, FAKE_MANIFEST);
+
+    let mut skip = config.clone();
+    skip.tls_skip_verify = true;
+    let m = Upstream::new(skip)
+        .unwrap()
+        .manifest("team/app", "v1")
+        .await
+        .unwrap();
+    assert_eq!(m.bytes, FAKE_MANIFEST);
+
+    // A file without a certificate is a config error, not a silently ignored setting.
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let mut bad = config;
+    bad.ca_file = Some(not_pem);
+    assert!(matches!(Upstream::new(bad), Err(UpstreamError::Config(_))));
 }

@@ -288,7 +288,7 @@ async fn run_program(
     timeout: Duration,
 ) -> Result<Option<Login>, CredentialError> {
     let run = async {
-        let mut child = tokio::process::Command::new(&program)
+        let mut child = tokio::process::Command::new(program)
             .arg("get")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
