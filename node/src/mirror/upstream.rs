@@ -407,7 +407,8 @@ impl Upstream {
 
     /// `GET /v2/<repo>/blobs/<digest>`, following redirects: the blob as a stream of chunks.
     ///
-    /// The bytes are not verified here; the caller hashes them as they arrive. The returned
+    /// The bytes are not verified here; the caller hashes them as they arrive, and stops at the
+    /// size the manifest declares (a hostile upstream may send without end). The returned
     /// stream owns the connection: dropping it (or this future) ends the download.
     pub async fn blob(&self, repo: &str, digest: &Digest) -> Result<UpstreamBlob, UpstreamError> {
         let repo: RepoName = repo.parse()?;
