@@ -32,7 +32,9 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{
+    ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use serde::Deserialize;
 use shoal_protocol::{Digest, NameError, Reference, RepoName};
 
@@ -405,13 +407,14 @@ impl Upstream {
 
     /// `GET /v2/<repo>/blobs/<digest>`, following redirects: the blob as a stream of chunks.
     ///
-    /// The bytes are not verified here; the caller hashes them as they arrive. The returned
+    /// The bytes are not verified here; the caller hashes them as they arrive, and stops at the
+    /// size the manifest declares (a hostile upstream may send without end). The returned
     /// stream owns the connection: dropping it (or this future) ends the download.
     pub async fn blob(&self, repo: &str, digest: &Digest) -> Result<UpstreamBlob, UpstreamError> {
         let repo: RepoName = repo.parse()?;
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.inner.base);
         let response = self.get(&url, &repo, None).await?;
-        let content_length = response.content_length();
+        let content_length = announced_length(response.headers());
         let stream = response
             .bytes_stream()
             .map(|chunk| chunk.map_err(|e| UpstreamError::Unreachable(TransportError::Body(e))))
@@ -691,10 +694,7 @@ async fn read_capped(
     limit: usize,
 ) -> Result<Vec<u8>, UpstreamError> {
     let too_large = UpstreamError::TooLarge { limit_bytes: limit };
-    if response
-        .content_length()
-        .is_some_and(|len| len > limit as u64)
-    {
+    if announced_length(response.headers()).is_some_and(|len| len > limit as u64) {
         return Err(too_large);
     }
     let mut body = Vec::new();
@@ -709,6 +709,15 @@ async fn read_capped(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// The `Content-Length` header. (reqwest's `content_length()` asks the body, which its read
+/// timeout wraps and hides.)
+fn announced_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The manifest's media type: `Content-Type` if it is a manifest type, else the body's

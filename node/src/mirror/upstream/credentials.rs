@@ -86,10 +86,7 @@ pub enum CredentialError {
         source: std::io::Error,
     },
     /// The helper did not answer in time; it was killed.
-    #[error(
-        "docker-credential-{helper} did not answer within {:?}",
-        HELPER_TIMEOUT
-    )]
+    #[error("docker-credential-{helper} did not answer in time")]
     HelperTimeout {
         /// The helper's name.
         helper: String,
@@ -279,9 +276,19 @@ async fn run_helper(helper: &str, server: &str) -> Result<Option<Login>, Credent
             helper: helper.chars().take(64).collect(),
         });
     }
-    let program = format!("docker-credential-{helper}");
+    let program = PathBuf::from(format!("docker-credential-{helper}"));
+    run_program(&program, helper, server, HELPER_TIMEOUT).await
+}
+
+/// Runs `program get` as helper `helper`, killing it after `timeout`.
+async fn run_program(
+    program: &Path,
+    helper: &str,
+    server: &str,
+    timeout: Duration,
+) -> Result<Option<Login>, CredentialError> {
     let run = async {
-        let mut child = tokio::process::Command::new(&program)
+        let mut child = tokio::process::Command::new(program)
             .arg("get")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -297,7 +304,8 @@ async fn run_helper(helper: &str, server: &str) -> Result<Option<Login>, Credent
             source,
         };
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(server.as_bytes()).await.map_err(spawn_io)?;
+            // A helper that does not read stdin closes the pipe: its answer still counts.
+            let _ = stdin.write_all(server.as_bytes()).await;
             // Dropping stdin closes it: the helper reads to end of file.
         }
         let mut out = Vec::new();
@@ -311,11 +319,11 @@ async fn run_helper(helper: &str, server: &str) -> Result<Option<Login>, Credent
         let status = child.wait().await.map_err(spawn_io)?;
         Ok::<_, CredentialError>((status, out))
     };
-    let (status, out) = tokio::time::timeout(HELPER_TIMEOUT, run)
-        .await
-        .map_err(|_| CredentialError::HelperTimeout {
+    let (status, out) = tokio::time::timeout(timeout, run).await.map_err(|_| {
+        CredentialError::HelperTimeout {
             helper: helper.to_owned(),
-        })??;
+        }
+    })??;
     if !status.success() {
         // The helper protocol's answer for an unknown server: ask anonymously.
         if String::from_utf8_lossy(&out).contains("credentials not found") {
@@ -410,6 +418,69 @@ mod tests {
         let e = from_docker_config(&p, "a.io").await.unwrap_err();
         assert!(matches!(e, CredentialError::Parse { .. }));
         assert!(!format!("{e} {e:?}").contains("hunter2"), "{e:?}");
+    }
+
+    fn script(dir: &tempfile::TempDir, name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = write(dir, name, &format!("#!/bin/sh\n{body}\n"));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    /// The helper protocol: the server on stdin, `{"Username","Secret"}` on stdout, `<token>`
+    /// for an identity token, "credentials not found" for none.
+    #[tokio::test]
+    async fn helpers_answer_by_protocol() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Duration::from_secs(10);
+        let p = script(
+            &dir,
+            "basic",
+            r#"[ "$1" = get ] || exit 3; read -r s; [ "$s" = "reg.io:5000" ] || exit 4; echo '{"ServerURL":"reg.io:5000","Username":"bob","Secret":"hunter2"}'"#,
+        );
+        assert_eq!(
+            run_program(&p, "basic", "reg.io:5000", t).await.unwrap(),
+            Some(Login::Basic {
+                username: "bob".into(),
+                password: Secret::new("hunter2")
+            })
+        );
+        let p = script(
+            &dir,
+            "token",
+            r#"echo '{"Username":"<token>","Secret":"refresh"}'"#,
+        );
+        assert_eq!(
+            run_program(&p, "token", "a.io", t).await.unwrap(),
+            Some(Login::IdentityToken(Secret::new("refresh")))
+        );
+        let p = script(
+            &dir,
+            "none",
+            "echo 'credentials not found in native keychain'; exit 1",
+        );
+        assert_eq!(run_program(&p, "none", "a.io", t).await.unwrap(), None);
+        let p = script(&dir, "fails", "echo 'hunter2 leaked on failure'; exit 2");
+        let e = run_program(&p, "fails", "a.io", t).await.unwrap_err();
+        assert!(matches!(e, CredentialError::HelperFailed { .. }), "{e:?}");
+        assert!(!format!("{e} {e:?}").contains("hunter2"));
+        let p = script(&dir, "garbage", "echo 'hunter2 is not json'");
+        let e = run_program(&p, "garbage", "a.io", t).await.unwrap_err();
+        assert!(matches!(e, CredentialError::HelperOutput { .. }), "{e:?}");
+        assert!(!format!("{e} {e:?}").contains("hunter2"));
+    }
+
+    /// A helper that hangs is killed after the time limit instead of holding the pull.
+    #[tokio::test]
+    async fn a_hanging_helper_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = script(&dir, "hang", "exec sleep 30");
+        let started = std::time::Instant::now();
+        let e = run_program(&p, "hang", "a.io", Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CredentialError::HelperTimeout { .. }), "{e:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]
