@@ -49,6 +49,30 @@ pub struct Config {
     pub quota: crate::quota::QuotaConfig,
     /// Preheat: subscriptions and the rate limit of prefetching (`subscribe`, `subscribe_rate`).
     pub prefetch: crate::prefetch::PrefetchConfig,
+    /// The upstream registries this node mirrors.
+    pub mirror: MirrorConfig,
+}
+
+/// The registries a node mirrors (`[[upstream]]` and `default_upstream`). Their credentials
+/// stay in this node's configuration: never gossiped, logged or sent to a peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// The upstreams, in the configuration's order.
+    pub upstreams: Vec<crate::mirror::upstream::UpstreamConfig>,
+    /// The upstream of pulls that name none.
+    pub default: Option<String>,
+}
+
+impl MirrorConfig {
+    /// The routes these upstreams make (checked when the settings are resolved).
+    pub fn routes(
+        &self,
+    ) -> Result<crate::mirror::route::Routes, crate::mirror::route::RoutesError> {
+        crate::mirror::route::Routes::new(
+            self.upstreams.iter().map(|u| u.name.as_str()),
+            self.default.as_deref(),
+        )
+    }
 }
 
 /// When the node collects garbage by itself (the config file's `[gc]` table); off unless an
@@ -319,6 +343,11 @@ pub struct FileConfig {
     pub subscribe: Option<Vec<shoal_protocol::fleet::RepoPattern>>,
     /// The most bytes per second prefetching fetches on average: a number, or `"50MiB/s"`.
     pub subscribe_rate: Option<crate::prefetch::Rate>,
+    /// `[[upstream]]` tables: the registries this node mirrors (see [`crate::mirror`]).
+    pub upstream: Option<Vec<crate::mirror::upstream::UpstreamConfig>>,
+    /// The upstream of pulls that name none (docker's `registry-mirrors`): one of the
+    /// `[[upstream]]` names, usually `docker.io`.
+    pub default_upstream: Option<String>,
 }
 
 /// Why settings could not be resolved.
@@ -343,6 +372,9 @@ pub enum ConfigError {
     /// No data directory could be chosen.
     #[error("no data directory: pass --data-dir or set SHOAL_DATA_DIR")]
     NoDataDir,
+    /// The `[[upstream]]` tables or `default_upstream` are not valid.
+    #[error("mirror settings")]
+    Mirror(#[source] crate::mirror::route::RoutesError),
     /// The site label is empty, longer than 64 bytes or contains white space.
     #[error("site {0:?}: a site is 1 to 64 bytes without white space")]
     Site(String),
@@ -474,6 +506,11 @@ impl Config {
                 .or(file.subscribe_rate)
                 .unwrap_or(crate::prefetch::PrefetchConfig::default().rate),
         };
+        let mirror = MirrorConfig {
+            upstreams: flags.upstream.or(file.upstream).unwrap_or_default(),
+            default: flags.default_upstream.or(file.default_upstream),
+        };
+        mirror.routes().map_err(ConfigError::Mirror)?;
         Ok(Config {
             data_dir,
             listen,
@@ -485,6 +522,7 @@ impl Config {
             gc,
             quota,
             prefetch,
+            mirror,
         })
     }
 }

@@ -24,6 +24,7 @@ pub mod fetch;
 pub mod identity;
 pub mod lifecycle;
 pub mod manifest;
+pub mod mirror;
 pub mod net;
 pub mod node;
 pub mod prefetch;

@@ -686,6 +686,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pin: None,
                 subscribe: None,
                 subscribe_rate: None,
+                upstream: None,
+                default_upstream: None,
             };
             let config = resolve(common, flags)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

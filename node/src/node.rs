@@ -82,6 +82,12 @@ pub enum NodeError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The mirror's settings are not valid.
+    #[error("mirror settings")]
+    Mirror(#[source] crate::mirror::route::RoutesError),
+    /// An upstream registry's client could not be made (its TLS settings or credentials).
+    #[error("upstream registry")]
+    Upstream(#[source] crate::mirror::upstream::UpstreamError),
     /// A start-up task on the blocking pool failed.
     #[error("a start-up task failed")]
     Task(#[from] tokio::task::JoinError),
@@ -285,12 +291,39 @@ impl Node {
             auth.clone(),
             auth.own_key(),
         );
+        let mirror = if config.mirror.upstreams.is_empty() {
+            None
+        } else {
+            let routes = config.mirror.routes().map_err(NodeError::Mirror)?;
+            let upstreams = config
+                .mirror
+                .upstreams
+                .iter()
+                .cloned()
+                .map(crate::mirror::upstream::Upstream::new)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(NodeError::Upstream)?;
+            Some(crate::mirror::pull::Mirror::new(
+                routes,
+                upstreams,
+                store.clone(),
+                tags.clone(),
+                Some(network.clone()),
+                Some(fleet.fetcher.clone()),
+                fetches.tasks.clone(),
+                fetches.cancel.clone(),
+            ))
+        };
         let registry = Registry::with_fleet(store.clone(), tags.clone(), Some(fleet))
             .with_quota(quota.clone())
             .with_audit(audit.clone())
             .with_data_dir(config.data_dir.clone())
             .with_limits(config.http.clone())
             .with_gc(config.gc.clone());
+        let registry = match mirror {
+            Some(m) => registry.with_mirror(m),
+            None => registry,
+        };
         let https = tls.is_some();
         let router = registry.with_https(https).router();
         http.tasks.spawn(server::serve_admin(

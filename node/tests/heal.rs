@@ -39,6 +39,7 @@ async fn start(
         gc: Default::default(),
         quota: Default::default(),
         prefetch: Default::default(),
+        mirror: Default::default(),
     };
     // A node just stopped on this directory may hold sled's lock for a moment longer.
     wait_until(WAIT, "the node to start", || {

@@ -245,6 +245,7 @@ async fn start_lone_node(
         gc: Default::default(),
         quota: Default::default(),
         prefetch: Default::default(),
+        mirror: Default::default(),
     })
     .await
     .unwrap()

@@ -485,6 +485,7 @@ async fn a_node_refuses_an_open_non_loopback_address_unless_told_insecure() {
             gc: Default::default(),
             quota: Default::default(),
             prefetch: Default::default(),
+            mirror: Default::default(),
         })
     };
     let dir = tempfile::tempdir().unwrap();

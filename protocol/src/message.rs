@@ -227,6 +227,18 @@ pub enum SyncRequest {
         /// A tag (the record current when the peer gets to it) or a manifest digest.
         reference: Reference,
     },
+    /// Asks a peer that mirrors the upstream `upstream` to fetch the blob `digest` of `repo`
+    /// (a repository in that upstream's namespace) from it for the fleet, or says how far it
+    /// has come: the fleet then fetches the blob from that peer, and the upstream sends it
+    /// once. Appended after `Prefetch`: a node that predates it answers with an error.
+    Mirror {
+        /// The upstream's name (`docker.io`); at most [`MAX_UPSTREAM_NAME_BYTES`].
+        upstream: String,
+        /// The repository, in the upstream's namespace (`docker.io/library/nginx`).
+        repo: RepoName,
+        /// The blob.
+        digest: Digest,
+    },
 }
 
 /// Answer to [`SyncRequest::Prefetch`].
@@ -238,6 +250,25 @@ pub enum PrefetchAnswer {
     Denied,
     /// The peer's queue, or the asker's share of it, is full: ask again later.
     Busy,
+}
+
+/// The longest upstream name a [`SyncRequest::Mirror`] carries (a host and port).
+pub const MAX_UPSTREAM_NAME_BYTES: usize = 255;
+
+/// How a peer's fetch of a blob from its upstream stands ([`SyncResponse::Mirror`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MirrorState {
+    /// The peer does not mirror that upstream, or will not fetch this for the asker.
+    Unsupported,
+    /// Under way: this many bytes received.
+    Fetching {
+        /// Bytes received from the upstream so far.
+        received: u64,
+    },
+    /// The peer holds the blob: fetch it from the fleet.
+    Done,
+    /// The fetch failed; why, for a log (at most [`MAX_REASON_BYTES`]).
+    Failed(String),
 }
 
 /// The longest a [`SyncRequest::HaveWait`] is held before it is answered anyway.
@@ -354,6 +385,8 @@ pub enum SyncResponse {
     Clock(u64),
     /// Answer to [`SyncRequest::Prefetch`].
     Prefetch(PrefetchAnswer),
+    /// Answer to [`SyncRequest::Mirror`].
+    Mirror(MirrorState),
 }
 
 /// The unvalidated wire shape of [`SyncResponse`]; variants in the same order.
@@ -378,6 +411,7 @@ enum RawSyncResponse {
     Pushed,
     Clock(u64),
     Prefetch(PrefetchAnswer),
+    Mirror(MirrorState),
 }
 
 impl TryFrom<RawSyncResponse> for SyncResponse {
@@ -395,6 +429,7 @@ impl TryFrom<RawSyncResponse> for SyncResponse {
             RawSyncResponse::Pushed => SyncResponse::Pushed,
             RawSyncResponse::Clock(ms) => SyncResponse::Clock(ms),
             RawSyncResponse::Prefetch(answer) => SyncResponse::Prefetch(answer),
+            RawSyncResponse::Mirror(state) => SyncResponse::Mirror(state),
         };
         response.validate()?;
         Ok(response)
@@ -411,7 +446,9 @@ impl SyncResponse {
                     count: records.len(),
                 })
             }
-            SyncResponse::Error(reason) if reason.len() > MAX_REASON_BYTES => {
+            SyncResponse::Error(reason) | SyncResponse::Mirror(MirrorState::Failed(reason))
+                if reason.len() > MAX_REASON_BYTES =>
+            {
                 Err(MessageError::ReasonTooLong)
             }
             SyncResponse::Have(Some(have)) => have.validate(),
@@ -422,7 +459,8 @@ impl SyncResponse {
             | SyncResponse::Fleet { .. }
             | SyncResponse::Pushed
             | SyncResponse::Clock(_)
-            | SyncResponse::Prefetch(_) => Ok(()),
+            | SyncResponse::Prefetch(_)
+            | SyncResponse::Mirror(_) => Ok(()),
             SyncResponse::Summary { .. }
             | SyncResponse::Records { .. }
             | SyncResponse::BlobIndex(_)

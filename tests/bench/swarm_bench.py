@@ -342,14 +342,14 @@ def push(ns, image_dir, base):
     return time.monotonic() - start
 
 
-def pull_cmd(client, ns, base, out_dir, blobs):
+def pull_cmd(client, ns, base, out_dir, blobs, repo=REPO):
     host = base[len("http://"):]
     pre = ["ip", "netns", "exec", ns]
     if client == "skopeo":
         return pre + ["skopeo", "copy", "--src-tls-verify=false",
-                      f"docker://{host}/{REPO}:{TAG}", f"oci:{out_dir}:latest"]
+                      f"docker://{host}/{repo}:{TAG}", f"oci:{out_dir}:latest"]
     # curl: manifest, then every blob (config and layers), one after another, to /dev/null.
-    urls = [f"{base}/v2/{REPO}/manifests/{TAG}"] + [f"{base}/v2/{REPO}/blobs/{d}" for d in blobs]
+    urls = [f"{base}/v2/{repo}/manifests/{TAG}"] + [f"{base}/v2/{repo}/blobs/{d}" for d in blobs]
     cmd = pre + ["curl", "-sS", "--fail", "-H",
                  "Accept: application/vnd.oci.image.manifest.v1+json"]
     if len(blobs) > 3:
@@ -360,7 +360,7 @@ def pull_cmd(client, ns, base, out_dir, blobs):
     return cmd
 
 
-def simultaneous_pulls(client, pullers, tmp, blobs, sampler=None):
+def simultaneous_pulls(client, pullers, tmp, blobs, sampler=None, repo=REPO):
     """pullers: list of (ns, base url). Starts all at once; returns (all_done, per-node times)."""
     barrier = threading.Barrier(len(pullers) + 1)
     times = [None] * len(pullers)
@@ -368,7 +368,7 @@ def simultaneous_pulls(client, pullers, tmp, blobs, sampler=None):
 
     def one(k, ns, base):
         out = os.path.join(tmp, f"pull-{k}")
-        cmd = pull_cmd(client, ns, base, out, blobs)
+        cmd = pull_cmd(client, ns, base, out, blobs, repo)
         barrier.wait()
         t0 = time.monotonic()
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -466,6 +466,65 @@ def run_shoal(args, topo, n, image_dir, image_bytes, blobs, tmp):
             for i in range(len(nodes)):
                 shutil.rmtree(os.path.join(tmp, f"shoal-{n}", f"n{i}", "data"),
                               ignore_errors=True)
+
+
+MIRROR_UPSTREAM = "upstream.test"
+
+
+def run_mirror(args, topo, n, image_dir, image_bytes, blobs, tmp):
+    """Pull-through: docker-registry in n0 is the upstream (nothing else runs there); n1..nN run
+    Shoal with it as `[[upstream]]` (bootstrapped to n1) and pull `upstream.test/<repo>` from
+    their own node at once. Upstream egress = n0's eth0 tx bytes."""
+    reg = None
+    nodes = []
+    res = {}
+    root = os.path.join(tmp, f"mirror-{n}")
+    try:
+        reg = Registry(os.path.join(root, "upstream"), topo.ns[0], addr(0))
+        res["push_s"] = push(topo.ns[0], image_dir, reg.url)
+        log(f"mirror, {n} pullers: image in the upstream ({res['push_s']:.1f}s); starting {n} nodes")
+        boot = []
+        for i in range(1, n + 1):
+            node_root = os.path.join(root, f"n{i}")
+            os.makedirs(os.path.join(node_root, "shoal"), exist_ok=True)
+            with open(os.path.join(node_root, "shoal", "config.toml"), "w") as f:
+                f.write(f'[[upstream]]\nname = "{MIRROR_UPSTREAM}"\nurl = "{reg.url}"\n'
+                        f'insecure = true\n')
+            nd = ShoalNode(args.shoal_bin, node_root, topo.ns[i], addr(i), addr(i), peers=boot,
+                           transport=args.transport)
+            nodes.append(nd)
+            if not boot:
+                boot = [peer_arg(p2p_addrs(addr(i), 4001, args.transport), nd.peer_id)]
+        deadline = time.monotonic() + 60
+        while True:
+            peers = [len(json.loads(nd.get("/_shoal/v1/peers")).get("peers", [])) for nd in nodes]
+            if min(peers) >= n - 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        res["peers_per_node"] = peers
+        log(f"mirror, {n} pullers: peers per node {peers}; pulling")
+        tx0 = topo.tx_bytes(0)
+        cpu0 = [cpu_seconds(nd.pid) for nd in nodes]
+        all_done, times = simultaneous_pulls(
+            args.client, [(nd.ns, nd.url) for nd in nodes], root, blobs,
+            repo=f"{MIRROR_UPSTREAM}/{REPO}")
+        res["all_done_s"] = all_done
+        res["per_node_s"] = times
+        res["tx0"] = topo.tx_bytes(0) - tx0
+        res["cpu_s"] = [cpu_seconds(nd.pid) - c for nd, c in zip(nodes, cpu0)]
+        res["served_all"] = [nd.status()["served_bytes"] for nd in nodes]
+        log(f"mirror, {n} pullers: all done in {all_done:.1f}s (per node min {min(times):.1f} "
+            f"median {statistics.median(times):.1f}); upstream eth0 tx "
+            f"{res['tx0'] / image_bytes:.2f}x image; served_bytes per node (MiB) "
+            f"{[round(x / MIB) for x in res['served_all']]}")
+        return res
+    finally:
+        for nd in nodes:
+            nd.stop()
+        if reg:
+            reg.stop()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def run_registry(args, topo, n, image_dir, image_bytes, blobs, tmp, label):
@@ -613,6 +672,9 @@ def main():
     p.add_argument("--prefix", default=f"swb{os.getpid() % 100000}",
                    help="namespace name prefix (the shell wrapper passes a unique one)")
     p.add_argument("--skip-registry", action="store_true", help="no docker-registry baseline")
+    p.add_argument("--origin", choices=["shoal", "upstream"], default="shoal",
+                   help="shoal: a Shoal node publishes the image; upstream: docker-registry "
+                        "in n0 is an upstream that every puller's node mirrors (pull-through)")
     p.add_argument("--skip-loopback", action="store_true")
     p.add_argument("--loopback-only", action="store_true",
                    help="only the loopback measurement (no namespaces)")
@@ -669,8 +731,9 @@ def main():
         if counts:
             topo = Topology(args.prefix, max(counts) + 1, args.mbit, args.burst, args.latency)
 
+        run = run_mirror if args.origin == "upstream" else run_shoal
         for n in counts:
-            results["shoal"][n] = run_shoal(args, topo, n, image_dir, image_bytes, blobs, tmp)
+            results["shoal"][n] = run(args, topo, n, image_dir, image_bytes, blobs, tmp)
         if not args.skip_registry:
             results["registry"]["single"] = run_registry(args, topo, 1, image_dir, image_bytes,
                                                          blobs, tmp, "single")
@@ -716,12 +779,12 @@ def main():
     for n in counts:
         s = results["shoal"][n]
         r = results["registry"].get(n, {})
-        rss = max(x or 0 for x in s["rss"]) / MIB
+        rss = max((x or 0 for x in s.get("rss", [])), default=0) / MIB
         ratio = s["all_done_s"] / ideal
         ratio_m = f" ({s['all_done_s'] / single:.2f}× measured)" if single else ""
         reg_egress = f"{r['tx0'] / image_bytes:.2f}" if r else "–"
         print(f"| {n} | {s['all_done_s']:.1f} | {fmt_s(r.get('all_done_s'))} | {ideal:.1f} / "
-              f"{fmt_s(single)} | {ratio:.2f}×{ratio_m} | {s['served0'] / image_bytes:.2f} / "
+              f"{fmt_s(single)} | {ratio:.2f}×{ratio_m} | {s.get('served0', 0) / image_bytes:.2f} / "
               f"{s['tx0'] / image_bytes:.2f} | {reg_egress} | {rss:.0f} |")
     lb = results.get("loopback")
     if lb:

@@ -963,6 +963,18 @@ impl EventLoop {
                 drop(permit);
                 return;
             }
+            if let SyncRequest::Mirror {
+                upstream,
+                repo,
+                digest,
+            } = request
+            {
+                let state = ask_mirror(&shared, &reader, peer, upstream, repo, digest).await;
+                let response = SyncResponse::Mirror(state);
+                let _ = internal.send(Command::Respond(channel, response)).await;
+                drop(permit);
+                return;
+            }
             if let SyncRequest::Push(record) = request {
                 if let Err(e) = tags.ingest(record).await {
                     tracing::error!(error = &e as &dyn std::error::Error, "storing a pushed record");
@@ -1086,6 +1098,38 @@ impl EventLoop {
 /// checks out (and is then kept, so its records count), or this node itself. A node that holds
 /// an admin key enrols a member that joined with a ticket, so that its membership outlives the
 /// ticket; the enrolment is returned, to be gossiped.
+/// The answer to a peer's [`SyncRequest::Mirror`]: the node's mirror's, if it has one and the
+/// peer may read the repository; else `Unsupported`.
+async fn ask_mirror(
+    shared: &super::handle::Shared,
+    reader: &sync::Reader,
+    peer: PeerId,
+    upstream: String,
+    repo: shoal_protocol::RepoName,
+    digest: shoal_protocol::Digest,
+) -> shoal_protocol::message::MirrorState {
+    use shoal_protocol::message::{MAX_UPSTREAM_NAME_BYTES, MirrorState};
+    let Some(asks) = shared.mirror.get() else {
+        return MirrorState::Unsupported;
+    };
+    if upstream.len() > MAX_UPSTREAM_NAME_BYTES || !reader.may_read_repo(&repo) {
+        return MirrorState::Unsupported;
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let ask = super::handle::MirrorAsk {
+        peer,
+        upstream,
+        repo,
+        digest,
+        reply,
+    };
+    // A full queue is a busy mirror: the asker fetches from the upstream itself.
+    if asks.try_send(ask).is_err() {
+        return MirrorState::Unsupported;
+    }
+    answer.await.unwrap_or(MirrorState::Unsupported)
+}
+
 async fn admit(
     auth: &Auth,
     store: &Store,

@@ -99,6 +99,8 @@ pub(super) struct Shared {
     /// Where peers' prefetch asks go, once something takes them
     /// ([`Network::take_prefetch_asks`]); until then they are denied.
     pub prefetch: Mutex<Option<mpsc::Sender<PrefetchAsk>>>,
+    /// Where peers' [`SyncRequest::Mirror`] requests go, once the node's mirror serves them.
+    pub mirror: std::sync::OnceLock<mpsc::Sender<MirrorAsk>>,
 }
 
 /// A peer's ask to fetch an image into this node ([`SyncRequest::Prefetch`]), from a peer that
@@ -113,6 +115,22 @@ pub struct PrefetchAsk {
     pub reference: shoal_protocol::Reference,
     /// Queued, or why not.
     pub answer: oneshot::Sender<shoal_protocol::message::PrefetchAnswer>,
+}
+
+/// A peer's [`SyncRequest::Mirror`]: fetch a blob from an upstream for the fleet, or say how
+/// far that has come. The asker may read the repository (checked before it is sent here).
+#[derive(Debug)]
+pub struct MirrorAsk {
+    /// Who asks.
+    pub peer: PeerId,
+    /// The upstream's name.
+    pub upstream: String,
+    /// The repository, in the upstream's namespace.
+    pub repo: shoal_protocol::RepoName,
+    /// The blob.
+    pub digest: Digest,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<shoal_protocol::message::MirrorState>,
 }
 
 impl Shared {
@@ -187,6 +205,7 @@ impl Network {
             store: store.clone(),
             conduct: conduct::Conduct::default(),
             prefetch: Mutex::default(),
+            mirror: std::sync::OnceLock::new(),
         });
         let (commands, inbox) = mpsc::channel(COMMAND_CAPACITY);
         let (event_loop, ready) = EventLoop::new(
@@ -218,6 +237,13 @@ impl Network {
             control,
             shared,
         })
+    }
+
+    /// Sends peers' [`SyncRequest::Mirror`] requests to `asks` from now on (the node's mirror
+    /// calls this once; later calls change nothing). Without it they are answered
+    /// `Unsupported`.
+    pub fn serve_mirror(&self, asks: mpsc::Sender<MirrorAsk>) {
+        let _ = self.shared.mirror.set(asks);
     }
 
     /// This node's peer id.

@@ -50,7 +50,7 @@ use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
 use crate::store::StoreError;
-pub use handle::{Network, PrefetchAsk};
+pub use handle::{MirrorAsk, Network, PrefetchAsk};
 
 /// Timeout of one sync request.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);

@@ -65,7 +65,8 @@ impl Reader {
         }
     }
 
-    fn may_read_repo(&self, repo: &shoal_protocol::RepoName) -> bool {
+    /// Whether the reader may read `repo`.
+    pub fn may_read_repo(&self, repo: &shoal_protocol::RepoName) -> bool {
         match self {
             Reader::All => true,
             Reader::Peer(auth, key) => auth.peer_may_read(key, repo),
@@ -184,7 +185,10 @@ pub(super) async fn answer(
         }
         // This node's own clock: the asker weighs it against its own (see `crate::clock`).
         SyncRequest::Clock => SyncResponse::Clock(crate::clock::own_now_ms()),
-        SyncRequest::Hello(_) | SyncRequest::Push(_) | SyncRequest::Prefetch { .. } => {
+        SyncRequest::Hello(_)
+        | SyncRequest::Push(_)
+        | SyncRequest::Prefetch { .. }
+        | SyncRequest::Mirror { .. } => {
             SyncResponse::Error("not answered here".into())
         }
     })

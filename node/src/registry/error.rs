@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use super::path::RouteError;
 use crate::fetch::FetchError;
 use crate::manifest::ManifestError;
+use crate::mirror::pull::MirrorError;
 use crate::store::StoreError;
 
 /// Everything a registry request can fail with.
@@ -107,6 +108,10 @@ pub enum RegistryError {
     /// the text says what, for the client.
     #[error("service unavailable: {0}")]
     Unavailable(&'static str),
+    /// An upstream registry could not supply what only it has; the text says which and why
+    /// (never a credential).
+    #[error("upstream unavailable: {0}")]
+    UpstreamUnavailable(String),
     /// The node's disk is full: nothing of the request was kept.
     #[error("the registry's disk is full; nothing of this request was stored")]
     InsufficientStorage(#[source] StoreError),
@@ -141,7 +146,9 @@ impl RegistryError {
             E::Unsupported(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED"),
             E::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             E::NotFound => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
-            E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            E::Unavailable(_) | E::UpstreamUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+            }
             E::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
             E::Denied(_) | E::InsufficientScope { .. } => (StatusCode::FORBIDDEN, "DENIED"),
             E::TooManyRequests { .. } | E::TooManyUploads(_) => {
@@ -255,6 +262,18 @@ impl RegistryError {
             }
             FetchError::Cancelled => RegistryError::Unavailable("the node is shutting down"),
             FetchError::Store(e) => e.into(),
+        }
+    }
+
+    /// The answer to a pull the mirror could not serve: `not_found` when the upstream has no
+    /// such content, `503` when only the upstream has it and it did not answer.
+    pub fn from_mirror(e: MirrorError, not_found: RegistryError) -> Self {
+        match e {
+            MirrorError::Unknown => not_found,
+            MirrorError::Unavailable(why) => RegistryError::UpstreamUnavailable(why),
+            MirrorError::Manifest(e) => e.into(),
+            MirrorError::Publish(e) => e.into(),
+            MirrorError::Store(e) => e.into(),
         }
     }
 }

@@ -30,7 +30,7 @@ use crate::store::Store;
 use crate::tags::Tags;
 use error::RegistryError;
 use path::Route;
-use shoal_protocol::{Digest, SigningKey};
+use shoal_protocol::{Digest, RepoName, SigningKey};
 
 /// The fleet a registry can reach: where misses are fetched from and records are gossiped to.
 #[derive(Clone)]
@@ -61,6 +61,8 @@ pub struct Registry {
     quota: Option<crate::quota::Quota>,
     /// How the admin API's collections treat abandoned downloads (the config's `[gc]` table).
     gc: std::sync::Arc<crate::config::GcSchedule>,
+    /// The upstream registries this node mirrors, if any.
+    mirror: Option<crate::mirror::pull::Mirror>,
 }
 
 /// The result type of handlers.
@@ -90,6 +92,7 @@ impl Registry {
             uploads_swept: std::sync::Arc::default(),
             quota: None,
             gc: std::sync::Arc::default(),
+            mirror: None,
         }
     }
 
@@ -108,6 +111,12 @@ impl Registry {
     /// Holds clients to `limits`.
     pub fn with_limits(mut self, limits: crate::config::HttpLimits) -> Registry {
         self.limits = std::sync::Arc::new(limits);
+        self
+    }
+
+    /// Pulls what the fleet lacks of upstream registries' repositories through `mirror`.
+    pub fn with_mirror(mut self, mirror: crate::mirror::pull::Mirror) -> Registry {
+        self.mirror = Some(mirror);
         self
     }
 
@@ -237,9 +246,16 @@ async fn dispatch(
     body: Body,
 ) -> Response {
     let client = client_of(client);
-    let result = match Route::parse(&decode_path(uri.path())) {
+    let route = Route::parse(&decode_path(uri.path()));
+    let q = query(&uri);
+    let route = match (route, &registry.mirror) {
+        (Ok(route), Some(mirror)) => to_upstream(mirror, route, &method, param(&q, "ns"))
+            .await
+            .map_err(RegistryError::from),
+        (route, _) => route.map_err(|e| RegistryError::from_route(e, &method)),
+    };
+    let result = match route {
         Ok(route) => {
-            let q = query(&uri);
             let caller = access::caller(&registry, &headers, client).and_then(|caller| {
                 let needs = access::needs(&route, &method, &q);
                 access::authorize(&registry, &caller, &headers, &needs, client)?;
@@ -259,9 +275,47 @@ async fn dispatch(
                 Err(e) => Err(e),
             }
         }
-        Err(e) => Err(RegistryError::from_route(e, &method)),
+        Err(e) => Err(e),
     };
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The route of a pull, with its repository renamed into an upstream's namespace if the
+/// mirror takes it (see [`crate::mirror::route`]); pushes, deletes and other routes as they
+/// are. Access is then checked on the name the fleet keeps the content under.
+async fn to_upstream(
+    mirror: &crate::mirror::pull::Mirror,
+    route: Route,
+    method: &Method,
+    ns: Option<&str>,
+) -> Result<Route, crate::store::StoreError> {
+    use crate::mirror::route::Routed;
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return Ok(route);
+    }
+    let rename = |name: RepoName, routed: Routed| match routed {
+        Routed::Upstream { repo, .. } => repo,
+        Routed::Local => name,
+    };
+    Ok(match route {
+        Route::Manifest(name, reference) => {
+            let routed = mirror.route(&name, ns).await?;
+            Route::Manifest(rename(name, routed), reference)
+        }
+        Route::Blob(name, digest) => {
+            let routed = mirror.route(&name, ns).await?;
+            Route::Blob(rename(name, routed), digest)
+        }
+        Route::Tags(name) => {
+            let routed = mirror.route(&name, ns).await?;
+            Route::Tags(rename(name, routed))
+        }
+        Route::Referrers(name, digest) => {
+            let routed = mirror.route(&name, ns).await?;
+            Route::Referrers(rename(name, routed), digest)
+        }
+        other => other,
+    })
 }
 
 /// What the handlers know of a request besides its route and body.
@@ -305,11 +359,13 @@ async fn route_request(
         (Route::Referrers(name, digest), Method::GET) => {
             listing::referrers(r, &name, &digest, &q).await
         }
-        (Route::Blob(name, digest), Method::GET) => {
-            blobs::get(r, &name, &digest, headers, true).await
-        }
-        (Route::Blob(name, digest), Method::HEAD) => {
-            blobs::get(r, &name, &digest, headers, false).await
+        (Route::Blob(name, digest), Method::GET | Method::HEAD) => {
+            if let Some(m) = &r.mirror {
+                m.prepare_blob(&name, &digest)
+                    .await
+                    .map_err(|e| RegistryError::from_mirror(e, RegistryError::BlobUnknown))?;
+            }
+            blobs::get(r, &name, &digest, headers, method == Method::GET).await
         }
         (Route::Blob(name, digest), Method::DELETE) => {
             blobs::delete(r, request, &name, &digest).await
@@ -325,11 +381,13 @@ async fn route_request(
         }
         (Route::Upload(name, id), Method::GET) => uploads::status(r, &name, &id).await,
         (Route::Upload(name, id), Method::DELETE) => uploads::cancel(r, &name, &id).await,
-        (Route::Manifest(name, reference), Method::GET) => {
-            manifests::get(r, &name, &reference, headers, true).await
-        }
-        (Route::Manifest(name, reference), Method::HEAD) => {
-            manifests::get(r, &name, &reference, headers, false).await
+        (Route::Manifest(name, reference), Method::GET | Method::HEAD) => {
+            if let Some(m) = &r.mirror {
+                m.prepare_manifest(&name, &reference)
+                    .await
+                    .map_err(|e| RegistryError::from_mirror(e, RegistryError::ManifestUnknown))?;
+            }
+            manifests::get(r, &name, &reference, headers, method == Method::GET).await
         }
         (Route::Manifest(name, reference), Method::PUT) => {
             manifests::put(r, request, &name, &reference, headers, body).await

@@ -16,6 +16,8 @@ use shoal_node::net::links::Kind;
 use shoal_protocol::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod standin;
+
 /// Polls `check` until it returns `Some` or `timeout` passes.
 pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
@@ -305,6 +307,8 @@ pub struct TestNet {
     pub gc: shoal_node::config::GcSchedule,
     /// Subscriptions and prefetch rate by node index (none unless set).
     pub prefetch: std::collections::HashMap<usize, shoal_node::prefetch::PrefetchConfig>,
+    /// The upstream registries every node mirrors (none unless set).
+    pub mirror: shoal_node::config::MirrorConfig,
 }
 
 fn memory_addr() -> Multiaddr {
@@ -337,6 +341,7 @@ impl TestNet {
             http: Default::default(),
             gc: Default::default(),
             prefetch: Default::default(),
+            mirror: Default::default(),
         }
     }
 
@@ -418,6 +423,7 @@ impl TestNet {
             gc: self.gc.clone(),
             quota: Default::default(),
             prefetch: self.prefetch.get(&i).cloned().unwrap_or_default(),
+            mirror: self.mirror.clone(),
         }
     }
 

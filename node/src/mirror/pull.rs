@@ -1,0 +1,756 @@
+//! Pull-through: what a registry request for an upstream's repository needs before the
+//! registry's own handlers serve it from the store and the fleet.
+//!
+//! - A tag whose record in the fleet is fresh (younger than the upstream's freshness) is served
+//!   as the record says, without asking the upstream. Otherwise the upstream is asked, within
+//!   its time-out: its answer is stored, and a new record signed by this node names it, so that
+//!   the rest of the fleet resolves the same digest without asking again. When the upstream is
+//!   down, rate-limited or failing, the fleet's record serves, however old (offline first); a
+//!   tag the fleet never resolved fails with a `503` that says so.
+//! - A manifest or blob by digest that the fleet holds is served from the fleet; only content
+//!   nobody has is fetched from the upstream, checked against its digest as it streams to disk.
+//! - Concurrent requests for one blob share one upstream fetch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::PeerId;
+use shoal_protocol::message::{MirrorState, SyncRequest, SyncResponse};
+use shoal_protocol::{BlobRef, Digest, Reference, RepoName, Tag, TagTarget};
+use tokio::sync::{Semaphore, watch};
+
+use super::route::{Routed, Routes};
+use super::upstream::{Upstream, UpstreamError};
+use crate::fetch::Fetcher;
+use crate::manifest::{self, ManifestError, ManifestInfo};
+use crate::net::{MirrorAsk, Network};
+use crate::store::{Batch, Store, StoreError};
+use crate::tags::{PublishError, Tags};
+
+/// Why a pull through the mirror cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// The upstream says there is no such manifest or blob.
+    #[error("the upstream has no such content")]
+    Unknown,
+    /// Only the upstream could supply it, and it did not; the text says why, for the client.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The upstream's manifest is not one the registry can store.
+    #[error("the upstream's manifest")]
+    Manifest(#[from] ManifestError),
+    /// Signing the record of a resolved tag failed.
+    #[error("signing a mirror's tag record")]
+    Publish(#[from] PublishError),
+    /// The local store failed.
+    #[error("store")]
+    Store(#[from] StoreError),
+}
+
+/// Upstream blob fetches a node runs at once; more wait for a turn.
+const MAX_UPSTREAM_FETCHES: usize = 8;
+/// Peers' mirror requests waiting to be answered; past it a peer is told `Unsupported` and
+/// fetches from the upstream itself.
+const PEER_ASKS_CAPACITY: usize = 64;
+/// How long a failed upstream fetch is remembered (and not started again for a peer).
+const FAILURE_MEMORY: Duration = Duration::from_secs(30);
+/// How often a node asks the peer fetching a blob from the upstream how far it has come.
+const PEER_POLL: Duration = Duration::from_millis(500);
+/// How long a peer's upstream fetch may go without progress before the node fetches the blob
+/// from the upstream itself.
+const PEER_STALL: Duration = Duration::from_secs(15);
+/// How many peers, in the blob's rendezvous order, are asked before this node fetches itself.
+const PEERS_ASKED: usize = 3;
+
+/// How one upstream blob fetch stands.
+#[derive(Debug, Clone)]
+enum BlobFetch {
+    /// Bytes received so far.
+    Running(u64),
+    /// Stored and verified.
+    Done,
+    /// It failed; the text is for the client.
+    Failed(String),
+}
+
+/// The node's mirror of upstream registries (cheap to clone).
+#[derive(Clone)]
+pub struct Mirror {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    routes: Routes,
+    upstreams: Vec<Upstream>,
+    store: Store,
+    tags: Tags,
+    network: Option<Network>,
+    /// Fetches the fleet's copies (of blobs a peer fetched from the upstream).
+    fetcher: Option<Fetcher>,
+    /// Upstream blob fetches under way, by digest.
+    blobs: Mutex<HashMap<Digest, watch::Receiver<BlobFetch>>>,
+    /// Upstream blob fetches that failed lately, and why: a peer asking again in that time is
+    /// told so instead of starting the fetch again.
+    failed: Mutex<HashMap<Digest, (std::time::Instant, String)>>,
+    permits: Semaphore,
+    tasks: tokio_util::task::TaskTracker,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("routes", &self.inner.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mirror {
+    /// A mirror of `upstreams` (in the order `routes` names them), storing into `store`,
+    /// signing records through `tags`, and announcing what it fetches on `network`. Its fetches run on `tasks`
+    /// and stop at `cancel`.
+    pub fn new(
+        routes: Routes,
+        upstreams: Vec<Upstream>,
+        store: Store,
+        tags: Tags,
+        network: Option<Network>,
+        fetcher: Option<Fetcher>,
+        tasks: tokio_util::task::TaskTracker,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Mirror {
+        let mirror = Mirror {
+            inner: Arc::new(Inner {
+                routes,
+                upstreams,
+                store,
+                tags,
+                network,
+                fetcher,
+                blobs: Mutex::default(),
+                failed: Mutex::default(),
+                permits: Semaphore::new(MAX_UPSTREAM_FETCHES),
+                tasks,
+                cancel,
+            }),
+        };
+        if let Some(network) = &mirror.inner.network {
+            let (asks, inbox) = tokio::sync::mpsc::channel(PEER_ASKS_CAPACITY);
+            network.serve_mirror(asks);
+            mirror.inner.tasks.spawn(mirror.clone().serve_peers(inbox));
+        }
+        mirror
+    }
+
+    /// Answers peers' requests to fetch a blob from an upstream for the fleet, until the node
+    /// stops.
+    async fn serve_peers(self, mut inbox: tokio::sync::mpsc::Receiver<MirrorAsk>) {
+        loop {
+            let ask = tokio::select! {
+                () = self.inner.cancel.cancelled() => return,
+                ask = inbox.recv() => match ask {
+                    Some(ask) => ask,
+                    None => return,
+                },
+            };
+            let state = self.answer(&ask).await;
+            let _ = ask.reply.send(state);
+        }
+    }
+
+    /// How this node's fetch of a peer's blob stands, starting it if it is not under way.
+    async fn answer(&self, ask: &MirrorAsk) -> MirrorState {
+        let routes = &self.inner.routes;
+        let (Some(i), Some((j, remote))) = (
+            routes.by_name(&ask.upstream),
+            routes.by_namespace(&ask.repo),
+        ) else {
+            return MirrorState::Unsupported;
+        };
+        let Some(upstream) = self.inner.upstreams.get(i).filter(|_| i == j) else {
+            return MirrorState::Unsupported;
+        };
+        match self.inner.store.blob_size(&ask.digest).await {
+            Ok(Some(_)) => return MirrorState::Done,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "answering a peer's mirror request"
+                );
+                return MirrorState::Unsupported;
+            }
+        }
+        if let Some(why) = self.recently_failed(&ask.digest) {
+            return MirrorState::Failed(why);
+        }
+        let fetch = self.fetch_blob(upstream.clone(), &ask.repo, remote, &ask.digest);
+        let state = fetch.borrow().clone();
+        tracing::debug!(peer = %ask.peer, digest = %ask.digest, "a peer asked for a blob of an upstream");
+        match state {
+            BlobFetch::Running(received) => MirrorState::Fetching { received },
+            BlobFetch::Done => MirrorState::Done,
+            BlobFetch::Failed(why) => MirrorState::Failed(why),
+        }
+    }
+
+    /// Why the upstream fetch of `digest` failed, if it did within [`FAILURE_MEMORY`].
+    fn recently_failed(&self, digest: &Digest) -> Option<String> {
+        let mut failed = self
+            .inner
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        failed.retain(|_, (at, _)| at.elapsed() < FAILURE_MEMORY);
+        failed.get(digest).map(|(_, why)| why.clone())
+    }
+
+    /// Where a pull of `name` leads (see [`Routes::route`]); `ns` is the request's `ns`
+    /// query parameter.
+    pub async fn route(&self, name: &RepoName, ns: Option<&str>) -> Result<Routed, StoreError> {
+        let routes = &self.inner.routes;
+        if ns.is_some() || routes.by_namespace(name).is_some() {
+            return Ok(routes.route(name, ns, || true));
+        }
+        let n = name.clone();
+        let local = self.inner.store.read(move |i| i.repo_exists(&n)).await?;
+        Ok(routes.route(name, ns, || local))
+    }
+
+    /// The upstream and its path of a repository in an upstream's namespace.
+    fn upstream_of<'r>(&self, repo: &'r RepoName) -> Option<(&Upstream, &'r str)> {
+        let (i, remote) = self.inner.routes.by_namespace(repo)?;
+        Some((self.inner.upstreams.get(i)?, remote))
+    }
+
+    /// Makes the manifest `reference` of `repo` servable, if `repo` is an upstream's: a tag
+    /// resolved (from a fresh record, or the upstream, or, when the upstream is down, any
+    /// record), a digest stored or known to the fleet. Other repositories: nothing to do.
+    pub async fn prepare_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(), MirrorError> {
+        let Some((upstream, remote)) = self.upstream_of(repo) else {
+            return Ok(());
+        };
+        match reference {
+            Reference::Tag(tag) => self.resolve_tag(upstream, repo, remote, tag).await,
+            Reference::Digest(digest) => {
+                let (r, d) = (repo.clone(), digest.clone());
+                let known = self
+                    .inner
+                    .store
+                    .read(move |i| {
+                        Ok(i.manifest(&r, &d)?.is_some() || i.record_blob(&r, &d)?.is_some())
+                    })
+                    .await?;
+                if known {
+                    return Ok(());
+                }
+                let reference = digest.to_string();
+                match self.ask(upstream, remote, &reference).await {
+                    Ok(m) => {
+                        self.keep_manifest(repo, &m.digest, &m.media_type, &m.bytes)
+                            .await
+                    }
+                    Err(e) => Err(unavailable(upstream, remote, &reference, &e, false)),
+                }
+            }
+        }
+    }
+
+    async fn resolve_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        remote: &str,
+        tag: &Tag,
+    ) -> Result<(), MirrorError> {
+        let (r, t) = (repo.clone(), tag.clone());
+        let current = self.inner.store.read(move |i| i.record(&r, &t)).await?;
+        let now_ms = self.inner.tags.auth().clock().now_ms();
+        let fresh = current.as_ref().is_some_and(|c| {
+            let age_ms = now_ms.saturating_sub(c.record().timestamp_ms);
+            age_ms < upstream.freshness().as_millis() as u64
+        });
+        if fresh {
+            return Ok(());
+        }
+        match self.ask(upstream, remote, tag.as_str()).await {
+            Ok(m) => {
+                self.keep_manifest(repo, &m.digest, &m.media_type, &m.bytes)
+                    .await?;
+                self.publish(repo, tag, &m.digest).await
+            }
+            Err(e) if current.is_some() && !matches!(e, UpstreamError::NotFound) => {
+                tracing::warn!(
+                    upstream = upstream.name(),
+                    %repo,
+                    %tag,
+                    error = &e as &dyn std::error::Error,
+                    "the upstream did not answer: serving the fleet's record of the tag"
+                );
+                Ok(())
+            }
+            Err(e) => Err(unavailable(
+                upstream,
+                remote,
+                tag.as_str(),
+                &e,
+                current.is_none(),
+            )),
+        }
+    }
+
+    /// Asks `upstream` for the manifest `reference` of `remote`, within its time-out.
+    async fn ask(
+        &self,
+        upstream: &Upstream,
+        remote: &str,
+        reference: &str,
+    ) -> Result<super::upstream::UpstreamManifest, UpstreamError> {
+        upstream.manifest(remote, reference).await
+    }
+
+    /// Stores a manifest fetched from an upstream (already checked against its digest) in
+    /// `repo`, and tells the fleet this node holds it.
+    async fn keep_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<(), MirrorError> {
+        let info = manifest::parse(bytes, Some(media_type))?;
+        let store = &self.inner.store;
+        if store.blob_size(digest).await?.is_none() {
+            let mut writer = store
+                .blob_writer(digest.algorithm(), Some(bytes.len() as u64))
+                .await?;
+            writer.write(bytes).await?;
+            writer.finish(digest).await?;
+        }
+        store.add_manifest(repo, digest, info).await?;
+        if let Some(n) = &self.inner.network {
+            let _ = n.provide(digest.clone()).await;
+        }
+        Ok(())
+    }
+
+    /// Signs and gossips a record naming `digest` for `repo:tag`, with every blob of it this
+    /// node holds (the rest of the fleet fetches those from the fleet; the others it asks the
+    /// upstream's mirror for).
+    async fn publish(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+    ) -> Result<(), MirrorError> {
+        let target = self.target(repo, digest).await?;
+        let record = self
+            .inner
+            .tags
+            .publish(repo, tag, Some(target), Batch::new())
+            .await?;
+        if let Some(n) = &self.inner.network {
+            if let Err(e) = n.publish(record.signed()).await {
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "could not gossip a mirror's tag record"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The target of a record for the manifest `digest` of `repo`: the blobs (and, for an
+    /// index, the child manifests and their blobs) this node holds so far.
+    async fn target(&self, repo: &RepoName, digest: &Digest) -> Result<TagTarget, StoreError> {
+        let store = &self.inner.store;
+        let (r, d) = (repo.clone(), digest.clone());
+        let info: ManifestInfo = store
+            .read(move |i| i.manifest(&r, &d))
+            .await?
+            .ok_or_else(|| StoreError::Invariant("a manifest just stored is missing"))?;
+        let mut wanted: Vec<Digest> = info.blobs.clone();
+        for child in &info.manifests {
+            wanted.push(child.clone());
+            let (r, c) = (repo.clone(), child.clone());
+            if let Some(ci) = store.read(move |i| i.manifest(&r, &c)).await? {
+                wanted.extend(ci.blobs);
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut blobs = Vec::new();
+        for d in wanted {
+            if !seen.insert(d.clone()) || store.blob_size(&d).await?.is_none() {
+                continue;
+            }
+            if let Some(index) = store.blob_index(&d).await? {
+                blobs.push(shoal_protocol::BlobRef {
+                    digest: d,
+                    size: index.size(),
+                    index: index.id(),
+                });
+            }
+        }
+        blobs.truncate(shoal_protocol::record::MAX_RECORD_BLOBS);
+        Ok(TagTarget {
+            manifest: digest.clone(),
+            media_type: info.media_type,
+            size: info.size,
+            blobs,
+        })
+    }
+
+    /// Makes the blob `digest` of `repo` servable, if `repo` is an upstream's and nobody in
+    /// the fleet holds it: fetched from the upstream (one fetch for every request that wants
+    /// it at the same time), checked against its digest, stored and linked.
+    pub async fn prepare_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(), MirrorError> {
+        let Some((upstream, remote)) = self.upstream_of(repo) else {
+            return Ok(());
+        };
+        let store = &self.inner.store;
+        if store.blob_size(digest).await?.is_some() {
+            store.link(repo, digest).await?;
+            return Ok(());
+        }
+        let (r, d) = (repo.clone(), digest.clone());
+        if store.read(move |i| i.record_blob(&r, &d)).await?.is_some() {
+            // A record names it: the fleet has it, and the registry fetches it from there.
+            return Ok(());
+        }
+        match self.from_peers(upstream, repo, digest).await {
+            Ok(true) => {
+                store.link(repo, digest).await?;
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::info!(%digest, error = &e as &dyn std::error::Error, "the fleet's copy of an upstream's blob could not be fetched; fetching from the upstream")
+            }
+        }
+        let mut fetch = self.fetch_blob(upstream.clone(), repo, remote, digest);
+        let state = fetch
+            .wait_for(|s| !matches!(s, BlobFetch::Running(_)))
+            .await
+            .map(|s| s.clone())
+            .unwrap_or(BlobFetch::Failed("the node is shutting down".into()));
+        match state {
+            BlobFetch::Done | BlobFetch::Running(_) => {
+                store.link(repo, digest).await?;
+                Ok(())
+            }
+            BlobFetch::Failed(why) => Err(MirrorError::Unavailable(why)),
+        }
+    }
+
+    /// Gets the blob from the peer that fetches it from the upstream for the fleet, if that is
+    /// not this node: the connected peers and this node ranked by a hash of the blob and their
+    /// ids (every node ranks them alike, so they all ask the same one), the first few asked in
+    /// turn. `Ok(false)`: this node is the one to fetch it (or no peer would).
+    async fn from_peers(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool, crate::fetch::FetchError> {
+        let (Some(network), Some(fetcher)) = (&self.inner.network, &self.inner.fetcher) else {
+            return Ok(false);
+        };
+        let me = network.peer_id();
+        let mut ranked: Vec<PeerId> = network
+            .peers()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.peer_id)
+            .chain(std::iter::once(me))
+            .collect();
+        ranked.sort_by_cached_key(|p| std::cmp::Reverse(rendezvous(digest, p)));
+        ranked.dedup();
+        for peer in ranked.into_iter().take(PEERS_ASKED) {
+            if peer == me {
+                return Ok(false);
+            }
+            if self
+                .wait_for_peer(network, peer, upstream, repo, digest)
+                .await
+            {
+                let answer = network
+                    .sync(
+                        peer,
+                        SyncRequest::BlobIndex {
+                            digest: digest.clone(),
+                        },
+                    )
+                    .await;
+                let Ok(SyncResponse::BlobIndex(Some(index))) = answer else {
+                    continue;
+                };
+                if index.digest() != digest {
+                    continue;
+                }
+                // The index comes from the peer, not from a signed record: each chunk is
+                // checked against it, and the whole blob against its digest before it is kept.
+                let blob = BlobRef {
+                    digest: digest.clone(),
+                    size: index.size(),
+                    index: index.id(),
+                };
+                fetcher.blob(repo, &blob).await?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Asks `peer` to fetch the blob from the upstream and waits while it makes progress;
+    /// whether it holds the blob in the end.
+    async fn wait_for_peer(
+        &self,
+        network: &Network,
+        peer: PeerId,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> bool {
+        let mut received = 0;
+        let mut progress_at = std::time::Instant::now();
+        loop {
+            let request = SyncRequest::Mirror {
+                upstream: upstream.name().to_owned(),
+                repo: repo.clone(),
+                digest: digest.clone(),
+            };
+            match network.sync(peer, request).await {
+                Ok(SyncResponse::Mirror(MirrorState::Done)) => return true,
+                Ok(SyncResponse::Mirror(MirrorState::Fetching { received: r })) => {
+                    if r > received {
+                        (received, progress_at) = (r, std::time::Instant::now());
+                    }
+                }
+                Ok(SyncResponse::Mirror(MirrorState::Failed(why))) => {
+                    tracing::info!(%peer, %digest, why, "a peer's fetch from the upstream failed");
+                    return false;
+                }
+                other => {
+                    tracing::debug!(%peer, %digest, answer = ?other.map(|_| "no mirror"), "a peer does not fetch this blob from the upstream");
+                    return false;
+                }
+            }
+            if progress_at.elapsed() > PEER_STALL || self.inner.cancel.is_cancelled() {
+                return false;
+            }
+            tokio::time::sleep(PEER_POLL).await;
+        }
+    }
+
+    /// The upstream fetch of `digest` under way, or a new one.
+    fn fetch_blob(
+        &self,
+        upstream: Upstream,
+        repo: &RepoName,
+        remote: &str,
+        digest: &Digest,
+    ) -> watch::Receiver<BlobFetch> {
+        let mut fetches = self
+            .inner
+            .blobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(rx) = fetches.get(digest) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(BlobFetch::Running(0));
+        fetches.insert(digest.clone(), rx.clone());
+        drop(fetches);
+        let (this, repo, remote, digest) = (
+            self.clone(),
+            repo.clone(),
+            remote.to_owned(),
+            digest.clone(),
+        );
+        self.inner.tasks.spawn(async move {
+            let result = tokio::select! {
+                () = this.inner.cancel.cancelled() => Err("the node is shutting down".to_owned()),
+                r = this.download(&upstream, &repo, &remote, &digest, &tx) => r,
+            };
+            this.inner
+                .blobs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&digest);
+            let done = result.is_ok();
+            if let Err(why) = &result {
+                this.inner
+                    .failed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(digest.clone(), (std::time::Instant::now(), why.clone()));
+            }
+            tx.send_replace(match result {
+                Ok(()) => BlobFetch::Done,
+                Err(why) => BlobFetch::Failed(why),
+            });
+            if done {
+                this.blob_arrived(&repo, &digest).await;
+            }
+        });
+        rx
+    }
+
+    /// Streams the blob from the upstream into the store, hashing as it goes.
+    async fn download(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        remote: &str,
+        digest: &Digest,
+        progress: &watch::Sender<BlobFetch>,
+    ) -> Result<(), String> {
+        use futures::StreamExt as _;
+        let _turn = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| "the node is shutting down".to_owned())?;
+        let started = std::time::Instant::now();
+        let blob = upstream
+            .blob(remote, digest)
+            .await
+            .map_err(|e| describe(upstream, remote, &digest.to_string(), &e))?;
+        let store = &self.inner.store;
+        let fail = |e: StoreError| {
+            tracing::warn!(%digest, error = &e as &dyn std::error::Error, "storing a blob from an upstream");
+            format!("storing {digest} failed on this node")
+        };
+        let mut writer = store
+            .blob_writer(digest.algorithm(), blob.content_length)
+            .await
+            .map_err(fail)?;
+        let mut received = 0u64;
+        let mut body = blob.stream;
+        let content_length = blob.content_length;
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(|e| describe(upstream, remote, &digest.to_string(), &e))?;
+            received += piece.len() as u64;
+            // A body longer than announced is not the blob: stop before writing past it.
+            if content_length.is_some_and(|n| received > n) {
+                return Err(format!(
+                    "{} sent more of {digest} than the length it announced",
+                    upstream.name()
+                ));
+            }
+            writer.write(&piece).await.map_err(fail)?;
+            progress.send_replace(BlobFetch::Running(received));
+        }
+        writer.finish(digest).await.map_err(|e| match e {
+            StoreError::DigestMismatch { .. } => {
+                tracing::warn!(upstream = upstream.name(), %repo, %digest, "the upstream sent a blob that fails its digest");
+                format!("{} sent {digest} with other content", upstream.name())
+            }
+            e => fail(e),
+        })?;
+        store.link(repo, digest).await.map_err(fail)?;
+        tracing::info!(upstream = upstream.name(), %repo, %digest, bytes = received, elapsed_ms = started.elapsed().as_millis() as u64, "fetched a blob from the upstream");
+        if let Some(n) = &self.inner.network {
+            let _ = n.provide(digest.clone()).await;
+        }
+        Ok(())
+    }
+
+    /// A blob of `repo` arrived from the upstream: the records of its tags that name a manifest
+    /// needing it, signed by this node, are signed again with it, so that the fleet fetches it
+    /// from the fleet.
+    async fn blob_arrived(&self, repo: &RepoName, digest: &Digest) {
+        let (r, d) = (repo.clone(), digest.clone());
+        let own = self.inner.tags.auth().own_key();
+        let stale: Result<Vec<(Tag, Digest)>, StoreError> = self
+            .inner
+            .store
+            .read(move |i| {
+                let mut out = Vec::new();
+                for tag in i.tags(&r, None, usize::MAX)? {
+                    let Some(rec) = i.record(&r, &tag)? else {
+                        continue;
+                    };
+                    let record = rec.record();
+                    let Some(target) = &record.target else {
+                        continue;
+                    };
+                    if record.publisher != own || target.blobs.iter().any(|b| b.digest == d) {
+                        continue;
+                    }
+                    let Some(info) = i.manifest(&r, &target.manifest)? else {
+                        continue;
+                    };
+                    let mut needs = info.blobs.contains(&d) || info.manifests.contains(&d);
+                    for child in &info.manifests {
+                        if let Some(ci) = i.manifest(&r, child)? {
+                            needs |= ci.blobs.contains(&d);
+                        }
+                    }
+                    if needs {
+                        out.push((tag, target.manifest.clone()));
+                    }
+                }
+                Ok(out)
+            })
+            .await;
+        match stale {
+            Ok(stale) => {
+                for (tag, manifest) in stale {
+                    if let Err(e) = self.publish(repo, &tag, &manifest).await {
+                        tracing::warn!(%repo, %tag, error = &e as &dyn std::error::Error, "signing a mirror's record again with a new blob");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%repo, error = &e as &dyn std::error::Error, "looking for records that name a new blob")
+            }
+        }
+    }
+}
+
+/// The rank of `peer` for fetching `digest` from an upstream for the fleet (highest first).
+fn rendezvous(digest: &Digest, peer: &PeerId) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("shoal mirror rendezvous v1");
+    h.update(digest.to_string().as_bytes());
+    h.update(&peer.to_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// What a client is told when an upstream could not supply `reference` of `remote`.
+fn describe(upstream: &Upstream, remote: &str, reference: &str, e: &UpstreamError) -> String {
+    format!("{}: {remote}:{reference}: {e}", upstream.name())
+}
+
+/// The error for content that only the upstream could supply and did not: unknown if the
+/// upstream says so, else unavailable, saying whether the fleet ever resolved it.
+fn unavailable(
+    upstream: &Upstream,
+    remote: &str,
+    reference: &str,
+    e: &UpstreamError,
+    never_resolved: bool,
+) -> MirrorError {
+    if matches!(e, UpstreamError::NotFound) {
+        return MirrorError::Unknown;
+    }
+    tracing::warn!(
+        upstream = upstream.name(),
+        remote,
+        reference,
+        error = e as &dyn std::error::Error,
+        "an upstream could not supply a manifest"
+    );
+    let mut why = describe(upstream, remote, reference, e);
+    if never_resolved {
+        why.push_str("; the fleet has never resolved it, so it cannot be served from the fleet");
+    }
+    MirrorError::Unavailable(why)
+}
