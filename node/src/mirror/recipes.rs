@@ -249,8 +249,8 @@ pub fn containerd_config(hosts_dir: &Path) -> String {
          [plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = {path}\n\n\
          # containerd 1.x (/etc/containerd/config.toml, version = 2):\n\
          # [plugins.\"io.containerd.grpc.v1.cri\".registry]\n#   config_path = {path}\n\n\
-         # Remove any `mirrors` or `configs` tables under that `registry` table: X
-         # not read config_path beside them. `ctr images pull --hosts-dir {dir}` reads the files\n\
+         # Remove any `mirrors` table and `configs` TLS settings under `registry`: containerd\n\
+         # refuses config_path beside them. `ctr images pull --hosts-dir {dir}` reads the files\n\
          # directly. No restart is needed when the files change.\n",
         dir = hosts_dir.display()
     )
