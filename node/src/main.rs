@@ -266,6 +266,13 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Point containerd or docker at this node as the mirror of its upstream registries.
+    Mirror {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        command: MirrorCommand,
+    },
     /// Print the audit trail: pushes, tag moves, deletes, policy changes, denied requests.
     Audit {
         #[command(flatten)]
@@ -277,6 +284,46 @@ enum Command {
         #[arg(long)]
         last: Option<usize>,
     },
+}
+
+#[derive(Subcommand)]
+enum MirrorCommand {
+    /// A hosts.toml for every `[[upstream]]` (and `_default`) pointing at the node, and the
+    /// config.toml lines (containerd 1.x and 2.x) that make containerd read them.
+    Containerd {
+        #[command(flatten)]
+        target: MirrorTarget,
+        /// Print the hosts.toml files and the config.toml lines
+        #[arg(long)]
+        print: bool,
+        /// Write the hosts.toml files under DIR (DIR/<registry>/hosts.toml): containerd's
+        /// config_path, e.g. /etc/containerd/certs.d
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Let containerd accept any certificate from an HTTPS node (instead of trusting the
+        /// node's own certificate)
+        #[arg(long)]
+        skip_verify: bool,
+    },
+    /// The daemon.json lines that make the node docker's mirror of Docker Hub.
+    Docker {
+        #[command(flatten)]
+        target: MirrorTarget,
+        /// Print the daemon.json lines (and, on stderr, what else docker needs)
+        #[arg(long)]
+        print: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct MirrorTarget {
+    /// The node's registry URL as clients on this host reach it [default: from the node's
+    /// listen address and TLS settings]
+    #[arg(long)]
+    node: Option<String>,
+    /// Address of the node's registry API, as given to `shoal node --listen`
+    #[arg(long, env = "SHOAL_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -1148,6 +1195,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             reload(&config)
         }
+        Command::Mirror { common, command } => mirror(common, command),
         Command::Audit { common, json, last } => {
             let config = resolve(common, FileConfig::default())?;
             let entries = audit::read(&config.data_dir).with_context(|| {
@@ -1274,6 +1322,77 @@ fn lifecycle(common: Common, command: LifecycleCommand) -> anyhow::Result<ExitCo
                 .unwrap_or_default(),
             e.reason
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `shoal mirror`: prints (or writes) what containerd and docker need to pull through the node
+/// the config describes.
+fn mirror(common: Common, command: MirrorCommand) -> anyhow::Result<ExitCode> {
+    use shoal_node::mirror::recipes::{self, NodeEndpoint};
+    let target = match &command {
+        MirrorCommand::Containerd { target, .. } | MirrorCommand::Docker { target, .. } => target,
+    };
+    let config = resolve(
+        common,
+        FileConfig {
+            listen: target.listen,
+            ..FileConfig::default()
+        },
+    )?;
+    let node = match &target.node {
+        Some(url) => NodeEndpoint::parse(url)?,
+        None => NodeEndpoint::of(&config)?,
+    };
+    if config.access.local_clients == LocalClients::Authenticated {
+        eprintln!(
+            "note: the node asks loopback clients for credentials (local_clients = \"authenticated\"); \
+             containerd and docker mirror requests carry none"
+        );
+    }
+    match command {
+        MirrorCommand::Containerd {
+            print,
+            dir,
+            skip_verify,
+            ..
+        } => {
+            anyhow::ensure!(
+                print || dir.is_some(),
+                "nothing to do: --print shows the files, --dir DIR writes them"
+            );
+            let mut node = node;
+            node.skip_verify = skip_verify;
+            let files = recipes::containerd_hosts(&config.mirror, &node)?;
+            if config.mirror.upstreams.is_empty() {
+                eprintln!("note: the node's config has no [[upstream]]; only _default is written");
+            }
+            let hosts_dir = match &dir {
+                Some(d) => {
+                    std::path::absolute(d).with_context(|| format!("resolving {}", d.display()))?
+                }
+                None => PathBuf::from(recipes::DEFAULT_HOSTS_DIR),
+            };
+            if let Some(d) = &dir {
+                for path in recipes::write_hosts(d, &files)? {
+                    eprintln!("wrote {}", path.display());
+                }
+            }
+            if print {
+                for f in &files {
+                    println!("# {}/{}/hosts.toml", hosts_dir.display(), f.namespace);
+                    println!("{}", f.text);
+                }
+                println!("{}", recipes::containerd_config(&hosts_dir));
+            }
+        }
+        MirrorCommand::Docker { print, .. } => {
+            anyhow::ensure!(print, "nothing to do: --print shows the daemon.json lines");
+            println!("{}", recipes::docker_daemon_json(&node));
+            for note in recipes::docker_notes(&config.mirror, &node) {
+                eprintln!("note: {note}");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

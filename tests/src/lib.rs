@@ -17,12 +17,14 @@
 //!   partition and heal; [`lab_fleet`]: [`lab_fleet::LabFleet`], real nodes in such a lab, and
 //!   [`lab_fleet::TestImage`]; [`disk`]: [`disk::SmallDisk`], a tiny tmpfs to fill. The
 //!   fault-injection suite (`tests/faults.rs`) is built from these.
+//! - [`standin`]: [`standin::StandIn`], a stand-in upstream registry for the mirror tests.
 
 pub mod disk;
 pub mod http;
 pub mod lab_fleet;
 pub mod netns;
 pub mod process;
+pub mod standin;
 pub mod tools;
 pub mod wait;
 

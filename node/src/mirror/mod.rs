@@ -4,5 +4,6 @@
 //! whether or not the upstream answers.
 
 pub mod pull;
+pub mod recipes;
 pub mod route;
 pub mod upstream;
