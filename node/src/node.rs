@@ -306,12 +306,14 @@ impl Node {
             Some(crate::mirror::pull::Mirror::new(
                 routes,
                 upstreams,
-                store.clone(),
-                tags.clone(),
-                Some(network.clone()),
-                Some(fleet.fetcher.clone()),
-                fetches.tasks.clone(),
-                fetches.cancel.clone(),
+                crate::mirror::pull::NodeParts {
+                    store: store.clone(),
+                    tags: tags.clone(),
+                    network: Some(network.clone()),
+                    fetcher: Some(fleet.fetcher.clone()),
+                    tasks: fetches.tasks.clone(),
+                    cancel: fetches.cancel.clone(),
+                },
             ))
         };
         let registry = Registry::with_fleet(store.clone(), tags.clone(), Some(fleet))

@@ -367,7 +367,9 @@ async fn only_the_platform_asked_for_comes_from_the_upstream() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body, index);
     // The client picks amd64, as docker on an amd64 host does.
-    let r = node.get(&format!("/v2/{repo}/manifests/{}", amd64.digest)).await;
+    let r = node
+        .get(&format!("/v2/{repo}/manifests/{}", amd64.digest))
+        .await;
     assert_eq!(r.status, 200);
     for b in &amd64.blobs {
         let d = Digest::sha256(b);

@@ -74,6 +74,22 @@ enum BlobFetch {
     Failed(String),
 }
 
+/// What of the node a [`Mirror`] works with.
+pub struct NodeParts {
+    /// Where fetched content is kept.
+    pub store: Store,
+    /// Signs the records of resolved tags.
+    pub tags: Tags,
+    /// Announces fetched content and asks peers (none: a node alone).
+    pub network: Option<Network>,
+    /// Fetches the fleet's copies of blobs a peer fetched from an upstream.
+    pub fetcher: Option<Fetcher>,
+    /// Where the mirror's tasks run.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Stops them.
+    pub cancel: tokio_util::sync::CancellationToken,
+}
+
 /// The node's mirror of upstream registries (cheap to clone).
 #[derive(Clone)]
 pub struct Mirror {
@@ -107,19 +123,18 @@ impl std::fmt::Debug for Mirror {
 }
 
 impl Mirror {
-    /// A mirror of `upstreams` (in the order `routes` names them), storing into `store`,
-    /// signing records through `tags`, and announcing what it fetches on `network`. Its fetches run on `tasks`
-    /// and stop at `cancel`.
-    pub fn new(
-        routes: Routes,
-        upstreams: Vec<Upstream>,
-        store: Store,
-        tags: Tags,
-        network: Option<Network>,
-        fetcher: Option<Fetcher>,
-        tasks: tokio_util::task::TaskTracker,
-        cancel: tokio_util::sync::CancellationToken,
-    ) -> Mirror {
+    /// A mirror of `upstreams` (in the order `routes` names them), working with `node`'s
+    /// store, tags, network and fetcher; its fetches run on `node.tasks` and stop at
+    /// `node.cancel`.
+    pub fn new(routes: Routes, upstreams: Vec<Upstream>, node: NodeParts) -> Mirror {
+        let NodeParts {
+            store,
+            tags,
+            network,
+            fetcher,
+            tasks,
+            cancel,
+        } = node;
         let mirror = Mirror {
             inner: Arc::new(Inner {
                 routes,
@@ -422,7 +437,7 @@ impl Mirror {
             // A record names it: the fleet has it, and the registry fetches it from there.
             return Ok(());
         }
-        match self.from_peers(upstream, repo, digest).await {
+        match self.fetch_from_peers(upstream, repo, digest).await {
             Ok(true) => {
                 store.link(repo, digest).await?;
                 return Ok(());
@@ -451,7 +466,7 @@ impl Mirror {
     /// not this node: the connected peers and this node ranked by a hash of the blob and their
     /// ids (every node ranks them alike, so they all ask the same one), the first few asked in
     /// turn. `Ok(false)`: this node is the one to fetch it (or no peer would).
-    async fn from_peers(
+    async fn fetch_from_peers(
         &self,
         upstream: &Upstream,
         repo: &RepoName,

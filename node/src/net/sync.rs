@@ -188,9 +188,7 @@ pub(super) async fn answer(
         SyncRequest::Hello(_)
         | SyncRequest::Push(_)
         | SyncRequest::Prefetch { .. }
-        | SyncRequest::Mirror { .. } => {
-            SyncResponse::Error("not answered here".into())
-        }
+        | SyncRequest::Mirror { .. } => SyncResponse::Error("not answered here".into()),
     })
 }
 
