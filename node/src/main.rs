@@ -296,7 +296,7 @@ enum MirrorCommand {
         /// Print the hosts.toml files and the config.toml lines
         #[arg(long)]
         print: bool,
-        /// Write the hosts.toml files under DIR (DIR/<registry>/hosts.toml): containerd's
+        /// Write the hosts.toml files under DIR (DIR/REGISTRY/hosts.toml): containerd's
         /// config_path, e.g. /etc/containerd/certs.d
         #[arg(long)]
         dir: Option<PathBuf>,

@@ -6,7 +6,7 @@
 //!   a matching repository that arrives from a peer (gossip, anti-entropy, a private push) and
 //!   becomes current here is queued. A record pushed on this node needs nothing: its content is
 //!   already here.
-//! - **peers' asks** (`shoal prefetch --node`, [`SyncRequest::Prefetch`]): the network checks that
+//! - **peers' asks** (`shoal prefetch --node`, [`SyncRequest::Prefetch`](shoal_protocol::message::SyncRequest::Prefetch)): the network checks that
 //!   the asking member may read the repository before it hands the ask over; it is then queued
 //!   like a subscription, at most [`MAX_QUEUED_PER_PEER`] per peer.
 //! - **`shoal prefetch`** on this node: the admin API calls [`fetch_image`] at once, without the
@@ -251,7 +251,7 @@ pub struct Bytes {
 
 /// Makes `image` present in this node: its manifest, then each blob in turn, through `fetcher`
 /// (content already here is only linked). With a `pace`, each fetch waits its turn; `report`
-/// hears the bytes held after each step and every [`PROGRESS_EVERY`] during a blob. Stops
+/// hears the bytes held after each step and every `PROGRESS_EVERY` during a blob. Stops
 /// early, with `Ok(false)`, if the image was asked by tag and the tag moved on.
 ///
 /// Cancelled, it leaves the blob under way to its fetch, which goes on for whoever else waits

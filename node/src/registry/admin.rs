@@ -43,7 +43,7 @@ pub struct Status {
     pub served_bytes: u64,
     /// What became of the tag records that arrived.
     pub records: RecordCounts,
-    /// Where the disk stands; only for an admin of the node (see [`admin_caller`]), since
+    /// Where the disk stands; only for an admin of the node (see `admin_caller`), since
     /// what a node holds and how full it is tells a stranger what to fill it with.
     #[serde(default)]
     pub disk: Option<DiskStatus>,

@@ -32,7 +32,7 @@
 //!
 //! sled never writes again after one of its writes failed (it keeps the error for good), so an
 //! [`Index`] is a handle that can drop its sled database and open it again while the node runs:
-//! see [`handle`] for how a full disk stops writes and how room brings them back.
+//! see the `handle` module for how a full disk stops writes and how room brings them back.
 
 use std::ops::ControlFlow;
 use std::path::Path;

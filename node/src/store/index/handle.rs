@@ -398,7 +398,7 @@ impl Trees {
     }
 }
 
-/// The index's reads and writes, each on the database open now (see [`Trees`] for what they
+/// The index's reads and writes, each on the database open now (see `Trees` for what they
 /// do, and the module doc for writes on a failed index).
 impl Index {
     /// Drops everything derived from the journal, so that it can be replayed from the start.
@@ -416,12 +416,12 @@ impl Index {
         self.read(Trees::applied_offset)
     }
 
-    /// Applies one journal change that ends at journal offset `end` (see [`Trees::apply`]).
+    /// Applies one journal change that ends at journal offset `end` (see `Trees::apply`).
     pub fn apply(&self, change: &Change, end: u64) -> Result<(), StoreError> {
         self.write(|t| t.apply(change, end))
     }
 
-    /// Applies journal changes in their order, all or none (see [`Trees::apply_all`]).
+    /// Applies journal changes in their order, all or none (see `Trees::apply_all`).
     pub fn apply_all(&self, changes: &[(&Change, u64)]) -> Result<(), StoreError> {
         self.write(|t| t.apply_all(changes))
     }
@@ -432,7 +432,7 @@ impl Index {
     }
 
     /// Hands `f` the journal-derived state as the changes that rebuild it (see
-    /// [`Trees::snapshot`]).
+    /// `Trees::snapshot`).
     pub fn snapshot(
         &self,
         f: impl FnMut(Change) -> Result<(), StoreError>,
@@ -564,7 +564,7 @@ impl Index {
         self.read(|t| t.tags(repo, last, n))
     }
 
-    /// One page of the referrers of `subject` in `repo` (see [`Trees::referrers_page`]).
+    /// One page of the referrers of `subject` in `repo` (see `Trees::referrers_page`).
     pub fn referrers_page(
         &self,
         repo: &RepoName,
@@ -604,7 +604,7 @@ impl Index {
     }
 
     /// The journal-derived trees without the stale entries of `blob_repos.v1` (see
-    /// [`Trees::dump_comparable_trees`]).
+    /// `Trees::dump_comparable_trees`).
     pub fn dump_comparable_trees(&self) -> Result<Vec<(String, Vec<KeyValue>)>, StoreError> {
         self.read(Trees::dump_comparable_trees)
     }
