@@ -614,3 +614,31 @@ async fn a_layer_is_found_when_its_holder_returns_while_the_client_waits() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(r.body == img.blobs[1], "other bytes");
 }
+
+/// Found while testing prefetch: a node alone in its site, pulling after a node of another
+/// site, must get every blob, a one-chunk config included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_alone_in_its_site_pulls_after_another_site() {
+    let mut net = TestNet::with_identities(3);
+    net.sites.insert(1, "hq".into());
+    net.sites.insert(2, "shop-17".into());
+    for _ in 0..3 {
+        net.start_next().await;
+    }
+    net.wait_connected(2).await;
+    let img = image(31, &[256 << 10]);
+    net.nodes[0].push("team/app", "1", &img).await;
+    for i in [1, 2] {
+        let n = &net.nodes[i];
+        wait_until(Duration::from_secs(20), "the record", || async {
+            n.has_record("team/app", "1").await.then_some(())
+        })
+        .await;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            n.pull_and_check("team/app", "1", &img),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("node {i} did not finish its pull in 30 s"));
+    }
+}

@@ -26,6 +26,9 @@ pub(super) struct ChunkCounts {
     /// Chunk → how many usable holders say they sent it or are sending it. Empty until a peer
     /// reports its serves ([`ChunkCounts::count_claims`]).
     claimed: Vec<u32>,
+    /// Chunk → how many of those are local: a site's downloader that skips a local holder for
+    /// an unclaimed one must find that one within its own reach.
+    claimed_local: Vec<u32>,
 }
 
 /// Which way a holder's weight moves.
@@ -52,6 +55,7 @@ impl ChunkCounts {
             holders: vec![0; chunk_count as usize],
             local: vec![0; chunk_count as usize],
             claimed: Vec::new(),
+            claimed_local: Vec::new(),
         }
     }
 
@@ -64,6 +68,7 @@ impl ChunkCounts {
     /// claims a chunk.
     pub(super) fn count_claims(&mut self, chunk_count: u32) {
         self.claimed = vec![0; chunk_count as usize];
+        self.claimed_local = vec![0; chunk_count as usize];
     }
 
     /// Adds the chunks `peer` holds, if it is usable.
@@ -104,6 +109,9 @@ impl ChunkCounts {
         if let Some(count) = self.claimed.get_mut(i) {
             change.apply(count, u32::from(peer.claimed.get(chunk)));
         }
+        if let Some(count) = self.claimed_local.get_mut(i) {
+            change.apply(count, u32::from(peer.claimed.get(chunk) && !peer.remote));
+        }
     }
 
     /// How many usable peers hold `chunk`.
@@ -122,9 +130,32 @@ impl ChunkCounts {
         self.claimed.get(chunk as usize).copied()
     }
 
-    /// The counts by chunk (holders, local holders, claimed), for the tests' recount.
+    /// Whether some usable holder of `chunk` within the reach (`remote` or local) has not
+    /// said it gave the chunk away; `false` while claims are not counted.
+    pub(super) fn unclaimed_in_reach(&self, chunk: u32, remote: bool) -> bool {
+        let i = chunk as usize;
+        let (Some(&claimed), Some(&claimed_local)) =
+            (self.claimed.get(i), self.claimed_local.get(i))
+        else {
+            return false;
+        };
+        let local = self.local_holders(chunk);
+        if remote {
+            claimed.saturating_sub(claimed_local) < self.holders(chunk).saturating_sub(local)
+        } else {
+            claimed_local < local
+        }
+    }
+
+    /// The counts by chunk (holders, local holders, claimed, claimed by local holders), for the
+    /// tests' recount.
     #[cfg(test)]
-    pub(super) fn by_chunk(&self) -> (&[u32], &[u32], &[u32]) {
-        (&self.holders, &self.local, &self.claimed)
+    pub(super) fn by_chunk(&self) -> (&[u32], &[u32], &[u32], &[u32]) {
+        (
+            &self.holders,
+            &self.local,
+            &self.claimed,
+            &self.claimed_local,
+        )
     }
 }

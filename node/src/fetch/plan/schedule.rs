@@ -326,13 +326,13 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         remote: bool,
         endgame: bool,
     ) -> Option<usize> {
-        // A holder that gave the chunk away is asked for it only when every holder did (and the
-        // wait for the copy is over): while one has not, that one is asked once it has a free
-        // slot, however busy it is now, so that a seeder's uplink carries each chunk once.
-        let unclaimed_holder = self
-            .counts
-            .claimed(chunk)
-            .is_some_and(|claimed| claimed < self.counts.holders(chunk));
+        // A holder that gave the chunk away is asked for it only when every holder within the
+        // reach did (and the wait for the copy is over): while one has not, that one is asked
+        // once it has a free slot, however busy it is now, so that a seeder's uplink carries
+        // each chunk once. Only holders within the reach count: a node of a site whose one local
+        // holder gave the chunk away must not wait for a remote holder its site rules may never
+        // let it ask.
+        let unclaimed_holder = self.counts.unclaimed_in_reach(chunk, remote);
         spare
             .iter()
             .filter_map(|&(peer, _)| {

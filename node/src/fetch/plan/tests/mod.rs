@@ -93,7 +93,8 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
                 requesters[c as usize] += 1;
             }
         }
-        let (counted, counted_local, counted_claimed) = self.counts.by_chunk();
+        let (counted, counted_local, counted_claimed, counted_claimed_local) =
+            self.counts.by_chunk();
         assert_eq!(avail, counted);
         let mut avail_local = vec![0u32; self.chunk_count as usize];
         let mut remote_in_flight = 0;
@@ -109,13 +110,17 @@ impl<P: Clone + Eq + Hash + Ord + Debug> Plan<P> {
         assert_eq!(avail_local, counted_local);
         if self.counts.claims_counted() {
             let mut claimed = vec![0u32; self.chunk_count as usize];
+            let mut claimed_local = vec![0u32; self.chunk_count as usize];
             for state in self.peers.values() {
                 if state.usable(max_strikes) {
                     for c in state.have.iter_ones() {
                         claimed[c as usize] += u32::from(state.claimed.get(c));
+                        claimed_local[c as usize] +=
+                            u32::from(state.claimed.get(c) && !state.remote);
                     }
                 }
             }
+            assert_eq!(claimed_local, counted_claimed_local);
             assert_eq!(claimed, counted_claimed);
         }
         assert_eq!(remote_in_flight, self.remote_in_flight);
