@@ -45,21 +45,15 @@ pub use config::{
 use credentials::Login;
 pub use credentials::{CredentialError, HELPER_TIMEOUT};
 
-/// The largest manifest accepted from an upstream (the size distribution itself allows).
-pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// The largest manifest accepted from an upstream: the registry's own limit.
+pub use crate::manifest::MAX_MANIFEST_BYTES;
 /// A body read that receives nothing for this long fails.
 pub const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Redirects followed for one request (a blob is usually redirected once, to storage).
 pub const MAX_REDIRECTS: usize = 5;
-/// OCI image index media type.
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-/// OCI image manifest media type.
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-/// Docker manifest list media type.
-pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-/// Docker image manifest (schema 2) media type.
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-/// The manifest media types asked for and accepted, most wanted first.
+pub use crate::manifest::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
+/// The manifest media types asked for and accepted, most wanted first (the registry stores
+/// the same four).
 pub const MANIFEST_MEDIA_TYPES: [&str; 4] = [
     OCI_INDEX,
     OCI_MANIFEST,

@@ -457,12 +457,7 @@ async fn join_now(r: &Registry, fleet: FleetConfig) -> Result<(), AdminError> {
     };
     let f = fleet.clone();
     let written = tokio::task::spawn_blocking(move || f.write(&dir)).await;
-    let failed: Option<Box<dyn std::error::Error + Send + Sync>> = match written {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(Box::new(e)),
-        Err(e) => Some(Box::new(e)),
-    };
-    if let Some(e) = failed {
+    if let Some(e) = write_failure(written) {
         tracing::error!(
             error = &*e as &dyn std::error::Error,
             "writing the fleet file"
@@ -512,12 +507,7 @@ pub(super) async fn fleet_init(
         crate::identity::write_secret(&dir.join(ADMIN_KEY_FILE), &seed)
     })
     .await;
-    let failed: Option<Box<dyn std::error::Error + Send + Sync>> = match saved {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(Box::new(e)),
-        Err(e) => Some(Box::new(e)),
-    };
-    if let Some(e) = failed {
+    if let Some(e) = write_failure(saved) {
         tracing::error!(
             error = &*e as &dyn std::error::Error,
             "writing the admin key"
@@ -1275,6 +1265,17 @@ async fn prefetch_here(
     })
     .await?;
     Ok(total)
+}
+
+/// The error of a file write run on the blocking pool: the write's, or its task's.
+fn write_failure<E: std::error::Error + Send + Sync + 'static>(
+    written: Result<Result<(), E>, tokio::task::JoinError>,
+) -> Option<Box<dyn std::error::Error + Send + Sync>> {
+    match written {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(Box::new(e)),
+        Err(e) => Some(Box::new(e)),
+    }
 }
 
 #[cfg(test)]
