@@ -123,9 +123,17 @@ async fn a_record_from_the_future_pins_no_tag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tag_falls_back_when_its_publishers_trust_is_removed() {
     let outsider = SigningKey::from_seed([77; 32]);
+    let rule: shoal_node::auth::trust::TrustRule =
+        format!("{}=team/*", outsider.public()).parse().unwrap();
     let mut net = TestNet::with_identities(1);
-    net.extra_trust = vec![format!("{}=team/*", outsider.public()).parse().unwrap()];
     net.start_next().await;
+    // The rule as the trust file gives it (`shoal trust add`, then a reload): the rules of the
+    // config and the command line stay whatever the file says.
+    net.nodes[0]
+        .node()
+        .tags()
+        .auth()
+        .set_trust_rules(vec![rule.clone()]);
     let first = image(3, &[1000]);
     net.nodes[0].push("team/app", "1", &first).await;
     let node = net.nodes[0].node();
@@ -144,15 +152,14 @@ async fn a_tag_falls_back_when_its_publishers_trust_is_removed() {
     })
     .await;
     // The same across a restart: trusted again, the outsider's record counts again once
-    // ingested; removed from the config, it stops counting at the next start.
-    node.tags().auth().set_trust_rules(net.extra_trust.clone());
+    // ingested; without the rule at the next start, it stops counting.
+    node.tags().auth().set_trust_rules(vec![rule]);
     let again = tombstone(&outsider, "team/app", "1", now_ms() + 6_000);
     assert_eq!(
         node.tags().ingest(again).await.unwrap(),
         shoal_node::tags::Ingest::Accepted
     );
     net.nodes[0].stop().await;
-    net.extra_trust.clear();
     net.restart(0).await;
     assert_eq!(
         manifest_of(&current(net.nodes[0].node(), "team/app", "1").await),
@@ -167,9 +174,17 @@ async fn a_tag_falls_back_when_its_publishers_trust_is_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_expired_tag_stays_gone_when_a_later_publishers_trust_is_removed() {
     let outsider = SigningKey::from_seed([78; 32]);
+    let rule: shoal_node::auth::trust::TrustRule =
+        format!("{}=team/*", outsider.public()).parse().unwrap();
     let mut net = TestNet::with_identities(1);
-    net.extra_trust = vec![format!("{}=team/*", outsider.public()).parse().unwrap()];
     net.start_next().await;
+    // The rule as the trust file gives it (`shoal trust add`, then a reload): the rules of the
+    // config and the command line stay whatever the file says.
+    net.nodes[0]
+        .node()
+        .tags()
+        .auth()
+        .set_trust_rules(vec![rule.clone()]);
     let first = image(4, &[1000]);
     net.nodes[0].push("team/app", "1", &first).await;
     let node = net.nodes[0].node();

@@ -437,7 +437,8 @@ async fn a_member_without_read_access_cannot_make_a_node_prefetch() {
                 grant: Some(Grant {
                     principal: Principal::Group("app".parse().unwrap()),
                     repos: "secret/*".parse().unwrap(),
-                    actions: "pull".parse().unwrap(),
+                    // Push too: a private repository's records count only from nodes granted it.
+                    actions: "pull,push".parse().unwrap(),
                     expires_ms: None,
                 }),
             },
