@@ -305,7 +305,14 @@ fn containerd_never_resolves_an_unmirrored_registry_through_the_node() -> Result
 struct PrivateDockerd {
     child: Option<std::process::Child>,
     dir: tempfile::TempDir,
+    /// Its own bridge, removed on drop. Never `--bridge none`: a dockerd started so deletes
+    /// the host's `docker0` (moby removes "the default bridge interface"), and every later
+    /// `docker run` of the host's daemon fails.
+    bridge: Option<String>,
 }
+
+/// The private dockerd's bridge, with an address in the benchmarking range.
+const PRIVATE_BRIDGE_ADDR: &str = "198.18.77.1/24";
 
 impl PrivateDockerd {
     /// Starts one whose Docker Hub mirror is `mirror`, or says why it cannot run here.
@@ -323,6 +330,25 @@ impl PrivateDockerd {
         if !is_root {
             return Ok(Err("a second dockerd needs root".into()));
         }
+        if find_in_path("ip").is_none() {
+            return Ok(Err(
+                "ip (iproute2) not found, for the private dockerd's bridge".into(),
+            ));
+        }
+        let bridge = format!("shoalmd{}", std::process::id() % 100_000);
+        let made = run(
+            Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]),
+            Duration::from_secs(10),
+        )?;
+        if !made.success() {
+            return Ok(Err(format!("cannot make a bridge: {}", made.describe())));
+        }
+        for args in [
+            vec!["addr", "add", PRIVATE_BRIDGE_ADDR, "dev", &bridge],
+            vec!["link", "set", &bridge, "up"],
+        ] {
+            let _ = run(Command::new("ip").args(&args), Duration::from_secs(10));
+        }
         // Short paths: dockerd puts sockets under its exec root.
         let dir = tempfile::Builder::new()
             .prefix("shoal-dockerd-")
@@ -336,7 +362,7 @@ impl PrivateDockerd {
             .args(["--exec-root", &p("exec")])
             .args(["--pidfile", &p("dockerd.pid")])
             .args(["--host", &format!("unix://{}", p("docker.sock"))])
-            .args(["--bridge", "none", "--iptables=false"])
+            .args(["--bridge", &bridge, "--iptables=false", "--ip-masq=false"])
             // The machine's overlay may be unavailable (nested containers); vfs always works.
             .args(["--storage-driver", "vfs"])
             .args(["--registry-mirror", mirror])
@@ -357,6 +383,7 @@ impl PrivateDockerd {
         let mut daemon = PrivateDockerd {
             child: Some(child),
             dir,
+            bridge: Some(bridge),
         };
         let ready = wait_until(
             Duration::from_secs(60),
@@ -415,6 +442,12 @@ impl Drop for PrivateDockerd {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+        if let Some(bridge) = self.bridge.take() {
+            let _ = run(
+                Command::new("ip").args(["link", "del", &bridge]),
+                Duration::from_secs(10),
+            );
         }
         // What it left in the shared containerd: content under leases, and its namespaces.
         for namespace in [ctr_namespace("docker"), ctr_namespace("docker-plugins")] {
