@@ -425,6 +425,27 @@ impl Tags {
         digest: &Digest,
         info: &ManifestInfo,
     ) -> Result<TagTarget, StoreError> {
+        self.target_of(repo, digest, info, false).await
+    }
+
+    /// [`Tags::target_for`] with only the blobs this node holds: a mirror's record, signed
+    /// again as the upstream's blobs arrive.
+    pub async fn held_target_for(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        info: &ManifestInfo,
+    ) -> Result<TagTarget, StoreError> {
+        self.target_of(repo, digest, info, true).await
+    }
+
+    async fn target_of(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        info: &ManifestInfo,
+        held_only: bool,
+    ) -> Result<TagTarget, StoreError> {
         let mut blobs = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut add = |d: &Digest, blobs: &mut Vec<Digest>| {
@@ -446,8 +467,14 @@ impl Tags {
             }
         }
         for d in wanted {
+            if held_only && self.store.blob_size(&d).await?.is_none() {
+                continue;
+            }
             // Checked by the caller; only garbage collection can have taken it since.
             let Some(index) = self.store.blob_index(&d).await? else {
+                if held_only {
+                    continue;
+                }
                 return Err(StoreError::BlobGone(d));
             };
             blobs.push(BlobRef {

@@ -409,16 +409,9 @@ impl Fetcher {
             None => self.manifest_bytes(digest, size).await?,
         };
         let info = manifest::parse(&bytes, None)?;
-        if self.store.blob_size(digest).await?.is_none() {
-            let mut writer = self
-                .store
-                .blob_writer(digest.algorithm(), Some(size))
-                .await?;
-            writer.write(&bytes).await?;
-            writer.finish(digest).await?;
+        if self.store.keep_manifest(repo, digest, &bytes, info).await? {
             let _ = self.network.provide(digest.clone()).await;
         }
-        self.store.add_manifest(repo, digest, info).await?;
         Ok(())
     }
 

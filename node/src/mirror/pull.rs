@@ -265,7 +265,7 @@ impl Mirror {
                     return Ok(());
                 }
                 let reference = digest.to_string();
-                match self.ask(upstream, remote, &reference).await {
+                match upstream.manifest(remote, &reference).await {
                     Ok(m) => {
                         self.keep_manifest(repo, &m.digest, &m.media_type, &m.bytes)
                             .await
@@ -293,7 +293,7 @@ impl Mirror {
         if fresh {
             return Ok(());
         }
-        match self.ask(upstream, remote, tag.as_str()).await {
+        match upstream.manifest(remote, tag.as_str()).await {
             Ok(m) => {
                 self.keep_manifest(repo, &m.digest, &m.media_type, &m.bytes)
                     .await?;
@@ -319,16 +319,6 @@ impl Mirror {
         }
     }
 
-    /// Asks `upstream` for the manifest `reference` of `remote`, within its time-out.
-    async fn ask(
-        &self,
-        upstream: &Upstream,
-        remote: &str,
-        reference: &str,
-    ) -> Result<super::upstream::UpstreamManifest, UpstreamError> {
-        upstream.manifest(remote, reference).await
-    }
-
     /// Stores a manifest fetched from an upstream (already checked against its digest) in
     /// `repo`, and tells the fleet this node holds it.
     async fn keep_manifest(
@@ -339,15 +329,10 @@ impl Mirror {
         bytes: &[u8],
     ) -> Result<(), MirrorError> {
         let info = manifest::parse(bytes, Some(media_type))?;
-        let store = &self.inner.store;
-        if store.blob_size(digest).await?.is_none() {
-            let mut writer = store
-                .blob_writer(digest.algorithm(), Some(bytes.len() as u64))
-                .await?;
-            writer.write(bytes).await?;
-            writer.finish(digest).await?;
-        }
-        store.add_manifest(repo, digest, info).await?;
+        self.inner
+            .store
+            .keep_manifest(repo, digest, bytes, info)
+            .await?;
         if let Some(n) = &self.inner.network {
             let _ = n.provide(digest.clone()).await;
         }
@@ -383,41 +368,18 @@ impl Mirror {
     /// The target of a record for the manifest `digest` of `repo`: the blobs (and, for an
     /// index, the child manifests and their blobs) this node holds so far.
     async fn target(&self, repo: &RepoName, digest: &Digest) -> Result<TagTarget, StoreError> {
-        let store = &self.inner.store;
         let (r, d) = (repo.clone(), digest.clone());
-        let info: ManifestInfo = store
+        let info: ManifestInfo = self
+            .inner
+            .store
             .read(move |i| i.manifest(&r, &d))
             .await?
             .ok_or_else(|| StoreError::Invariant("a manifest just stored is missing"))?;
-        let mut wanted: Vec<Digest> = info.blobs.clone();
-        for child in &info.manifests {
-            wanted.push(child.clone());
-            let (r, c) = (repo.clone(), child.clone());
-            if let Some(ci) = store.read(move |i| i.manifest(&r, &c)).await? {
-                wanted.extend(ci.blobs);
-            }
-        }
-        let mut seen = std::collections::HashSet::new();
-        let mut blobs = Vec::new();
-        for d in wanted {
-            if !seen.insert(d.clone()) || store.blob_size(&d).await?.is_none() {
-                continue;
-            }
-            if let Some(index) = store.blob_index(&d).await? {
-                blobs.push(shoal_protocol::BlobRef {
-                    digest: d,
-                    size: index.size(),
-                    index: index.id(),
-                });
-            }
-        }
-        blobs.truncate(shoal_protocol::record::MAX_RECORD_BLOBS);
-        Ok(TagTarget {
-            manifest: digest.clone(),
-            media_type: info.media_type,
-            size: info.size,
-            blobs,
-        })
+        let mut target = self.inner.tags.held_target_for(repo, digest, &info).await?;
+        target
+            .blobs
+            .truncate(shoal_protocol::record::MAX_RECORD_BLOBS);
+        Ok(target)
     }
 
     /// Makes the blob `digest` of `repo` servable, if `repo` is an upstream's and nobody in

@@ -500,6 +500,28 @@ impl Store {
         self.commit(Batch::new().manifest(repo, digest, info)).await
     }
 
+    /// Keeps a manifest fetched from elsewhere (its `bytes` already checked against `digest`)
+    /// as a blob, unless the store has it, and adds it to `repo`. Returns whether the blob was
+    /// written now.
+    pub async fn keep_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        bytes: &[u8],
+        info: crate::manifest::ManifestInfo,
+    ) -> Result<bool, StoreError> {
+        let new = self.blob_size(digest).await?.is_none();
+        if new {
+            let mut writer = self
+                .blob_writer(digest.algorithm(), Some(bytes.len() as u64))
+                .await?;
+            writer.write(bytes).await?;
+            writer.finish(digest).await?;
+        }
+        self.add_manifest(repo, digest, info).await?;
+        Ok(new)
+    }
+
     /// Size of the blob if the store holds it.
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         match tokio::fs::metadata(self.inner.layout.blob(digest)).await {
