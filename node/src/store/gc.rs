@@ -16,12 +16,16 @@
 //!
 //! **Races.** A blob just installed is kept until a commit links it (or for a minute), whatever
 //! the grace period: an upload's last two steps install the blob and then link it. Every commit
-//! and every install holds the store's collection guard shared; a collection holds it exclusively only
-//! to start, and for each small batch to drop what was touched and commit the removal of the
-//! entries (one journal write). A commit or install during a collection notes the blobs it names
-//! as *touched*, and the sweep skips them; a commit that needs a blob already swept is refused
-//! with [`StoreError::BlobGone`] (its request fails cleanly and the client pushes the blob again);
-//! installing the blob anew makes it welcome again, and a file is deleted only if no install has.
+//! and every install holds the store's collection guard shared; a collection holds it exclusively
+//! only to start (so that every commit before it is applied, and every one after it noted). A
+//! commit or install during a collection notes the blobs it names as *touched*, and the sweep
+//! skips them; a commit that needs a blob already swept is refused with [`StoreError::BlobGone`]
+//! (its request fails cleanly and the client pushes the blob again); installing the blob anew
+//! makes it welcome again, and a file is deleted only if no install has. The sweep decides each
+//! small batch under the state's mutex, the same one a commit's admission and an install take,
+//! so each commit is decided either before a batch (its blobs are touched and kept) or after it
+//! (a swept blob it needs refuses it): the sweep never makes a push wait for its journal write
+//! other than by sharing the journal's group commit.
 //! Installing a blob that is already there, and linking one, refreshes its file's time, so the
 //! grace period protects it from the next collections too. So a blob uploaded or linked after
 //! the mark survives, and nothing acknowledged names a missing file.
@@ -36,8 +40,10 @@ use super::change::{Batch, Change};
 use super::index::Index;
 use super::{Layout, Store, StoreError};
 
-/// Blobs swept per exclusive hold of the guard: small, so that no push or pull waits long.
+/// Blobs swept per journal write: small, so that a push's commit grouped with one waits little.
 const SWEEP_BATCH: usize = 64;
+/// Longest rest between two sweep batches (see [`run`]).
+const SWEEP_REST_MAX: Duration = Duration::from_millis(200);
 /// Most blobs a collection notes as touched before it stops sweeping (a store that busy is
 /// collected next time).
 const MAX_TOUCHED: usize = 1 << 20;
@@ -104,6 +110,14 @@ pub struct GcReport {
     pub mark_ms: u64,
     /// Milliseconds the sweep took.
     pub sweep_ms: u64,
+    /// Milliseconds the collection held the guard exclusively (asking for it included): the
+    /// longest it made a push's commit wait for the guard.
+    #[serde(default)]
+    pub hold_ms: u64,
+    /// Milliseconds of the sweep's longest journal write: the longest a push's commit queued
+    /// behind one waits for it.
+    #[serde(default)]
+    pub longest_write_ms: u64,
     /// Tags the fleet's retention policies expired (or would), see [`crate::lifecycle`].
     #[serde(default)]
     pub expired_tags: u64,
@@ -326,17 +340,22 @@ async fn collect_with(
         // Reads only: it leaves the state of the collections that change things alone.
         return run(store, options, expiring).await;
     }
-    begin(store).await?;
+    let held = begin(store).await?;
     let result = run(store, options, expiring).await;
     end(store);
-    result
+    result.map(|mut report| {
+        report.hold_ms = held.as_millis() as u64;
+        report
+    })
 }
 
 /// Starts a run that sweeps (a collection, or an eviction by the disk quota): from now on every
 /// commit and install is noted as touched. The caller ends it by setting `running` back with
 /// [`end`], whatever happens.
-pub(super) async fn begin(store: &Store) -> Result<(), StoreError> {
+/// Returns how long it held the guard exclusively, asking for it included.
+pub(super) async fn begin(store: &Store) -> Result<Duration, StoreError> {
     let guard = &store.inner.gc;
+    let asked = std::time::Instant::now();
     // Exclusive for a moment: every commit before this is applied, every one after it is noted.
     let _all = guard.lock.write().await;
     let mut state = guard.state();
@@ -349,7 +368,7 @@ pub(super) async fn begin(store: &Store) -> Result<(), StoreError> {
     state.touched.clear();
     state.gone.clear();
     state.installed.retain(|_, at| at.elapsed() < INSTALL_HOLD);
-    Ok(())
+    Ok(asked.elapsed())
 }
 
 /// Ends a run started with [`begin`].
@@ -399,7 +418,11 @@ async fn run(
         report.swept = dead;
     } else {
         for batch in dead.chunks(SWEEP_BATCH) {
+            let started = std::time::Instant::now();
             sweep(store, batch, &mut report, false).await?;
+            // The collection is background work: it leaves the disk and the CPU to requests
+            // for as long as each batch took, so it takes at most about half of either.
+            tokio::time::sleep(started.elapsed().min(SWEEP_REST_MAX)).await;
         }
     }
     abandoned_downloads(store, options, &mut report).await?;
@@ -423,9 +446,10 @@ async fn abandoned_downloads(
     Ok(())
 }
 
-/// Sweeps one batch of dead blobs. The guard is held exclusively only to drop the blobs a push
-/// touched meanwhile and to commit the removal of the entries that name the rest (one journal
-/// write); the files are deleted after, each unless an install brought it back.
+/// Sweeps one batch of dead blobs: drops the blobs a push touched meanwhile and marks the rest
+/// gone, in one hold of the state's mutex (see the module's *Races*), then commits the removal
+/// of the entries that name them (one journal write), then deletes the files, each unless an
+/// install brought it back. Needs a run started with [`begin`].
 pub(super) async fn sweep(
     store: &Store,
     batch: &[(Digest, u64)],
@@ -441,31 +465,33 @@ pub(super) async fn sweep(
             .collect::<Result<Vec<_>, StoreError>>()
     })
     .await??;
-    let doomed: Vec<(Digest, u64)> = {
-        let guard = &store.inner.gc;
-        let _all = guard.lock.write().await;
-        let mut changes = Vec::new();
-        let doomed = {
-            let mut state = guard.state();
-            let mut doomed = Vec::new();
-            for (entries, d, size) in named {
-                if state.touched.contains(&d) || state.installed.contains_key(&d) {
-                    report.touched += 1;
-                    continue;
-                }
-                state.gone.insert(d.clone());
-                changes.extend(entries);
-                doomed.push((d, size));
+    let mut changes = Vec::new();
+    let doomed = {
+        // A commit admitted before this names its blobs as touched; one admitted after finds
+        // them gone. The commits of neither wait for the removals' journal write.
+        let mut state = store.inner.gc.state();
+        debug_assert!(state.running, "a sweep outside a run started with begin");
+        let mut doomed = Vec::new();
+        for (entries, d, size) in named {
+            if state.touched.contains(&d) || state.installed.contains_key(&d) {
+                report.touched += 1;
+                continue;
             }
-            doomed
-        };
-        // The entries go first: a crash after this leaves orphan files, never entries naming
-        // missing ones.
-        if !changes.is_empty() {
-            store.inner.journal.commit(changes).await?;
+            state.gone.insert(d.clone());
+            changes.extend(entries);
+            doomed.push((d, size));
         }
         doomed
     };
+    // The entries go first: a crash after this leaves orphan files, never entries naming
+    // missing ones.
+    if !changes.is_empty() {
+        let started = std::time::Instant::now();
+        store.inner.journal.commit(changes).await?;
+        report.longest_write_ms = report
+            .longest_write_ms
+            .max(started.elapsed().as_millis() as u64);
+    }
     if doomed.is_empty() {
         return Ok(());
     }
@@ -630,6 +656,55 @@ pub(super) fn visit_blob_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stores a blob of eight bytes made of `n`, and returns its digest.
+    async fn put(store: &Store, n: u64) -> Digest {
+        let digest = Digest::sha256(&n.to_be_bytes());
+        let mut writer = store.blob_writer(Algorithm::Sha256, Some(8)).await.unwrap();
+        writer.write(&n.to_be_bytes()).await.unwrap();
+        writer.finish(&digest).await.unwrap();
+        digest
+    }
+
+    #[tokio::test]
+    async fn a_commit_before_a_sweep_batch_keeps_its_blob_and_one_after_it_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let store = tokio::task::spawn_blocking(move || Store::open(&root))
+            .await
+            .unwrap()
+            .unwrap();
+        let (r, other): (RepoName, RepoName) = ("r".parse().unwrap(), "o".parse().unwrap());
+        let (kept, swept) = (put(&store, 1).await, put(&store, 2).await);
+        store
+            .commit(Batch::new().link(&r, &kept).link(&r, &swept))
+            .await
+            .unwrap();
+        begin(&store).await.unwrap();
+        // Decided before the batch: the sweep finds the blob touched.
+        store
+            .commit(Batch::new().link(&other, &kept))
+            .await
+            .unwrap();
+        let mut report = GcReport::default();
+        let batch = [(kept.clone(), 8), (swept.clone(), 8)];
+        sweep(&store, &batch, &mut report, false).await.unwrap();
+        end(&store);
+        assert_eq!(report.touched, 1);
+        assert_eq!(report.swept, vec![(swept.clone(), 8)]);
+        assert!(store.layout().blob(&kept).exists());
+        assert!(!store.layout().blob(&swept).exists());
+        // Decided after it: refused, and nothing names the missing file.
+        let refused = store.commit(Batch::new().link(&other, &swept)).await;
+        assert!(
+            matches!(refused, Err(StoreError::BlobGone(ref d)) if *d == swept),
+            "{refused:?}"
+        );
+        let (o, s) = (other.clone(), swept.clone());
+        let linked = store.read(move |i| i.is_linked(&o, &s)).await.unwrap();
+        assert!(!linked);
+        store.close().await;
+    }
 
     #[test]
     fn a_file_is_young_within_the_grace_period_or_when_it_cannot_be_dated() {
