@@ -13,81 +13,14 @@ use shoal_node::auth::ingest;
 use shoal_node::config::AccessConfig;
 use shoal_node::net::chunk::ChunkClient;
 use shoal_protocol::fleet::{
-    FleetId, Grant, JoinTicket, JoinToken, ObjectId, Policy, PolicyBody, RepoSettings, Signed,
-    TagMutability, Visibility,
+    Grant, Policy, PolicyBody, RepoSettings, Signed, TagMutability, Visibility,
 };
 use shoal_protocol::message::{SyncRequest, SyncResponse};
 use shoal_protocol::{Digest, SigningKey};
+use testnet::admin::{Admin, apply};
 use testnet::{TestNet, TestNode, image, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A fleet's admin, as the test holds it.
-struct Admin {
-    key: SigningKey,
-    fleet: FleetId,
-}
-
-impl Admin {
-    fn new(seed: u8) -> Admin {
-        let key = SigningKey::from_seed([seed; 32]);
-        Admin {
-            fleet: FleetId::founded_by(&key.public()),
-            key,
-        }
-    }
-
-    fn now() -> u64 {
-        shoal_node::auth::now_ms()
-    }
-
-    /// A join token for nodes of `groups`.
-    fn token(&self, groups: &[&str]) -> String {
-        let ticket = JoinTicket {
-            fleet: self.fleet,
-            id: ObjectId::from_bytes(rand::random()),
-            groups: groups.iter().map(|g| g.parse().unwrap()).collect(),
-            issued_ms: Admin::now(),
-            expires_ms: Admin::now() + 24 * 3600 * 1000,
-            admin: self.key.public(),
-        };
-        JoinToken {
-            fleet: self.fleet,
-            admins: vec![self.key.public()],
-            bootstrap: Vec::new(),
-            ticket: Signed::sign(&ticket, &self.key).unwrap(),
-        }
-        .to_text()
-    }
-
-    fn access(&self, groups: &[&str]) -> AccessConfig {
-        AccessConfig {
-            join: Some(self.token(groups)),
-            ..AccessConfig::default()
-        }
-    }
-
-    fn sign(&self, body: PolicyBody, sequence: u64) -> shoal_protocol::fleet::SignedPolicy {
-        let policy = Policy {
-            fleet: self.fleet,
-            body,
-            timestamp_ms: Admin::now(),
-            sequence,
-            admin: self.key.public(),
-        };
-        Signed::sign(&policy, &self.key).unwrap()
-    }
-}
-
-/// Applies a policy on `node` and gossips it, as an admin's node does.
-async fn apply(node: &TestNode, policy: shoal_protocol::fleet::SignedPolicy) {
-    let n = node.node();
-    let outcome = ingest::policy(n.tags().auth(), n.store(), policy.clone())
-        .await
-        .unwrap();
-    assert_eq!(outcome, ingest::Outcome::Accepted);
-    n.network().publish_policy(&policy).await.unwrap();
-}
 
 /// Offers a policy to `node` as from a peer: what became of it.
 async fn take(node: &TestNode, policy: shoal_protocol::fleet::SignedPolicy) -> ingest::Outcome {

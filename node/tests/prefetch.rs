@@ -12,11 +12,9 @@ use shoal_node::config::AccessConfig;
 use shoal_node::prefetch::{PrefetchConfig, Rate};
 use shoal_node::registry::admin::{PrefetchEvent, RemoteAnswer};
 use shoal_protocol::Digest;
-use shoal_protocol::fleet::{
-    FleetId, Grant, JoinTicket, JoinToken, ObjectId, Policy, PolicyBody, Principal, RepoSettings,
-    Signed, Visibility,
-};
+use shoal_protocol::fleet::{Grant, PolicyBody, Principal, RepoSettings, Visibility};
 use shoal_protocol::message::{PrefetchAnswer, SyncRequest, SyncResponse};
+use testnet::admin::{Admin, apply};
 use testnet::{Image, TestNet, TestNode, http, image, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -353,59 +351,9 @@ async fn the_prefetch_endpoint_fetches_an_image_with_progress_and_reports_errors
     }
 }
 
-/// A fleet's admin, as the test holds it.
-struct Admin {
-    key: shoal_protocol::SigningKey,
-    fleet: FleetId,
-}
-
-impl Admin {
-    fn access(&self, groups: &[&str]) -> AccessConfig {
-        let now = shoal_node::auth::now_ms();
-        let ticket = JoinTicket {
-            fleet: self.fleet,
-            id: ObjectId::from_bytes(rand::random()),
-            groups: groups.iter().map(|g| g.parse().unwrap()).collect(),
-            issued_ms: now,
-            expires_ms: now + 24 * 3600 * 1000,
-            admin: self.key.public(),
-        };
-        let token = JoinToken {
-            fleet: self.fleet,
-            admins: vec![self.key.public()],
-            bootstrap: Vec::new(),
-            ticket: Signed::sign(&ticket, &self.key).unwrap(),
-        };
-        AccessConfig {
-            join: Some(token.to_text()),
-            ..AccessConfig::default()
-        }
-    }
-
-    async fn apply(&self, node: &TestNode, body: PolicyBody) {
-        let policy = Policy {
-            fleet: self.fleet,
-            body,
-            timestamp_ms: shoal_node::auth::now_ms(),
-            sequence: 0,
-            admin: self.key.public(),
-        };
-        let signed = Signed::sign(&policy, &self.key).unwrap();
-        let n = node.node();
-        shoal_node::auth::ingest::policy(n.tags().auth(), n.store(), signed.clone())
-            .await
-            .unwrap();
-        n.network().publish_policy(&signed).await.unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_without_read_access_cannot_make_a_node_prefetch() {
-    let key = shoal_protocol::SigningKey::from_seed([9; 32]);
-    let admin = Admin {
-        fleet: FleetId::founded_by(&key.public()),
-        key,
-    };
+    let admin = Admin::new(9);
     let mut net = TestNet::with_identities(3);
     net.trust_each_other = false;
     net.sync_interval = Duration::from_secs(1);
@@ -417,9 +365,9 @@ async fn a_member_without_read_access_cannot_make_a_node_prefetch() {
     }
     net.wait_connected(2).await;
     let (owner, target, outsider) = (&net.nodes[0], &net.nodes[1], &net.nodes[2]);
-    admin
-        .apply(
-            owner,
+    apply(
+        owner,
+        admin.sign(
             PolicyBody::Repo {
                 pattern: "secret/*".parse().unwrap(),
                 settings: Some(RepoSettings {
@@ -427,11 +375,13 @@ async fn a_member_without_read_access_cannot_make_a_node_prefetch() {
                     ..RepoSettings::default()
                 }),
             },
-        )
-        .await;
-    admin
-        .apply(
-            owner,
+            0,
+        ),
+    )
+    .await;
+    apply(
+        owner,
+        admin.sign(
             PolicyBody::Grant {
                 id: "app".parse().unwrap(),
                 grant: Some(Grant {
@@ -442,8 +392,10 @@ async fn a_member_without_read_access_cannot_make_a_node_prefetch() {
                     expires_ms: None,
                 }),
             },
-        )
-        .await;
+            0,
+        ),
+    )
+    .await;
     let repo: shoal_protocol::RepoName = "secret/app".parse().unwrap();
     let granted = owner.identity.publisher();
     for node in [target, outsider] {

@@ -16,6 +16,7 @@ use shoal_node::net::links::Kind;
 use shoal_protocol::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod admin;
 pub mod standin;
 
 /// Polls `check` until it returns `Some` or `timeout` passes.
