@@ -385,3 +385,164 @@ async fn only_the_platform_asked_for_comes_from_the_upstream() {
         assert_eq!(standin.blob_gets("team/multi", &Digest::sha256(b)), 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_members_record_of_an_upstream_tag_is_checked_with_the_upstream_before_it_is_served() {
+    let test =
+        "a_members_record_of_an_upstream_tag_is_checked_with_the_upstream_before_it_is_served";
+    let Some(standin) = StandIn::start(test, None).await else {
+        return;
+    };
+    let real = image(8, &[120_000]);
+    standin.push("team/app", "7", &real).await;
+    let evil = image(9, &[90_000]);
+    let mut net = TestNet::with_identities(3);
+    net.mirror = mirror_of(&standin, 300, false);
+    net.start_next().await;
+    // Node 1 mirrors nothing: to it the namespace is a repository like any other, and its key
+    // (stolen, say) signs a record there naming an image of its own.
+    net.mirror = MirrorConfig::default();
+    net.start_next().await;
+    net.wait_connected(1).await;
+    let repo = format!("{UPSTREAM}/team/app");
+    net.nodes[1].push(&repo, "7", &evil).await;
+    testnet::wait_until(
+        Duration::from_secs(20),
+        "the forged record reaches the mirror",
+        || {
+            let (n, repo) = (&net.nodes[0], repo.clone());
+            async move { n.has_record(&repo, "7").await.then_some(()) }
+        },
+    )
+    .await;
+
+    // The mirror asks the upstream, whose answer wins, and its own record supersedes the
+    // forged one in the fleet.
+    pull(&net.nodes[0], &repo, "7", "", &real).await;
+    assert_eq!(standin.served("GET", "/v2/team/app/manifests/7"), 1);
+    let real_digest = real.digest.to_string();
+    testnet::wait_until(
+        Duration::from_secs(20),
+        "the thief's node resolves the upstream's image",
+        || {
+            let (n, repo, want) = (&net.nodes[1], repo.clone(), real_digest.clone());
+            async move { (n.tag_digest(&repo, "7").await? == want).then_some(()) }
+        },
+    )
+    .await;
+    // The mirror's own record is fresh and its own: no more asking.
+    pull(&net.nodes[0], &repo, "7", "", &real).await;
+    assert_eq!(standin.served("GET", "/v2/team/app/manifests/7"), 1);
+
+    // Another mirror checks the first one's record once, then serves it while it is fresh.
+    net.mirror = mirror_of(&standin, 300, false);
+    net.start_next().await;
+    net.wait_connected(2).await;
+    testnet::wait_until(Duration::from_secs(20), "node 2 has the record", || {
+        let (n, repo) = (&net.nodes[2], repo.clone());
+        async move { n.has_record(&repo, "7").await.then_some(()) }
+    })
+    .await;
+    pull(&net.nodes[2], &repo, "7", "", &real).await;
+    assert_eq!(standin.served("GET", "/v2/team/app/manifests/7"), 2);
+    pull(&net.nodes[2], &repo, "7", "", &real).await;
+    assert_eq!(standin.served("GET", "/v2/team/app/manifests/7"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_for_a_cold_tag_at_once_ask_the_upstream_once() {
+    let test = "requests_for_a_cold_tag_at_once_ask_the_upstream_once";
+    let Some(standin) = StandIn::start(test, None).await else {
+        return;
+    };
+    let img = image(11, &[30_000]);
+    standin.push("team/app", "11", &img).await;
+    let mut net = TestNet::with_identities(1);
+    net.mirror = mirror_of(&standin, 300, false);
+    net.start_next().await;
+    let node = &net.nodes[0];
+    let path = format!("/v2/{UPSTREAM}/team/app/manifests/11");
+    let gets = (0..6).map(|_| node.get(&path));
+    for r in futures::future::join_all(gets).await {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.body, img.manifest);
+    }
+    assert_eq!(standin.served("GET", "/v2/team/app/manifests/11"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_that_may_not_read_a_private_namespace_cannot_make_its_mirror_fetch() {
+    use shoal_protocol::fleet::{Grant, PolicyBody, Principal, RepoSettings, Visibility};
+    use shoal_protocol::message::{MirrorState, SyncRequest, SyncResponse};
+    use testnet::admin::{Admin, apply};
+    let test = "a_member_that_may_not_read_a_private_namespace_cannot_make_its_mirror_fetch";
+    let Some(standin) = StandIn::start(test, None).await else {
+        return;
+    };
+    let img = image(12, &[40_000]);
+    standin.push("team/app", "12", &img).await;
+    let admin = Admin::new(12);
+    let mut net = TestNet::with_identities(2);
+    net.trust_each_other = false;
+    net.access.insert(0, admin.access(&["mirrors"]));
+    net.access.insert(1, admin.access(&["guests"]));
+    net.mirror = mirror_of(&standin, 300, false);
+    net.start_next().await;
+    net.mirror = MirrorConfig::default();
+    net.start_next().await;
+    net.wait_connected(1).await;
+    let grant = |group: &str| PolicyBody::Grant {
+        id: group.parse().unwrap(),
+        grant: Some(Grant {
+            principal: Principal::Group(group.parse().unwrap()),
+            repos: format!("{UPSTREAM}/*").parse().unwrap(),
+            actions: "pull,push".parse().unwrap(),
+            expires_ms: None,
+        }),
+    };
+    let private = PolicyBody::Repo {
+        pattern: format!("{UPSTREAM}/*").parse().unwrap(),
+        settings: Some(RepoSettings {
+            visibility: Visibility::Private,
+            ..RepoSettings::default()
+        }),
+    };
+    apply(&net.nodes[0], admin.sign(private, 0)).await;
+    apply(&net.nodes[0], admin.sign(grant("mirrors"), 0)).await;
+    let repo: shoal_protocol::RepoName = format!("{UPSTREAM}/team/app").parse().unwrap();
+    let mirror_auth = net.nodes[0].node().tags().auth();
+    let guest = net.nodes[1].identity.publisher();
+    assert!(!mirror_auth.peer_may_read(&guest, &repo));
+
+    let asker = net.nodes[1].node().network();
+    let mirror_peer = net.nodes[0].node().network().peer_id();
+    let digest = Digest::sha256(&img.blobs[0]);
+    let ask = SyncRequest::Mirror {
+        upstream: UPSTREAM.into(),
+        repo: repo.clone(),
+        digest: digest.clone(),
+    };
+    let answer = asker
+        .sync(mirror_peer, ask.clone())
+        .await
+        .expect("an answer");
+    assert_eq!(answer, SyncResponse::Mirror(MirrorState::Unsupported));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(standin.blob_gets("team/app", &digest), 0);
+
+    // Granted, the same member is served: the refusal was the private namespace's.
+    apply(&net.nodes[0], admin.sign(grant("guests"), 0)).await;
+    testnet::wait_until(
+        Duration::from_secs(30),
+        "the granted member's ask is fetched",
+        || {
+            let (asker, ask) = (asker.clone(), ask.clone());
+            async move {
+                let answer = asker.sync(mirror_peer, ask).await.ok()?;
+                (answer == SyncResponse::Mirror(MirrorState::Done)).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(standin.blob_gets("team/app", &digest), 1);
+}

@@ -1,12 +1,20 @@
 //! Pull-through: what a registry request for an upstream's repository needs before the
 //! registry's own handlers serve it from the store and the fleet.
 //!
-//! - A tag whose record in the fleet is fresh (younger than the upstream's freshness) is served
-//!   as the record says, without asking the upstream. Otherwise the upstream is asked, within
-//!   its time-out: its answer is stored, and a new record signed by this node names it, so that
-//!   the rest of the fleet resolves the same digest without asking again. When the upstream is
-//!   down, rate-limited or failing, the fleet's record serves, however old (offline first); a
-//!   tag the fleet never resolved fails with a `503` that says so.
+//! - A tag whose record is fresh (younger than the upstream's freshness) and vouched for is
+//!   served as the record says, without asking the upstream. Otherwise the upstream is asked,
+//!   within its time-out: its answer is stored, and a new record signed by this node names it,
+//!   so that the rest of the fleet fetches the same content. When the upstream is down,
+//!   rate-limited or failing, the fleet's record serves, however old (offline first); a tag
+//!   the fleet never resolved fails with a `503` that says so.
+//! - A record is vouched for when this node signed it, or when the fleet's policy lists the
+//!   repository's publishers (then only they can sign one that counts: an operator names the
+//!   nodes that mirror). Any other member's fresh record is checked with the upstream once
+//!   (the manifest, not the blobs) before it is served: a member's key can sign records for
+//!   any public repository, and a stolen one must not make the fleet serve its own image as
+//!   `docker.io/library/nginx:latest`. The upstream's answer wins: one that differs is stored
+//!   and signed anew, which supersedes the other record in the whole fleet. A record the
+//!   upstream confirmed is served until it is no longer fresh without asking again.
 //! - A manifest or blob by digest that the fleet holds is served from the fleet; only content
 //!   nobody has is fetched from the upstream, checked against its digest as it streams to disk.
 //! - Concurrent requests for one blob share one upstream fetch.
@@ -62,6 +70,9 @@ const PEER_POLL: Duration = Duration::from_millis(500);
 const PEER_STALL: Duration = Duration::from_secs(15);
 /// How many peers, in the blob's rendezvous order, are asked before this node fetches itself.
 const PEERS_ASKED: usize = 3;
+/// Most records the upstream confirmed that a node remembers; past it, those no longer fresh
+/// are forgotten, and if none is, all are (each is checked again at its next pull).
+const MAX_CONFIRMED: usize = 16_384;
 
 /// How one upstream blob fetch stands.
 #[derive(Debug, Clone)]
@@ -72,6 +83,37 @@ enum BlobFetch {
     Done,
     /// It failed; the text is for the client.
     Failed(String),
+}
+
+/// How a tag resolution ended, for the requests that waited for it.
+#[derive(Debug, Clone)]
+enum Resolved {
+    /// The tag is servable.
+    Done,
+    /// The upstream has no such tag.
+    Unknown,
+    /// Only the upstream could resolve it, and it did not; the text is for the client.
+    Unavailable(String),
+    /// It failed on the resolving node's side: each waiter tries itself.
+    Retry,
+}
+
+/// Tags being resolved now, each with the outcome for the requests that wait for it.
+type Resolving = Mutex<HashMap<(RepoName, Tag), watch::Receiver<Option<Resolved>>>>;
+
+/// Removes a tag's entry from the resolutions under way when its leader ends.
+struct Leading<'a> {
+    map: &'a Resolving,
+    key: (RepoName, Tag),
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key);
+    }
 }
 
 /// What of the node a [`Mirror`] works with.
@@ -109,6 +151,11 @@ struct Inner {
     /// Upstream blob fetches that failed lately, and why: a peer asking again in that time is
     /// told so instead of starting the fetch again.
     failed: Mutex<HashMap<Digest, (std::time::Instant, String)>>,
+    /// Tags being resolved now, with the outcome for requests that wait for it.
+    resolving: Resolving,
+    /// Other members' records (by id) that the upstream confirmed, with the time each stops
+    /// being fresh (milliseconds, the fleet's clock).
+    confirmed: Mutex<HashMap<[u8; 32], u64>>,
     permits: Semaphore,
     tasks: tokio_util::task::TaskTracker,
     cancel: tokio_util::sync::CancellationToken,
@@ -145,6 +192,8 @@ impl Mirror {
                 fetcher,
                 blobs: Mutex::default(),
                 failed: Mutex::default(),
+                confirmed: Mutex::default(),
+                resolving: Mutex::default(),
                 permits: Semaphore::new(MAX_UPSTREAM_FETCHES),
                 tasks,
                 cancel,
@@ -276,7 +325,64 @@ impl Mirror {
         }
     }
 
+    /// Resolves `repo:tag` (see [`Self::resolve_tag_now`]) once for every request that wants
+    /// it at the same time: the first runs, the others take its outcome (or run themselves if
+    /// it went away or failed on this node's side).
     async fn resolve_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        remote: &str,
+        tag: &Tag,
+    ) -> Result<(), MirrorError> {
+        let key = (repo.clone(), tag.clone());
+        let (mut follow, lead) = {
+            let mut resolving = self
+                .inner
+                .resolving
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match resolving.get(&key) {
+                Some(rx) => (Some(rx.clone()), None),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    resolving.insert(key.clone(), rx);
+                    (None, Some(tx))
+                }
+            }
+        };
+        if let Some(rx) = &mut follow {
+            let outcome = rx
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|o| o.clone());
+            match outcome {
+                Some(Resolved::Done) => return Ok(()),
+                Some(Resolved::Unknown) => return Err(MirrorError::Unknown),
+                Some(Resolved::Unavailable(why)) => return Err(MirrorError::Unavailable(why)),
+                Some(Resolved::Retry) | None => {}
+            }
+            return self.resolve_tag_now(upstream, repo, remote, tag).await;
+        }
+        // The entry goes when the leader does, cancelled or not: followers then run themselves.
+        let _leading = Leading {
+            map: &self.inner.resolving,
+            key,
+        };
+        let result = self.resolve_tag_now(upstream, repo, remote, tag).await;
+        if let Some(tx) = lead {
+            let _ = tx.send(Some(match &result {
+                Ok(()) => Resolved::Done,
+                Err(MirrorError::Unknown) => Resolved::Unknown,
+                Err(MirrorError::Unavailable(why)) => Resolved::Unavailable(why.clone()),
+                Err(_) => Resolved::Retry,
+            }));
+        }
+        result
+    }
+
+    async fn resolve_tag_now(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
@@ -286,24 +392,55 @@ impl Mirror {
         let (r, t) = (repo.clone(), tag.clone());
         let current = self.inner.store.read(move |i| i.record(&r, &t)).await?;
         let now_ms = self.inner.tags.auth().clock().now_ms();
-        let fresh = current.as_ref().is_some_and(|c| {
-            let age_ms = now_ms.saturating_sub(c.record().timestamp_ms);
-            age_ms < upstream.freshness().as_millis() as u64
+        let fresh_until = current.as_ref().map(|c| {
+            c.record()
+                .timestamp_ms
+                .saturating_add(upstream.freshness().as_millis() as u64)
         });
-        if fresh {
+        let fresh = fresh_until.is_some_and(|until| now_ms < until);
+        let vouched = current.as_ref().is_some_and(|c| self.vouched(repo, c));
+        if fresh
+            && (vouched
+                || current
+                    .as_ref()
+                    .is_some_and(|c| self.was_confirmed(c, now_ms)))
+        {
             return Ok(());
         }
         match upstream.manifest(remote, tag.as_str()).await {
             Ok(m) => {
                 self.keep_manifest(repo, &m.digest, &m.media_type, &m.bytes)
                     .await?;
-                self.publish(repo, tag, &m.digest).await
+                let named = current
+                    .as_ref()
+                    .and_then(|c| c.record().target.as_ref())
+                    .map(|t| &t.manifest);
+                match (&current, fresh_until) {
+                    (Some(c), Some(until)) if fresh && named == Some(&m.digest) => {
+                        self.confirm(c, until);
+                        Ok(())
+                    }
+                    _ => {
+                        if let Some(c) = current.as_ref().filter(|_| fresh) {
+                            tracing::warn!(
+                                upstream = upstream.name(),
+                                %repo,
+                                %tag,
+                                signer = %c.record().publisher,
+                                upstream_digest = %m.digest,
+                                "a member's fresh record of the tag differs from the upstream: the upstream's answer wins"
+                            );
+                        }
+                        self.publish(repo, tag, &m.digest).await
+                    }
+                }
             }
             Err(e) if current.is_some() && !matches!(e, UpstreamError::NotFound) => {
                 tracing::warn!(
                     upstream = upstream.name(),
                     %repo,
                     %tag,
+                    vouched,
                     error = &e as &dyn std::error::Error,
                     "the upstream did not answer: serving the fleet's record of the tag"
                 );
@@ -317,6 +454,42 @@ impl Mirror {
                 current.is_none(),
             )),
         }
+    }
+
+    /// Whether `record` of `repo` is served while fresh without asking the upstream: this node
+    /// signed it, or the fleet lists the repository's publishers (so its signer is one).
+    fn vouched(&self, repo: &RepoName, record: &shoal_protocol::VerifiedTagRecord) -> bool {
+        let auth = self.inner.tags.auth();
+        record.record().publisher == auth.own_key() || !auth.settings(repo).publishers.is_empty()
+    }
+
+    /// Whether the upstream confirmed `record` and it is still fresh at `now_ms`.
+    fn was_confirmed(&self, record: &shoal_protocol::VerifiedTagRecord, now_ms: u64) -> bool {
+        let confirmed = self
+            .inner
+            .confirmed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        confirmed
+            .get(&record.signed().id())
+            .is_some_and(|until| now_ms < *until)
+    }
+
+    /// Remembers that the upstream confirmed `record`, fresh until `until_ms`.
+    fn confirm(&self, record: &shoal_protocol::VerifiedTagRecord, until_ms: u64) {
+        let now_ms = self.inner.tags.auth().clock().now_ms();
+        let mut confirmed = self
+            .inner
+            .confirmed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if confirmed.len() >= MAX_CONFIRMED {
+            confirmed.retain(|_, until| now_ms < *until);
+            if confirmed.len() >= MAX_CONFIRMED {
+                confirmed.clear();
+            }
+        }
+        confirmed.insert(record.signed().id(), until_ms);
     }
 
     /// Stores a manifest fetched from an upstream (already checked against its digest) in
