@@ -546,3 +546,52 @@ async fn a_member_that_may_not_read_a_private_namespace_cannot_make_its_mirror_f
     .await;
     assert_eq!(standin.blob_gets("team/app", &digest), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_of_the_listed_publishers_of_a_namespace_are_served_without_asking() {
+    use shoal_protocol::fleet::{PolicyBody, RepoSettings};
+    use testnet::admin::{Admin, apply};
+    let test = "records_of_the_listed_publishers_of_a_namespace_are_served_without_asking";
+    let Some(mut standin) = StandIn::start(test, None).await else {
+        return;
+    };
+    let img = image(13, &[60_000]);
+    standin.push("team/app", "13", &img).await;
+    let admin = Admin::new(13);
+    let mut net = TestNet::with_identities(2);
+    net.trust_each_other = false;
+    net.access.insert(0, admin.access(&[]));
+    net.access.insert(1, admin.access(&[]));
+    net.mirror = mirror_of(&standin, 300, false);
+    net.start_next().await;
+    net.start_next().await;
+    net.wait_connected(1).await;
+    let repo = format!("{UPSTREAM}/team/app");
+    let listed = PolicyBody::Repo {
+        pattern: format!("{UPSTREAM}/*").parse().unwrap(),
+        settings: Some(RepoSettings {
+            publishers: vec![net.nodes[0].identity.publisher()],
+            ..RepoSettings::default()
+        }),
+    };
+    apply(&net.nodes[0], admin.sign(listed, 0)).await;
+    let name: shoal_protocol::RepoName = repo.parse().unwrap();
+    testnet::wait_until(Duration::from_secs(30), "the policy on node 1", || {
+        let (auth, name) = (net.nodes[1].node().tags().auth(), name.clone());
+        async move { (!auth.settings(&name).publishers.is_empty()).then_some(()) }
+    })
+    .await;
+
+    pull(&net.nodes[0], &repo, "13", "", &img).await;
+    testnet::wait_until(Duration::from_secs(20), "node 1 has the record", || {
+        let (n, repo) = (&net.nodes[1], repo.clone());
+        async move { n.has_record(&repo, "13").await.then_some(()) }
+    })
+    .await;
+    // The listed publisher's record is served as it is: no second question to the upstream.
+    pull(&net.nodes[1], &repo, "13", "", &img).await;
+    assert_eq!(standin.served("GET", "/v2/team/app/manifests/13"), 1);
+    // And with the upstream gone too.
+    standin.stop();
+    pull(&net.nodes[1], &repo, "13", "", &img).await;
+}
