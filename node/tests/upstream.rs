@@ -413,6 +413,41 @@ async fn silent_upstream_fails_after_timeout_ms() {
 }
 
 #[tokio::test]
+async fn a_rotated_password_file_counts_from_the_next_request() {
+    let test = "a_rotated_password_file_counts_from_the_next_request";
+    let Some(registry) = Registry::start(test, true).await else {
+        return;
+    };
+    let image = push_image(&registry, "team/app", "v1", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "the-old-password\n").unwrap();
+    let mut config = registry.config();
+    config.username = Some(USER.into());
+    config.password_file = Some(password_file.clone());
+    let upstream = Upstream::new(config).unwrap();
+    let e = upstream.manifest("team/app", "v1").await.unwrap_err();
+    assert!(matches!(e, UpstreamError::Unauthorized { .. }), "{e:?}");
+
+    // Rotated in place (a later modification time, as any rewrite has): no restart needed.
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(2);
+    std::fs::File::options()
+        .write(true)
+        .open(&password_file)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let m = upstream.manifest("team/app", "v1").await.unwrap();
+    assert_eq!(m.digest, image.manifest_digest);
+
+    // A file gone mid-rotation leaves the last password in use.
+    std::fs::remove_file(&password_file).unwrap();
+    let m = upstream.manifest("team/app", "v1").await.unwrap();
+    assert_eq!(m.digest, image.manifest_digest);
+}
+
+#[tokio::test]
 async fn htpasswd_registry_answers_only_with_the_credentials() {
     let test = "htpasswd_registry_answers_only_with_the_credentials";
     let Some(registry) = Registry::start(test, true).await else {

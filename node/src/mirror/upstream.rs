@@ -228,9 +228,72 @@ struct Inner {
 enum Credentials {
     Anonymous,
     Login(Login),
+    /// A username with a `password_file`'s password.
+    PasswordFile {
+        username: String,
+        file: SecretFile,
+    },
     /// A `token_file`'s token, sent with every request.
-    Bearer(Secret),
+    Bearer(SecretFile),
     DockerConfig(PathBuf),
+}
+
+/// A secret kept in a file: read when the upstream is set up (a missing or empty file is a
+/// configuration error), and again whenever the file has changed, so that a rotated password
+/// or token counts from the next request on without a restart. A changed file that cannot be
+/// read (mid-rotation, say) leaves the last secret in use.
+struct SecretFile {
+    upstream: String,
+    path: PathBuf,
+    /// The secret, and the file's modification time when it was read.
+    read: Mutex<(Option<std::time::SystemTime>, Secret)>,
+}
+
+impl SecretFile {
+    fn open(upstream: &str, path: &Path) -> Result<SecretFile, ConfigError> {
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let secret = Secret::new(read_secret_file(upstream, path)?);
+        Ok(SecretFile {
+            upstream: upstream.to_owned(),
+            path: path.to_owned(),
+            read: Mutex::new((modified, secret)),
+        })
+    }
+
+    fn last(&self) -> std::sync::MutexGuard<'_, (Option<std::time::SystemTime>, Secret)> {
+        self.read.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The secret as the file holds it now.
+    async fn current(&self) -> Secret {
+        let modified = tokio::fs::metadata(&self.path)
+            .await
+            .and_then(|m| m.modified())
+            .ok();
+        {
+            let last = self.last();
+            if modified.is_none() || modified == last.0 {
+                return last.1.clone();
+            }
+        }
+        let (upstream, path) = (self.upstream.clone(), self.path.clone());
+        match tokio::task::spawn_blocking(move || read_secret_file(&upstream, &path)).await {
+            Ok(Ok(secret)) => {
+                let secret = Secret::new(secret);
+                *self.last() = (modified, secret.clone());
+                secret
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    upstream = %self.upstream,
+                    error = &e as &dyn std::error::Error,
+                    "a changed secret file could not be read: the last secret stays in use"
+                );
+                self.last().1.clone()
+            }
+            Err(_) => self.last().1.clone(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -270,12 +333,12 @@ impl Upstream {
                 username: username.clone(),
                 password: password.clone(),
             }),
-            (Some(username), None, Some(path)) => Credentials::Login(Login::Basic {
+            (Some(username), None, Some(path)) => Credentials::PasswordFile {
                 username: username.clone(),
-                password: Secret::new(read_secret_file(&name, path)?),
-            }),
+                file: SecretFile::open(&name, path)?,
+            },
             _ => match (&config.token_file, &config.docker_config) {
-                (Some(path), _) => Credentials::Bearer(Secret::new(read_secret_file(&name, path)?)),
+                (Some(path), _) => Credentials::Bearer(SecretFile::open(&name, path)?),
                 (None, Some(path)) => Credentials::DockerConfig(path.clone()),
                 (None, None) => Credentials::Anonymous,
             },
@@ -475,8 +538,8 @@ impl Upstream {
         &self,
         scope: &str,
     ) -> Result<Option<Authorization>, UpstreamError> {
-        if let Credentials::Bearer(token) = &self.inner.credentials {
-            return Ok(Some(Authorization::Bearer(token.clone())));
+        if let Credentials::Bearer(file) = &self.inner.credentials {
+            return Ok(Some(Authorization::Bearer(file.current().await)));
         }
         let (cached, basic) = {
             let state = self.lock_state();
@@ -592,6 +655,12 @@ impl Upstream {
         let path = match &self.inner.credentials {
             Credentials::Anonymous | Credentials::Bearer(_) => return Ok(None),
             Credentials::Login(login) => return Ok(Some(login.clone())),
+            Credentials::PasswordFile { username, file } => {
+                return Ok(Some(Login::Basic {
+                    username: username.clone(),
+                    password: file.current().await,
+                }));
+            }
             Credentials::DockerConfig(path) => path,
         };
         let reused = match &self.lock_state().docker_login {

@@ -76,10 +76,12 @@ pub struct UpstreamConfig {
     /// Password for `username`.
     #[serde(default)]
     pub password: Option<Secret>,
-    /// File holding the password for `username` (surrounding whitespace is trimmed).
+    /// File holding the password for `username` (surrounding whitespace is trimmed); read
+    /// again whenever it changes, so a rotated password needs no restart.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    /// File holding a bearer token, sent as `Authorization: Bearer` on every request.
+    /// File holding a bearer token, sent as `Authorization: Bearer` on every request; read
+    /// again whenever it changes (a rotated token).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
     /// A docker `config.json` to take the credentials for `name` from.
