@@ -346,6 +346,9 @@ impl Quota {
         if status.used_bytes <= limit {
             return Ok(EvictReport::default());
         }
+        // From here on a push that links a blob keeps it, whatever the entries above say.
+        let eviction = self.store.begin_eviction().await?;
+        let entries = self.entries().await?;
         let target = limit / 100 * LOW_WATER_PERCENT;
         let need = status.used_bytes.saturating_sub(target);
         let (mut victims, mut freed) = pick_cached(&entries, need);
@@ -380,7 +383,7 @@ impl Quota {
             return Ok(EvictReport::default());
         }
         tracing::debug!(?victims, "evicting");
-        let report = self.store.evict(victims).await?;
+        let report = eviction.evict(victims).await?;
         {
             let mut e = self
                 .evicted

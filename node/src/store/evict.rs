@@ -352,12 +352,21 @@ impl Store {
 
     /// Evicts the blobs `victims` (digest and size), keeping any that a push, fetch or reader
     /// needs meanwhile. Runs as garbage collection's sweep, under its guard: refused with
-    /// [`StoreError::Busy`] while a collection runs.
+    /// [`StoreError::Busy`] while a collection runs. Victims chosen before the call may have
+    /// been linked since: choose them within [`Store::begin_eviction`] instead.
     pub async fn evict(&self, victims: Vec<(Digest, u64)>) -> Result<EvictReport, StoreError> {
-        super::gc::begin(self).await?;
-        let result = self.evict_now(victims).await;
-        super::gc::end(self);
-        result
+        self.begin_eviction().await?.evict(victims).await
+    }
+
+    /// Starts an eviction round: from now on every commit and install is noted, and the blobs
+    /// they name are kept by [`Eviction::evict`], so that victims chosen after this call (from
+    /// [`Store::quota_entries`], say) cannot take a blob a push links meanwhile. Refused with
+    /// [`StoreError::Busy`] while a collection runs; the round ends when dropped.
+    pub async fn begin_eviction(&self) -> Result<Eviction, StoreError> {
+        Ok(Eviction {
+            _sweeping: super::gc::begin(self).await?,
+            store: self.clone(),
+        })
     }
 
     async fn evict_now(&self, victims: Vec<(Digest, u64)>) -> Result<EvictReport, StoreError> {
@@ -368,7 +377,9 @@ impl Store {
             .partition(|(d, _)| !self.inner.uses.in_use(d));
         kept += busy.len() as u64;
         for batch in free.chunks(64) {
-            super::gc::sweep(self, batch, &mut report, true).await?;
+            if !super::gc::sweep(self, batch, &mut report, true).await? {
+                break;
+            }
         }
         for (d, _) in &report.swept {
             self.inner.uses.forget(d);
@@ -399,6 +410,20 @@ impl Store {
             Ok(())
         })
         .await?
+    }
+}
+
+/// An eviction round (see [`Store::begin_eviction`]).
+pub struct Eviction {
+    _sweeping: super::gc::Sweeping,
+    store: Store,
+}
+
+impl Eviction {
+    /// Evicts the blobs `victims` (digest and size), keeping any that a push, fetch or reader
+    /// needs, or that a commit or install named since the round began; ends the round.
+    pub async fn evict(self, victims: Vec<(Digest, u64)>) -> Result<EvictReport, StoreError> {
+        self.store.evict_now(victims).await
     }
 }
 

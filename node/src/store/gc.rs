@@ -44,8 +44,8 @@ use super::{Layout, Store, StoreError};
 const SWEEP_BATCH: usize = 64;
 /// Longest rest between two sweep batches (see [`run`]).
 const SWEEP_REST_MAX: Duration = Duration::from_millis(200);
-/// Most blobs a collection notes as touched before it stops sweeping (a store that busy is
-/// collected next time).
+/// Most blobs a collection notes as touched; at that many it stops sweeping (a store that
+/// busy is collected next time).
 const MAX_TOUCHED: usize = 1 << 20;
 /// How long a download that nothing continues is kept (its directory untouched that long, and no
 /// download of it in progress) before a collection removes it, unless the config's `[gc]`
@@ -145,6 +145,10 @@ struct State {
     gone: HashSet<Digest>,
     /// Blobs installed and not yet linked, with when (at most [`INSTALL_HOLD`] old).
     installed: HashMap<Digest, std::time::Instant>,
+    /// Blobs a sweep has decided on whose removals are not written yet: a commit that needs one
+    /// is refused even if it was installed again meanwhile, so that no link of it can be
+    /// written before the removals and be undone by them.
+    pending: HashSet<Digest>,
 }
 
 impl Guard {
@@ -164,8 +168,8 @@ impl Guard {
     pub(super) fn admit(&self, changes: &[Change], requires: &[Digest]) -> Result<(), StoreError> {
         let mut state = self.state();
         let mut needs = changes.iter().flat_map(needed).chain(requires);
-        if !state.gone.is_empty() {
-            if let Some(d) = needs.find(|d| state.gone.contains(*d)) {
+        if !state.gone.is_empty() || !state.pending.is_empty() {
+            if let Some(d) = needs.find(|d| state.gone.contains(*d) || state.pending.contains(*d)) {
                 return Err(StoreError::BlobGone(d.clone()));
             }
         }
@@ -340,20 +344,34 @@ async fn collect_with(
         // Reads only: it leaves the state of the collections that change things alone.
         return run(store, options, expiring).await;
     }
-    let held = begin(store).await?;
+    let sweeping = begin(store).await?;
     let result = run(store, options, expiring).await;
-    end(store);
+    let held = sweeping.held;
+    drop(sweeping);
     result.map(|mut report| {
         report.hold_ms = held.as_millis() as u64;
         report
     })
 }
 
+/// A run that sweeps, started by [`begin`]; it ends when dropped, also when the future that
+/// held it is cancelled (a client that hung up on `POST /_shoal/v1/gc`), so that the next
+/// collection or eviction is not refused as busy for ever.
+pub(super) struct Sweeping {
+    store: Store,
+    /// How long [`begin`] held the guard exclusively, asking for it included.
+    pub(super) held: Duration,
+}
+
+impl Drop for Sweeping {
+    fn drop(&mut self) {
+        self.store.inner.gc.state().running = false;
+    }
+}
+
 /// Starts a run that sweeps (a collection, or an eviction by the disk quota): from now on every
-/// commit and install is noted as touched. The caller ends it by setting `running` back with
-/// [`end`], whatever happens.
-/// Returns how long it held the guard exclusively, asking for it included.
-pub(super) async fn begin(store: &Store) -> Result<Duration, StoreError> {
+/// commit and install is noted as touched, until the returned [`Sweeping`] is dropped.
+pub(super) async fn begin(store: &Store) -> Result<Sweeping, StoreError> {
     let guard = &store.inner.gc;
     let asked = std::time::Instant::now();
     // Exclusive for a moment: every commit before this is applied, every one after it is noted.
@@ -368,12 +386,10 @@ pub(super) async fn begin(store: &Store) -> Result<Duration, StoreError> {
     state.touched.clear();
     state.gone.clear();
     state.installed.retain(|_, at| at.elapsed() < INSTALL_HOLD);
-    Ok(asked.elapsed())
-}
-
-/// Ends a run started with [`begin`].
-pub(super) fn end(store: &Store) {
-    store.inner.gc.state().running = false;
+    Ok(Sweeping {
+        store: store.clone(),
+        held: asked.elapsed(),
+    })
 }
 
 async fn run(
@@ -417,12 +433,16 @@ async fn run(
         report.bytes_freed = dead.iter().map(|(_, size)| size).sum();
         report.swept = dead;
     } else {
+        let mut last = Duration::ZERO;
         for batch in dead.chunks(SWEEP_BATCH) {
-            let started = std::time::Instant::now();
-            sweep(store, batch, &mut report, false).await?;
             // The collection is background work: it leaves the disk and the CPU to requests
-            // for as long as each batch took, so it takes at most about half of either.
-            tokio::time::sleep(started.elapsed().min(SWEEP_REST_MAX)).await;
+            // for as long as the last batch took, so it takes at most about half of either.
+            tokio::time::sleep(last.min(SWEEP_REST_MAX)).await;
+            let started = std::time::Instant::now();
+            if !sweep(store, batch, &mut report, false).await? {
+                break;
+            }
+            last = started.elapsed();
         }
     }
     abandoned_downloads(store, options, &mut report).await?;
@@ -449,13 +469,15 @@ async fn abandoned_downloads(
 /// Sweeps one batch of dead blobs: drops the blobs a push touched meanwhile and marks the rest
 /// gone, in one hold of the state's mutex (see the module's *Races*), then commits the removal
 /// of the entries that name them (one journal write), then deletes the files, each unless an
-/// install brought it back. Needs a run started with [`begin`].
+/// install brought it back. Needs a run started with [`begin`]. `Ok(false)`: the run noted so
+/// many touched blobs that it can no longer tell what commits name ([`MAX_TOUCHED`]); nothing
+/// was swept, and the caller stops (the next run sweeps the rest).
 pub(super) async fn sweep(
     store: &Store,
     batch: &[(Digest, u64)],
     report: &mut GcReport,
     evicting: bool,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let (index, candidates) = (store.inner.index.clone(), batch.to_vec());
     // What names each candidate, read before the exclusive hold: anything named since is touched.
     let named = tokio::task::spawn_blocking(move || {
@@ -471,6 +493,10 @@ pub(super) async fn sweep(
         // them gone. The commits of neither wait for the removals' journal write.
         let mut state = store.inner.gc.state();
         debug_assert!(state.running, "a sweep outside a run started with begin");
+        if state.touched.len() >= MAX_TOUCHED {
+            report.touched += named.len() as u64;
+            return Ok(false);
+        }
         let mut doomed = Vec::new();
         for (entries, d, size) in named {
             if state.touched.contains(&d) || state.installed.contains_key(&d) {
@@ -478,13 +504,19 @@ pub(super) async fn sweep(
                 continue;
             }
             state.gone.insert(d.clone());
+            state.pending.insert(d.clone());
             changes.extend(entries);
             doomed.push((d, size));
         }
         doomed
     };
+    let written = Pending {
+        guard: &store.inner.gc,
+        digests: doomed.iter().map(|(d, _)| d).collect(),
+    };
     // The entries go first: a crash after this leaves orphan files, never entries naming
-    // missing ones.
+    // missing ones. Until they are written the blobs are pending: a commit that needs one is
+    // refused, so a link of a blob installed again meanwhile is written after the removals.
     if !changes.is_empty() {
         let started = std::time::Instant::now();
         store.inner.journal.commit(changes).await?;
@@ -492,8 +524,9 @@ pub(super) async fn sweep(
             .longest_write_ms
             .max(started.elapsed().as_millis() as u64);
     }
+    drop(written);
     if doomed.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
     let this = store.clone();
     let freed = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
@@ -520,7 +553,23 @@ pub(super) async fn sweep(
     .await??;
     report.bytes_freed += freed.iter().map(|(_, size)| size).sum::<u64>();
     report.swept.extend(freed);
-    Ok(())
+    Ok(true)
+}
+
+/// Takes a sweep batch's blobs off [`State::pending`] when its removals are written, failed or
+/// were cancelled.
+struct Pending<'a> {
+    guard: &'a Guard,
+    digests: Vec<&'a Digest>,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut state = self.guard.state();
+        for d in &self.digests {
+            state.pending.remove(*d);
+        }
+    }
 }
 
 /// The index entries that name `digest`: links and manifest entries, in every repository.
@@ -680,7 +729,7 @@ mod tests {
             .commit(Batch::new().link(&r, &kept).link(&r, &swept))
             .await
             .unwrap();
-        begin(&store).await.unwrap();
+        let sweeping = begin(&store).await.unwrap();
         // Decided before the batch: the sweep finds the blob touched.
         store
             .commit(Batch::new().link(&other, &kept))
@@ -688,8 +737,8 @@ mod tests {
             .unwrap();
         let mut report = GcReport::default();
         let batch = [(kept.clone(), 8), (swept.clone(), 8)];
-        sweep(&store, &batch, &mut report, false).await.unwrap();
-        end(&store);
+        assert!(sweep(&store, &batch, &mut report, false).await.unwrap());
+        drop(sweeping);
         assert_eq!(report.touched, 1);
         assert_eq!(report.swept, vec![(swept.clone(), 8)]);
         assert!(store.layout().blob(&kept).exists());
@@ -703,6 +752,50 @@ mod tests {
         let (o, s) = (other.clone(), swept.clone());
         let linked = store.read(move |i| i.is_linked(&o, &s)).await.unwrap();
         assert!(!linked);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_blob_installed_again_links_only_after_the_sweeps_removals_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let store = tokio::task::spawn_blocking(move || Store::open(&root))
+            .await
+            .unwrap()
+            .unwrap();
+        let r: RepoName = "r".parse().unwrap();
+        let blob = put(&store, 3).await;
+        // A sweep decided on the blob and has not written its removals yet.
+        store.inner.gc.state().pending.insert(blob.clone());
+        // Uploaded again meanwhile: welcome, but its link waits for the removals.
+        put(&store, 3).await;
+        let refused = store.commit(Batch::new().link(&r, &blob)).await;
+        assert!(
+            matches!(refused, Err(StoreError::BlobGone(_))),
+            "{refused:?}"
+        );
+        store.inner.gc.state().pending.clear();
+        store.commit(Batch::new().link(&r, &blob)).await.unwrap();
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_run_ends_when_it_is_dropped_even_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let store = tokio::task::spawn_blocking(move || Store::open(&root))
+            .await
+            .unwrap()
+            .unwrap();
+        let sweeping = begin(&store).await.unwrap();
+        assert!(matches!(begin(&store).await, Err(StoreError::Busy(_))));
+        drop(sweeping);
+        // A collection whose future is dropped part-way (a client that hung up).
+        let gc = store.gc(GcOptions::new(Duration::ZERO));
+        let _ = tokio::time::timeout(Duration::from_micros(1), gc).await;
+        let again = begin(&store).await;
+        assert!(again.is_ok(), "a dropped run left the store busy");
+        drop(again);
         store.close().await;
     }
 
