@@ -390,7 +390,7 @@ async fn only_the_platform_asked_for_comes_from_the_upstream() {
 async fn a_members_record_of_an_upstream_tag_is_checked_with_the_upstream_before_it_is_served() {
     let test =
         "a_members_record_of_an_upstream_tag_is_checked_with_the_upstream_before_it_is_served";
-    let Some(standin) = StandIn::start(test, None).await else {
+    let Some(mut standin) = StandIn::start(test, None).await else {
         return;
     };
     let real = image(8, &[120_000]);
@@ -447,6 +447,32 @@ async fn a_members_record_of_an_upstream_tag_is_checked_with_the_upstream_before
     assert_eq!(standin.served("GET", "/v2/team/app/manifests/7"), 2);
     pull(&net.nodes[2], &repo, "7", "", &real).await;
     assert_eq!(standin.served("GET", "/v2/team/app/manifests/7"), 2);
+
+    // The thief signs again, and the upstream goes down: the mirror serves what the upstream
+    // last told it, not the newer forged record.
+    let evil2 = image(10, &[80_000]);
+    net.nodes[1].push(&repo, "7", &evil2).await;
+    let thief = net.nodes[1].identity.publisher();
+    testnet::wait_until(
+        Duration::from_secs(20),
+        "the second forged record reaches the mirror",
+        || {
+            let (n, thief) = (&net.nodes[0], thief);
+            let (r, t) = (repo.parse().unwrap(), "7".parse().unwrap());
+            async move {
+                let current = n
+                    .node()
+                    .store()
+                    .read(move |i| i.record(&r, &t))
+                    .await
+                    .ok()??;
+                (current.record().publisher == thief).then_some(())
+            }
+        },
+    )
+    .await;
+    standin.stop();
+    pull(&net.nodes[0], &repo, "7", "", &real).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -429,15 +429,20 @@ async fn a_rotated_password_file_counts_from_the_next_request() {
     let e = upstream.manifest("team/app", "v1").await.unwrap_err();
     assert!(matches!(e, UpstreamError::Unauthorized { .. }), "{e:?}");
 
-    // Rotated in place (a later modification time, as any rewrite has): no restart needed.
+    // Rotated in place, within the same modification time (a copy that kept the old one):
+    // the new size tells. No restart needed.
+    let before = std::fs::metadata(&password_file)
+        .unwrap()
+        .modified()
+        .unwrap();
     std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
-    let later = std::time::SystemTime::now() + Duration::from_secs(2);
     std::fs::File::options()
         .write(true)
         .open(&password_file)
         .unwrap()
-        .set_modified(later)
+        .set_modified(before)
         .unwrap();
+    assert_ne!(PASSWORD.len(), "the-old-password".len());
     let m = upstream.manifest("team/app", "v1").await.unwrap();
     assert_eq!(m.digest, image.manifest_digest);
 

@@ -88,8 +88,8 @@ enum BlobFetch {
 /// How a tag resolution ended, for the requests that waited for it.
 #[derive(Debug, Clone)]
 enum Resolved {
-    /// The tag is servable.
-    Done,
+    /// The tag is servable, as this manifest (`None`: as its current record says).
+    Done(Option<Digest>),
     /// The upstream has no such tag.
     Unknown,
     /// Only the upstream could resolve it, and it did not; the text is for the client.
@@ -153,6 +153,9 @@ struct Inner {
     failed: Mutex<HashMap<Digest, (std::time::Instant, String)>>,
     /// Tags being resolved now, with the outcome for requests that wait for it.
     resolving: Resolving,
+    /// The upstream's last answer for each tag it resolved for this node (at most
+    /// [`MAX_CONFIRMED`]), served when it is down in place of a record nobody checked.
+    answers: Mutex<HashMap<(RepoName, Tag), Digest>>,
     /// Other members' records (by id) that the upstream confirmed, with the time each stops
     /// being fresh (milliseconds, the fleet's clock).
     confirmed: Mutex<HashMap<[u8; 32], u64>>,
@@ -194,6 +197,7 @@ impl Mirror {
                 failed: Mutex::default(),
                 confirmed: Mutex::default(),
                 resolving: Mutex::default(),
+                answers: Mutex::default(),
                 permits: Semaphore::new(MAX_UPSTREAM_FETCHES),
                 tasks,
                 cancel,
@@ -289,15 +293,17 @@ impl Mirror {
     }
 
     /// Makes the manifest `reference` of `repo` servable, if `repo` is an upstream's: a tag
-    /// resolved (from a fresh record, or the upstream, or, when the upstream is down, any
-    /// record), a digest stored or known to the fleet. Other repositories: nothing to do.
+    /// resolved (from a fresh record it can vouch for, or the upstream, or, when the upstream
+    /// is down, the upstream's last answer or any record), a digest stored or known to the
+    /// fleet. `Some(digest)`: serve that manifest for the tag (the one resolved, whatever
+    /// record arrives meanwhile). Other repositories: nothing to do.
     pub async fn prepare_manifest(
         &self,
         repo: &RepoName,
         reference: &Reference,
-    ) -> Result<(), MirrorError> {
+    ) -> Result<Option<Digest>, MirrorError> {
         let Some((upstream, remote)) = self.upstream_of(repo) else {
-            return Ok(());
+            return Ok(None);
         };
         match reference {
             Reference::Tag(tag) => self.resolve_tag(upstream, repo, remote, tag).await,
@@ -311,13 +317,14 @@ impl Mirror {
                     })
                     .await?;
                 if known {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let reference = digest.to_string();
                 match upstream.manifest(remote, &reference).await {
                     Ok(m) => {
                         self.keep_manifest(repo, &m.digest, &m.media_type, &m.bytes)
-                            .await
+                            .await?;
+                        Ok(None)
                     }
                     Err(e) => Err(unavailable(upstream, remote, &reference, &e, false)),
                 }
@@ -326,69 +333,74 @@ impl Mirror {
     }
 
     /// Resolves `repo:tag` (see [`Self::resolve_tag_now`]) once for every request that wants
-    /// it at the same time: the first runs, the others take its outcome (or run themselves if
-    /// it went away or failed on this node's side).
+    /// it at the same time: the first runs, the others take its outcome; if it went away or
+    /// failed on this node's side, one of them runs next, and so on.
     async fn resolve_tag(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         remote: &str,
         tag: &Tag,
-    ) -> Result<(), MirrorError> {
+    ) -> Result<Option<Digest>, MirrorError> {
         let key = (repo.clone(), tag.clone());
-        let (mut follow, lead) = {
-            let mut resolving = self
-                .inner
-                .resolving
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match resolving.get(&key) {
-                Some(rx) => (Some(rx.clone()), None),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    resolving.insert(key.clone(), rx);
-                    (None, Some(tx))
+        loop {
+            let (follow, lead) = {
+                let mut resolving = self
+                    .inner
+                    .resolving
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match resolving.get(&key) {
+                    Some(rx) => (Some(rx.clone()), None),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        resolving.insert(key.clone(), rx);
+                        (None, Some(tx))
+                    }
+                }
+            };
+            if let Some(mut rx) = follow {
+                let outcome = rx
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|o| o.clone());
+                match outcome {
+                    Some(Resolved::Done(digest)) => return Ok(digest),
+                    Some(Resolved::Unknown) => return Err(MirrorError::Unknown),
+                    Some(Resolved::Unavailable(why)) => return Err(MirrorError::Unavailable(why)),
+                    // The leader failed here or went away: the next one leads.
+                    Some(Resolved::Retry) | None => continue,
                 }
             }
-        };
-        if let Some(rx) = &mut follow {
-            let outcome = rx
-                .wait_for(Option::is_some)
-                .await
-                .ok()
-                .and_then(|o| o.clone());
-            match outcome {
-                Some(Resolved::Done) => return Ok(()),
-                Some(Resolved::Unknown) => return Err(MirrorError::Unknown),
-                Some(Resolved::Unavailable(why)) => return Err(MirrorError::Unavailable(why)),
-                Some(Resolved::Retry) | None => {}
+            // The entry goes when the leader does, cancelled or not.
+            let _leading = Leading {
+                map: &self.inner.resolving,
+                key: key.clone(),
+            };
+            let result = self.resolve_tag_now(upstream, repo, remote, tag).await;
+            if let Some(tx) = lead {
+                let _ = tx.send(Some(match &result {
+                    Ok(digest) => Resolved::Done(digest.clone()),
+                    Err(MirrorError::Unknown) => Resolved::Unknown,
+                    Err(MirrorError::Unavailable(why)) => Resolved::Unavailable(why.clone()),
+                    Err(_) => Resolved::Retry,
+                }));
             }
-            return self.resolve_tag_now(upstream, repo, remote, tag).await;
+            return result;
         }
-        // The entry goes when the leader does, cancelled or not: followers then run themselves.
-        let _leading = Leading {
-            map: &self.inner.resolving,
-            key,
-        };
-        let result = self.resolve_tag_now(upstream, repo, remote, tag).await;
-        if let Some(tx) = lead {
-            let _ = tx.send(Some(match &result {
-                Ok(()) => Resolved::Done,
-                Err(MirrorError::Unknown) => Resolved::Unknown,
-                Err(MirrorError::Unavailable(why)) => Resolved::Unavailable(why.clone()),
-                Err(_) => Resolved::Retry,
-            }));
-        }
-        result
     }
 
+    /// Resolves `repo:tag`: `Some(digest)` is the manifest to serve for it (one the upstream
+    /// gave this node, which it stored: whatever record arrives meanwhile), `None` the tag's
+    /// current record as it is.
     async fn resolve_tag_now(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         remote: &str,
         tag: &Tag,
-    ) -> Result<(), MirrorError> {
+    ) -> Result<Option<Digest>, MirrorError> {
         let (r, t) = (repo.clone(), tag.clone());
         let current = self.inner.store.read(move |i| i.record(&r, &t)).await?;
         let now_ms = self.inner.tags.auth().clock().now_ms();
@@ -398,27 +410,24 @@ impl Mirror {
                 .saturating_add(upstream.freshness().as_millis() as u64)
         });
         let fresh = fresh_until.is_some_and(|until| now_ms < until);
+        let named = current
+            .as_ref()
+            .and_then(|c| c.record().target.as_ref())
+            .map(|t| t.manifest.clone());
         let vouched = current.as_ref().is_some_and(|c| self.vouched(repo, c));
-        if fresh
-            && (vouched
-                || current
-                    .as_ref()
-                    .is_some_and(|c| self.was_confirmed(c, now_ms)))
-        {
-            return Ok(());
+        let confirmed = current.as_ref().and_then(|c| self.confirmed_until(c));
+        if fresh && (vouched || confirmed.is_some_and(|until| now_ms < until)) {
+            // Served as the record says (its manifest may still be in the fleet only).
+            return Ok(None);
         }
         match upstream.manifest(remote, tag.as_str()).await {
             Ok(m) => {
                 self.keep_manifest(repo, &m.digest, &m.media_type, &m.bytes)
                     .await?;
-                let named = current
-                    .as_ref()
-                    .and_then(|c| c.record().target.as_ref())
-                    .map(|t| &t.manifest);
+                self.answered(repo, tag, &m.digest);
                 match (&current, fresh_until) {
-                    (Some(c), Some(until)) if fresh && named == Some(&m.digest) => {
+                    (Some(c), Some(until)) if fresh && named.as_ref() == Some(&m.digest) => {
                         self.confirm(c, until);
-                        Ok(())
                     }
                     _ => {
                         if let Some(c) = current.as_ref().filter(|_| fresh) {
@@ -431,20 +440,35 @@ impl Mirror {
                                 "a member's fresh record of the tag differs from the upstream: the upstream's answer wins"
                             );
                         }
-                        self.publish(repo, tag, &m.digest).await
+                        self.publish(repo, tag, &m.digest).await?;
                     }
                 }
+                Ok(Some(m.digest))
             }
             Err(e) if current.is_some() && !matches!(e, UpstreamError::NotFound) => {
+                // Offline first: the fleet's record serves. One this node cannot vouch for,
+                // which the upstream never confirmed, gives way to what the upstream last told
+                // this node, if it told it anything.
+                let checked = vouched || confirmed.is_some();
+                let last_answer = if checked {
+                    None
+                } else {
+                    self.last_answer(repo, tag)
+                };
                 tracing::warn!(
                     upstream = upstream.name(),
                     %repo,
                     %tag,
-                    vouched,
+                    checked,
                     error = &e as &dyn std::error::Error,
-                    "the upstream did not answer: serving the fleet's record of the tag"
+                    "the upstream did not answer: serving {}",
+                    if last_answer.is_some() {
+                        "the upstream's last answer"
+                    } else {
+                        "the fleet's record of the tag"
+                    }
                 );
-                Ok(())
+                Ok(last_answer)
             }
             Err(e) => Err(unavailable(
                 upstream,
@@ -463,16 +487,37 @@ impl Mirror {
         record.record().publisher == auth.own_key() || !auth.settings(repo).publishers.is_empty()
     }
 
-    /// Whether the upstream confirmed `record` and it is still fresh at `now_ms`.
-    fn was_confirmed(&self, record: &shoal_protocol::VerifiedTagRecord, now_ms: u64) -> bool {
+    /// Until when `record` is fresh, if the upstream confirmed it.
+    fn confirmed_until(&self, record: &shoal_protocol::VerifiedTagRecord) -> Option<u64> {
         let confirmed = self
             .inner
             .confirmed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        confirmed
-            .get(&record.signed().id())
-            .is_some_and(|until| now_ms < *until)
+        confirmed.get(&record.signed().id()).copied()
+    }
+
+    /// Remembers the upstream's answer for `repo:tag`, for when it is down.
+    fn answered(&self, repo: &RepoName, tag: &Tag, digest: &Digest) {
+        let mut answers = self
+            .inner
+            .answers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if answers.len() >= MAX_CONFIRMED && !answers.contains_key(&(repo.clone(), tag.clone())) {
+            answers.clear();
+        }
+        answers.insert((repo.clone(), tag.clone()), digest.clone());
+    }
+
+    /// The upstream's last answer for `repo:tag` to this node, if it gave one.
+    fn last_answer(&self, repo: &RepoName, tag: &Tag) -> Option<Digest> {
+        let answers = self
+            .inner
+            .answers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        answers.get(&(repo.clone(), tag.clone())).cloned()
     }
 
     /// Remembers that the upstream confirmed `record`, fresh until `until_ms`.

@@ -239,40 +239,53 @@ enum Credentials {
 }
 
 /// A secret kept in a file: read when the upstream is set up (a missing or empty file is a
-/// configuration error), and again whenever the file has changed, so that a rotated password
-/// or token counts from the next request on without a restart. A changed file that cannot be
-/// read (mid-rotation, say) leaves the last secret in use.
+/// configuration error), and again whenever the file looks changed (its modification time,
+/// size or inode), and at least every [`SECRET_FILE_REREAD`] (a rewrite that kept all three),
+/// so that a rotated password or token counts without a restart. A changed file that cannot
+/// be read (mid-rotation, say) leaves the last secret in use.
 struct SecretFile {
     upstream: String,
     path: PathBuf,
-    /// The secret, and the file's modification time when it was read.
-    read: Mutex<(Option<std::time::SystemTime>, Secret)>,
+    /// The secret, what the file looked like when it was read, and when.
+    read: Mutex<(Option<FileStamp>, Secret, Instant)>,
+}
+
+/// The longest a secret file's content is used without reading it again.
+const SECRET_FILE_REREAD: Duration = Duration::from_secs(60);
+
+/// What a file looks like from its metadata: modification time, size and inode.
+type FileStamp = (Option<std::time::SystemTime>, u64, u64);
+
+fn stamp(meta: &std::fs::Metadata) -> FileStamp {
+    use std::os::unix::fs::MetadataExt as _;
+    (meta.modified().ok(), meta.len(), meta.ino())
 }
 
 impl SecretFile {
     fn open(upstream: &str, path: &Path) -> Result<SecretFile, ConfigError> {
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let seen = std::fs::metadata(path).ok().map(|m| stamp(&m));
         let secret = Secret::new(read_secret_file(upstream, path)?);
         Ok(SecretFile {
             upstream: upstream.to_owned(),
             path: path.to_owned(),
-            read: Mutex::new((modified, secret)),
+            read: Mutex::new((seen, secret, Instant::now())),
         })
     }
 
-    fn last(&self) -> std::sync::MutexGuard<'_, (Option<std::time::SystemTime>, Secret)> {
+    fn last(&self) -> std::sync::MutexGuard<'_, (Option<FileStamp>, Secret, Instant)> {
         self.read.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The secret as the file holds it now.
     async fn current(&self) -> Secret {
-        let modified = tokio::fs::metadata(&self.path)
+        let seen = tokio::fs::metadata(&self.path)
             .await
-            .and_then(|m| m.modified())
-            .ok();
+            .ok()
+            .map(|m| stamp(&m));
         {
             let last = self.last();
-            if modified.is_none() || modified == last.0 {
+            let unchanged = seen.is_none() || seen == last.0;
+            if unchanged && last.2.elapsed() < SECRET_FILE_REREAD {
                 return last.1.clone();
             }
         }
@@ -280,7 +293,7 @@ impl SecretFile {
         match tokio::task::spawn_blocking(move || read_secret_file(&upstream, &path)).await {
             Ok(Ok(secret)) => {
                 let secret = Secret::new(secret);
-                *self.last() = (modified, secret.clone());
+                *self.last() = (seen, secret.clone(), Instant::now());
                 secret
             }
             Ok(Err(e)) => {

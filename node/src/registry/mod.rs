@@ -382,10 +382,16 @@ async fn route_request(
         (Route::Upload(name, id), Method::GET) => uploads::status(r, &name, &id).await,
         (Route::Upload(name, id), Method::DELETE) => uploads::cancel(r, &name, &id).await,
         (Route::Manifest(name, reference), Method::GET | Method::HEAD) => {
+            let mut reference = reference;
             if let Some(m) = &r.mirror {
-                m.prepare_manifest(&name, &reference)
+                let resolved = m
+                    .prepare_manifest(&name, &reference)
                     .await
                     .map_err(|e| RegistryError::from_mirror(e, RegistryError::ManifestUnknown))?;
+                // A mirrored tag is served as resolved, not as whatever record came since.
+                if let Some(digest) = resolved {
+                    reference = shoal_protocol::Reference::Digest(digest);
+                }
             }
             manifests::get(r, &name, &reference, headers, method == Method::GET).await
         }
