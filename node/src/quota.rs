@@ -346,9 +346,6 @@ impl Quota {
         if status.used_bytes <= limit {
             return Ok(EvictReport::default());
         }
-        // From here on a push that links a blob keeps it, whatever the entries above say.
-        let eviction = self.store.begin_eviction().await?;
-        let entries = self.entries().await?;
         let target = limit / 100 * LOW_WATER_PERCENT;
         let need = status.used_bytes.saturating_sub(target);
         let (mut victims, mut freed) = pick_cached(&entries, need);
@@ -382,6 +379,19 @@ impl Quota {
             );
             return Ok(EvictReport::default());
         }
+        // From here on a push that links a blob keeps it; one that did so while the victims
+        // were chosen (the lookups above take seconds) shows in the entries read again: a
+        // victim whose class changed stays. The round holds off collections only this long.
+        let eviction = self.store.begin_eviction().await?;
+        let classes: std::collections::HashMap<Digest, Class> = self
+            .entries()
+            .await?
+            .into_iter()
+            .map(|e| (e.digest, e.class))
+            .collect();
+        let chosen: std::collections::HashMap<&Digest, Class> =
+            entries.iter().map(|e| (&e.digest, e.class)).collect();
+        victims.retain(|(d, _)| classes.get(d).is_some_and(|c| chosen.get(d) == Some(c)));
         tracing::debug!(?victims, "evicting");
         let report = eviction.evict(victims).await?;
         {

@@ -5,8 +5,10 @@
 //!   served as the record says, without asking the upstream. Otherwise the upstream is asked,
 //!   within its time-out: its answer is stored, and a new record signed by this node names it,
 //!   so that the rest of the fleet fetches the same content. When the upstream is down,
-//!   rate-limited or failing, the fleet's record serves, however old (offline first); a tag
-//!   the fleet never resolved fails with a `503` that says so.
+//!   rate-limited or failing, the fleet's record serves, however old (offline first), unless
+//!   neither this node nor the fleet's policy vouches for it and the upstream told this node
+//!   otherwise before (then that answer serves); a tag the fleet never resolved fails with a
+//!   `503` that says so.
 //! - A record is vouched for when this node signed it, or when the fleet's policy lists the
 //!   repository's publishers (then only they can sign one that counts: an operator names the
 //!   nodes that mirror). Any other member's fresh record is checked with the upstream once
@@ -384,7 +386,14 @@ impl Mirror {
                     Ok(digest) => Resolved::Done(digest.clone()),
                     Err(MirrorError::Unknown) => Resolved::Unknown,
                     Err(MirrorError::Unavailable(why)) => Resolved::Unavailable(why.clone()),
-                    Err(_) => Resolved::Retry,
+                    // This node's store failed: perhaps not for the next one to try.
+                    Err(MirrorError::Store(_)) => Resolved::Retry,
+                    // The same would happen again: the waiters are told.
+                    Err(e @ (MirrorError::Manifest(_) | MirrorError::Publish(_))) => {
+                        Resolved::Unavailable(format!(
+                            "resolving {repo}:{tag} through the mirror failed: {e}"
+                        ))
+                    }
                 }));
             }
             return result;
@@ -450,10 +459,19 @@ impl Mirror {
                 // which the upstream never confirmed, gives way to what the upstream last told
                 // this node, if it told it anything.
                 let checked = vouched || confirmed.is_some();
-                let last_answer = if checked {
-                    None
-                } else {
-                    self.last_answer(repo, tag)
+                let last_answer = match self.last_answer(repo, tag).filter(|_| !checked) {
+                    // Only while this node still holds that manifest (a collection may have
+                    // taken it once no record named it).
+                    Some(d) => {
+                        let (r, d2) = (repo.clone(), d.clone());
+                        let held = self
+                            .inner
+                            .store
+                            .read(move |i| Ok(i.manifest(&r, &d2)?.is_some()))
+                            .await?;
+                        held.then_some(d)
+                    }
+                    None => None,
                 };
                 tracing::warn!(
                     upstream = upstream.name(),

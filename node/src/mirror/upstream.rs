@@ -300,9 +300,12 @@ impl SecretFile {
                 tracing::warn!(
                     upstream = %self.upstream,
                     error = &e as &dyn std::error::Error,
-                    "a changed secret file could not be read: the last secret stays in use"
+                    "a secret file could not be read again: the last secret stays in use"
                 );
-                self.last().1.clone()
+                // Tried again when the file changes, or in a minute.
+                let mut last = self.last();
+                last.2 = Instant::now();
+                last.1.clone()
             }
             Err(_) => self.last().1.clone(),
         }

@@ -21,11 +21,13 @@
 //! commit or install during a collection notes the blobs it names as *touched*, and the sweep
 //! skips them; a commit that needs a blob already swept is refused with [`StoreError::BlobGone`]
 //! (its request fails cleanly and the client pushes the blob again); installing the blob anew
-//! makes it welcome again, and a file is deleted only if no install has. The sweep decides each
-//! small batch under the state's mutex, the same one a commit's admission and an install take,
-//! so each commit is decided either before a batch (its blobs are touched and kept) or after it
-//! (a swept blob it needs refuses it): the sweep never makes a push wait for its journal write
-//! other than by sharing the journal's group commit.
+//! makes it welcome again once the batch's removals are written (until then a commit that
+//! needs it is refused too, so that its link can never be written before them and be undone),
+//! and a file is deleted only if no install has. The sweep decides each small batch under the
+//! state's mutex, the same one a commit's admission and an install take, so each commit is
+//! decided either before a batch (its blobs are touched and kept) or after it (a swept blob it
+//! needs is refused): the sweep never makes a push wait for its journal write other than by
+//! sharing the journal's group commit.
 //! Installing a blob that is already there, and linking one, refreshes its file's time, so the
 //! grace period protects it from the next collections too. So a blob uploaded or linked after
 //! the mark survives, and nothing acknowledged names a missing file.
@@ -790,11 +792,20 @@ mod tests {
         let sweeping = begin(&store).await.unwrap();
         assert!(matches!(begin(&store).await, Err(StoreError::Busy(_))));
         drop(sweeping);
-        // A collection whose future is dropped part-way (a client that hung up).
-        let gc = store.gc(GcOptions::new(Duration::ZERO));
-        let _ = tokio::time::timeout(Duration::from_micros(1), gc).await;
+        // A run whose task is cancelled part-way (a client that hung up on a collection).
+        let s = store.clone();
+        let task = tokio::spawn(async move {
+            let _run = begin(&s).await.unwrap();
+            std::future::pending::<()>().await
+        });
+        while !store.inner.gc.state().running {
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(begin(&store).await, Err(StoreError::Busy(_))));
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
         let again = begin(&store).await;
-        assert!(again.is_ok(), "a dropped run left the store busy");
+        assert!(again.is_ok(), "a cancelled run left the store busy");
         drop(again);
         store.close().await;
     }
