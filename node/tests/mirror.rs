@@ -219,6 +219,26 @@ async fn credentials_reach_the_upstream_and_stay_out_of_every_data_directory() {
     }
 }
 
+/// Asks `mirror` through `asker`'s network to fetch a blob from its upstream (`ask`, a
+/// [`SyncRequest::Mirror`](shoal_protocol::message::SyncRequest::Mirror)) until it answers
+/// that it holds it.
+async fn wait_mirrored(
+    asker: &shoal_node::net::Network,
+    mirror: libp2p::PeerId,
+    ask: shoal_protocol::message::SyncRequest,
+    what: &str,
+) {
+    use shoal_protocol::message::{MirrorState, SyncResponse};
+    testnet::wait_until(Duration::from_secs(30), what, || {
+        let ask = ask.clone();
+        async move {
+            let answer = asker.sync(mirror, ask).await.ok()?;
+            (answer == SyncResponse::Mirror(MirrorState::Done)).then_some(())
+        }
+    })
+    .await;
+}
+
 /// Whether any file under `dir` contains `needle`.
 fn contains_anywhere(dir: &std::path::Path, needle: &[u8]) -> bool {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -309,18 +329,7 @@ async fn a_peer_cannot_make_a_node_fetch_from_an_upstream_it_does_not_mirror() {
     assert_eq!(standin.blob_gets("team/app", &digest), 0);
     // The one request that names what the node mirrors is served.
     let good = ask(UPSTREAM, &format!("{UPSTREAM}/team/app"));
-    testnet::wait_until(
-        Duration::from_secs(20),
-        "the mirror fetches the blob",
-        || {
-            let (asker, good) = (asker.clone(), good.clone());
-            async move {
-                let answer = asker.sync(mirror_peer, good).await.ok()?;
-                (answer == SyncResponse::Mirror(MirrorState::Done)).then_some(())
-            }
-        },
-    )
-    .await;
+    wait_mirrored(asker, mirror_peer, good, "the mirror fetches the blob").await;
     assert_eq!(standin.blob_gets("team/app", &digest), 1);
 }
 
@@ -558,16 +567,11 @@ async fn a_member_that_may_not_read_a_private_namespace_cannot_make_its_mirror_f
 
     // Granted, the same member is served: the refusal was the private namespace's.
     apply(&net.nodes[0], admin.sign(grant("guests"), 0)).await;
-    testnet::wait_until(
-        Duration::from_secs(30),
+    wait_mirrored(
+        asker,
+        mirror_peer,
+        ask,
         "the granted member's ask is fetched",
-        || {
-            let (asker, ask) = (asker.clone(), ask.clone());
-            async move {
-                let answer = asker.sync(mirror_peer, ask).await.ok()?;
-                (answer == SyncResponse::Mirror(MirrorState::Done)).then_some(())
-            }
-        },
     )
     .await;
     assert_eq!(standin.blob_gets("team/app", &digest), 1);
