@@ -102,9 +102,12 @@ impl Hostile {
         wait_until(WAIT, "a stream to the node", || {
             let mut control = control.clone();
             async move {
-                control
-                    .open_stream(peer, StreamProtocol::new(protocol))
+                // An attempt that stalls (a connection going away mid-negotiation) is given
+                // up and made again.
+                let open = control.open_stream(peer, StreamProtocol::new(protocol));
+                tokio::time::timeout(Duration::from_secs(5), open)
                     .await
+                    .ok()?
                     .ok()
             }
         })
@@ -612,13 +615,13 @@ async fn oversized_sync_requests_are_refused_at_their_header() {
     for _ in 0..3 {
         let mut s = hostile.open(node.peer_id(), SYNC_PROTOCOL).await;
         // The node may close the stream before all of it is written.
-        let _ = announce(&mut s, 4 * MIB as u32, 1024).await;
+        let _ = tokio::time::timeout(WAIT, announce(&mut s, 4 * MIB as u32, 1024)).await;
         assert!(closed(&mut s).await, "the stream was closed at once");
     }
     // Only the streams were refused: the connection is still up.
-    let ok = node
-        .sync(hostile.id, SyncRequest::Summary)
+    let ok = tokio::time::timeout(WAIT, node.sync(hostile.id, SyncRequest::Summary))
         .await
+        .expect("the sync request ends")
         .expect("the hostile peer answers");
     assert_eq!(ok, SyncResponse::Error("no".into()));
 }
