@@ -25,11 +25,7 @@ async fn put_blob(store: &Store, n: u64) {
 }
 
 async fn open(root: &Path) -> Store {
-    let root = root.to_owned();
-    tokio::task::spawn_blocking(move || Store::open(&root))
-        .await
-        .unwrap()
-        .unwrap()
+    Store::open_in_test(root).await
 }
 
 /// Closes `store` and opens its data directory again, once the journal thread of the closed

@@ -708,14 +708,6 @@ pub(super) fn visit_blob_files(
 mod tests {
     use super::*;
 
-    async fn open(root: &Path) -> Store {
-        let root = root.to_owned();
-        tokio::task::spawn_blocking(move || Store::open(&root))
-            .await
-            .unwrap()
-            .unwrap()
-    }
-
     /// Stores a blob of eight bytes made of `n`, and returns its digest.
     async fn put(store: &Store, n: u64) -> Digest {
         let digest = Digest::sha256(&n.to_be_bytes());
@@ -728,7 +720,7 @@ mod tests {
     #[tokio::test]
     async fn a_commit_before_a_sweep_batch_keeps_its_blob_and_one_after_it_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path()).await;
+        let store = Store::open_in_test(dir.path()).await;
         let (r, other): (RepoName, RepoName) = ("r".parse().unwrap(), "o".parse().unwrap());
         let (kept, swept) = (put(&store, 1).await, put(&store, 2).await);
         store
@@ -764,7 +756,7 @@ mod tests {
     #[tokio::test]
     async fn a_blob_installed_again_links_only_after_the_sweeps_removals_are_written() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path()).await;
+        let store = Store::open_in_test(dir.path()).await;
         let r: RepoName = "r".parse().unwrap();
         let blob = put(&store, 3).await;
         // A sweep decided on the blob and has not written its removals yet.
@@ -784,7 +776,7 @@ mod tests {
     #[tokio::test]
     async fn a_run_ends_when_it_is_dropped_even_cancelled() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path()).await;
+        let store = Store::open_in_test(dir.path()).await;
         let sweeping = begin(&store).await.unwrap();
         assert!(matches!(begin(&store).await, Err(StoreError::Busy(_))));
         drop(sweeping);

@@ -860,3 +860,16 @@ impl BlobWriter {
         Ok(len)
     }
 }
+
+#[cfg(test)]
+impl Store {
+    /// Opens the store at `root` from async test code (the open blocks: it runs on the
+    /// blocking pool).
+    pub(crate) async fn open_in_test(root: &Path) -> Store {
+        let root = root.to_owned();
+        tokio::task::spawn_blocking(move || Store::open(&root))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
