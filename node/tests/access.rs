@@ -315,6 +315,18 @@ async fn a_record_naming_a_private_blob_from_a_public_repository_does_not_unlock
         .unwrap(),
         SyncResponse::BlobIndex(None)
     );
+    assert_eq!(
+        net2.sync(
+            source,
+            SyncRequest::ChunkHashes {
+                digest: layer.clone(),
+                from: 0,
+            }
+        )
+        .await
+        .unwrap(),
+        SyncResponse::ChunkHashes(None)
+    );
     let mut client = ChunkClient::open(&mut net2.control(), source)
         .await
         .unwrap();
@@ -475,6 +487,18 @@ async fn a_private_repository_reaches_only_the_granted_node_and_a_revoked_grant_
             .await
             .unwrap(),
             SyncResponse::Have(None)
+        );
+        assert_eq!(
+            net2.sync(
+                source,
+                SyncRequest::ChunkHashes {
+                    digest: layer.clone(),
+                    from: 0,
+                }
+            )
+            .await
+            .unwrap(),
+            SyncResponse::ChunkHashes(None)
         );
         let mut client = ChunkClient::open(&mut net2.control(), source)
             .await

@@ -4,7 +4,9 @@
 //! deadline and is struck for it; a few peers holding every chunk stream do not keep a new asker
 //! out; a peer whose record pages go round in circles is cut off after a few pages and banned
 //! when it keeps at it; frames over their message's limit are refused unread and count against
-//! the peer that sends them.
+//! the peer that sends them; a peer that offers to fetch an upstream's blob for the fleet and
+//! hands out the hashes and bytes of another blob is caught by the blob's digest, reported, and
+//! the upstream's blob fetched from the upstream.
 //!
 //! The `#[ignore]`d `measure_*` tests print the figures of issue 23 (run them one at a time with
 //! `--run-ignored only --nocapture`).
@@ -55,7 +57,17 @@ impl Drop for Hostile {
 
 impl Hostile {
     fn start(target: Multiaddr, answer: Answer) -> Hostile {
-        let mut swarm = testnet::memory_swarm(
+        Hostile::start_as(
+            libp2p::identity::Keypair::generate_ed25519(),
+            target,
+            answer,
+        )
+    }
+
+    /// [`Hostile::start`] with the identity `key`.
+    fn start_as(key: libp2p::identity::Keypair, target: Multiaddr, answer: Answer) -> Hostile {
+        let mut swarm = testnet::memory_swarm_as(
+            key,
             |_| HostileBehaviour {
                 stream: libp2p_stream::Behaviour::new(),
                 sync: request_response::Behaviour::with_codec(
@@ -717,4 +729,146 @@ async fn measure_rss_under_3_connections_of_stalled_sync_frames_at_the_limit() {
         max - 1024,
     )
     .await;
+}
+
+// ---- a peer fetching an upstream's blob for the fleet that lies about its chunks -------------
+
+/// The rank of `peer` for fetching `digest` from an upstream for the fleet, as nodes compute it
+/// (highest first): the node asks a peer ranked above itself to fetch for it.
+fn mirror_rank(digest: &Digest, peer: &PeerId) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("shoal mirror rendezvous v1");
+    h.update(digest.to_string().as_bytes());
+    h.update(&peer.to_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// Serves every chunk request on `control`'s incoming chunk streams from `bytes`, whatever blob
+/// it names.
+async fn serve_chunks_of(mut control: libp2p_stream::Control, bytes: Arc<Vec<u8>>) {
+    use shoal_protocol::message::{CHUNK_PROTOCOL, ChunkResponse, MAX_CHUNK_FRAME_BYTES};
+    let mut incoming = control
+        .accept(StreamProtocol::new(CHUNK_PROTOCOL))
+        .expect("accept chunk streams");
+    while let Some((_, mut stream)) = incoming.next().await {
+        let bytes = bytes.clone();
+        tokio::spawn(async move {
+            while let Ok(frame) =
+                shoal_node::net::framing::read_frame(&mut stream, MAX_CHUNK_FRAME_BYTES).await
+            {
+                let Ok(request) = codec::decode::<ChunkRequest>(&frame) else {
+                    return;
+                };
+                let (start, end) = (
+                    request.offset as usize,
+                    (request.offset + request.length) as usize,
+                );
+                let Some(part) = bytes.get(start..end) else {
+                    return;
+                };
+                let ok = ChunkResponse::Ok {
+                    length: request.length,
+                };
+                if write_frame(&mut stream, &codec::encode(&ok).expect("encode"))
+                    .await
+                    .is_err()
+                    || stream.write_all(part).await.is_err()
+                    || stream.flush().await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_fetching_an_upstream_blob_for_the_fleet_that_hands_out_another_blob_is_caught() {
+    use shoal_protocol::message::{ChunkHashes, HaveChunks, MirrorState};
+    use shoal_protocol::{Bitfield, BlobIndex};
+    let test =
+        "a_peer_fetching_an_upstream_blob_for_the_fleet_that_hands_out_another_blob_is_caught";
+    let Some(standin) = testnet::standin::StandIn::start(test, None).await else {
+        return;
+    };
+    let img = image(31, &[3 * MIB]);
+    standin.push("team/app", "1", &img).await;
+    let mut net = TestNet::with_identities(1);
+    net.mirror = shoal_node::config::MirrorConfig {
+        upstreams: vec![
+            toml::from_str(&format!(
+                "name = \"upstream.test\"\nurl = \"{}\"\ninsecure = true\ntimeout_ms = 1000\n",
+                standin.url()
+            ))
+            .expect("an upstream table"),
+        ],
+        default: None,
+    };
+    net.start_next().await;
+    let node = net.nodes[0].node().network().clone();
+    // The lie: a blob of the layer's size, other bytes, and their chunk hashes, which check out
+    // chunk by chunk.
+    let layer = Digest::sha256(&img.blobs[1]);
+    let size = img.blobs[1].len() as u64;
+    let other: Vec<u8> = img.blobs[1].iter().map(|b| b ^ 0x5a).collect();
+    let lie = BlobIndex::of(&other, shoal_protocol::blob_index::chunk_size_for(size)).unwrap();
+    let count = lie.chunk_count();
+    // An identity that the node ranks above itself for the layer, so that it asks this peer to
+    // fetch the layer from the upstream for it.
+    let key = loop {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        if mirror_rank(&layer, &key.public().to_peer_id()) > mirror_rank(&layer, &node.peer_id()) {
+            break key;
+        }
+    };
+    let asked = Arc::new(AtomicU64::new(0));
+    let answer: Answer = {
+        let (lie, layer, asked) = (lie.clone(), layer.clone(), asked.clone());
+        Arc::new(move |request| match request {
+            SyncRequest::Hello(_) => SyncResponse::Hello(None),
+            SyncRequest::Mirror { digest, .. } if digest == layer => {
+                asked.fetch_add(1, Ordering::Relaxed);
+                SyncResponse::Mirror(MirrorState::Fetching { received: size })
+            }
+            SyncRequest::ChunkHashes { digest, from } if digest == layer => {
+                SyncResponse::ChunkHashes(Some(ChunkHashes {
+                    size,
+                    chunk_size: lie.chunk_size(),
+                    from,
+                    hashes: lie.chunks()[(from as usize).min(count as usize)..].to_vec(),
+                }))
+            }
+            SyncRequest::Have { digest } | SyncRequest::HaveWait { digest, .. }
+                if digest == layer =>
+            {
+                SyncResponse::Have(Some(HaveChunks::from(&Bitfield::full(count))))
+            }
+            _ => SyncResponse::Error("no".into()),
+        })
+    };
+    let liar = Hostile::start_as(key, address_of(&net, 0), answer);
+    tokio::spawn(serve_chunks_of(liar.control.clone(), Arc::new(other)));
+    wait_until(WAIT, "the liar to be connected", || async {
+        let peers = node.peers().await.ok()?;
+        peers.iter().any(|p| p.peer_id == liar.id).then_some(())
+    })
+    .await;
+    // The pull gets the upstream's layer, byte for byte.
+    let repo = "upstream.test/team/app";
+    let r = net.nodes[0].get(&format!("/v2/{repo}/manifests/1")).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = net.nodes[0].get(&format!("/v2/{repo}/blobs/{layer}")).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(Digest::sha256(&r.body), layer, "the layer's bytes");
+    // The liar was asked, its chunks taken and found out at the digest: it is banned, and the
+    // node fetched the layer from the upstream itself, once.
+    assert!(
+        asked.load(Ordering::Relaxed) > 0,
+        "the liar was never asked"
+    );
+    assert!(node.is_banned(&liar.id), "the liar is not banned");
+    assert_eq!(standin.blob_gets("team/app", &layer), 1);
+    assert_eq!(
+        net.nodes[0].node().store().blob_size(&layer).await.unwrap(),
+        Some(size)
+    );
 }

@@ -5,7 +5,8 @@
 //! chunk stream the peer drops unanswered reads as a refusal, not a failure; a peer speaking
 //! stock libp2p TLS, or only noise, is reached; nodes that meet over QUIC move to TCP and go on
 //! gossiping and transferring; a manifest a record names is found even when its holder comes
-//! back only after the client asked, and so is a layer.
+//! back only after the client asked, and so is a layer; a blob a node fetches from an upstream
+//! reaches a peer chunk by chunk as it grows.
 
 mod testnet;
 
@@ -641,4 +642,74 @@ async fn a_node_alone_in_its_site_pulls_after_another_site() {
         .await
         .unwrap_or_else(|_| panic!("node {i} did not finish its pull in 30 s"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_being_fetched_from_an_upstream_reaches_a_peer_chunk_by_chunk_as_it_grows() {
+    use shoal_protocol::BlobIndex;
+    use shoal_protocol::blob_index::chunk_size_for;
+    let net = TestNet::start(2).await;
+    net.wait_connected(1).await;
+    let bytes = image(41, &[6 * MIB]).blobs[1].clone();
+    let (digest, size) = (Digest::sha256(&bytes), bytes.len() as u64);
+    let index = BlobIndex::of(&bytes, chunk_size_for(size)).unwrap();
+    let (count, half) = (index.chunk_count(), index.chunk_count() / 2);
+    let chunk = |i: u32| {
+        let r = index.chunk_range(i).unwrap();
+        &bytes[r.start as usize..r.end as usize]
+    };
+    // The source has the first half of the blob from "the upstream", so far.
+    let source = net.nodes[0].node();
+    let growing = source.store().growing_partial(&digest, size).await.unwrap();
+    for i in 0..half {
+        growing.write_own_chunk(i, chunk(i)).unwrap();
+    }
+    let follower = net.nodes[1].node();
+    let fetcher = shoal_node::fetch::Fetcher::new(
+        follower.store().clone(),
+        follower.network().clone(),
+        tokio_util::sync::CancellationToken::new(),
+        tokio_util::task::TaskTracker::new(),
+    );
+    let repo: shoal_protocol::RepoName = "team/app".parse().unwrap();
+    let fetch = tokio::spawn({
+        let (d, source) = (digest.clone(), source.network().peer_id());
+        async move { fetcher.growing_blob(&repo, &d, size, source).await }
+    });
+    // The follower takes what the source holds, before the source has the rest.
+    let held = || {
+        follower
+            .store()
+            .partial_in_progress(&digest)
+            .map_or(0, |p| p.held().count_ones())
+    };
+    wait_until(WAIT, "the follower to hold the first half", || async {
+        (held() >= half).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        held(),
+        half,
+        "the follower holds chunks the source has not got"
+    );
+    assert!(!fetch.is_finished());
+    // The rest arrives at the source, and from there at the follower.
+    for i in half..count {
+        growing.write_own_chunk(i, chunk(i)).unwrap();
+    }
+    source.store().finish_partial(&growing).await.unwrap();
+    tokio::time::timeout(WAIT, fetch)
+        .await
+        .expect("the follower's fetch ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        follower.store().blob_size(&digest).await.unwrap(),
+        Some(size)
+    );
+    assert_eq!(
+        follower.store().blob_index(&digest).await.unwrap(),
+        Some(index)
+    );
 }

@@ -52,6 +52,15 @@
 //!   fleet has records for into its own store, paced by its own rate limit (`shoal prefetch
 //!   --node`). The answer says whether it was queued; the fetch itself is not reported back. A
 //!   peer that may not read the repository is refused, as is one with too many asks queued.
+//! - `Mirror { upstream, repo, digest }` → `Mirror(state)`: asks a peer that mirrors an upstream
+//!   to fetch a blob from it for the fleet, or how far it has come ([`MirrorState`]).
+//! - `ChunkHashes { digest, from }` → `ChunkHashes(Some(hashes))`: the chunk hashes the peer
+//!   knows of a blob, from chunk `from` on (at most [`MAX_CHUNK_HASHES`]), with its size and
+//!   chunk size; `None` if it knows none. The peer fetching a blob from an upstream knows each
+//!   chunk's hash as soon as the chunk arrives, long before the blob's digest can be checked,
+//!   so the fleet fetches the chunks from it (and from each other) as they arrive. Such hashes
+//!   are bound to nothing signed: the receiver checks the whole blob against its digest before
+//!   it keeps it, and a blob that fails it convicts the peer that sent the hashes.
 //! - Any request may be answered with `Error(reason)`: a short reason without internal detail.
 //!   A node answers a peer that may not read a repository as if the repository did not exist.
 //!
@@ -126,6 +135,9 @@ pub enum MessageError {
     /// A `HaveChunks` bitfield has the wrong length or too many chunks.
     #[error("malformed chunk bitfield")]
     BadBitfield,
+    /// A `ChunkHashes` answer does not fit its blob.
+    #[error("malformed chunk hashes: {0}")]
+    BadChunkHashes(String),
 }
 
 /// A message on the [`TAGS_TOPIC`] gossip topic.
@@ -239,6 +251,59 @@ pub enum SyncRequest {
         /// The blob.
         digest: Digest,
     },
+    /// The hashes the peer knows of the chunks of blob `digest`, from chunk `from` on. Appended
+    /// after `Mirror`: a node that predates it answers with an error.
+    ChunkHashes {
+        /// The blob.
+        digest: Digest,
+        /// The first chunk whose hash is wanted.
+        from: u32,
+    },
+}
+
+/// The most hashes one [`SyncResponse::ChunkHashes`] carries (512 KiB of them).
+pub const MAX_CHUNK_HASHES: usize = 16_384;
+
+/// Answer to [`SyncRequest::ChunkHashes`]: a run of a blob's chunk hashes, unsigned (see the
+/// module docs for how a receiver may use them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkHashes {
+    /// The blob's size in bytes.
+    pub size: u64,
+    /// Its chunk size: [`chunk_size_for`](crate::blob_index::chunk_size_for) its size, as every
+    /// node indexes it.
+    pub chunk_size: u32,
+    /// The chunk the first hash is of.
+    pub from: u32,
+    /// The hashes of chunks `from..from + hashes.len()`, at most [`MAX_CHUNK_HASHES`].
+    pub hashes: Vec<crate::blob_index::ChunkHash>,
+}
+
+impl ChunkHashes {
+    /// Checks the shape: the chunk size every node picks for the size, at most
+    /// [`MAX_CHUNK_HASHES`] hashes, none past the blob's last chunk.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        let bad = |why: &str| Err(MessageError::BadChunkHashes(why.to_owned()));
+        if self.chunk_size != crate::blob_index::chunk_size_for(self.size) {
+            return bad("the chunk size is not the one for the blob's size");
+        }
+        if self.hashes.len() > MAX_CHUNK_HASHES {
+            return bad("too many hashes");
+        }
+        let count = self.size.div_ceil(u64::from(self.chunk_size));
+        if count > crate::blob_index::MAX_CHUNKS as u64 {
+            return bad("too many chunks");
+        }
+        if u64::from(self.from) + self.hashes.len() as u64 > count {
+            return bad("hashes past the blob's last chunk");
+        }
+        Ok(())
+    }
+
+    /// How many chunks the blob has (valid once [`ChunkHashes::validate`] passed).
+    pub fn chunk_count(&self) -> u32 {
+        u32::try_from(self.size.div_ceil(u64::from(self.chunk_size.max(1)))).unwrap_or(u32::MAX)
+    }
 }
 
 /// Answer to [`SyncRequest::Prefetch`].
@@ -387,6 +452,8 @@ pub enum SyncResponse {
     Prefetch(PrefetchAnswer),
     /// Answer to [`SyncRequest::Mirror`].
     Mirror(MirrorState),
+    /// Answer to [`SyncRequest::ChunkHashes`]; `None` if the peer knows none of the blob's.
+    ChunkHashes(Option<ChunkHashes>),
 }
 
 /// The unvalidated wire shape of [`SyncResponse`]; variants in the same order.
@@ -412,6 +479,7 @@ enum RawSyncResponse {
     Clock(u64),
     Prefetch(PrefetchAnswer),
     Mirror(MirrorState),
+    ChunkHashes(Option<ChunkHashes>),
 }
 
 impl TryFrom<RawSyncResponse> for SyncResponse {
@@ -430,6 +498,7 @@ impl TryFrom<RawSyncResponse> for SyncResponse {
             RawSyncResponse::Clock(ms) => SyncResponse::Clock(ms),
             RawSyncResponse::Prefetch(answer) => SyncResponse::Prefetch(answer),
             RawSyncResponse::Mirror(state) => SyncResponse::Mirror(state),
+            RawSyncResponse::ChunkHashes(hashes) => SyncResponse::ChunkHashes(hashes),
         };
         response.validate()?;
         Ok(response)
@@ -452,6 +521,7 @@ impl SyncResponse {
                 Err(MessageError::ReasonTooLong)
             }
             SyncResponse::Have(Some(have)) => have.validate(),
+            SyncResponse::ChunkHashes(Some(hashes)) => hashes.validate(),
             SyncResponse::Fleet { items, .. } if items.len() > MAX_SYNC_FLEET_ITEMS => {
                 Err(MessageError::TooManyRecords { count: items.len() })
             }
@@ -465,6 +535,7 @@ impl SyncResponse {
             | SyncResponse::Records { .. }
             | SyncResponse::BlobIndex(_)
             | SyncResponse::Have(None)
+            | SyncResponse::ChunkHashes(None)
             | SyncResponse::Error(_) => Ok(()),
         }
     }
@@ -821,6 +892,17 @@ mod tests {
             crate::BlobIndex::of(&[5; 100_000], crate::blob_index::MIN_CHUNK_SIZE_BYTES).unwrap(),
         )));
         round_trip(&SyncResponse::Error("no".into()));
+        round_trip(&SyncRequest::ChunkHashes {
+            digest: Digest::sha256(b""),
+            from: 3,
+        });
+        round_trip(&SyncResponse::ChunkHashes(None));
+        round_trip(&SyncResponse::ChunkHashes(Some(ChunkHashes {
+            size: 3 << 20,
+            chunk_size: crate::blob_index::chunk_size_for(3 << 20),
+            from: 1,
+            hashes: vec![crate::ChunkHash::of(b"a"), crate::ChunkHash::of(b"b")],
+        })));
         let have = HaveChunks {
             chunk_count: 10,
             bits: vec![0b1010_0000, 0b0100_0000],
@@ -1068,6 +1150,54 @@ mod tests {
         );
     }
 
+    #[test]
+    fn chunk_hashes_that_do_not_fit_their_blob_are_refused_on_decode() {
+        let size = 3 << 20;
+        let good = ChunkHashes {
+            size,
+            chunk_size: crate::blob_index::chunk_size_for(size),
+            from: 0,
+            hashes: vec![crate::ChunkHash::of(b"a"); 12],
+        };
+        assert_eq!(good.chunk_count(), 12);
+        round_trip(&SyncResponse::ChunkHashes(Some(good.clone())));
+        let bad = [
+            // Another chunk size than every node picks: the index would differ.
+            ChunkHashes {
+                chunk_size: crate::blob_index::MIN_CHUNK_SIZE_BYTES,
+                ..good.clone()
+            },
+            // One hash past the last chunk, by count or by start.
+            ChunkHashes {
+                hashes: vec![crate::ChunkHash::of(b"a"); 13],
+                ..good.clone()
+            },
+            ChunkHashes {
+                from: 12,
+                hashes: vec![crate::ChunkHash::of(b"a")],
+                ..good.clone()
+            },
+            ChunkHashes {
+                from: u32::MAX,
+                ..good.clone()
+            },
+            // A blob too large for any index.
+            ChunkHashes {
+                size: u64::MAX,
+                chunk_size: crate::blob_index::chunk_size_for(u64::MAX),
+                hashes: vec![],
+                ..good.clone()
+            },
+        ];
+        for hashes in bad {
+            let bytes = codec::encode(&SyncResponse::ChunkHashes(Some(hashes.clone()))).unwrap();
+            assert!(
+                codec::decode::<SyncResponse>(&bytes).is_err(),
+                "accepted {hashes:?}"
+            );
+        }
+    }
+
     fn sync_request() -> impl Strategy<Value = SyncRequest> {
         prop_oneof![
             Just(SyncRequest::Summary),
@@ -1090,6 +1220,8 @@ mod tests {
                 repo,
                 reference: Reference::Digest(digest),
             }),
+            (digest(), any::<u32>())
+                .prop_map(|(digest, from)| SyncRequest::ChunkHashes { digest, from }),
         ]
     }
 
@@ -1120,6 +1252,18 @@ mod tests {
                         sending: Bitfield::new(n).to_bytes(),
                         sent: full,
                     }),
+                }))
+            }),
+            (0u64..1 << 30, 0u32..8, 0usize..8).prop_map(|(size, from, n)| {
+                let chunk_size = crate::blob_index::chunk_size_for(size);
+                let count = size.div_ceil(u64::from(chunk_size)) as u32;
+                let from = from.min(count);
+                let n = n.min((count - from) as usize);
+                SyncResponse::ChunkHashes(Some(ChunkHashes {
+                    size,
+                    chunk_size,
+                    from,
+                    hashes: (0..n).map(|i| crate::ChunkHash::of(&[i as u8])).collect(),
                 }))
             }),
         ]

@@ -320,8 +320,11 @@ impl Fetcher {
             &self.network,
             blob,
             partial,
-            candidates,
-            refresh,
+            swarm::Sources {
+                candidates,
+                refresh,
+                hashes_from: None,
+            },
             &self.bad_peers,
         )
         .await
@@ -337,6 +340,104 @@ impl Fetcher {
                 Err(FetchError::Unavailable(blob.digest.clone()))
             }
             Err(swarm::SwarmError::Store(e)) => Err(e.into()),
+            Err(swarm::SwarmError::Hashes(_)) => Err(FetchError::Unavailable(blob.digest.clone())),
+        }
+    }
+
+    /// Makes the blob `digest` (`size` bytes) of `repo` present in the store, fetched as
+    /// `source` fetches it from an upstream: each chunk as soon as it reaches `source`, from it
+    /// or from any peer that already has it, checked against the hash `source` gives for it;
+    /// the whole blob is checked against `digest` before it is kept. A `source` whose hashes
+    /// or bytes fail that is reported, and the download discarded. Concurrent requests for the
+    /// blob share one fetch, as with [`Fetcher::blob`].
+    pub async fn growing_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        source: PeerId,
+    ) -> Result<(), FetchError> {
+        let this = self.clone();
+        let (r, d) = (repo.clone(), digest.clone());
+        let mut started = false;
+        let mut download = self.start(FetchKey::Blob(digest.clone()), |state| {
+            started = true;
+            async move {
+                this.fetch_growing(&r, &d, size, source, &state).await?;
+                this.store.link(&r, &d).await?;
+                Ok(())
+            }
+        });
+        download.finished().await?;
+        if !started {
+            self.store.link(repo, digest).await?;
+        }
+        Ok(())
+    }
+
+    async fn fetch_growing(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        source: PeerId,
+        state: &watch::Sender<DownloadState>,
+    ) -> Result<(), FetchError> {
+        if self.store.blob_size(digest).await?.is_some() {
+            return Ok(());
+        }
+        let partial = self.store.growing_partial(digest, size).await?;
+        partial.for_repo(repo);
+        state.send_replace(DownloadState::Streaming(partial.clone()));
+        let _ = self.network.provide_part(digest.clone()).await;
+        let mut candidates = vec![source];
+        candidates.extend(self.candidates(digest).await);
+        let this = self.clone();
+        let d = digest.clone();
+        let refresh = move || -> futures::future::BoxFuture<'static, Vec<PeerId>> {
+            let (this, d) = (this.clone(), d.clone());
+            Box::pin(async move { this.candidates(&d).await })
+        };
+        let blob = BlobRef {
+            digest: digest.clone(),
+            size,
+            index: partial.index().id(),
+        };
+        let started = std::time::Instant::now();
+        let result = swarm::download(
+            &self.store,
+            &self.network,
+            &blob,
+            partial.clone(),
+            swarm::Sources {
+                candidates,
+                refresh,
+                hashes_from: Some(source),
+            },
+            &self.bad_peers,
+        )
+        .await;
+        if result.is_ok() {
+            tracing::info!(%digest, size, %source, elapsed_ms = started.elapsed().as_millis() as u64, "fetched a blob as a peer fetched it from an upstream");
+            let _ = self.network.provide_seed(digest.clone()).await;
+            return Ok(());
+        }
+        // The hashes learned from `source` may be what failed: none of it is kept.
+        self.store.abandon_partial(&partial).await;
+        match result {
+            Err(swarm::SwarmError::Store(StoreError::DigestMismatch { .. }))
+            | Err(swarm::SwarmError::Hashes(_)) => {
+                tracing::warn!(%source, %digest, "the chunk hashes of a peer fetching a blob from an upstream are not the blob's; reported");
+                self.bad_peers
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.network
+                    .report(source, crate::net::conduct::Offence::BadContent);
+                Err(FetchError::Unavailable(digest.clone()))
+            }
+            Err(swarm::SwarmError::Store(e)) => Err(e.into()),
+            Err(swarm::SwarmError::Stalled) | Ok(()) => {
+                Err(FetchError::Unavailable(digest.clone()))
+            }
         }
     }
 

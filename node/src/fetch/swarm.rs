@@ -10,13 +10,19 @@
 //! announces itself as a provider as soon as it starts, so later downloaders find it and take the
 //! chunks it already holds. A peer that advertises another site than this node's is marked
 //! remote, so the plan fetches each chunk over the WAN about once per site.
+//!
+//! A growing partial (a blob a peer fetches from an upstream right now) knows the hashes of its
+//! first chunks only: the download shows the plan only the chunks whose hash it knows, and asks
+//! the peer fetching the blob for more hashes (`ChunkHashes`) whenever some peer holds a chunk
+//! past them. That peer holds each chunk before anyone else, so the fleet fetches the blob
+//! about one chunk behind the upstream's stream.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use shoal_protocol::message::{HaveChunks, SyncRequest, SyncResponse};
+use shoal_protocol::message::{ChunkHashes, HaveChunks, SyncRequest, SyncResponse};
 use shoal_protocol::{BlobIndex, BlobRef};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -39,6 +45,9 @@ const IDLE_RETRY_MAX: Duration = Duration::from_secs(4);
 /// Failed `Have`s in a row after which a peer is dropped from the candidates (the candidate
 /// refresh may bring it back).
 const HAVE_FAILURES: u32 = 3;
+/// How long to wait before asking again for chunk hashes when the last answer brought none new
+/// though a peer holds a chunk past them (the source has not stored it yet).
+const HASHES_RETRY: Duration = Duration::from_millis(50);
 /// How often the download loop wakes when nothing happens, to check its limits.
 const TICK: Duration = Duration::from_millis(500);
 /// How often the candidate list is refreshed (new providers appear as others download).
@@ -75,6 +84,9 @@ pub enum SwarmError {
     Stalled,
     /// The local store failed.
     Store(crate::store::StoreError),
+    /// The peer that supplied a growing download's chunk hashes contradicted what it said
+    /// before, or could not supply them.
+    Hashes(PeerId),
 }
 
 enum Msg {
@@ -89,6 +101,8 @@ enum Msg {
         outcome: ChunkOutcome,
         client: Option<Box<ChunkClient>>,
     },
+    /// Chunk hashes from the peer that supplies them (`None`: it could not, after retries).
+    Hashes(Option<ChunkHashes>),
 }
 
 enum ChunkOutcome {
@@ -107,7 +121,29 @@ fn bitfield(have: &HaveChunks, count: u32) -> Option<Bitfield> {
     have.bitfield().filter(|b| b.len() == count)
 }
 
-/// Downloads the rest of `partial` from `candidates` (and whoever else turns up).
+/// `bits` without the chunks from `known` on, and whether it had any of them.
+fn known_part(bits: &Bitfield, known: u32) -> (Bitfield, bool) {
+    let mut masked = bits.clone();
+    let mut beyond = false;
+    for i in bits.iter_ones().filter(|i| *i >= known).collect::<Vec<_>>() {
+        masked.clear(i);
+        beyond = true;
+    }
+    (masked, beyond)
+}
+
+/// Where a download's chunks, and a growing partial's chunk hashes, come from.
+pub struct Sources<R> {
+    /// The peers asked first.
+    pub candidates: Vec<PeerId>,
+    /// More peers, asked every [`CANDIDATE_REFRESH`] (new providers appear as others download).
+    pub refresh: R,
+    /// The peer that gives a growing partial's chunk hashes (see the module docs).
+    pub hashes_from: Option<PeerId>,
+}
+
+/// Downloads the rest of `partial` from `sources.candidates` (and whoever else turns up); for
+/// a growing partial, learning its chunk hashes from `sources.hashes_from` as they become known.
 ///
 /// Every request and every peer watcher runs in a task of this download's own `JoinSet`: when
 /// the download ends, or its future is dropped (the fetch cancelled at shutdown), they are
@@ -117,12 +153,22 @@ pub async fn download(
     network: &Network,
     blob: &BlobRef,
     partial: Arc<Partial>,
-    mut candidates: Vec<PeerId>,
-    refresh_candidates: impl Fn() -> futures::future::BoxFuture<'static, Vec<PeerId>>,
+    sources: Sources<impl Fn() -> futures::future::BoxFuture<'static, Vec<PeerId>>>,
     bad_peers: &std::sync::atomic::AtomicU64,
 ) -> Result<(), SwarmError> {
+    let Sources {
+        mut candidates,
+        refresh: refresh_candidates,
+        hashes_from,
+    } = sources;
     let index: BlobIndex = partial.index().clone();
     let count = index.chunk_count();
+    // Chunks `0..known` have a known hash. While some do not, what each peer said it holds is
+    // kept whole here, and the plan is shown only the known part.
+    let mut known = partial.known_chunks();
+    let mut said: HashMap<PeerId, Bitfield> = HashMap::new();
+    let mut want_hashes = false;
+    let mut asking_hashes = false;
     let held = partial.held();
     let mut plan: Plan<PeerId> =
         Plan::new(count, held, plan_config(rand::random(), index.chunk_size()))
@@ -176,6 +222,20 @@ pub async fn download(
                 }
             }
         }
+        if want_hashes && !asking_hashes {
+            if let Some(source) = hashes_from {
+                tasks.spawn(ask_hashes(
+                    network,
+                    &tx,
+                    source,
+                    blob,
+                    known,
+                    Duration::ZERO,
+                ));
+                asking_hashes = true;
+            }
+            want_hashes = false;
+        }
         // Finished tasks have already reported on `tx`: only their slots are freed here.
         while tasks.try_join_next().is_some() {}
         if plan.is_complete() {
@@ -200,9 +260,14 @@ pub async fn download(
                 let Some(msg) = msg else { break Err(SwarmError::Stalled) };
                 match msg {
                     Msg::Have(peer, Some(have)) => {
-                        if let Some(bits) = bitfield(&have, count) {
+                        if let Some(mut bits) = bitfield(&have, count) {
                             if network.is_remote(&peer) {
                                 plan.handle(Event::PeerRemote { peer }, start.elapsed());
+                            }
+                            if known < count {
+                                let (part, beyond) = known_part(&bits, known);
+                                want_hashes |= beyond;
+                                said.insert(peer, std::mem::replace(&mut bits, part));
                             }
                             plan.handle(Event::PeerHas { peer, have: bits }, start.elapsed());
                             if let Some((sending, sent)) = have.serve_bitfields() {
@@ -211,8 +276,43 @@ pub async fn download(
                             }
                         }
                     }
-                    Msg::Gone(peer) => plan.handle(Event::PeerGone { peer }, start.elapsed()),
+                    Msg::Gone(peer) => {
+                        said.remove(&peer);
+                        plan.handle(Event::PeerGone { peer }, start.elapsed());
+                    }
+                    Msg::Hashes(answer) => {
+                        asking_hashes = false;
+                        let Some(source) = hashes_from else { continue };
+                        let fits = answer.as_ref().is_some_and(|h| {
+                            h.size == index.size() && h.chunk_size == index.chunk_size()
+                        });
+                        let learned = match answer.filter(|_| fits) {
+                            Some(h) => partial.learn(h.from, &h.hashes).ok(),
+                            None => None,
+                        };
+                        let Some(now_known) = learned else {
+                            tracing::warn!(peer = %source, digest = %blob.digest, "the peer fetching a blob from an upstream sent chunk hashes that contradict its own, or none");
+                            break Err(SwarmError::Hashes(source));
+                        };
+                        if now_known > known {
+                            known = now_known;
+                            for (peer, bits) in &said {
+                                let (part, beyond) = known_part(bits, known);
+                                want_hashes |= beyond;
+                                plan.handle(Event::PeerHas { peer: *peer, have: part }, start.elapsed());
+                            }
+                            if known >= count {
+                                said.clear();
+                            }
+                        } else if said.values().any(|b| known_part(b, known).1) {
+                            // Nothing new yet though a peer holds a chunk past them: the source
+                            // has not stored it yet. Ask again shortly.
+                            tasks.spawn(ask_hashes(network, &tx, source, blob, known, HASHES_RETRY));
+                            asking_hashes = true;
+                        }
+                    }
                     Msg::Have(peer, None) => {
+                        said.remove(&peer);
                         // It gave up, or it is unreachable: forget it; a later candidate refresh
                         // may bring it back.
                         plan.handle(Event::PeerGone { peer }, start.elapsed());
@@ -277,6 +377,38 @@ pub fn plan_config(seed: u64, chunk_size: u32) -> PlanConfig {
         request_timeout: REQUEST_TIMEOUT,
         seed,
         ..PlanConfig::default()
+    }
+}
+
+/// Asks `source`, after `delay`, for the hashes of the chunks from `from` on, a few times if it
+/// fails.
+fn ask_hashes(
+    network: &Network,
+    tx: &mpsc::Sender<Msg>,
+    source: PeerId,
+    blob: &BlobRef,
+    from: u32,
+    delay: Duration,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let (network, tx, digest) = (network.clone(), tx.clone(), blob.digest.clone());
+    async move {
+        tokio::time::sleep(delay).await;
+        let mut answer = None;
+        for attempt in 0..HAVE_FAILURES {
+            if attempt > 0 {
+                tokio::time::sleep(HAVE_RETRY).await;
+            }
+            let request = SyncRequest::ChunkHashes {
+                digest: digest.clone(),
+                from,
+            };
+            if let Ok(SyncResponse::ChunkHashes(Some(hashes))) = network.sync(source, request).await
+            {
+                answer = Some(hashes);
+                break;
+            }
+        }
+        let _ = tx.send(Msg::Hashes(answer)).await;
     }
 }
 
@@ -357,6 +489,8 @@ async fn request_chunk(
         // Written by a request the plan gave up on (timed out or cancelled) after its bytes
         // arrived: nothing to fetch.
         Some(range) if partial.has(chunk) => (ChunkOutcome::Done(range.end - range.start), client),
+        // Its hash is not known yet (the plan is never shown such a chunk).
+        Some(_) if chunk >= partial.known_chunks() => (ChunkOutcome::Failed, client),
         Some(range) => {
             let fetch = |client| {
                 let (network, partial, buffers) = (&network, &partial, &buffers);

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use shoal_protocol::message::{MirrorState, SyncRequest, SyncResponse};
-use shoal_protocol::{BlobRef, Digest, Reference, RepoName, Tag, TagTarget};
+use shoal_protocol::{Digest, Reference, RepoName, Tag, TagTarget};
 use tokio::sync::{Semaphore, watch};
 
 use super::route::{Routed, Routes};
@@ -65,8 +65,9 @@ const MAX_UPSTREAM_FETCHES: usize = 8;
 const PEER_ASKS_CAPACITY: usize = 64;
 /// How long a failed upstream fetch is remembered (and not started again for a peer).
 const FAILURE_MEMORY: Duration = Duration::from_secs(30);
-/// How often a node asks the peer fetching a blob from the upstream how far it has come.
-const PEER_POLL: Duration = Duration::from_millis(500);
+/// How often a node asks the peer fetching a blob from the upstream how far it has come, until
+/// the chunks start to arrive there.
+const PEER_POLL: Duration = Duration::from_millis(200);
 /// How long a peer's upstream fetch may go without progress before the node fetches the blob
 /// from the upstream itself.
 const PEER_STALL: Duration = Duration::from_secs(15);
@@ -688,40 +689,23 @@ impl Mirror {
             if peer == me {
                 return Ok(false);
             }
-            if self
+            let Some(size) = self
                 .wait_for_peer(network, peer, upstream, repo, digest)
                 .await
-            {
-                let answer = network
-                    .sync(
-                        peer,
-                        SyncRequest::BlobIndex {
-                            digest: digest.clone(),
-                        },
-                    )
-                    .await;
-                let Ok(SyncResponse::BlobIndex(Some(index))) = answer else {
-                    continue;
-                };
-                if index.digest() != digest {
-                    continue;
-                }
-                // The index comes from the peer, not from a signed record: each chunk is
-                // checked against it, and the whole blob against its digest before it is kept.
-                let blob = BlobRef {
-                    digest: digest.clone(),
-                    size: index.size(),
-                    index: index.id(),
-                };
-                fetcher.blob(repo, &blob).await?;
-                return Ok(true);
-            }
+            else {
+                continue;
+            };
+            // The chunks come from the peer (and from each other) as they reach it, each checked
+            // against the hash it gives, and the whole blob against its digest before it is kept.
+            fetcher.growing_blob(repo, digest, size, peer).await?;
+            return Ok(true);
         }
         Ok(false)
     }
 
-    /// Asks `peer` to fetch the blob from the upstream and waits while it makes progress;
-    /// whether it holds the blob in the end.
+    /// Asks `peer` to fetch the blob from the upstream and waits until it has its first chunk
+    /// hashes (or the whole blob); the blob's size then, `None` if the peer does not fetch it or
+    /// makes no progress.
     async fn wait_for_peer(
         &self,
         network: &Network,
@@ -729,7 +713,7 @@ impl Mirror {
         upstream: &Upstream,
         repo: &RepoName,
         digest: &Digest,
-    ) -> bool {
+    ) -> Option<u64> {
         let mut received = 0;
         let mut progress_at = std::time::Instant::now();
         loop {
@@ -739,7 +723,7 @@ impl Mirror {
                 digest: digest.clone(),
             };
             match network.sync(peer, request).await {
-                Ok(SyncResponse::Mirror(MirrorState::Done)) => return true,
+                Ok(SyncResponse::Mirror(MirrorState::Done)) => {}
                 Ok(SyncResponse::Mirror(MirrorState::Fetching { received: r })) => {
                     if r > received {
                         (received, progress_at) = (r, std::time::Instant::now());
@@ -747,15 +731,22 @@ impl Mirror {
                 }
                 Ok(SyncResponse::Mirror(MirrorState::Failed(why))) => {
                     tracing::info!(%peer, %digest, why, "a peer's fetch from the upstream failed");
-                    return false;
+                    return None;
                 }
                 other => {
                     tracing::debug!(%peer, %digest, answer = ?other.map(|_| "no mirror"), "a peer does not fetch this blob from the upstream");
-                    return false;
+                    return None;
                 }
             }
+            let request = SyncRequest::ChunkHashes {
+                digest: digest.clone(),
+                from: 0,
+            };
+            if let Ok(SyncResponse::ChunkHashes(Some(h))) = network.sync(peer, request).await {
+                return Some(h.size);
+            }
             if progress_at.elapsed() > PEER_STALL || self.inner.cancel.is_cancelled() {
-                return false;
+                return None;
             }
             tokio::time::sleep(PEER_POLL).await;
         }
@@ -841,14 +832,17 @@ impl Mirror {
             tracing::warn!(%digest, error = &e as &dyn std::error::Error, "storing a blob from an upstream");
             format!("storing {digest} failed on this node")
         };
-        let mut writer = store
-            .blob_writer(digest.algorithm(), blob.content_length)
-            .await
-            .map_err(fail)?;
-        let mut received = 0u64;
-        let mut body = blob.stream;
+        let mismatch = |e: StoreError| match e {
+            StoreError::DigestMismatch { .. } | StoreError::ChunkRejected { .. } => {
+                tracing::warn!(upstream = upstream.name(), %repo, %digest, "the upstream sent a blob that fails its digest");
+                format!("{} sent {digest} with other content", upstream.name())
+            }
+            e => fail(e),
+        };
         let content_length = blob.content_length;
-        while let Some(piece) = body.next().await {
+        let mut body = blob.stream;
+        let mut received = 0u64;
+        let mut next = |piece: Result<bytes::Bytes, UpstreamError>| {
             let piece = piece.map_err(|e| describe(upstream, remote, &digest.to_string(), &e))?;
             received += piece.len() as u64;
             // A body longer than announced is not the blob: stop before writing past it.
@@ -858,16 +852,67 @@ impl Mirror {
                     upstream.name()
                 ));
             }
-            writer.write(&piece).await.map_err(fail)?;
             progress.send_replace(BlobFetch::Running(received));
-        }
-        writer.finish(digest).await.map_err(|e| match e {
-            StoreError::DigestMismatch { .. } => {
-                tracing::warn!(upstream = upstream.name(), %repo, %digest, "the upstream sent a blob that fails its digest");
-                format!("{} sent {digest} with other content", upstream.name())
+            Ok(piece)
+        };
+        let growing = match content_length {
+            Some(size) => store.growing_partial(digest, size).await.ok(),
+            None => None,
+        };
+        if let Some(partial) = growing {
+            // Chunk by chunk into a growing download, which the fleet fetches from as it grows.
+            partial.for_repo(repo);
+            if let Some(n) = &self.inner.network {
+                let _ = n.provide_part(digest.clone()).await;
             }
-            e => fail(e),
-        })?;
+            let chunk_size = partial.index().chunk_size() as usize;
+            let mut chunk = Vec::with_capacity(chunk_size);
+            let mut written = 0u32;
+            let mut write = async |chunk: Vec<u8>| -> Result<(), String> {
+                let (p, i) = (partial.clone(), written);
+                tokio::task::spawn_blocking(move || p.write_own_chunk(i, &chunk))
+                    .await
+                    .map_err(|e| fail(e.into()))?
+                    .map_err(mismatch)?;
+                written += 1;
+                Ok(())
+            };
+            while let Some(piece) = body.next().await {
+                let piece = next(piece)?;
+                let mut rest = &piece[..];
+                while !rest.is_empty() {
+                    let take = (chunk_size - chunk.len()).min(rest.len());
+                    chunk.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if chunk.len() == chunk_size {
+                        write(std::mem::replace(
+                            &mut chunk,
+                            Vec::with_capacity(chunk_size),
+                        ))
+                        .await?;
+                    }
+                }
+            }
+            if !chunk.is_empty() {
+                write(chunk).await?;
+            }
+            if content_length != Some(received) {
+                return Err(format!(
+                    "{} sent {received} bytes of {digest}, fewer than it announced",
+                    upstream.name()
+                ));
+            }
+            store.finish_partial(&partial).await.map_err(mismatch)?;
+        } else {
+            let mut writer = store
+                .blob_writer(digest.algorithm(), content_length)
+                .await
+                .map_err(fail)?;
+            while let Some(piece) = body.next().await {
+                writer.write(&next(piece)?).await.map_err(fail)?;
+            }
+            writer.finish(digest).await.map_err(mismatch)?;
+        }
         store.link(repo, digest).await.map_err(fail)?;
         tracing::info!(upstream = upstream.name(), %repo, %digest, bytes = received, elapsed_ms = started.elapsed().as_millis() as u64, "fetched a blob from the upstream");
         if let Some(n) = &self.inner.network {

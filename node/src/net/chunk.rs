@@ -512,6 +512,22 @@ async fn serve_stream(
                 answer(&mut stream, &ChunkResponse::Busy).await?;
                 continue;
             };
+            // A blob this node fetches from an upstream enters the fleet here: its sends are
+            // logged as a seeder's are, so the fleet takes each chunk from here about once.
+            let log = p.is_upstream_fetch().then(|| {
+                let index = p.index();
+                serving
+                    .log
+                    .blob(&request.digest, index.size(), index.chunk_size().into())
+            });
+            let sending = match log.map(|log| log.start(request.offset, request.length)) {
+                Some(Start::Declined) => {
+                    answer(&mut stream, &ChunkResponse::Busy).await?;
+                    continue;
+                }
+                Some(Start::Logged(sending)) => Some(sending),
+                Some(Start::Unlogged) | None => None,
+            };
             let ok = ChunkResponse::Ok {
                 length: request.length,
             };
@@ -526,6 +542,9 @@ async fn serve_stream(
                 &mut in_flight,
             );
             sent.await?;
+            if let Some(sending) = sending {
+                sending.finish();
+            }
             continue;
         };
         let end = request.offset.saturating_add(request.length);

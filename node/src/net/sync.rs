@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use shoal_protocol::fleet::FleetItem;
 use shoal_protocol::message::{
-    HAVE_WAIT_MAX, HaveChunks, MAX_SYNC_FLEET_ITEMS, MAX_SYNC_RECORDS, RecordsPage, SummaryHasher,
-    SyncRequest, SyncResponse,
+    ChunkHashes, HAVE_WAIT_MAX, HaveChunks, MAX_CHUNK_HASHES, MAX_SYNC_FLEET_ITEMS,
+    MAX_SYNC_RECORDS, RecordsPage, SummaryHasher, SyncRequest, SyncResponse,
 };
 use shoal_protocol::{Bitfield, Digest, PublisherKey, RepoName, SignedTagRecord, Tag, codec};
 use tokio::sync::mpsc;
@@ -148,6 +148,12 @@ pub(super) async fn answer(
         SyncRequest::BlobIndex { digest } if !reader.may_have(store, &digest).await? => {
             SyncResponse::BlobIndex(None)
         }
+        SyncRequest::ChunkHashes { digest, .. } if !reader.may_have(store, &digest).await? => {
+            SyncResponse::ChunkHashes(None)
+        }
+        SyncRequest::ChunkHashes { digest, from } => {
+            SyncResponse::ChunkHashes(chunk_hashes(store, &digest, from).await?)
+        }
         SyncRequest::Have { digest } => SyncResponse::Have(have(store, log, &digest).await?),
         SyncRequest::HaveWait {
             digest,
@@ -243,9 +249,55 @@ async fn have(
             ..HaveChunks::from(&all)
         }));
     }
-    Ok(store
-        .partial_in_progress(digest)
-        .map(|p| HaveChunks::from(&p.held())))
+    Ok(store.partial_in_progress(digest).map(|p| {
+        let serves = upstream_fetch_log(log, &p).map(|log| log.report());
+        HaveChunks {
+            serves,
+            ..HaveChunks::from(&p.held())
+        }
+    }))
+}
+
+/// The upload log of a download this node fetches from an upstream (it seeds the fleet).
+fn upstream_fetch_log(
+    log: &ServeLog,
+    partial: &crate::store::partial::Partial,
+) -> Option<Arc<BlobLog>> {
+    partial.is_upstream_fetch().then(|| {
+        let index = partial.index();
+        log.blob(index.digest(), index.size(), index.chunk_size().into())
+    })
+}
+
+/// The hashes this node knows of the chunks of `digest` from `from` on: those of a stored
+/// blob's index, or those a download (growing or not) knows so far.
+async fn chunk_hashes(
+    store: &Store,
+    digest: &Digest,
+    from: u32,
+) -> Result<Option<ChunkHashes>, NetError> {
+    let (size, chunk_size, hashes) = if let Some(index) = store.blob_index(digest).await? {
+        let hashes = index
+            .chunks()
+            .iter()
+            .skip(from as usize)
+            .take(MAX_CHUNK_HASHES);
+        (index.size(), index.chunk_size(), hashes.copied().collect())
+    } else if let Some(p) = store.partial_in_progress(digest) {
+        let hashes = p.known_hashes(from, MAX_CHUNK_HASHES);
+        (p.index().size(), p.index().chunk_size(), hashes)
+    } else {
+        return Ok(None);
+    };
+    let count = size.div_ceil(u64::from(chunk_size.max(1)));
+    let hashes = ChunkHashes {
+        size,
+        chunk_size,
+        from: u32::try_from(count).unwrap_or(u32::MAX).min(from),
+        hashes,
+    };
+    // A blob indexed with another chunk size (by an older rule) has no hashes to offer here.
+    Ok(hashes.validate().is_ok().then_some(hashes))
 }
 
 /// The upload log of a blob this node stores whole, `None` if it does not.
@@ -278,17 +330,28 @@ async fn have_wait(
     }
     if let Some(partial) = store.partial_in_progress(digest) {
         let mut progress = partial.progress();
+        let mut version = upstream_fetch_log(log, &partial).map(|log| log.subscribe());
         // Copied out at once: the borrowed value holds the watch's lock, which the downloader
         // needs to publish its next chunk.
-        let complete = tokio::time::timeout(
-            HAVE_WAIT_MAX,
-            progress.wait_for(|p| p.held > held || p.complete),
-        )
-        .await
-        .map(|r| r.map(|p| p.complete));
-        if let Ok(Ok(false)) = complete {
-            return Ok(Some(HaveChunks::from(&partial.held())));
-        }
+        let more = async {
+            progress
+                .wait_for(|p| p.held > held || p.complete)
+                .await
+                .map(|_| ())
+        };
+        let report = async {
+            match &mut version {
+                Some(v) => v.wait_for(|v| *v != serves).await.map(|_| ()),
+                None => std::future::pending().await,
+            }
+        };
+        let _ = tokio::time::timeout(HAVE_WAIT_MAX, async {
+            tokio::select! {
+                r = more => r,
+                r = report => r,
+            }
+        })
+        .await;
     }
     have(store, log, digest).await
 }

@@ -14,13 +14,22 @@
 //! same prefix a streaming HTTP client is sent), so completing a download costs no extra pass
 //! over the network and only page-cache reads for chunks that arrived out of order. A complete
 //! partial becomes a blob by rename only if that digest matches.
+//!
+//! A *growing* partial ([`Store::growing_partial`]) begins without its chunk hashes: a blob
+//! fetched from an upstream registry has only its sha256 digest, and the node fetching it learns
+//! each chunk's hash as the chunk arrives. The rest of the fleet fetches those chunks from it
+//! (and from each other) at once, each checked against the hashes it learned so far from that
+//! node ([`Partial::learn`]); a chunk whose hash is not known yet cannot be written. Nothing
+//! signed vouches for such hashes, so the digest check at the end is what keeps a lying node's
+//! bytes out of the store. A signed index for the same blob, when one turns up, seals the
+//! partial: its hashes become the known ones, if they agree with those learned.
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use shoal_protocol::{Algorithm, Bitfield, BlobIndex, Digest, DigestHasher, codec};
+use shoal_protocol::{Algorithm, Bitfield, BlobIndex, ChunkHash, Digest, DigestHasher, codec};
 use tokio::sync::watch;
 
 use super::gate::Gate;
@@ -68,6 +77,11 @@ pub struct Partial {
     /// The repositories the download is for: a peer may have its chunks only if it may read
     /// one of them.
     repos: Mutex<Vec<shoal_protocol::RepoName>>,
+    /// For a growing partial, the hashes of chunks `0..n` learned so far (its `index` lists
+    /// placeholders); `None`: the index is signed and whole.
+    growing: Option<Mutex<Vec<ChunkHash>>>,
+    /// Whether this node writes the chunks itself, from an upstream ([`Partial::write_own_chunk`]).
+    upstream_fetch: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Partial {
@@ -96,6 +110,30 @@ fn dir_of(layout: &Layout, digest: &Digest) -> PathBuf {
 }
 
 impl Partial {
+    /// Starts a growing partial blob of `digest`, `size` bytes, afresh (a growing download does
+    /// not resume: the hashes it learned are not kept). Blocking.
+    fn open_growing(
+        layout: &Layout,
+        digest: Digest,
+        size: u64,
+        gate: Arc<Gate>,
+    ) -> Result<Partial, StoreError> {
+        let chunk_size = shoal_protocol::blob_index::chunk_size_for(size);
+        let count = size.div_ceil(u64::from(chunk_size));
+        let unknown = ChunkHash::from_bytes([0; 32]);
+        let placeholders = vec![unknown; usize::try_from(count).unwrap_or(usize::MAX).min(1 << 20)];
+        let index = BlobIndex::new(digest, size, chunk_size, placeholders)
+            .map_err(|e| StoreError::Corrupt(format!("a blob no index can hold: {e}")))?;
+        let dir = dir_of(layout, index.digest());
+        {
+            let _open = gate.enter()?;
+            let _ = fs::remove_dir_all(&dir);
+        }
+        let mut partial = Partial::open(layout, index, gate)?;
+        partial.growing = Some(Mutex::new(Vec::new()));
+        Ok(partial)
+    }
+
     /// Opens the partial blob for `index`, resuming what a previous run left. Blocking.
     fn open(layout: &Layout, index: BlobIndex, gate: Arc<Gate>) -> Result<Partial, StoreError> {
         let open = gate.enter()?;
@@ -162,6 +200,8 @@ impl Partial {
             progress,
             gate,
             repos: Mutex::new(Vec::new()),
+            growing: None,
+            upstream_fetch: std::sync::atomic::AtomicBool::new(false),
         };
         if held > 0 {
             tracing::info!(digest = %partial.index.digest(), held, count, "resuming a partial download");
@@ -195,9 +235,118 @@ impl Partial {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The blob's index.
+    /// The blob's index: its digest, size and chunk size; for a growing partial, its chunk
+    /// hashes are placeholders (see [`Partial::known_chunks`]).
     pub fn index(&self) -> &BlobIndex {
         &self.index
+    }
+
+    fn known(&self) -> Option<std::sync::MutexGuard<'_, Vec<ChunkHash>>> {
+        self.growing
+            .as_ref()
+            .map(|k| k.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Whether this partial began without its chunk hashes (see the module docs).
+    pub fn is_growing(&self) -> bool {
+        self.growing.is_some()
+    }
+
+    /// How many chunks, from the first, have a known hash: all of them unless growing.
+    pub fn known_chunks(&self) -> u32 {
+        match self.known() {
+            Some(known) => u32::try_from(known.len()).unwrap_or(u32::MAX),
+            None => self.index.chunk_count(),
+        }
+    }
+
+    /// The known hashes of chunks `from..`, at most `max` of them.
+    pub fn known_hashes(&self, from: u32, max: usize) -> Vec<ChunkHash> {
+        let from = from as usize;
+        match self.known() {
+            Some(known) => known.iter().skip(from).take(max).copied().collect(),
+            None => self
+                .index
+                .chunks()
+                .iter()
+                .skip(from)
+                .take(max)
+                .copied()
+                .collect(),
+        }
+    }
+
+    /// Learns the hashes of chunks `from..from + hashes.len()`; returns how many chunks now
+    /// have a known hash. Hashes past a gap are ignored (learned when the gap is filled). A
+    /// hash that differs from one known before is [`StoreError::ChunkRejected`]: whoever sent
+    /// it contradicts what was learned (or signed), and nothing is learned.
+    pub fn learn(&self, from: u32, hashes: &[ChunkHash]) -> Result<u32, StoreError> {
+        let count = self.index.chunk_count() as usize;
+        let Some(mut known) = self.known() else {
+            for (i, h) in (from as usize..).zip(hashes) {
+                if self.index.chunks().get(i).is_none_or(|k| k != h) {
+                    return Err(StoreError::ChunkRejected { chunk: i as u32 });
+                }
+            }
+            return Ok(self.index.chunk_count());
+        };
+        for (i, h) in (from as usize..).zip(hashes) {
+            if i >= count {
+                return Err(StoreError::ChunkRejected { chunk: i as u32 });
+            }
+            if known.get(i).is_some_and(|k| k != h) {
+                return Err(StoreError::ChunkRejected { chunk: i as u32 });
+            }
+        }
+        let skip = known.len().saturating_sub(from as usize);
+        if (from as usize) <= known.len() {
+            known.extend(hashes.iter().skip(skip).copied());
+        }
+        Ok(u32::try_from(known.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Writes chunk `i` of a blob this node fetches itself (from an upstream), in order: its
+    /// hash becomes known from its bytes, and then it is written like any chunk. Blocking.
+    pub fn write_own_chunk(&self, i: u32, bytes: &[u8]) -> Result<(), StoreError> {
+        if self.known_chunks() < i {
+            return Err(StoreError::Invariant("an own chunk written out of order"));
+        }
+        self.upstream_fetch
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.learn(i, &[ChunkHash::of(bytes)])?;
+        self.write_chunk(i, bytes)
+    }
+
+    /// Whether this node fetches the blob from an upstream (it is where the blob enters the
+    /// fleet: it seeds it).
+    pub fn is_upstream_fetch(&self) -> bool {
+        self.upstream_fetch
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The index of the whole blob: the signed one, or, once every hash of a growing partial
+    /// is known, the one those hashes make.
+    fn whole_index(&self) -> Result<BlobIndex, StoreError> {
+        match self.known() {
+            None => Ok(self.index.clone()),
+            Some(known) => BlobIndex::new(
+                self.index.digest().clone(),
+                self.index.size(),
+                self.index.chunk_size(),
+                known.clone(),
+            )
+            .map_err(|_| StoreError::Invariant("a finished growing download lacks hashes")),
+        }
+    }
+
+    /// Whether `bytes` are chunk `i`, by its known hash.
+    fn verify(&self, i: u32, bytes: &[u8]) -> bool {
+        match self.known() {
+            None => self.index.verify_chunk(i, bytes),
+            Some(known) => known
+                .get(i as usize)
+                .is_some_and(|h| *h == ChunkHash::of(bytes)),
+        }
     }
 
     /// Which chunks are held.
@@ -222,7 +371,7 @@ impl Partial {
         if self.has(i) {
             return Ok(());
         }
-        if !self.index.verify_chunk(i, bytes) {
+        if !self.verify(i, bytes) {
             return Err(StoreError::ChunkRejected { chunk: i });
         }
         let range = self
@@ -358,6 +507,19 @@ impl Store {
                 if p.index == index {
                     return Ok(p.clone());
                 }
+                // A growing download of the blob: the signed index seals it if the two agree.
+                if p.is_growing()
+                    && p.index.size() == index.size()
+                    && p.index.chunk_size() == index.chunk_size()
+                    && p.learn(0, index.chunks()).is_ok()
+                {
+                    return Ok(p.clone());
+                }
+                // Another index for the same blob: opening it would take the directory from
+                // under the download in progress.
+                return Err(StoreError::Busy(
+                    "the blob is being downloaded with another index",
+                ));
             }
             let (layout, gate, i) = (
                 self.layout().clone(),
@@ -377,6 +539,58 @@ impl Store {
         Err(StoreError::Busy(
             "a download's directory went away twice while it was opened",
         ))
+    }
+
+    /// A growing download of the blob `digest` of `size` bytes (see the module docs): the one
+    /// in progress, or a new one. `Busy` if the blob is being downloaded at another size.
+    pub async fn growing_partial(
+        &self,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<Arc<Partial>, StoreError> {
+        let (store, d) = (self.clone(), digest.clone());
+        // Opened under the lock of the downloads in progress: a second caller must not replace
+        // the directory of the first's download (nor an expiry move it) meanwhile. Opening is a
+        // few small writes and a sparse preallocation.
+        tokio::task::spawn_blocking(move || {
+            let mut map = store.partials();
+            if let Some(p) = map.get(&d) {
+                return if p.index.size() == size {
+                    Ok(p.clone())
+                } else {
+                    Err(StoreError::Busy(
+                        "the blob is being downloaded at another size",
+                    ))
+                };
+            }
+            let p =
+                Partial::open_growing(store.layout(), d.clone(), size, store.inner.gate.clone())?;
+            Ok(map.entry(d).or_insert_with(|| Arc::new(p)).clone())
+        })
+        .await?
+    }
+
+    /// Forgets the download `partial` and removes its files, if it is still the one in
+    /// progress for its blob (readers that hold it keep reading what they hold).
+    pub async fn abandon_partial(&self, partial: &Arc<Partial>) {
+        let (store, p) = (self.clone(), partial.clone());
+        let removed = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let mut map = store.partials();
+            if !map
+                .get(p.index.digest())
+                .is_some_and(|q| Arc::ptr_eq(q, &p))
+            {
+                return Ok(());
+            }
+            map.remove(p.index.digest());
+            let _open = store.inner.gate.enter()?;
+            fs::remove_dir_all(&p.dir)?;
+            Ok(())
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = removed.map_err(StoreError::from) {
+            tracing::warn!(digest = %partial.index.digest(), error = &e as &dyn std::error::Error, "removing an abandoned download");
+        }
     }
 
     /// A download in progress, if there is one (to serve its chunks to peers).
@@ -425,7 +639,7 @@ impl Store {
         .await??;
         self.install(partial.dir.join("data"), &digest).await?;
         let index = self.inner.index.clone();
-        let (bi, dir) = (partial.index.clone(), partial.dir.clone());
+        let (bi, dir) = (partial.whole_index()?, partial.dir.clone());
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             let _open = gate.enter()?;
             index.put_blob_index(&bi)?;
@@ -514,3 +728,173 @@ impl Store {
 
 /// Where, under `partial/`, [`Store::expire_downloads`] moves a directory before deleting it.
 const EXPIRED_DIR: &str = "expired";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_protocol::blob_index::chunk_size_for;
+
+    /// A blob of `chunks` whole chunks (of the size its size calls for) and a bit, and its index.
+    fn blob(chunks: u64) -> (Vec<u8>, BlobIndex) {
+        let size = chunks * u64::from(chunk_size_for(chunks << 20)) + 1000;
+        let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let index = BlobIndex::of(&bytes, chunk_size_for(size)).unwrap();
+        (bytes, index)
+    }
+
+    fn chunk<'a>(bytes: &'a [u8], index: &BlobIndex, i: u32) -> &'a [u8] {
+        let r = index.chunk_range(i).unwrap();
+        &bytes[r.start as usize..r.end as usize]
+    }
+
+    #[tokio::test]
+    async fn a_growing_download_takes_only_chunks_whose_hash_it_learned_and_ends_as_the_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_in_test(dir.path()).await;
+        let (bytes, index) = blob(4);
+        let p = store
+            .growing_partial(index.digest(), index.size())
+            .await
+            .unwrap();
+        assert!(p.is_growing());
+        assert_eq!(p.known_chunks(), 0);
+        // No hash known: even the right bytes are refused.
+        assert!(matches!(
+            p.write_chunk(0, chunk(&bytes, &index, 0)),
+            Err(StoreError::ChunkRejected { chunk: 0 })
+        ));
+        // Hashes past a gap wait for it; the ones that fit are learned.
+        assert_eq!(p.learn(2, &index.chunks()[2..3]).unwrap(), 0);
+        assert_eq!(p.learn(0, &index.chunks()[..2]).unwrap(), 2);
+        assert_eq!(p.known_hashes(1, 10), index.chunks()[1..2].to_vec());
+        // A hash that contradicts one learned is refused, and nothing of it is learned.
+        let forged = ChunkHash::of(b"forged");
+        assert_eq!(p.learn(1, &index.chunks()[1..3]).unwrap(), 3);
+        assert!(p.learn(2, &[forged]).is_err());
+        assert_eq!(p.known_chunks(), 3);
+        assert!(p.learn(0, &[forged, index.chunks()[1], forged]).is_err());
+        assert_eq!(p.known_chunks(), 3);
+        // Wrong bytes for a known chunk are refused; the right ones are taken.
+        assert!(p.write_chunk(1, chunk(&bytes, &index, 0)).is_err());
+        for i in 0..3 {
+            p.write_chunk(i, chunk(&bytes, &index, i)).unwrap();
+        }
+        // Hashes past the blob's last chunk are refused.
+        let count = index.chunk_count();
+        assert!(p.learn(count, &[forged]).is_err());
+        p.learn(3, &index.chunks()[3..]).unwrap();
+        for i in 3..count {
+            p.write_chunk(i, chunk(&bytes, &index, i)).unwrap();
+        }
+        store.finish_partial(&p).await.unwrap();
+        assert_eq!(
+            store.blob_size(index.digest()).await.unwrap(),
+            Some(index.size())
+        );
+        // The index kept is the one every node makes of the blob.
+        assert_eq!(store.blob_index(index.digest()).await.unwrap(), Some(index));
+    }
+
+    #[tokio::test]
+    async fn the_node_fetching_from_an_upstream_learns_each_hash_from_the_bytes_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_in_test(dir.path()).await;
+        let (bytes, index) = blob(3);
+        let p = store
+            .growing_partial(index.digest(), index.size())
+            .await
+            .unwrap();
+        // Out of order is a bug of the caller's, not something to learn from.
+        assert!(p.write_own_chunk(1, chunk(&bytes, &index, 1)).is_err());
+        for i in 0..index.chunk_count() {
+            p.write_own_chunk(i, chunk(&bytes, &index, i)).unwrap();
+            assert_eq!(p.known_chunks(), i + 1);
+        }
+        // Asked again for the same blob, the store hands out the same download.
+        let again = store
+            .growing_partial(index.digest(), index.size())
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&p, &again));
+        assert!(
+            store
+                .growing_partial(index.digest(), index.size() + 1)
+                .await
+                .is_err()
+        );
+        store.finish_partial(&p).await.unwrap();
+        assert_eq!(store.blob_index(index.digest()).await.unwrap(), Some(index));
+    }
+
+    #[tokio::test]
+    async fn a_growing_download_of_other_bytes_than_the_digest_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_in_test(dir.path()).await;
+        let (bytes, index) = blob(2);
+        let mut other = bytes.clone();
+        other[5] ^= 1;
+        let p = store
+            .growing_partial(index.digest(), index.size())
+            .await
+            .unwrap();
+        // A lying source: hashes of other bytes, which check out chunk by chunk.
+        let lie = BlobIndex::of(&other, index.chunk_size()).unwrap();
+        p.learn(0, lie.chunks()).unwrap();
+        for i in 0..index.chunk_count() {
+            p.write_chunk(i, chunk(&other, &index, i)).unwrap();
+        }
+        assert!(matches!(
+            store.finish_partial(&p).await,
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        assert_eq!(store.blob_size(index.digest()).await.unwrap(), None);
+        assert!(store.partial_in_progress(index.digest()).is_none());
+        assert!(!p.dir.exists());
+    }
+
+    #[tokio::test]
+    async fn a_signed_index_seals_a_growing_download_that_agrees_with_it_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_in_test(dir.path()).await;
+        let (bytes, index) = blob(3);
+        let p = store
+            .growing_partial(index.digest(), index.size())
+            .await
+            .unwrap();
+        p.write_own_chunk(0, chunk(&bytes, &index, 0)).unwrap();
+        // Another index for the blob does not take the download's directory from under it.
+        let mut other = bytes.clone();
+        *other.last_mut().unwrap() ^= 1;
+        let signed = BlobIndex::new(
+            index.digest().clone(),
+            index.size(),
+            index.chunk_size(),
+            BlobIndex::of(&other, index.chunk_size())
+                .unwrap()
+                .chunks()
+                .to_vec(),
+        )
+        .unwrap();
+        let mut contradicting = index.chunks().to_vec();
+        contradicting[0] = ChunkHash::of(b"x");
+        let contradicting = BlobIndex::new(
+            index.digest().clone(),
+            index.size(),
+            index.chunk_size(),
+            contradicting,
+        )
+        .unwrap();
+        assert!(store.partial(contradicting).await.is_err());
+        assert!(p.has(0) && p.dir.join("data").exists());
+        // One that agrees with what is known so far seals it: every hash is known.
+        let sealed = store.partial(signed).await.unwrap();
+        assert!(Arc::ptr_eq(&p, &sealed));
+        assert_eq!(p.known_chunks(), index.chunk_count());
+        // The signed hashes are now the ones chunks are checked against.
+        let last = index.chunk_count() - 1;
+        assert!(p.write_chunk(last, chunk(&bytes, &index, last)).is_err());
+        store.abandon_partial(&p).await;
+        assert!(store.partial_in_progress(index.digest()).is_none());
+        assert!(!p.dir.exists());
+    }
+}

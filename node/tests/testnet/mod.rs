@@ -504,9 +504,22 @@ pub fn memory_swarm<B: libp2p::swarm::NetworkBehaviour>(
     behaviour: impl FnOnce(&libp2p::identity::Keypair) -> B,
     idle: Duration,
 ) -> libp2p::Swarm<B> {
+    memory_swarm_as(
+        libp2p::identity::Keypair::generate_ed25519(),
+        behaviour,
+        idle,
+    )
+}
+
+/// [`memory_swarm`] with the identity `key`.
+pub fn memory_swarm_as<B: libp2p::swarm::NetworkBehaviour>(
+    key: libp2p::identity::Keypair,
+    behaviour: impl FnOnce(&libp2p::identity::Keypair) -> B,
+    idle: Duration,
+) -> libp2p::Swarm<B> {
     use libp2p::core::transport::{MemoryTransport, Transport};
     use libp2p::core::upgrade::Version;
-    libp2p::SwarmBuilder::with_new_identity()
+    libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(|key| {
             Ok(MemoryTransport::default()
