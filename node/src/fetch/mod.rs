@@ -360,10 +360,10 @@ impl Fetcher {
         let this = self.clone();
         let (r, d) = (repo.clone(), digest.clone());
         let mut started = false;
-        let mut download = self.start(FetchKey::Blob(digest.clone()), |state| {
+        let mut download = self.start(FetchKey::Blob(digest.clone()), |_| {
             started = true;
             async move {
-                this.fetch_growing(&r, &d, size, source, &state).await?;
+                this.fetch_growing(&r, &d, size, source).await?;
                 this.store.link(&r, &d).await?;
                 Ok(())
             }
@@ -381,14 +381,14 @@ impl Fetcher {
         digest: &Digest,
         size: u64,
         source: PeerId,
-        state: &watch::Sender<DownloadState>,
     ) -> Result<(), FetchError> {
         if self.store.blob_size(digest).await?.is_some() {
             return Ok(());
         }
         let partial = self.store.growing_partial(digest, size).await?;
         partial.for_repo(repo);
-        state.send_replace(DownloadState::Streaming(partial.clone()));
+        // Not `Streaming`: a client joining this fetch gets the blob only once it passed its
+        // digest, for nothing signed vouches for the chunks' hashes.
         let _ = self.network.provide_part(digest.clone()).await;
         let mut candidates = vec![source];
         candidates.extend(self.candidates(digest).await);
@@ -424,21 +424,50 @@ impl Fetcher {
         }
         // The hashes learned from `source` may be what failed: none of it is kept.
         self.store.abandon_partial(&partial).await;
+        let liar = match &result {
+            Err(swarm::SwarmError::Hashes(_)) => true,
+            // The whole fails its digest. The upstream may have sent other bytes, which the
+            // source finds out too and drops; a source that keeps such a blob lied.
+            Err(swarm::SwarmError::Store(StoreError::DigestMismatch { .. })) => {
+                self.keeps_whole(source, digest).await
+            }
+            _ => false,
+        };
+        if liar {
+            tracing::warn!(%source, %digest, "the chunk hashes of a peer fetching a blob from an upstream are not the blob's; reported");
+            self.bad_peers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.network
+                .report(source, crate::net::conduct::Offence::BadContent);
+        }
         match result {
             Err(swarm::SwarmError::Store(StoreError::DigestMismatch { .. }))
-            | Err(swarm::SwarmError::Hashes(_)) => {
-                tracing::warn!(%source, %digest, "the chunk hashes of a peer fetching a blob from an upstream are not the blob's; reported");
-                self.bad_peers
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.network
-                    .report(source, crate::net::conduct::Offence::BadContent);
-                Err(FetchError::Unavailable(digest.clone()))
-            }
+            | Err(swarm::SwarmError::Hashes(_)) => Err(FetchError::Unavailable(digest.clone())),
             Err(swarm::SwarmError::Store(e)) => Err(e.into()),
             Err(swarm::SwarmError::Stalled) | Ok(()) => {
                 Err(FetchError::Unavailable(digest.clone()))
             }
         }
+    }
+
+    /// Whether `peer` says it holds the blob `digest` whole, asked a few times over about two
+    /// seconds while it says it is still downloading it.
+    async fn keeps_whole(&self, peer: PeerId, digest: &Digest) -> bool {
+        for _ in 0..4 {
+            let ask = SyncRequest::Have {
+                digest: digest.clone(),
+            };
+            match self.network.sync(peer, ask).await {
+                Ok(SyncResponse::Have(Some(have))) => {
+                    if have.bitfield().is_some_and(|b| b.is_full()) {
+                        return true;
+                    }
+                }
+                _ => return false,
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        false
     }
 
     /// The blob's `BlobIndex` from the first candidate whose copy matches the signed record.

@@ -266,7 +266,9 @@ pub async fn download(
                             }
                             if known < count {
                                 let (part, beyond) = known_part(&bits, known);
-                                want_hashes |= beyond;
+                                // Only the source's word counts for new hashes: any peer may
+                                // claim chunks, and the source is asked only when it has more.
+                                want_hashes |= beyond && hashes_from == Some(peer);
                                 said.insert(peer, std::mem::replace(&mut bits, part));
                             }
                             plan.handle(Event::PeerHas { peer, have: bits }, start.elapsed());
@@ -286,25 +288,33 @@ pub async fn download(
                         let fits = answer.as_ref().is_some_and(|h| {
                             h.size == index.size() && h.chunk_size == index.chunk_size()
                         });
-                        let learned = match answer.filter(|_| fits) {
-                            Some(h) => partial.learn(h.from, &h.hashes).ok(),
-                            None => None,
+                        let Some(hashes) = answer else {
+                            // It did not answer (it restarted, or it is gone): nothing to learn
+                            // from it; the download stalls and ends like any other.
+                            continue;
+                        };
+                        let learned = if fits {
+                            partial.learn(hashes.from, &hashes.hashes).ok()
+                        } else {
+                            None
                         };
                         let Some(now_known) = learned else {
-                            tracing::warn!(peer = %source, digest = %blob.digest, "the peer fetching a blob from an upstream sent chunk hashes that contradict its own, or none");
+                            tracing::warn!(peer = %source, digest = %blob.digest, "the peer fetching a blob from an upstream sent chunk hashes that contradict its own");
                             break Err(SwarmError::Hashes(source));
                         };
+                        let source_ahead =
+                            |known| said.get(&source).is_some_and(|b| known_part(b, known).1);
                         if now_known > known {
                             known = now_known;
                             for (peer, bits) in &said {
-                                let (part, beyond) = known_part(bits, known);
-                                want_hashes |= beyond;
+                                let (part, _) = known_part(bits, known);
                                 plan.handle(Event::PeerHas { peer: *peer, have: part }, start.elapsed());
                             }
+                            want_hashes = source_ahead(known);
                             if known >= count {
                                 said.clear();
                             }
-                        } else if said.values().any(|b| known_part(b, known).1) {
+                        } else if source_ahead(known) {
                             // Nothing new yet though a peer holds a chunk past them: the source
                             // has not stored it yet. Ask again shortly.
                             tasks.spawn(ask_hashes(network, &tx, source, blob, known, HASHES_RETRY));
@@ -328,6 +338,11 @@ pub async fn download(
                             ChunkOutcome::Done(bytes) => {
                                 last_progress = Instant::now();
                                 Event::ChunkDone { peer, chunk, bytes }
+                            }
+                            // Against hashes nothing signed (a growing download's), a bad
+                            // chunk may be the source's lie, not this peer's: a strike, no ban.
+                            ChunkOutcome::Bad if partial.is_growing() && hashes_from.is_some() => {
+                                Event::ChunkFailed { peer, chunk }
                             }
                             ChunkOutcome::Bad => Event::ChunkBad { peer, chunk },
                             ChunkOutcome::Failed => Event::ChunkFailed { peer, chunk },

@@ -19,9 +19,17 @@
 //!   upstream confirmed is served until it is no longer fresh without asking again.
 //! - A manifest or blob by digest that the fleet holds is served from the fleet; only content
 //!   nobody has is fetched from the upstream, checked against its digest as it streams to disk.
-//! - Concurrent requests for one blob share one upstream fetch.
+//! - Concurrent requests for one blob share one upstream fetch, and so does the fleet: the peer
+//!   first in the blob's rendezvous order fetches it, into a growing download whose chunk
+//!   hashes it learns from the bytes, and the others fetch its chunks from it and from each
+//!   other as they arrive (`ChunkHashes`, see the store's `partial` module), so the fleet holds
+//!   the blob about when that peer does. Those hashes are the fetching peer's word only: every
+//!   node checks the whole blob against its digest before it keeps or serves it, and a peer
+//!   that keeps a blob that fails it is banned. A blob without a `Content-Length` goes to a
+//!   file, and the fleet fetches it once it is whole.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,11 +79,22 @@ const PEER_POLL: Duration = Duration::from_millis(200);
 /// How long a peer's upstream fetch may go without progress before the node fetches the blob
 /// from the upstream itself.
 const PEER_STALL: Duration = Duration::from_secs(15);
+/// Chunks of a blob from an upstream that may wait to be written while more arrive.
+const WRITE_AHEAD_CHUNKS: usize = 4;
 /// How many peers, in the blob's rendezvous order, are asked before this node fetches itself.
 const PEERS_ASKED: usize = 3;
 /// Most records the upstream confirmed that a node remembers; past it, those no longer fresh
 /// are forgotten, and if none is, all are (each is checked again at its next pull).
 const MAX_CONFIRMED: usize = 16_384;
+
+/// How a node follows a peer's fetch of a blob from the upstream.
+#[derive(Debug, Clone, Copy)]
+enum Follow {
+    /// Chunk by chunk as they reach it, learning their hashes from it; the blob's size.
+    Growing(u64),
+    /// The peer holds the blob whole: by the index it gives.
+    Whole,
+}
 
 /// How one upstream blob fetch stands.
 #[derive(Debug, Clone)]
@@ -689,23 +708,50 @@ impl Mirror {
             if peer == me {
                 return Ok(false);
             }
-            let Some(size) = self
+            match self
                 .wait_for_peer(network, peer, upstream, repo, digest)
                 .await
-            else {
-                continue;
-            };
-            // The chunks come from the peer (and from each other) as they reach it, each checked
-            // against the hash it gives, and the whole blob against its digest before it is kept.
-            fetcher.growing_blob(repo, digest, size, peer).await?;
-            return Ok(true);
+            {
+                None => continue,
+                Some(Follow::Growing(size)) => {
+                    // The chunks come from the peer (and from each other) as they reach it, each
+                    // checked against the hash it gives, and the whole blob against its digest
+                    // before it is kept.
+                    fetcher.growing_blob(repo, digest, size, peer).await?;
+                    return Ok(true);
+                }
+                Some(Follow::Whole) => {
+                    let answer = network
+                        .sync(
+                            peer,
+                            SyncRequest::BlobIndex {
+                                digest: digest.clone(),
+                            },
+                        )
+                        .await;
+                    let Ok(SyncResponse::BlobIndex(Some(index))) = answer else {
+                        continue;
+                    };
+                    if index.digest() != digest {
+                        continue;
+                    }
+                    // The index comes from the peer, not from a signed record: each chunk is
+                    // checked against it, and the whole blob against its digest.
+                    let blob = shoal_protocol::BlobRef {
+                        digest: digest.clone(),
+                        size: index.size(),
+                        index: index.id(),
+                    };
+                    fetcher.blob(repo, &blob).await?;
+                    return Ok(true);
+                }
+            }
         }
         Ok(false)
     }
 
     /// Asks `peer` to fetch the blob from the upstream and waits until it has its first chunk
-    /// hashes (or the whole blob); the blob's size then, `None` if the peer does not fetch it or
-    /// makes no progress.
+    /// hashes (or the whole blob); `None` if the peer does not fetch it or makes no progress.
     async fn wait_for_peer(
         &self,
         network: &Network,
@@ -713,7 +759,7 @@ impl Mirror {
         upstream: &Upstream,
         repo: &RepoName,
         digest: &Digest,
-    ) -> Option<u64> {
+    ) -> Option<Follow> {
         let mut received = 0;
         let mut progress_at = std::time::Instant::now();
         loop {
@@ -722,8 +768,9 @@ impl Mirror {
                 repo: repo.clone(),
                 digest: digest.clone(),
             };
+            let mut done = false;
             match network.sync(peer, request).await {
-                Ok(SyncResponse::Mirror(MirrorState::Done)) => {}
+                Ok(SyncResponse::Mirror(MirrorState::Done)) => done = true,
                 Ok(SyncResponse::Mirror(MirrorState::Fetching { received: r })) => {
                     if r > received {
                         (received, progress_at) = (r, std::time::Instant::now());
@@ -742,8 +789,11 @@ impl Mirror {
                 digest: digest.clone(),
                 from: 0,
             };
-            if let Ok(SyncResponse::ChunkHashes(Some(h))) = network.sync(peer, request).await {
-                return Some(h.size);
+            match network.sync(peer, request).await {
+                Ok(SyncResponse::ChunkHashes(Some(h))) => return Some(Follow::Growing(h.size)),
+                // A peer that predates chunk hashes, or holds the blob cut otherwise.
+                _ if done => return Some(Follow::Whole),
+                _ => {}
             }
             if progress_at.elapsed() > PEER_STALL || self.inner.cancel.is_cancelled() {
                 return None;
@@ -841,10 +891,10 @@ impl Mirror {
         };
         let content_length = blob.content_length;
         let mut body = blob.stream;
-        let mut received = 0u64;
-        let mut next = |piece: Result<bytes::Bytes, UpstreamError>| {
+        let received = std::sync::atomic::AtomicU64::new(0);
+        let next = |piece: Result<bytes::Bytes, UpstreamError>| {
             let piece = piece.map_err(|e| describe(upstream, remote, &digest.to_string(), &e))?;
-            received += piece.len() as u64;
+            let received = received.fetch_add(piece.len() as u64, Relaxed) + piece.len() as u64;
             // A body longer than announced is not the blob: stop before writing past it.
             if content_length.is_some_and(|n| received > n) {
                 return Err(format!(
@@ -856,7 +906,12 @@ impl Mirror {
             Ok(piece)
         };
         let growing = match content_length {
-            Some(size) => store.growing_partial(digest, size).await.ok(),
+            // Only a download of its own: one that a peer's hashes feed, or that a signed index
+            // sealed and a fetch drives, is left to that fetch, and this one goes to a file.
+            Some(size) => store.growing_partial(digest, size).await.ok().filter(|p| {
+                p.is_upstream_fetch()
+                    || (p.is_growing() && p.known_chunks() == 0 && p.held().count_ones() == 0)
+            }),
             None => None,
         };
         if let Some(partial) = growing {
@@ -865,44 +920,72 @@ impl Mirror {
             if let Some(n) = &self.inner.network {
                 let _ = n.provide_part(digest.clone()).await;
             }
+            let size = content_length.unwrap_or_default();
             let chunk_size = partial.index().chunk_size() as usize;
-            let mut chunk = Vec::with_capacity(chunk_size);
-            let mut written = 0u32;
-            let mut write = async |chunk: Vec<u8>| -> Result<(), String> {
-                let (p, i) = (partial.clone(), written);
-                tokio::task::spawn_blocking(move || p.write_own_chunk(i, &chunk))
-                    .await
-                    .map_err(|e| fail(e.into()))?
-                    .map_err(mismatch)?;
-                written += 1;
-                Ok(())
-            };
-            while let Some(piece) = body.next().await {
-                let piece = next(piece)?;
-                let mut rest = &piece[..];
-                while !rest.is_empty() {
-                    let take = (chunk_size - chunk.len()).min(rest.len());
-                    chunk.extend_from_slice(&rest[..take]);
-                    rest = &rest[take..];
-                    if chunk.len() == chunk_size {
-                        write(std::mem::replace(
-                            &mut chunk,
-                            Vec::with_capacity(chunk_size),
-                        ))
-                        .await?;
+            // The chunks go to disk in a task of their own, a few behind the upstream's stream,
+            // so that neither the disk nor the hashing holds up the next bytes.
+            let (chunks, mut to_write) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITE_AHEAD_CHUNKS);
+            let read = async {
+                // Owned here: the writer ends when this ends.
+                let chunks = chunks;
+                let mut chunk = Vec::with_capacity(chunk_size);
+                while let Some(piece) = body.next().await {
+                    let piece = next(piece)?;
+                    let mut rest = &piece[..];
+                    while !rest.is_empty() {
+                        let take = (chunk_size - chunk.len()).min(rest.len());
+                        chunk.extend_from_slice(&rest[..take]);
+                        rest = &rest[take..];
+                        if chunk.len() == chunk_size {
+                            let full =
+                                std::mem::replace(&mut chunk, Vec::with_capacity(chunk_size));
+                            if chunks.send(full).await.is_err() {
+                                return Ok(());
+                            }
+                        }
                     }
                 }
+                // A body that ends short is not the blob: its last chunk is not written.
+                if received.load(Relaxed) != size {
+                    return Err(format!(
+                        "{} sent {} bytes of {digest}, not the {size} it announced",
+                        upstream.name(),
+                        received.load(Relaxed)
+                    ));
+                }
+                if !chunk.is_empty() {
+                    let _ = chunks.send(chunk).await;
+                }
+                Ok(())
+            };
+            let write = async {
+                let mut written = 0u32;
+                while let Some(chunk) = to_write.recv().await {
+                    let (p, i) = (partial.clone(), written);
+                    let done = tokio::task::spawn_blocking(move || p.write_own_chunk(i, &chunk))
+                        .await
+                        .map_err(StoreError::from)
+                        .and_then(|r| r);
+                    if let Err(e) = done {
+                        // Stops the reader at its next chunk.
+                        to_write.close();
+                        return Err(mismatch(e));
+                    }
+                    written += 1;
+                }
+                Ok(())
+            };
+            let (read, write) = tokio::join!(read, write);
+            // The writer's error first: the reader only stopped because of it.
+            let stored = match write.and(read) {
+                Ok(()) => store.finish_partial(&partial).await.map_err(mismatch),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = stored {
+                // Peers following it see it go and fetch the blob themselves.
+                store.abandon_partial(&partial).await;
+                return Err(e);
             }
-            if !chunk.is_empty() {
-                write(chunk).await?;
-            }
-            if content_length != Some(received) {
-                return Err(format!(
-                    "{} sent {received} bytes of {digest}, fewer than it announced",
-                    upstream.name()
-                ));
-            }
-            store.finish_partial(&partial).await.map_err(mismatch)?;
         } else {
             let mut writer = store
                 .blob_writer(digest.algorithm(), content_length)
@@ -914,7 +997,7 @@ impl Mirror {
             writer.finish(digest).await.map_err(mismatch)?;
         }
         store.link(repo, digest).await.map_err(fail)?;
-        tracing::info!(upstream = upstream.name(), %repo, %digest, bytes = received, elapsed_ms = started.elapsed().as_millis() as u64, "fetched a blob from the upstream");
+        tracing::info!(upstream = upstream.name(), %repo, %digest, bytes = received.load(Relaxed), elapsed_ms = started.elapsed().as_millis() as u64, "fetched a blob from the upstream");
         if let Some(n) = &self.inner.network {
             let _ = n.provide(digest.clone()).await;
         }

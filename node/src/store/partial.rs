@@ -82,6 +82,8 @@ pub struct Partial {
     growing: Option<Mutex<Vec<ChunkHash>>>,
     /// Whether this node writes the chunks itself, from an upstream ([`Partial::write_own_chunk`]).
     upstream_fetch: std::sync::atomic::AtomicBool,
+    /// How [`Store::finish_partial`] ended, once it has (the error as text).
+    finished: tokio::sync::Mutex<Option<Result<(), String>>>,
 }
 
 impl Drop for Partial {
@@ -202,6 +204,7 @@ impl Partial {
             repos: Mutex::new(Vec::new()),
             growing: None,
             upstream_fetch: std::sync::atomic::AtomicBool::new(false),
+            finished: tokio::sync::Mutex::new(None),
         };
         if held > 0 {
             tracing::info!(digest = %partial.index.digest(), held, count, "resuming a partial download");
@@ -311,10 +314,21 @@ impl Partial {
         if self.known_chunks() < i {
             return Err(StoreError::Invariant("an own chunk written out of order"));
         }
+        let range = self
+            .index
+            .chunk_range(i)
+            .ok_or(StoreError::Invariant("an own chunk past the blob's end"))?;
+        if range.end - range.start != bytes.len() as u64 {
+            return Err(StoreError::Invariant("an own chunk of the wrong length"));
+        }
         self.upstream_fetch
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.learn(i, &[ChunkHash::of(bytes)])?;
-        self.write_chunk(i, bytes)
+        if self.has(i) {
+            return Ok(());
+        }
+        // Its hash was just made from these bytes (or agreed with the one known): no second pass.
+        self.write_checked(i, range.start, bytes)
     }
 
     /// Whether this node fetches the blob from an upstream (it is where the blob enters the
@@ -378,13 +392,18 @@ impl Partial {
             .index
             .chunk_range(i)
             .ok_or(StoreError::Invariant("a chunk that verified has no range"))?;
+        self.write_checked(i, range.start, bytes)
+    }
+
+    /// Writes chunk `i`, already checked, at `offset`, and marks it held. Blocking.
+    fn write_checked(&self, i: u32, offset: u64, bytes: &[u8]) -> Result<(), StoreError> {
         let _open = self.gate.enter()?;
         {
             let _writing = self
                 .writer
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.file.write_all_at(bytes, range.start)?;
+            self.file.write_all_at(bytes, offset)?;
         }
         let persist = {
             let mut state = self.lock();
@@ -610,6 +629,19 @@ impl Store {
     /// Turns a complete partial into a blob: checks its digest, fsyncs, renames it into place.
     /// A partial whose bytes do not hash to its digest is discarded.
     pub async fn finish_partial(&self, partial: &Arc<Partial>) -> Result<(), StoreError> {
+        // Two may finish one download (the node fetching a blob from an upstream, and a fetch
+        // of the same blob by a signed index that sealed its download): one does the work, the
+        // other waits for it and takes its outcome.
+        let mut finished = partial.finished.lock().await;
+        if let Some(outcome) = &*finished {
+            return outcome.clone().map_err(StoreError::Corrupt);
+        }
+        let outcome = self.finish_partial_once(partial).await;
+        *finished = Some(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        outcome
+    }
+
+    async fn finish_partial_once(&self, partial: &Arc<Partial>) -> Result<(), StoreError> {
         let digest = partial.index.digest().clone();
         // The last chunk's writer may not have hashed it yet (a duplicate request for it
         // returns as soon as the bit is set): catch the hash up here rather than race it.
@@ -620,7 +652,7 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt(format!("partial {digest} is not complete")))?;
         let (p, gate) = (partial.clone(), self.inner.gate.clone());
         if actual != digest {
-            self.partials().remove(&digest);
+            self.forget_partial(partial);
             let _ = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
                 let _open = gate.enter()?;
                 Ok(fs::remove_dir_all(&p.dir)?)
@@ -631,6 +663,7 @@ impl Store {
                 actual,
             });
         }
+        let bi = partial.whole_index()?;
         let g = gate.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             let _open = g.enter()?;
@@ -639,7 +672,7 @@ impl Store {
         .await??;
         self.install(partial.dir.join("data"), &digest).await?;
         let index = self.inner.index.clone();
-        let (bi, dir) = (partial.whole_index()?, partial.dir.clone());
+        let dir = partial.dir.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             let _open = gate.enter()?;
             index.put_blob_index(&bi)?;
@@ -647,8 +680,19 @@ impl Store {
             Ok(())
         })
         .await??;
-        self.partials().remove(&digest);
+        self.forget_partial(partial);
         Ok(())
+    }
+
+    /// Removes `partial` from the downloads in progress, if it is still the one for its blob.
+    fn forget_partial(&self, partial: &Arc<Partial>) {
+        let mut map = self.partials();
+        if map
+            .get(partial.index.digest())
+            .is_some_and(|q| Arc::ptr_eq(q, partial))
+        {
+            map.remove(partial.index.digest());
+        }
     }
 
     /// Removes the downloads that nothing has continued for `ttl`: directories under
@@ -804,8 +848,14 @@ mod tests {
             .growing_partial(index.digest(), index.size())
             .await
             .unwrap();
-        // Out of order is a bug of the caller's, not something to learn from.
+        // Out of order is a bug of the caller's, not something to learn from; so is a chunk cut
+        // short (an upstream body that ended early), whose hash would be learned wrong.
         assert!(p.write_own_chunk(1, chunk(&bytes, &index, 1)).is_err());
+        assert!(
+            p.write_own_chunk(0, &chunk(&bytes, &index, 0)[1..])
+                .is_err()
+        );
+        assert_eq!(p.known_chunks(), 0);
         for i in 0..index.chunk_count() {
             p.write_own_chunk(i, chunk(&bytes, &index, i)).unwrap();
             assert_eq!(p.known_chunks(), i + 1);
@@ -822,7 +872,11 @@ mod tests {
                 .await
                 .is_err()
         );
-        store.finish_partial(&p).await.unwrap();
+        // Finished by two (the upstream fetch, and a fetch that sealed it with a signed index):
+        // one does it, and the other is told how it went.
+        let (a, b) = tokio::join!(store.finish_partial(&p), store.finish_partial(&again));
+        a.unwrap();
+        b.unwrap();
         assert_eq!(store.blob_index(index.digest()).await.unwrap(), Some(index));
     }
 
