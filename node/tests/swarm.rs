@@ -6,7 +6,7 @@
 //! stock libp2p TLS, or only noise, is reached; nodes that meet over QUIC move to TCP and go on
 //! gossiping and transferring; a manifest a record names is found even when its holder comes
 //! back only after the client asked, and so is a layer; a blob a node fetches from an upstream
-//! reaches a peer chunk by chunk as it grows.
+//! reaches a peer chunk by chunk as it grows, and each of its newest chunks leaves that node once.
 
 mod testnet;
 
@@ -712,4 +712,49 @@ async fn a_blob_being_fetched_from_an_upstream_reaches_a_peer_chunk_by_chunk_as_
         follower.store().blob_index(&digest).await.unwrap(),
         Some(index)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_newest_chunks_of_a_blob_from_an_upstream_leave_its_node_once() {
+    use shoal_node::net::NetError;
+    use shoal_node::net::chunk::ChunkClient;
+    use shoal_protocol::BlobIndex;
+    use shoal_protocol::blob_index::chunk_size_for;
+    let net = TestNet::start(3).await;
+    net.wait_connected(2).await;
+    // 40 chunks of 256 KiB, all from "the upstream" so far; the blob is not finished.
+    let bytes = image(43, &[10 * MIB]).blobs[1].clone();
+    let (digest, size) = (Digest::sha256(&bytes), bytes.len() as u64);
+    let index = BlobIndex::of(&bytes, chunk_size_for(size)).unwrap();
+    let count = index.chunk_count();
+    assert!(count > 32, "{count} chunks");
+    let source = net.nodes[0].node();
+    let growing = source.store().growing_partial(&digest, size).await.unwrap();
+    for i in 0..count {
+        let r = index.chunk_range(i).unwrap();
+        growing
+            .write_own_chunk(i, &bytes[r.start as usize..r.end as usize])
+            .unwrap();
+    }
+    let fetch = |asker: usize, chunk: u32| {
+        let network = net.nodes[asker].node().network().clone();
+        let (digest, r) = (digest.clone(), index.chunk_range(chunk).unwrap());
+        let peer = source.network().peer_id();
+        async move {
+            let mut client = ChunkClient::open(&mut network.control(), peer).await?;
+            let mut buf = Vec::new();
+            client
+                .fetch(&digest, r.start, r.end - r.start, &mut buf)
+                .await
+        }
+    };
+    // The newest chunk: one peer gets it, the next is told "busy" (it gets it from the first).
+    assert!(fetch(1, count - 1).await.unwrap());
+    assert!(matches!(fetch(2, count - 1).await, Err(NetError::Busy)));
+    // An older one leaves again: a peer that passes nothing on holds up only the newest few.
+    assert!(fetch(1, 0).await.unwrap());
+    assert!(fetch(2, 0).await.unwrap());
+    // Once the blob is whole, it is served like any blob.
+    source.store().finish_partial(&growing).await.unwrap();
+    assert!(fetch(2, count - 1).await.unwrap());
 }

@@ -520,6 +520,24 @@ async fn serve_stream(
                     .log
                     .blob(&request.digest, index.size(), index.chunk_size().into())
             });
+            // While it grows, a chunk among the newest leaves here once: the peer that got it
+            // passes it on, and the upstream's link, as fast as this node's, leaves this node's
+            // uplink no room for second copies. An older chunk may leave again, so that a peer
+            // that takes the one copy and passes nothing on delays the fleet by a few chunks.
+            let newest = u64::from(
+                p.progress()
+                    .borrow()
+                    .contiguous
+                    .saturating_sub(ONE_COPY_WINDOW_CHUNKS),
+            ) * u64::from(p.index().chunk_size());
+            if request.offset >= newest
+                && log
+                    .as_ref()
+                    .is_some_and(|log| log.was_sent(request.offset, request.length))
+            {
+                answer(&mut stream, &ChunkResponse::Busy).await?;
+                continue;
+            }
             let sending = match log.map(|log| log.start(request.offset, request.length)) {
                 Some(Start::Declined) => {
                     answer(&mut stream, &ChunkResponse::Busy).await?;
@@ -589,6 +607,10 @@ async fn serve_stream(
         }
     }
 }
+
+/// The newest chunks of a blob this node fetches from an upstream that it sends to one peer only
+/// (see the partial path of the chunk server).
+const ONE_COPY_WINDOW_CHUNKS: u32 = 32;
 
 /// Writes all of `bytes`; [`NetError::Timeout`] if any [`STALL_TIMEOUT`] passes with none of
 /// them taken (the peer does not read).
