@@ -386,6 +386,10 @@ impl Fetcher {
             return Ok(());
         }
         let partial = self.store.growing_partial(digest, size).await?;
+        if !partial.claim(crate::store::partial::Role::Follower) {
+            // This node fetches the blob from the upstream itself.
+            return Err(FetchError::Unavailable(digest.clone()));
+        }
         partial.for_repo(repo);
         // Not `Streaming`: a client joining this fetch gets the blob only once it passed its
         // digest, for nothing signed vouches for the chunks' hashes.
@@ -450,17 +454,22 @@ impl Fetcher {
         }
     }
 
-    /// Whether `peer` says it holds the blob `digest` whole, asked a few times over about two
-    /// seconds while it says it is still downloading it.
+    /// Whether `peer` keeps the blob `digest` whole: it says so twice, half a second or more
+    /// apart (an honest peer whose copy is complete but fails the digest check drops it within
+    /// that), asked a few times over about two seconds.
     async fn keeps_whole(&self, peer: PeerId, digest: &Digest) -> bool {
-        for _ in 0..4 {
+        let mut whole = 0;
+        for _ in 0..5 {
             let ask = SyncRequest::Have {
                 digest: digest.clone(),
             };
             match self.network.sync(peer, ask).await {
                 Ok(SyncResponse::Have(Some(have))) => {
                     if have.bitfield().is_some_and(|b| b.is_full()) {
-                        return true;
+                        whole += 1;
+                        if whole >= 2 {
+                            return true;
+                        }
                     }
                 }
                 _ => return false,

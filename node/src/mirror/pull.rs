@@ -92,8 +92,6 @@ const MAX_CONFIRMED: usize = 16_384;
 enum Follow {
     /// Chunk by chunk as they reach it, learning their hashes from it; the blob's size.
     Growing(u64),
-    /// The peer holds the blob whole: by the index it gives.
-    Whole,
 }
 
 /// How one upstream blob fetch stands.
@@ -720,31 +718,6 @@ impl Mirror {
                     fetcher.growing_blob(repo, digest, size, peer).await?;
                     return Ok(true);
                 }
-                Some(Follow::Whole) => {
-                    let answer = network
-                        .sync(
-                            peer,
-                            SyncRequest::BlobIndex {
-                                digest: digest.clone(),
-                            },
-                        )
-                        .await;
-                    let Ok(SyncResponse::BlobIndex(Some(index))) = answer else {
-                        continue;
-                    };
-                    if index.digest() != digest {
-                        continue;
-                    }
-                    // The index comes from the peer, not from a signed record: each chunk is
-                    // checked against it, and the whole blob against its digest.
-                    let blob = shoal_protocol::BlobRef {
-                        digest: digest.clone(),
-                        size: index.size(),
-                        index: index.id(),
-                    };
-                    fetcher.blob(repo, &blob).await?;
-                    return Ok(true);
-                }
             }
         }
         Ok(false)
@@ -791,8 +764,10 @@ impl Mirror {
             };
             match network.sync(peer, request).await {
                 Ok(SyncResponse::ChunkHashes(Some(h))) => return Some(Follow::Growing(h.size)),
-                // A peer that predates chunk hashes, or holds the blob cut otherwise.
-                _ if done => return Some(Follow::Whole),
+                // A peer that holds the blob but gives no hashes for it (it predates them, or
+                // cut the blob otherwise): its index is its word only, and a fetch by an index
+                // treats a holder that disagrees as a liar, so it is not followed.
+                _ if done => return None,
                 _ => {}
             }
             if progress_at.elapsed() > PEER_STALL || self.inner.cancel.is_cancelled() {
@@ -908,10 +883,11 @@ impl Mirror {
         let growing = match content_length {
             // Only a download of its own: one that a peer's hashes feed, or that a signed index
             // sealed and a fetch drives, is left to that fetch, and this one goes to a file.
-            Some(size) => store.growing_partial(digest, size).await.ok().filter(|p| {
-                p.is_upstream_fetch()
-                    || (p.is_growing() && p.known_chunks() == 0 && p.held().count_ones() == 0)
-            }),
+            Some(size) => store
+                .growing_partial(digest, size)
+                .await
+                .ok()
+                .filter(|p| p.claim(crate::store::partial::Role::Upstream)),
             None => None,
         };
         if let Some(partial) = growing {

@@ -530,10 +530,9 @@ async fn serve_stream(
                     .contiguous
                     .saturating_sub(ONE_COPY_WINDOW_CHUNKS),
             ) * u64::from(p.index().chunk_size());
-            if request.offset >= newest
-                && log
-                    .as_ref()
-                    .is_some_and(|log| log.was_sent(request.offset, request.length))
+            if log.is_some()
+                && request.offset >= newest
+                && p.was_sent(request.offset, request.length)
             {
                 answer(&mut stream, &ChunkResponse::Busy).await?;
                 continue;
@@ -550,7 +549,7 @@ async fn serve_stream(
                 length: request.length,
             };
             answer(&mut stream, &ok).await?;
-            let held = Held::Partial(p);
+            let held = Held::Partial(p.clone());
             let sent = send_range(
                 &mut stream,
                 &held,
@@ -562,6 +561,7 @@ async fn serve_stream(
             sent.await?;
             if let Some(sending) = sending {
                 sending.finish();
+                p.mark_sent(request.offset, request.length);
             }
             continue;
         };

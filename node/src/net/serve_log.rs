@@ -166,12 +166,6 @@ impl BlobLog {
         self.chunk_count
     }
 
-    /// Whether `length` bytes at `offset` are one whole chunk already sent in full to a peer.
-    pub fn was_sent(&self, offset: u64, length: u64) -> bool {
-        self.whole_chunk(offset, length)
-            .is_some_and(|chunk| lock(&self.state).sends.sent().get(chunk))
-    }
-
     /// The current report.
     pub fn report(&self) -> ServeReport {
         let state = lock(&self.state);

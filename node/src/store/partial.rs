@@ -35,6 +35,16 @@ use tokio::sync::watch;
 use super::gate::Gate;
 use super::{Layout, Store, StoreError, sync_dir};
 
+/// Who drives a growing partial download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// This node fetches the blob from an upstream and writes its chunks itself.
+    Upstream = 1,
+    /// This node follows a peer's fetch, learning the chunk hashes from it.
+    Follower = 2,
+}
+
 /// How far a partial blob has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Progress {
@@ -80,10 +90,14 @@ pub struct Partial {
     /// For a growing partial, the hashes of chunks `0..n` learned so far (its `index` lists
     /// placeholders); `None`: the index is signed and whole.
     growing: Option<Mutex<Vec<ChunkHash>>>,
-    /// Whether this node writes the chunks itself, from an upstream ([`Partial::write_own_chunk`]).
-    upstream_fetch: std::sync::atomic::AtomicBool,
-    /// How [`Store::finish_partial`] ended, once it has (the error as text).
-    finished: tokio::sync::Mutex<Option<Result<(), String>>>,
+    /// Chunks of a blob this node fetches from an upstream sent in full to some peer (see
+    /// [`Partial::was_sent`]).
+    sent: Mutex<Option<Bitfield>>,
+    /// Who drives a growing partial ([`Role`] as a number; 0: nobody yet).
+    role: std::sync::atomic::AtomicU8,
+    /// How [`Store::finish_partial`] ended, once it has for good: stored, or other bytes than
+    /// the digest (expected, actual).
+    finished: tokio::sync::Mutex<Option<Result<(), (Digest, Digest)>>>,
 }
 
 impl Drop for Partial {
@@ -203,7 +217,8 @@ impl Partial {
             gate,
             repos: Mutex::new(Vec::new()),
             growing: None,
-            upstream_fetch: std::sync::atomic::AtomicBool::new(false),
+            role: std::sync::atomic::AtomicU8::new(0),
+            sent: Mutex::new(None),
             finished: tokio::sync::Mutex::new(None),
         };
         if held > 0 {
@@ -321,8 +336,11 @@ impl Partial {
         if range.end - range.start != bytes.len() as u64 {
             return Err(StoreError::Invariant("an own chunk of the wrong length"));
         }
-        self.upstream_fetch
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if !self.claim(Role::Upstream) {
+            return Err(StoreError::Invariant(
+                "own chunks written into a download that follows a peer",
+            ));
+        }
         self.learn(i, &[ChunkHash::of(bytes)])?;
         if self.has(i) {
             return Ok(());
@@ -334,8 +352,57 @@ impl Partial {
     /// Whether this node fetches the blob from an upstream (it is where the blob enters the
     /// fleet: it seeds it).
     pub fn is_upstream_fetch(&self) -> bool {
-        self.upstream_fetch
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.role.load(std::sync::atomic::Ordering::Relaxed) == Role::Upstream as u8
+    }
+
+    /// The chunk that `length` bytes at `offset` are exactly, if they are one.
+    fn whole_chunk(&self, offset: u64, length: u64) -> Option<u32> {
+        let chunk = u32::try_from(offset / u64::from(self.index.chunk_size())).ok()?;
+        let range = self.index.chunk_range(chunk)?;
+        (range.start == offset && range.end - range.start == length).then_some(chunk)
+    }
+
+    /// Notes that `length` bytes at `offset` went to a peer in full; counted only if they are
+    /// one whole chunk. Kept with the download: a new one starts with nothing sent.
+    pub fn mark_sent(&self, offset: u64, length: u64) {
+        if let Some(chunk) = self.whole_chunk(offset, length) {
+            let mut sent = self
+                .sent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            sent.get_or_insert_with(|| Bitfield::new(self.index.chunk_count()))
+                .set(chunk);
+        }
+    }
+
+    /// Whether `length` bytes at `offset` are one whole chunk already sent to a peer in full.
+    pub fn was_sent(&self, offset: u64, length: u64) -> bool {
+        self.whole_chunk(offset, length).is_some_and(|chunk| {
+            self.sent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(|s| s.get(chunk))
+        })
+    }
+
+    /// Takes the growing partial for `role`, or finds it taken for it already; `false` if it is
+    /// taken for the other (or is not growing): an upstream fetch and a follow of a peer never
+    /// share one download.
+    pub fn claim(&self, role: Role) -> bool {
+        use std::sync::atomic::Ordering::AcqRel;
+        if !self.is_growing() {
+            return false;
+        }
+        match self.role.compare_exchange(
+            0,
+            role as u8,
+            AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        ) {
+            Ok(_) => true,
+            Err(taken) => taken == role as u8,
+        }
     }
 
     /// The index of the whole blob: the signed one, or, once every hash of a growing partial
@@ -633,11 +700,26 @@ impl Store {
         // of the same blob by a signed index that sealed its download): one does the work, the
         // other waits for it and takes its outcome.
         let mut finished = partial.finished.lock().await;
-        if let Some(outcome) = &*finished {
-            return outcome.clone().map_err(StoreError::Corrupt);
+        match &*finished {
+            Some(Ok(())) => return Ok(()),
+            Some(Err((expected, actual))) => {
+                return Err(StoreError::DigestMismatch {
+                    expected: expected.clone(),
+                    actual: actual.clone(),
+                });
+            }
+            None => {}
         }
         let outcome = self.finish_partial_once(partial).await;
-        *finished = Some(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        // Only what is final is kept: after another error (a full disk, a closing store) the
+        // next finisher tries again.
+        *finished = match &outcome {
+            Ok(()) => Some(Ok(())),
+            Err(StoreError::DigestMismatch { expected, actual }) => {
+                Some(Err((expected.clone(), actual.clone())))
+            }
+            Err(_) => None,
+        };
         outcome
     }
 
@@ -802,6 +884,10 @@ mod tests {
             .unwrap();
         assert!(p.is_growing());
         assert_eq!(p.known_chunks(), 0);
+        // Taken to follow a peer: this node's own upstream fetch cannot write into it.
+        assert!(p.claim(Role::Follower));
+        assert!(!p.claim(Role::Upstream));
+        assert!(p.write_own_chunk(0, chunk(&bytes, &index, 0)).is_err());
         // No hash known: even the right bytes are refused.
         assert!(matches!(
             p.write_chunk(0, chunk(&bytes, &index, 0)),
@@ -860,6 +946,9 @@ mod tests {
             p.write_own_chunk(i, chunk(&bytes, &index, i)).unwrap();
             assert_eq!(p.known_chunks(), i + 1);
         }
+        // Taken by the upstream fetch: a follow of a peer does not share it.
+        assert!(p.is_upstream_fetch());
+        assert!(!p.claim(Role::Follower));
         // Asked again for the same blob, the store hands out the same download.
         let again = store
             .growing_partial(index.digest(), index.size())
