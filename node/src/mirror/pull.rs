@@ -79,6 +79,9 @@ const PEER_POLL: Duration = Duration::from_millis(200);
 /// How long a peer's upstream fetch may go without progress before the node fetches the blob
 /// from the upstream itself.
 const PEER_STALL: Duration = Duration::from_secs(15);
+/// How long a peer that says it holds a blob may show none of its chunk hashes before it is
+/// not followed.
+const DONE_WITHOUT_HASHES: Duration = Duration::from_secs(1);
 /// Chunks of a blob from an upstream that may wait to be written while more arrive.
 const WRITE_AHEAD_CHUNKS: usize = 4;
 /// How many peers, in the blob's rendezvous order, are asked before this node fetches itself.
@@ -735,15 +738,17 @@ impl Mirror {
     ) -> Option<Follow> {
         let mut received = 0;
         let mut progress_at = std::time::Instant::now();
+        let mut done_since = None;
         loop {
             let request = SyncRequest::Mirror {
                 upstream: upstream.name().to_owned(),
                 repo: repo.clone(),
                 digest: digest.clone(),
             };
-            let mut done = false;
             match network.sync(peer, request).await {
-                Ok(SyncResponse::Mirror(MirrorState::Done)) => done = true,
+                Ok(SyncResponse::Mirror(MirrorState::Done)) => {
+                    done_since.get_or_insert_with(std::time::Instant::now);
+                }
                 Ok(SyncResponse::Mirror(MirrorState::Fetching { received: r })) => {
                     if r > received {
                         (received, progress_at) = (r, std::time::Instant::now());
@@ -766,8 +771,10 @@ impl Mirror {
                 Ok(SyncResponse::ChunkHashes(Some(h))) => return Some(Follow::Growing(h.size)),
                 // A peer that holds the blob but gives no hashes for it (it predates them, or
                 // cut the blob otherwise): its index is its word only, and a fetch by an index
-                // treats a holder that disagrees as a liar, so it is not followed.
-                _ if done => return None,
+                // treats a holder that disagrees as a liar, so it is not followed. Given a
+                // moment first: between storing the blob and linking it into the repository, a
+                // peer says it is done but shows nothing of it.
+                _ if done_since.is_some_and(|t| t.elapsed() > DONE_WITHOUT_HASHES) => return None,
                 _ => {}
             }
             if progress_at.elapsed() > PEER_STALL || self.inner.cancel.is_cancelled() {
