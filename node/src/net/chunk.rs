@@ -43,7 +43,7 @@ use super::NetError;
 use super::conduct::Offence;
 use super::framing::{FrameError, read_frame, write_frame};
 use super::handle::Shared;
-use super::serve_log::{ServeLog, Start};
+use super::serve_log::{self, ServeLog};
 use crate::store::{Held, Store};
 
 /// Most chunk streams served at once.
@@ -514,12 +514,7 @@ async fn serve_stream(
             };
             // A blob this node fetches from an upstream enters the fleet here: its sends are
             // logged as a seeder's are, so the fleet takes each chunk from here about once.
-            let log = p.is_upstream_fetch().then(|| {
-                let index = p.index();
-                serving
-                    .log
-                    .blob(&request.digest, index.size(), index.chunk_size().into())
-            });
+            let log = serving.log.for_upstream_fetch(&p);
             // While it grows, a chunk among the newest leaves here once: the peer that got it
             // passes it on, and the upstream's link, as fast as this node's, leaves this node's
             // uplink no room for second copies. An older chunk may leave again, so that a peer
@@ -537,13 +532,9 @@ async fn serve_stream(
                 answer(&mut stream, &ChunkResponse::Busy).await?;
                 continue;
             }
-            let sending = match log.map(|log| log.start(request.offset, request.length)) {
-                Some(Start::Declined) => {
-                    answer(&mut stream, &ChunkResponse::Busy).await?;
-                    continue;
-                }
-                Some(Start::Logged(sending)) => Some(sending),
-                Some(Start::Unlogged) | None => None,
+            let Ok(sending) = serve_log::begin(log, request.offset, request.length) else {
+                answer(&mut stream, &ChunkResponse::Busy).await?;
+                continue;
             };
             let ok = ChunkResponse::Ok {
                 length: request.length,
@@ -578,15 +569,11 @@ async fn serve_stream(
             continue;
         };
         let log = serving.log.for_stored(store, &request.digest, size).await?;
-        let sending = match log.map(|log| log.start(request.offset, request.length)) {
-            Some(Start::Declined) => {
-                // Another peer is getting this chunk from here right now; the stream stays
-                // open for this peer's next request.
-                answer(&mut stream, &ChunkResponse::Busy).await?;
-                continue;
-            }
-            Some(Start::Logged(sending)) => Some(sending),
-            Some(Start::Unlogged) | None => None,
+        let Ok(sending) = serve_log::begin(log, request.offset, request.length) else {
+            // Another peer is getting this chunk from here right now; the stream stays open
+            // for this peer's next request.
+            answer(&mut stream, &ChunkResponse::Busy).await?;
+            continue;
         };
         let ok = ChunkResponse::Ok {
             length: request.length,

@@ -110,6 +110,18 @@ impl ServeLog {
             .map(|index| self.blob(digest, size, index.chunk_size().into())))
     }
 
+    /// The log of a download this node fetches from an upstream (it seeds the fleet), `None`
+    /// for any other download.
+    pub fn for_upstream_fetch(
+        &self,
+        partial: &crate::store::partial::Partial,
+    ) -> Option<Arc<BlobLog>> {
+        partial.is_upstream_fetch().then(|| {
+            let index = partial.index();
+            self.blob(index.digest(), index.size(), index.chunk_size().into())
+        })
+    }
+
     /// The log of `digest` if there is one.
     pub fn get(&self, digest: &Digest) -> Option<Arc<BlobLog>> {
         let mut blobs = lock(&self.blobs);
@@ -185,6 +197,24 @@ impl BlobLog {
     /// that two changes at once cannot publish their versions in the wrong order.
     fn publish(&self, sends: &ChunkSends) {
         self.version.send_replace(sends.version());
+    }
+}
+
+/// Another transfer of the chunk leaves this node right now ([`begin`]): answer "busy".
+#[derive(Debug)]
+pub struct Declined;
+
+/// Starts logging a transfer of `length` bytes at `offset` in `log`, if there is one: the
+/// guard of a logged send, if it is one.
+pub fn begin(
+    log: Option<Arc<BlobLog>>,
+    offset: u64,
+    length: u64,
+) -> Result<Option<Sending>, Declined> {
+    match log.map(|log| log.start(offset, length)) {
+        Some(Start::Declined) => Err(Declined),
+        Some(Start::Logged(sending)) => Ok(Some(sending)),
+        Some(Start::Unlogged) | None => Ok(None),
     }
 }
 

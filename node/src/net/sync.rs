@@ -250,23 +250,12 @@ async fn have(
         }));
     }
     Ok(store.partial_in_progress(digest).map(|p| {
-        let serves = upstream_fetch_log(log, &p).map(|log| log.report());
+        let serves = log.for_upstream_fetch(&p).map(|log| log.report());
         HaveChunks {
             serves,
             ..HaveChunks::from(&p.held())
         }
     }))
-}
-
-/// The upload log of a download this node fetches from an upstream (it seeds the fleet).
-fn upstream_fetch_log(
-    log: &ServeLog,
-    partial: &crate::store::partial::Partial,
-) -> Option<Arc<BlobLog>> {
-    partial.is_upstream_fetch().then(|| {
-        let index = partial.index();
-        log.blob(index.digest(), index.size(), index.chunk_size().into())
-    })
 }
 
 /// The hashes this node knows of the chunks of `digest` from `from` on: those of a stored
@@ -330,7 +319,7 @@ async fn have_wait(
     }
     if let Some(partial) = store.partial_in_progress(digest) {
         let mut progress = partial.progress();
-        let mut version = upstream_fetch_log(log, &partial).map(|log| log.subscribe());
+        let mut version = log.for_upstream_fetch(&partial).map(|log| log.subscribe());
         // Copied out at once: the borrowed value holds the watch's lock, which the downloader
         // needs to publish its next chunk.
         let more = async {
