@@ -33,9 +33,11 @@ Every process started is stopped, every namespace deleted, the temp dir removed 
 """
 
 import argparse
+import datetime
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -360,6 +362,49 @@ def pull_cmd(client, ns, base, out_dir, blobs, repo=REPO):
     return cmd
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TIMELINE_PHASES = ["manifest", "blob asked", "peers found", "index", "first chunk", "last chunk",
+                   "stored", "client done"]
+
+
+def node_timeline(log_path, wall0, client_s):
+    """Where one puller's time went, in seconds from the pull's start, read from its node's
+    log: the manifest fetched; then, for the largest blob, the fetch's start, its candidates
+    found, its index, its first and last chunk written, the blob stored (digest checked); and
+    the client done. Missing phases (a node that held the blob already) are None."""
+    t = dict.fromkeys(TIMELINE_PHASES)
+    t["client done"] = client_s
+    size = -1
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return t
+    for line in lines:
+        line = ANSI.sub("", line)
+        parts = line.split(None, 1)
+        if len(parts) < 2 or "fetched" not in line:
+            continue
+        try:
+            at = datetime.datetime.fromisoformat(parts[0].replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+        if at < wall0:
+            continue
+        fields = dict(re.findall(r"(\w+)=(\S+)", line))
+        if ": fetched manifest " in line and t["manifest"] is None:
+            t["manifest"] = at - wall0
+        elif ": fetched blob " in line and int(fields.get("size", -1)) > size:
+            size = int(fields["size"])
+            begun = at - int(fields["elapsed_ms"]) / 1000
+            ms = lambda k: (begun - wall0 + int(fields[k]) / 1000  # noqa: E731
+                            if fields.get(k, "").isdigit() else None)
+            t.update({"blob asked": begun - wall0, "peers found": ms("lookup_ms"),
+                      "index": ms("index_ms"), "first chunk": ms("first_chunk_ms"),
+                      "last chunk": ms("last_chunk_ms"), "stored": at - wall0})
+    return t
+
+
 def simultaneous_pulls(client, pullers, tmp, blobs, sampler=None, repo=REPO):
     """pullers: list of (ns, base url). Starts all at once; returns (all_done, per-node times)."""
     barrier = threading.Barrier(len(pullers) + 1)
@@ -427,6 +472,14 @@ def run_shoal(args, topo, n, image_dir, image_bytes, blobs, tmp):
         tx0 = topo.tx_bytes(0)
         cpu0 = [cpu_seconds(nd.pid) for nd in nodes]
         samples = []
+        perf = None
+        if args.perf_pull:
+            # A flat profile of every node's process while the fleet pulls (the largest fleet's
+            # overwrites the others').
+            perf = subprocess.Popen(["perf", "record", "-q", "-F", "499", "-o", args.perf_pull,
+                                     "-p", ",".join(str(nd.pid) for nd in nodes)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
 
         def sampler(start, stop):
             while not stop.wait(args.sample_s):
@@ -438,11 +491,19 @@ def run_shoal(args, topo, n, image_dir, image_bytes, blobs, tmp):
                     row["error"] = str(e)[:200]
                 samples.append(row)
 
-        all_done, times = simultaneous_pulls(
-            args.client, [(nd.ns, nd.url) for nd in nodes[1:]], root, blobs, sampler)
+        wall0 = time.time()
+        try:
+            all_done, times = simultaneous_pulls(
+                args.client, [(nd.ns, nd.url) for nd in nodes[1:]], root, blobs, sampler)
+        finally:
+            if perf:
+                perf.send_signal(signal.SIGINT)
+                perf.wait(timeout=300)
         res["all_done_s"] = all_done
         res["per_node_s"] = times
         res["cpu_s"] = [cpu_seconds(nd.pid) - c for nd, c in zip(nodes, cpu0)]
+        res["timeline"] = [node_timeline(os.path.join(nd.root, "shoal.log"), wall0, t)
+                           for nd, t in zip(nodes[1:], times)]
         res["served0"] = origin.status()["served_bytes"] - served0
         res["tx0"] = topo.tx_bytes(0) - tx0
         res["served_all"] = [nd.status()["served_bytes"] for nd in nodes]
@@ -680,6 +741,9 @@ def main():
                    help="only the loopback measurement (no namespaces)")
     p.add_argument("--perf", metavar="FILE",
                    help="record a flat `perf` profile of both loopback nodes into FILE")
+    p.add_argument("--perf-pull", metavar="FILE",
+                   help="record a flat `perf` profile of every node while the largest fleet "
+                        "pulls, into FILE (slows the pull: profile runs are not timing runs)")
     p.add_argument("--sample-s", type=float, default=2.0, help="progress sampling period")
     p.add_argument("--json", help="also write all raw numbers here")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
@@ -803,6 +867,24 @@ def main():
         f"{n} pullers: {sum(results['shoal'][n]['cpu_s']):.0f} CPU-s, "
         f"{sum(results['shoal'][n]['cpu_s']) / (n * image_bytes / 1e9):.1f} CPU-s/GB"
         for n in counts))
+    for n in counts:
+        tl = results["shoal"][n].get("timeline") or []
+        if not tl:
+            continue
+        slowest = max(tl, key=lambda t: t["client done"] or 0)
+        print(f"\nWhere each puller's time went, {n} pullers (seconds from the pull's start, the "
+              f"largest blob's fetch; × ideal in brackets): median over pullers / slowest puller")
+        print("| " + " | ".join(TIMELINE_PHASES) + " |")
+        print("|" + "---:|" * len(TIMELINE_PHASES))
+
+        def cell(v):
+            return "–" if v is None else f"{v:.2f} ({v / ideal:.2f}×)"
+        med = []
+        for ph in TIMELINE_PHASES:
+            vals = [t[ph] for t in tl if t[ph] is not None]
+            med.append(cell(statistics.median(vals) if vals else None))
+        print("| " + " | ".join(med) + " |")
+        print("| " + " | ".join(cell(slowest[ph]) for ph in TIMELINE_PHASES) + " |")
     print("\nTargets: Shoal all-done ≤ 1.5× ideal at 16 nodes; origin egress ≤ 2× image; "
           "loopback ≥ 500 MB/s; peak RSS ≤ 256 MB.")
 

@@ -298,11 +298,18 @@ impl Fetcher {
         if self.store.blob_size(&blob.digest).await?.is_some() {
             return Ok(());
         }
-        let (index, candidates) = until_supplied(|| async move {
+        let started = std::time::Instant::now();
+        let (index, candidates, lookup) = until_supplied(|| async move {
             let candidates = self.candidates(&blob.digest).await;
-            Ok((self.blob_index(blob, &candidates).await?, candidates))
+            let lookup = started.elapsed();
+            Ok((
+                self.blob_index(blob, &candidates).await?,
+                candidates,
+                lookup,
+            ))
         })
         .await?;
+        let indexed = started.elapsed();
         let partial = self.store.partial(index).await?;
         partial.for_repo(repo);
         state.send_replace(DownloadState::Streaming(partial.clone()));
@@ -314,7 +321,7 @@ impl Fetcher {
             let (this, digest) = (this.clone(), digest.clone());
             Box::pin(async move { this.candidates(&digest).await })
         };
-        let started = std::time::Instant::now();
+        let swarm_start = started.elapsed();
         match swarm::download(
             &self.store,
             &self.network,
@@ -329,8 +336,20 @@ impl Fetcher {
         )
         .await
         {
-            Ok(()) => {
-                tracing::info!(digest = %blob.digest, size = blob.size, elapsed_ms = started.elapsed().as_millis() as u64, "fetched blob");
+            Ok(timing) => {
+                // Where the time went, from the fetch's start: the candidates found, the index
+                // from one of them, the first and last chunk written, the digest checked.
+                let ms = |d: std::time::Duration| d.as_millis() as u64;
+                tracing::info!(
+                    digest = %blob.digest,
+                    size = blob.size,
+                    lookup_ms = ms(lookup),
+                    index_ms = ms(indexed),
+                    first_chunk_ms = timing.first_chunk.map(|t| ms(swarm_start + t)),
+                    last_chunk_ms = ms(swarm_start + timing.last_chunk),
+                    elapsed_ms = ms(started.elapsed()),
+                    "fetched blob"
+                );
                 // Now a seeder: other sites' downloads look for those first.
                 let _ = self.network.provide_seed(blob.digest.clone()).await;
                 Ok(())
@@ -421,8 +440,8 @@ impl Fetcher {
             &self.bad_peers,
         )
         .await;
-        if result.is_ok() {
-            tracing::info!(%digest, size, %source, elapsed_ms = started.elapsed().as_millis() as u64, "fetched a blob as a peer fetched it from an upstream");
+        if let Ok(timing) = result {
+            tracing::info!(%digest, size, %source, last_chunk_ms = timing.last_chunk.as_millis() as u64, elapsed_ms = started.elapsed().as_millis() as u64, "fetched a blob as a peer fetched it from an upstream");
             let _ = self.network.provide_seed(digest.clone()).await;
             return Ok(());
         }
@@ -448,9 +467,7 @@ impl Fetcher {
             Err(swarm::SwarmError::Store(StoreError::DigestMismatch { .. }))
             | Err(swarm::SwarmError::Hashes(_)) => Err(FetchError::Unavailable(digest.clone())),
             Err(swarm::SwarmError::Store(e)) => Err(e.into()),
-            Err(swarm::SwarmError::Stalled) | Ok(()) => {
-                Err(FetchError::Unavailable(digest.clone()))
-            }
+            Err(swarm::SwarmError::Stalled) | Ok(_) => Err(FetchError::Unavailable(digest.clone())),
         }
     }
 

@@ -142,6 +142,16 @@ pub struct Sources<R> {
     pub hashes_from: Option<PeerId>,
 }
 
+/// When a download's chunks arrived, from its start: where a fetch's time goes (logged with
+/// each fetched blob, and read by the swarm benchmark's per-node timelines).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    /// The first chunk written (`None`: every chunk was held already).
+    pub first_chunk: Option<Duration>,
+    /// The last chunk written; the whole blob's digest check comes after it.
+    pub last_chunk: Duration,
+}
+
 /// Downloads the rest of `partial` from `sources.candidates` (and whoever else turns up); for
 /// a growing partial, learning its chunk hashes from `sources.hashes_from` as they become known.
 ///
@@ -155,7 +165,7 @@ pub async fn download(
     partial: Arc<Partial>,
     sources: Sources<impl Fn() -> futures::future::BoxFuture<'static, Vec<PeerId>>>,
     bad_peers: &std::sync::atomic::AtomicU64,
-) -> Result<(), SwarmError> {
+) -> Result<Timing, SwarmError> {
     let Sources {
         mut candidates,
         refresh: refresh_candidates,
@@ -179,6 +189,7 @@ pub async fn download(
     // Open chunk streams per peer, with when each was last used.
     let mut pool: HashMap<PeerId, Vec<(Box<ChunkClient>, Instant)>> = HashMap::new();
     let start = Instant::now();
+    let mut first_chunk = None;
     let mut last_progress = Instant::now();
     let mut stalled_since: Option<Instant> = None;
     let mut candidate_tick = tokio::time::interval(CANDIDATE_REFRESH);
@@ -337,6 +348,7 @@ pub async fn download(
                             ChunkOutcome::Local(e) => break Err(SwarmError::Store(e)),
                             ChunkOutcome::Done(bytes) => {
                                 last_progress = Instant::now();
+                                first_chunk.get_or_insert_with(|| start.elapsed());
                                 Event::ChunkDone { peer, chunk, bytes }
                             }
                             // Against hashes nothing signed (a growing download's), a bad
@@ -368,10 +380,15 @@ pub async fn download(
     };
     tasks.shutdown().await;
     result?;
+    let timing = Timing {
+        first_chunk,
+        last_chunk: start.elapsed(),
+    };
     store
         .finish_partial(&partial)
         .await
-        .map_err(SwarmError::Store)
+        .map_err(SwarmError::Store)?;
+    Ok(timing)
 }
 
 /// Requests in flight for a download of chunks of `chunk_size` bytes: as many as fit in
