@@ -500,10 +500,18 @@ async fn serve_stream(
             answer(&mut stream, &ChunkResponse::NotFound).await?;
             continue;
         }
-        let Some((file, size)) = store.open_blob(&request.digest).await? else {
+        // A download in progress first: it is in memory, where a stored blob is a file opened
+        // on the blocking pool (a thread hop per request, which most requests in a swarm, to
+        // nodes still downloading, would pay for nothing). A download is forgotten only after
+        // its blob is installed, so one of the two is always found.
+        let partial = store.partial_in_progress(&request.digest);
+        let opened = match partial {
+            Some(_) => None,
+            None => store.open_blob(&request.digest).await?,
+        };
+        let Some((file, size)) = opened else {
             // A download in progress serves the chunks it already holds, piece by piece like
             // a file, so a busy seeder holds no whole chunk in memory per stream.
-            let partial = store.partial_in_progress(&request.digest);
             let Some(p) = partial.filter(|p| p.covers(request.offset, request.length)) else {
                 answer(&mut stream, &ChunkResponse::NotFound).await?;
                 continue;

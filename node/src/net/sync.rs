@@ -242,19 +242,24 @@ async fn have(
     log: &ServeLog,
     digest: &Digest,
 ) -> Result<Option<HaveChunks>, NetError> {
-    if let Some(log) = stored_blob_log(store, log, digest).await? {
-        let all = Bitfield::full(log.chunk_count());
-        return Ok(Some(HaveChunks {
-            serves: Some(log.report()),
-            ..HaveChunks::from(&all)
-        }));
-    }
-    Ok(store.partial_in_progress(digest).map(|p| {
+    // A download in progress first: it is in memory, where a stored blob's size is a file's
+    // metadata read on the blocking pool, a thread hop per answer that a swarm's many long
+    // polls to downloading nodes would pay for nothing. A download is forgotten only after its
+    // blob is installed, so one of the two is always found.
+    if let Some(p) = store.partial_in_progress(digest) {
         let serves = log.for_upstream_fetch(&p).map(|log| log.report());
-        HaveChunks {
+        return Ok(Some(HaveChunks {
             serves,
             ..HaveChunks::from(&p.held())
-        }
+        }));
+    }
+    let Some(log) = stored_blob_log(store, log, digest).await? else {
+        return Ok(None);
+    };
+    let all = Bitfield::full(log.chunk_count());
+    Ok(Some(HaveChunks {
+        serves: Some(log.report()),
+        ..HaveChunks::from(&all)
     }))
 }
 
@@ -311,13 +316,17 @@ async fn have_wait(
     held: u32,
     serves: u64,
 ) -> Result<Option<HaveChunks>, NetError> {
-    if let Some(blob) = stored_blob_log(store, log, digest).await? {
+    // A download first, as in `have`.
+    let partial = store.partial_in_progress(digest);
+    if partial.is_none()
+        && let Some(blob) = stored_blob_log(store, log, digest).await?
+    {
         let mut version = blob.subscribe();
         let _ = tokio::time::timeout(HAVE_WAIT_MAX, version.wait_for(|v| *v != serves)).await;
         // Asked again: the blob may have been deleted while this waited.
         return have(store, log, digest).await;
     }
-    if let Some(partial) = store.partial_in_progress(digest) {
+    if let Some(partial) = partial {
         let mut progress = partial.progress();
         let mut version = log.for_upstream_fetch(&partial).map(|log| log.subscribe());
         // Copied out at once: the borrowed value holds the watch's lock, which the downloader
