@@ -405,8 +405,19 @@ def node_timeline(log_path, wall0, client_s):
     return t
 
 
-def simultaneous_pulls(client, pullers, tmp, blobs, sampler=None, repo=REPO):
-    """pullers: list of (ns, base url). Starts all at once; returns (all_done, per-node times)."""
+def stop_perf(perf):
+    """Stops a `perf record` started for a measurement (it writes its file on SIGINT)."""
+    perf.send_signal(signal.SIGINT)
+    try:
+        perf.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        perf.kill()
+        perf.wait()
+
+
+def simultaneous_pulls(client, pullers, tmp, blobs, sampler=None, repo=REPO, marks=None):
+    """pullers: list of (ns, base url). Starts all at once; returns (all_done, per-node times).
+    `marks`, if given, gets the wall-clock time of the start ("wall0")."""
     barrier = threading.Barrier(len(pullers) + 1)
     times = [None] * len(pullers)
     errors = []
@@ -429,6 +440,8 @@ def simultaneous_pulls(client, pullers, tmp, blobs, sampler=None, repo=REPO):
         t.start()
     barrier.wait()
     start = time.monotonic()
+    if marks is not None:
+        marks["wall0"] = time.time()
     stop = threading.Event()
     samp = None
     if sampler:
@@ -491,14 +504,15 @@ def run_shoal(args, topo, n, image_dir, image_bytes, blobs, tmp):
                     row["error"] = str(e)[:200]
                 samples.append(row)
 
-        wall0 = time.time()
+        marks = {}
         try:
             all_done, times = simultaneous_pulls(
-                args.client, [(nd.ns, nd.url) for nd in nodes[1:]], root, blobs, sampler)
+                args.client, [(nd.ns, nd.url) for nd in nodes[1:]], root, blobs, sampler,
+                marks=marks)
         finally:
             if perf:
-                perf.send_signal(signal.SIGINT)
-                perf.wait(timeout=300)
+                stop_perf(perf)
+        wall0 = marks["wall0"]
         res["all_done_s"] = all_done
         res["per_node_s"] = times
         res["cpu_s"] = [cpu_seconds(nd.pid) - c for nd, c in zip(nodes, cpu0)]
@@ -684,8 +698,7 @@ def run_loopback(args, image_dir, big_digest, big_size, tmp):
             got, wall, marks = stream_with_marks(url, big_size)
         finally:
             if perf:
-                perf.send_signal(signal.SIGINT)
-                perf.wait(timeout=120)
+                stop_perf(perf)
         cpu = (cpu_seconds(a.pid) - cpu0[0], cpu_seconds(b.pid) - cpu0[1])
         if got != big_size:
             raise RuntimeError(f"loopback: got {got} bytes, expected {big_size}")

@@ -378,11 +378,12 @@ pub async fn download(
             () = tokio::time::sleep(wake) => {}
         }
     };
+    let last_chunk = start.elapsed();
     tasks.shutdown().await;
     result?;
     let timing = Timing {
         first_chunk,
-        last_chunk: start.elapsed(),
+        last_chunk,
     };
     store
         .finish_partial(&partial)

@@ -245,20 +245,23 @@ async fn have(
     // A download in progress first: it is in memory, where a stored blob's size is a file's
     // metadata read on the blocking pool, a thread hop per answer that a swarm's many long
     // polls to downloading nodes would pay for nothing. A download is forgotten only after its
-    // blob is installed, so one of the two is always found.
-    if let Some(p) = store.partial_in_progress(digest) {
-        let serves = log.for_upstream_fetch(&p).map(|log| log.report());
-        return Ok(Some(HaveChunks {
-            serves,
-            ..HaveChunks::from(&p.held())
-        }));
-    }
-    let Some(log) = stored_blob_log(store, log, digest).await? else {
-        return Ok(None);
+    // blob is installed, so one of the two is always found; and one whose blob is stored (by
+    // it or otherwise) is not live, so it never hides the stored blob.
+    let of_download = |p: Arc<crate::store::partial::Partial>| HaveChunks {
+        serves: log.for_upstream_fetch(&p).map(|log| log.report()),
+        ..HaveChunks::from(&p.held())
     };
-    let all = Bitfield::full(log.chunk_count());
+    if let Some(p) = store.live_partial(digest) {
+        return Ok(Some(of_download(p)));
+    }
+    let Some(blob) = stored_blob_log(store, log, digest).await? else {
+        // Not stored, or stored and not indexed yet (a download being finished): the
+        // download, if there is one, still answers.
+        return Ok(store.partial_in_progress(digest).map(of_download));
+    };
+    let all = Bitfield::full(blob.chunk_count());
     Ok(Some(HaveChunks {
-        serves: Some(log.report()),
+        serves: Some(blob.report()),
         ..HaveChunks::from(&all)
     }))
 }
@@ -317,7 +320,7 @@ async fn have_wait(
     serves: u64,
 ) -> Result<Option<HaveChunks>, NetError> {
     // A download first, as in `have`.
-    let partial = store.partial_in_progress(digest);
+    let partial = store.live_partial(digest);
     if partial.is_none()
         && let Some(blob) = stored_blob_log(store, log, digest).await?
     {

@@ -613,7 +613,7 @@ impl Store {
         let _shared = self.inner.gc.shared().await;
         self.inner.gc.installing(digest);
         self.inner.uses.installed(digest);
-        tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             let _open = gate.enter()?;
             let dir = to
                 .parent()
@@ -636,7 +636,9 @@ impl Store {
             }
             Ok(())
         })
-        .await?
+        .await??;
+        self.partial_stored(digest);
+        Ok(())
     }
 
     /// Records the `BlobIndex` of a blob just stored, of `size` bytes: the one computed while it

@@ -98,6 +98,9 @@ pub struct Partial {
     /// How [`Store::finish_partial`] ended, once it has for good: stored, or other bytes than
     /// the digest (expected, actual).
     finished: tokio::sync::Mutex<Option<Result<(), (Digest, Digest)>>>,
+    /// Set once the blob is stored, by this download or any other route (a push, a mirror's
+    /// plain fetch): from then on the stored blob answers for it ([`Store::live_partial`]).
+    stored: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Partial {
@@ -220,6 +223,7 @@ impl Partial {
             role: std::sync::atomic::AtomicU8::new(0),
             sent: Mutex::new(None),
             finished: tokio::sync::Mutex::new(None),
+            stored: std::sync::atomic::AtomicBool::new(false),
         };
         if held > 0 {
             tracing::info!(digest = %partial.index.digest(), held, count, "resuming a partial download");
@@ -684,6 +688,23 @@ impl Store {
         self.partials().get(digest).cloned()
     }
 
+    /// The download of `digest` in progress, unless its blob is stored already (the download
+    /// may outlive that: a push or another fetch stored it, or it is being finished). Those
+    /// who look for a download before a stored blob, to spare the stored blob's file lookup
+    /// on the blocking pool, ask this: a stale download never hides a stored blob.
+    pub fn live_partial(&self, digest: &Digest) -> Option<Arc<Partial>> {
+        self.partial_in_progress(digest)
+            .filter(|p| !p.stored.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Marks the download of `digest`, if there is one, as stored (see
+    /// [`Store::live_partial`]).
+    pub(super) fn partial_stored(&self, digest: &Digest) {
+        if let Some(p) = self.partial_in_progress(digest) {
+            p.stored.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     pub(super) fn partials(
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Digest, Arc<Partial>>> {
@@ -871,6 +892,41 @@ mod tests {
     fn chunk<'a>(bytes: &'a [u8], index: &BlobIndex, i: u32) -> &'a [u8] {
         let r = index.chunk_range(i).unwrap();
         &bytes[r.start as usize..r.end as usize]
+    }
+
+    /// A download whose blob gets stored by another route (a push, a mirror's plain fetch)
+    /// while it is still in progress stops answering for the blob: the chunk server and the
+    /// `Have` answers, which look for a live download before a stored blob, then find the
+    /// stored blob. The download itself goes on and finishes as a duplicate.
+    #[tokio::test]
+    async fn a_download_whose_blob_is_stored_otherwise_no_longer_answers_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_in_test(dir.path()).await;
+        let (bytes, index) = blob(4);
+        let digest = index.digest().clone();
+        let p = store.partial(index.clone()).await.unwrap();
+        p.write_chunk(0, chunk(&bytes, &index, 0)).unwrap();
+        assert!(store.live_partial(&digest).is_some());
+        let mut writer = store
+            .blob_writer(digest.algorithm(), Some(bytes.len() as u64))
+            .await
+            .unwrap();
+        writer.write(&bytes).await.unwrap();
+        writer.finish(&digest).await.unwrap();
+        assert!(
+            store.live_partial(&digest).is_none(),
+            "a download with one chunk hides the stored blob"
+        );
+        assert!(store.partial_in_progress(&digest).is_some());
+        for i in 1..index.chunk_count() {
+            p.write_chunk(i, chunk(&bytes, &index, i)).unwrap();
+        }
+        store.finish_partial(&p).await.unwrap();
+        assert!(store.partial_in_progress(&digest).is_none());
+        assert_eq!(
+            store.blob_size(&digest).await.unwrap(),
+            Some(bytes.len() as u64)
+        );
     }
 
     #[tokio::test]
