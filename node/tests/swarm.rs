@@ -644,20 +644,29 @@ async fn a_node_alone_in_its_site_pulls_after_another_site() {
     }
 }
 
+/// A random blob of `len` bytes as "an upstream" would send it: its bytes, digest, size, and the
+/// index every node makes of it.
+fn upstream_blob(seed: u64, len: usize) -> (Vec<u8>, Digest, u64, shoal_protocol::BlobIndex) {
+    let bytes = image(seed, &[len]).blobs[1].clone();
+    let (digest, size) = (Digest::sha256(&bytes), bytes.len() as u64);
+    let chunk_size = shoal_protocol::blob_index::chunk_size_for(size);
+    let index = shoal_protocol::BlobIndex::of(&bytes, chunk_size).unwrap();
+    (bytes, digest, size, index)
+}
+
+/// Chunk `i` of `bytes` by `index`.
+fn chunk_of<'a>(bytes: &'a [u8], index: &shoal_protocol::BlobIndex, i: u32) -> &'a [u8] {
+    let r = index.chunk_range(i).unwrap();
+    &bytes[r.start as usize..r.end as usize]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blob_being_fetched_from_an_upstream_reaches_a_peer_chunk_by_chunk_as_it_grows() {
-    use shoal_protocol::BlobIndex;
-    use shoal_protocol::blob_index::chunk_size_for;
     let net = TestNet::start(2).await;
     net.wait_connected(1).await;
-    let bytes = image(41, &[6 * MIB]).blobs[1].clone();
-    let (digest, size) = (Digest::sha256(&bytes), bytes.len() as u64);
-    let index = BlobIndex::of(&bytes, chunk_size_for(size)).unwrap();
+    let (bytes, digest, size, index) = upstream_blob(41, 6 * MIB);
     let (count, half) = (index.chunk_count(), index.chunk_count() / 2);
-    let chunk = |i: u32| {
-        let r = index.chunk_range(i).unwrap();
-        &bytes[r.start as usize..r.end as usize]
-    };
+    let chunk = |i: u32| chunk_of(&bytes, &index, i);
     // The source has the first half of the blob from "the upstream", so far.
     let source = net.nodes[0].node();
     let growing = source.store().growing_partial(&digest, size).await.unwrap();
@@ -718,22 +727,17 @@ async fn a_blob_being_fetched_from_an_upstream_reaches_a_peer_chunk_by_chunk_as_
 async fn the_newest_chunks_of_a_blob_from_an_upstream_leave_its_node_once() {
     use shoal_node::net::NetError;
     use shoal_node::net::chunk::ChunkClient;
-    use shoal_protocol::BlobIndex;
-    use shoal_protocol::blob_index::chunk_size_for;
     let net = TestNet::start(3).await;
     net.wait_connected(2).await;
     // 40 chunks of 256 KiB, all from "the upstream" so far; the blob is not finished.
-    let bytes = image(43, &[10 * MIB]).blobs[1].clone();
-    let (digest, size) = (Digest::sha256(&bytes), bytes.len() as u64);
-    let index = BlobIndex::of(&bytes, chunk_size_for(size)).unwrap();
+    let (bytes, digest, size, index) = upstream_blob(43, 10 * MIB);
     let count = index.chunk_count();
     assert!(count > 32, "{count} chunks");
     let source = net.nodes[0].node();
     let growing = source.store().growing_partial(&digest, size).await.unwrap();
     for i in 0..count {
-        let r = index.chunk_range(i).unwrap();
         growing
-            .write_own_chunk(i, &bytes[r.start as usize..r.end as usize])
+            .write_own_chunk(i, chunk_of(&bytes, &index, i))
             .unwrap();
     }
     let fetch = |asker: usize, chunk: u32| {

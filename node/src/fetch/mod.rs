@@ -321,7 +321,6 @@ impl Fetcher {
             let (this, digest) = (this.clone(), digest.clone());
             Box::pin(async move { this.candidates(&digest).await })
         };
-        let swarm_start = started.elapsed();
         match swarm::download(
             &self.store,
             &self.network,
@@ -340,13 +339,14 @@ impl Fetcher {
                 // Where the time went, from the fetch's start: the candidates found, the index
                 // from one of them, the first and last chunk written, the digest checked.
                 let ms = |d: std::time::Duration| d.as_millis() as u64;
+                let since = |t: std::time::Instant| ms(t.duration_since(started));
                 tracing::info!(
                     digest = %blob.digest,
                     size = blob.size,
                     lookup_ms = ms(lookup),
                     index_ms = ms(indexed),
-                    first_chunk_ms = timing.first_chunk.map(|t| ms(swarm_start + t)),
-                    last_chunk_ms = ms(swarm_start + timing.last_chunk),
+                    first_chunk_ms = timing.first_chunk.map(since),
+                    last_chunk_ms = since(timing.last_chunk),
                     elapsed_ms = ms(started.elapsed()),
                     "fetched blob"
                 );
@@ -441,7 +441,7 @@ impl Fetcher {
         )
         .await;
         if let Ok(timing) = result {
-            tracing::info!(%digest, size, %source, last_chunk_ms = timing.last_chunk.as_millis() as u64, elapsed_ms = started.elapsed().as_millis() as u64, "fetched a blob as a peer fetched it from an upstream");
+            tracing::info!(%digest, size, %source, last_chunk_ms = timing.last_chunk.duration_since(started).as_millis() as u64, elapsed_ms = started.elapsed().as_millis() as u64, "fetched a blob as a peer fetched it from an upstream");
             let _ = self.network.provide_seed(digest.clone()).await;
             return Ok(());
         }

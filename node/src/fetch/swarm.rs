@@ -142,14 +142,14 @@ pub struct Sources<R> {
     pub hashes_from: Option<PeerId>,
 }
 
-/// When a download's chunks arrived, from its start: where a fetch's time goes (logged with
-/// each fetched blob, and read by the swarm benchmark's per-node timelines).
-#[derive(Debug, Clone, Copy, Default)]
+/// When a download's chunks arrived: where a fetch's time goes (logged with each fetched blob,
+/// and read by the swarm benchmark's per-node timelines).
+#[derive(Debug, Clone, Copy)]
 pub struct Timing {
     /// The first chunk written (`None`: every chunk was held already).
-    pub first_chunk: Option<Duration>,
+    pub first_chunk: Option<Instant>,
     /// The last chunk written; the whole blob's digest check comes after it.
-    pub last_chunk: Duration,
+    pub last_chunk: Instant,
 }
 
 /// Downloads the rest of `partial` from `sources.candidates` (and whoever else turns up); for
@@ -348,7 +348,7 @@ pub async fn download(
                             ChunkOutcome::Local(e) => break Err(SwarmError::Store(e)),
                             ChunkOutcome::Done(bytes) => {
                                 last_progress = Instant::now();
-                                first_chunk.get_or_insert_with(|| start.elapsed());
+                                first_chunk.get_or_insert_with(Instant::now);
                                 Event::ChunkDone { peer, chunk, bytes }
                             }
                             // Against hashes nothing signed (a growing download's), a bad
@@ -378,7 +378,7 @@ pub async fn download(
             () = tokio::time::sleep(wake) => {}
         }
     };
-    let last_chunk = start.elapsed();
+    let last_chunk = Instant::now();
     tasks.shutdown().await;
     result?;
     let timing = Timing {

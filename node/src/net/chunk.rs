@@ -504,17 +504,20 @@ async fn serve_stream(
         // on the blocking pool (a thread hop per request, which most requests in a swarm, to
         // nodes still downloading, would pay for nothing). A download whose blob is stored is
         // not live, and one that lacks the chunk leaves the request to the stored blob.
-        let partial = store.live_partial(&request.digest);
-        let opened = match &partial {
-            Some(p) if p.covers(request.offset, request.length) => None,
-            _ => store.open_blob(&request.digest).await?,
+        let covers =
+            |p: &Arc<crate::store::partial::Partial>| p.covers(request.offset, request.length);
+        let live = store.live_partial(&request.digest).filter(covers);
+        let opened = match live {
+            Some(_) => None,
+            None => store.open_blob(&request.digest).await?,
         };
         let Some((file, size)) = opened else {
             // A download in progress serves the chunks it already holds, piece by piece like
             // a file, so a busy seeder holds no whole chunk in memory per stream. (One whose
             // blob is installed but not indexed yet, while it is being finished, too.)
-            let partial = partial.or_else(|| store.partial_in_progress(&request.digest));
-            let Some(p) = partial.filter(|p| p.covers(request.offset, request.length)) else {
+            let partial =
+                live.or_else(|| store.partial_in_progress(&request.digest).filter(covers));
+            let Some(p) = partial else {
                 answer(&mut stream, &ChunkResponse::NotFound).await?;
                 continue;
             };
